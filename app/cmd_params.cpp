@@ -1,0 +1,92 @@
+// moetrain params FILE [--json] [--memory]: analytic counts, nothing allocated.
+#include <cstdlib>
+#include <iostream>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "app/cli.h"
+#include "app/commands.h"
+#include "models/params.h"
+#include "trainer/experiment_config.h"
+
+namespace moetrain {
+
+namespace {
+
+std::string human(double n) {
+  if (n >= 1e10) return fmt::format("{:.2f}B", n / 1e9);
+  if (n >= 1e6) return fmt::format("{:.1f}M", n / 1e6);
+  if (n >= 1e3) return fmt::format("{:.1f}K", n / 1e3);
+  return fmt::format("{:.0f}", n);
+}
+
+std::string gib(double bytes) { return fmt::format("{:.2f} GiB", bytes / (1024.0 * 1024.0 * 1024.0)); }
+
+}  // namespace
+
+int cmd_params(int argc, char** argv) {
+  ArgParser args("params", "FILE [--json] [--memory] [--set KEY=VALUE]...",
+                 "Parameter counts, FLOPs per token and (with --memory) training memory per rank,\n"
+                 "computed from the config's shapes alone (nothing is allocated).");
+  args.positional("FILE", "experiment config (YAML)");
+  args.flag("json", "print one JSON object instead of the table");
+  args.flag("memory", "add bytes per rank for weights, gradients, Adam state and activations");
+  args.allow_set();
+  return run_command([&] {
+    if (!args.parse(argc, argv)) return 0;
+    ExperimentConfig cfg = load_experiment_config(args.pos(0), args.sets());
+    const ModelConfig& m = cfg.model;
+    ParamCounts p = count_params(m, cfg.train.seq_len);
+
+    // Memory per rank. Master weights, gradients and both Adam moments are fp32
+    // (bf16 autocast casts on the fly); activations follow the compute dtype.
+    const double all_params = static_cast<double>(p.total + p.mtp);
+    const double weights = 4.0 * all_params + 4.0 * static_cast<double>(p.router_bias);
+    const double grads = 4.0 * all_params;
+    const double adam = 8.0 * all_params;
+    const double act_bytes = (cfg.train.dtype == "bf16" ? 2.0 : 4.0) * activation_elements_per_token(m) *
+                             static_cast<double>(cfg.train.micro_batch * cfg.train.seq_len);
+
+    if (args.has("json")) {
+      nlohmann::json j = {{"total", p.total},
+                          {"active", p.active},
+                          {"active_excl_embedding", p.active - p.embedding},
+                          {"embedding", p.embedding},
+                          {"flop_params", p.flop_params},
+                          {"mtp", p.mtp},
+                          {"mtp_active", p.mtp_active},
+                          {"gflop_per_token", p.flops_per_token / 1e9},
+                          {"seq_len", cfg.train.seq_len}};
+      if (args.has("memory"))
+        j["memory_bytes"] = {{"weights", weights}, {"grads", grads}, {"optimizer", adam},
+                             {"activations", act_bytes}, {"total", weights + grads + adam + act_bytes}};
+      std::cout << j.dump(2) << "\n";
+      return 0;
+    }
+    auto row = [](const std::string& name, double n, const std::string& note = "") {
+      std::cout << fmt::format("{:<38} {:>10}  {:>16}{}\n", name, human(n), static_cast<int64_t>(n),
+                               note.empty() ? "" : "  " + note);
+    };
+    row("total", static_cast<double>(p.total), "main model");
+    row("active (incl. input embedding)", static_cast<double>(p.active));
+    row("active (excl. input embedding)", static_cast<double>(p.active - p.embedding));
+    row("flop params (excl. input embedding)", static_cast<double>(p.flop_params), "matmul weights a token touches");
+    row("mtp", static_cast<double>(p.mtp),
+        fmt::format("{} module(s), unique (shared embedding + head excluded)", m.num_nextn_predict_layers));
+    std::cout << fmt::format("{:<38} {:>10.3f}  (6·flop params + attention at T = {})\n", "GFLOP/token",
+                             p.flops_per_token / 1e9, cfg.train.seq_len);
+    if (args.has("memory")) {
+      std::cout << fmt::format("\nmemory per rank (micro_batch {} × seq_len {}, {}):\n", cfg.train.micro_batch,
+                               cfg.train.seq_len, cfg.train.dtype);
+      std::cout << fmt::format("  {:<20} {:>12}\n", "weights (fp32)", gib(weights));
+      std::cout << fmt::format("  {:<20} {:>12}\n", "gradients (fp32)", gib(grads));
+      std::cout << fmt::format("  {:<20} {:>12}\n", "optimizer (Adam)", gib(adam));
+      std::cout << fmt::format("  {:<20} {:>12}  (estimate)\n", "activations", gib(act_bytes));
+      std::cout << fmt::format("  {:<20} {:>12}\n", "total", gib(weights + grads + adam + act_bytes));
+    }
+    return 0;
+  });
+}
+
+}  // namespace moetrain

@@ -1,0 +1,10 @@
+// defines: one entry point per `moetrain <command>`; argv starts after the
+// command word(s). Each returns the process exit code.
+#pragma once
+
+namespace moetrain {
+
+int cmd_config_show(int argc, char** argv);
+int cmd_params(int argc, char** argv);
+
+}  // namespace moetrain

@@ -1,0 +1,37 @@
+// defines: read_safetensors, write_safetensors, SafetensorsFile — tensors in the
+// safetensors format (never pickle). Reading validates the whole header first
+// (io/safetensors_header.h) and allocates no more than the file holds.
+#pragma once
+
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <torch/torch.h>
+
+namespace moetrain {
+
+// Tensors in file order (by data offset) plus the optional __metadata__ map.
+struct SafetensorsFile {
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  std::map<std::string, std::string> metadata;
+
+  // Throws std::runtime_error naming `name` when absent.
+  const torch::Tensor& at(const std::string& name) const;
+  bool contains(const std::string& name) const;
+};
+
+// Throws SafetensorsError (io/safetensors_header.h) for malformed files and
+// std::runtime_error (with the path) for I/O failures. Tensors are CPU,
+// contiguous, owning their memory.
+SafetensorsFile read_safetensors(const std::string& path);
+
+// Writes atomically: a temporary file beside `path`, fsync, rename.
+// Tensors must have distinct names; they are written contiguous, little-endian,
+// in the given dtype (non-CPU tensors are copied to the CPU first).
+void write_safetensors(const std::string& path,
+                       const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                       const std::map<std::string, std::string>& metadata = {});
+
+}  // namespace moetrain

@@ -1,0 +1,1 @@
+# io tests (owned by the io component)

@@ -1,0 +1,1 @@
+# models tests (owned by the models component)
