@@ -6,5 +6,8 @@ namespace moetrain {
 
 int cmd_config_show(int argc, char** argv);
 int cmd_params(int argc, char** argv);
+int cmd_eval(int argc, char** argv);
+int cmd_train(int argc, char** argv);
+int cmd_data(int argc, char** argv);
 
 }  // namespace moetrain

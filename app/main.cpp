@@ -26,6 +26,9 @@ int cmd_config(int argc, char** argv) {
 const Command kCommands[] = {
     {"config", "config show FILE: print the resolved, validated config", cmd_config},
     {"params", "analytic parameter, FLOP and memory counts of a config", moetrain::cmd_params},
+    {"data", "data prepare FILE: train the tokenizer and write token files", moetrain::cmd_data},
+    {"train", "train a model from an experiment config", moetrain::cmd_train},
+    {"eval", "score a token sequence with a Hugging Face DeepseekV3 model", moetrain::cmd_eval},
 };
 
 void print_usage(std::ostream& os) {

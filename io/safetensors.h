@@ -1,6 +1,7 @@
-// defines: read_safetensors, write_safetensors, SafetensorsFile — tensors in the
-// safetensors format (never pickle). Reading validates the whole header first
-// (io/safetensors_header.h) and allocates no more than the file holds.
+// defines: read_safetensors, read_safetensors_header, write_safetensors,
+// SafetensorsFile — tensors in the safetensors format (never pickle). Reading
+// validates the whole header first (io/safetensors_header.h) and allocates no
+// more than the file holds.
 #pragma once
 
 #include <map>
@@ -9,6 +10,8 @@
 #include <vector>
 
 #include <torch/torch.h>
+
+#include "io/safetensors_header.h"
 
 namespace moetrain {
 
@@ -27,9 +30,16 @@ struct SafetensorsFile {
 // contiguous, owning their memory.
 SafetensorsFile read_safetensors(const std::string& path);
 
+// Reads and validates only the header (names, dtypes, shapes, offsets, and the
+// size check against the file): listing a checkpoint without loading it.
+SafetensorsHeader read_safetensors_header(const std::string& path);
+
 // Writes atomically: a temporary file beside `path`, fsync, rename.
 // Tensors must have distinct names; they are written contiguous, little-endian,
 // in the given dtype (non-CPU tensors are copied to the CPU first).
+// File order is the reference writer's (dtype alignment descending, then name),
+// so every tensor is naturally aligned; overlapping (aliased) tensors are
+// refused, as Python's save_file does.
 void write_safetensors(const std::string& path,
                        const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
                        const std::map<std::string, std::string>& metadata = {});

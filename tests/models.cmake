@@ -1,1 +1,6 @@
 # models tests (owned by the models component)
+add_unit_test(test_rope)
+add_unit_test(test_mla)
+add_unit_test(test_router)
+add_unit_test(test_moe)
+add_unit_test(test_transformer)

@@ -130,6 +130,7 @@ void visit_config(V& v, ExperimentConfig& c) {
     DataConfig& d = c.data;
     s.str("dir", d.dir);
     s.str_list("sources", d.sources, {});
+    s.str_list("exclude", d.exclude, {});
     s.choice("tokenizer", d.tokenizer, {"byte", "sentencepiece"});
     s.real("val_fraction", d.val_fraction, Range{0.0, 0.5, true});
     s.str("doc_separator", d.doc_separator);

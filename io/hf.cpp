@@ -1,0 +1,753 @@
+#include "io/hf.h"
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+
+#include <nlohmann/json.hpp>
+
+#include "io/safetensors.h"
+
+namespace moetrain {
+
+namespace fs = std::filesystem;
+using Json = nlohmann::json;
+
+namespace {
+
+bool starts_with(const std::string& s, const std::string& prefix) {
+  return s.size() >= prefix.size() && s.compare(0, prefix.size(), prefix) == 0;
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// Router biases are buffers; the loader requires them, the writer exports them.
+bool is_router_bias(const std::string& name) { return ends_with(name, ".ffn.gate.bias"); }
+
+// Stacked routed experts [E, ...], split per expert on the HF side.
+bool is_stacked_experts(const std::string& name) {
+  return ends_with(name, ".ffn.experts.w1") || ends_with(name, ".ffn.experts.w2") ||
+         ends_with(name, ".ffn.experts.w3");
+}
+
+// ---- config.json ---------------------------------------------------------------
+
+[[noreturn]] void config_error(const std::string& where, const std::string& what) {
+  throw std::runtime_error(where + ": " + what);
+}
+
+const Json* find_key(const Json& j, const char* key) {
+  auto it = j.find(key);
+  return it == j.end() ? nullptr : &*it;
+}
+
+int64_t get_int(const Json& j, const char* key, const std::string& where, int64_t min_value) {
+  const Json* v = find_key(j, key);
+  if (!v) config_error(where, std::string("missing key '") + key + "'");
+  if (!v->is_number_integer())
+    config_error(where, std::string("'") + key + "' must be an integer, got " + v->dump());
+  int64_t x = v->get<int64_t>();
+  if (x < min_value)
+    config_error(where, std::string("'") + key + "' must be >= " + std::to_string(min_value) +
+                            ", got " + std::to_string(x));
+  return x;
+}
+
+int64_t get_int_or(const Json& j, const char* key, const std::string& where, int64_t min_value,
+                   int64_t fallback) {
+  const Json* v = find_key(j, key);
+  if (!v || v->is_null()) return fallback;
+  return get_int(j, key, where, min_value);
+}
+
+double get_number(const Json& j, const char* key, const std::string& where) {
+  const Json* v = find_key(j, key);
+  if (!v) config_error(where, std::string("missing key '") + key + "'");
+  if (!v->is_number()) config_error(where, std::string("'") + key + "' must be a number, got " + v->dump());
+  return v->get<double>();
+}
+
+double get_number_or(const Json& j, const char* key, const std::string& where, double fallback) {
+  const Json* v = find_key(j, key);
+  if (!v || v->is_null()) return fallback;
+  return get_number(j, key, where);
+}
+
+bool get_bool(const Json& j, const char* key, const std::string& where) {
+  const Json* v = find_key(j, key);
+  if (!v) config_error(where, std::string("missing key '") + key + "'");
+  if (!v->is_boolean()) config_error(where, std::string("'") + key + "' must be true or false, got " + v->dump());
+  return v->get<bool>();
+}
+
+bool get_bool_or(const Json& j, const char* key, const std::string& where, bool fallback) {
+  const Json* v = find_key(j, key);
+  if (!v || v->is_null()) return fallback;
+  return get_bool(j, key, where);
+}
+
+std::string get_string_or(const Json& j, const char* key, const std::string& where,
+                          const std::string& fallback) {
+  const Json* v = find_key(j, key);
+  if (!v || v->is_null()) return fallback;
+  if (!v->is_string()) config_error(where, std::string("'") + key + "' must be a string, got " + v->dump());
+  return v->get<std::string>();
+}
+
+// RoPE: `rope_parameters` (transformers 5) or legacy `rope_theta` + `rope_scaling`,
+// resolved as transformers 5.17's convert_rope_params_to_dict / standardize_rope_params:
+// rope_scaling wins over rope_parameters; a theta inside the dict wins over the
+// top-level one; yarn's original_max_position_embeddings defaults to
+// max_position_embeddings, a top-level original_max_position_embeddings wins.
+void parse_rope(const Json& j, const std::string& where, ModelConfig* cfg) {
+  const Json* params = find_key(j, "rope_parameters");
+  const Json* scaling = find_key(j, "rope_scaling");
+  const char* dict_key = "rope_parameters";
+  const Json* dict = nullptr;
+  if (scaling && !scaling->is_null()) {
+    dict = scaling;
+    dict_key = "rope_scaling";
+  } else if (params && !params->is_null()) {
+    dict = params;
+  }
+  double theta = get_number_or(j, "rope_theta", where, 10000.0);
+  cfg->rope_scaling = RopeScalingConfig{};
+  cfg->rope_scaling.enabled = false;
+  if (!dict) {
+    cfg->rope_theta = theta;
+    return;
+  }
+  const std::string dwhere = where + ": " + dict_key;
+  if (!dict->is_object()) config_error(where, std::string("'") + dict_key + "' must be an object or null");
+  static const std::set<std::string> known = {"rope_type", "type", "rope_theta", "factor",
+                                              "original_max_position_embeddings", "beta_fast",
+                                              "beta_slow", "mscale", "mscale_all_dim", "truncate",
+                                              "attention_factor", "partial_rotary_factor"};
+  for (auto it = dict->begin(); it != dict->end(); ++it)
+    if (!known.count(it.key()))
+      config_error(dwhere, "unsupported RoPE key '" + it.key() + "' (moetrain reproduces default and yarn RoPE)");
+  std::string type = get_string_or(*dict, "rope_type", dwhere, get_string_or(*dict, "type", dwhere, "default"));
+  cfg->rope_theta = get_number_or(*dict, "rope_theta", dwhere, theta);
+  if (find_key(*dict, "partial_rotary_factor") && get_number(*dict, "partial_rotary_factor", dwhere) != 1.0)
+    config_error(dwhere, "partial_rotary_factor != 1 is not supported");
+  if (type == "default") return;
+  if (type != "yarn")
+    config_error(dwhere, "rope_type '" + type + "' is not supported (only default and yarn)");
+  if (find_key(*dict, "attention_factor") && !(*dict)["attention_factor"].is_null())
+    config_error(dwhere, "an explicit 'attention_factor' is not supported (it is derived from factor/mscale)");
+  if (!get_bool_or(*dict, "truncate", dwhere, true))
+    config_error(dwhere, "'truncate: false' is not supported (DeepSeek's YaRN rounds the correction range)");
+  RopeScalingConfig& rs = cfg->rope_scaling;
+  rs.enabled = true;
+  int64_t max_pos = get_int_or(j, "max_position_embeddings", where, 1, 4096);
+  if (find_key(j, "original_max_position_embeddings"))
+    rs.original_max_position_embeddings = get_int(j, "original_max_position_embeddings", where, 1);
+  else
+    rs.original_max_position_embeddings =
+        get_int_or(*dict, "original_max_position_embeddings", dwhere, 1, max_pos);
+  rs.factor = get_number_or(*dict, "factor", dwhere,
+                            static_cast<double>(max_pos) / rs.original_max_position_embeddings);
+  if (!(rs.factor > 0)) config_error(dwhere, "'factor' must be > 0");
+  rs.beta_fast = get_number_or(*dict, "beta_fast", dwhere, 32.0);
+  rs.beta_slow = get_number_or(*dict, "beta_slow", dwhere, 1.0);
+  rs.mscale_all_dim = get_number_or(*dict, "mscale_all_dim", dwhere, 0.0);
+  // Absent means None to HF, which (like 0) selects cos/sin scaling by mscale(factor)
+  // alone; moetrain's rope_attention_factor reads mscale == 0 the same way.
+  rs.mscale = get_number_or(*dict, "mscale", dwhere, 0.0);
+}
+
+void reject_unless(bool ok, const std::string& where, const std::string& what) {
+  if (!ok) config_error(where, what);
+}
+
+}  // namespace
+
+ModelConfig hf_config_from_json(const Json& j, const std::string& where) {
+  if (!j.is_object()) config_error(where, "config.json must hold a JSON object");
+  // What moetrain cannot reproduce, first.
+  std::string model_type = get_string_or(j, "model_type", where, "");
+  reject_unless(model_type == "deepseek_v3", where,
+                "model_type is '" + model_type + "', expected 'deepseek_v3'");
+  reject_unless(get_bool_or(j, "rope_interleave", where, true), where,
+                "'rope_interleave: false' (half-split RoPE) is not supported; moetrain's RoPE is interleaved");
+  reject_unless(!get_bool_or(j, "tie_word_embeddings", where, false), where,
+                "'tie_word_embeddings: true' is not supported (moetrain's head is separate from the embedding)");
+  std::string act = get_string_or(j, "hidden_act", where, "silu");
+  reject_unless(act == "silu", where, "hidden_act '" + act + "' is not supported (only silu)");
+  reject_unless(!get_bool_or(j, "attention_bias", where, false), where,
+                "'attention_bias: true' is not supported (moetrain's projections have no bias)");
+  if (const Json* q = find_key(j, "quantization_config"); q && !q->is_null())
+    config_error(where, "quantized checkpoints (quantization_config) are not supported; dequantize to bf16 first");
+  std::string scoring = get_string_or(j, "scoring_func", where, "sigmoid");
+  reject_unless(scoring == "sigmoid", where,
+                "scoring_func '" + scoring + "' is not supported: transformers' DeepseekV3 routes with sigmoid");
+  std::string topk_method = get_string_or(j, "topk_method", where, "noaux_tc");
+  reject_unless(topk_method == "noaux_tc", where,
+                "topk_method '" + topk_method + "' is not DeepSeek-V3's (noaux_tc)");
+
+  ModelConfig cfg;
+  cfg.vocab_size = get_int(j, "vocab_size", where, 1);
+  cfg.hidden_size = get_int(j, "hidden_size", where, 1);
+  cfg.num_hidden_layers = get_int(j, "num_hidden_layers", where, 1);
+  cfg.num_attention_heads = get_int(j, "num_attention_heads", where, 1);
+  cfg.intermediate_size = get_int(j, "intermediate_size", where, 1);
+  cfg.moe_intermediate_size = get_int(j, "moe_intermediate_size", where, 1);
+  if (!find_key(j, "q_lora_rank")) config_error(where, "missing key 'q_lora_rank' (null for a plain q projection)");
+  cfg.q_lora_rank = get_int_or(j, "q_lora_rank", where, 1, 0);
+  cfg.kv_lora_rank = get_int(j, "kv_lora_rank", where, 1);
+  cfg.qk_nope_head_dim = get_int(j, "qk_nope_head_dim", where, 0);
+  cfg.qk_rope_head_dim = get_int(j, "qk_rope_head_dim", where, 2);
+  cfg.v_head_dim = get_int(j, "v_head_dim", where, 1);
+  cfg.n_routed_experts = get_int(j, "n_routed_experts", where, 1);
+  cfg.n_shared_experts = get_int(j, "n_shared_experts", where, 0);
+  cfg.num_experts_per_tok = get_int(j, "num_experts_per_tok", where, 1);
+  cfg.n_group = get_int(j, "n_group", where, 1);
+  cfg.topk_group = get_int(j, "topk_group", where, 1);
+  cfg.routed_scaling_factor = get_number(j, "routed_scaling_factor", where);
+  cfg.norm_topk_prob = get_bool(j, "norm_topk_prob", where);
+  cfg.first_k_dense_replace = get_int(j, "first_k_dense_replace", where, 0);
+  cfg.num_nextn_predict_layers = get_int_or(j, "num_nextn_predict_layers", where, 0, 0);
+  cfg.scoring_func = ScoringFunc::kSigmoid;
+  cfg.rms_norm_eps = get_number_or(j, "rms_norm_eps", where, 1e-6);
+  cfg.max_position_embeddings = get_int_or(j, "max_position_embeddings", where, 1, 4096);
+  cfg.init_std = get_number_or(j, "initializer_range", where, 0.02);
+  parse_rope(j, where, &cfg);
+
+  // Cross-field checks that HF would otherwise fail on at run time (or worse, not).
+  int64_t kv_heads = get_int_or(j, "num_key_value_heads", where, 1, cfg.num_attention_heads);
+  reject_unless(kv_heads == cfg.num_attention_heads, where,
+                "num_key_value_heads (" + std::to_string(kv_heads) + ") must equal num_attention_heads (" +
+                    std::to_string(cfg.num_attention_heads) + ") for MLA");
+  reject_unless(cfg.qk_rope_head_dim % 2 == 0, where, "qk_rope_head_dim must be even");
+  reject_unless(cfg.n_routed_experts % cfg.n_group == 0, where,
+                "n_routed_experts (" + std::to_string(cfg.n_routed_experts) + ") must be divisible by n_group (" +
+                    std::to_string(cfg.n_group) + ")");
+  reject_unless(cfg.topk_group <= cfg.n_group, where, "topk_group must be <= n_group");
+  reject_unless(cfg.num_experts_per_tok <= cfg.topk_group * (cfg.n_routed_experts / cfg.n_group), where,
+                "num_experts_per_tok exceeds the experts in topk_group groups");
+  reject_unless(cfg.first_k_dense_replace <= cfg.num_hidden_layers, where,
+                "first_k_dense_replace must be <= num_hidden_layers");
+  reject_unless(cfg.rms_norm_eps > 0, where, "rms_norm_eps must be > 0");
+  reject_unless(cfg.rope_theta > 0, where, "rope_theta must be > 0");
+  return cfg;
+}
+
+ModelConfig load_hf_config(const std::string& dir) {
+  const std::string path = (fs::path(dir) / "config.json").string();
+  std::ifstream in(path);
+  if (!in) throw std::runtime_error(path + ": cannot open (not a Hugging Face checkpoint directory?)");
+  Json j;
+  try {
+    j = Json::parse(in);
+  } catch (const Json::exception& e) {
+    throw std::runtime_error(path + ": invalid JSON: " + e.what());
+  }
+  return hf_config_from_json(j, path);
+}
+
+Json hf_config_to_json(const ModelConfig& cfg) {
+  if (cfg.scoring_func != ScoringFunc::kSigmoid)
+    throw std::runtime_error(std::string("hf_config_to_json: scoring_func ") + scoring_func_name(cfg.scoring_func) +
+                             " cannot be exported: transformers' DeepseekV3 always routes with sigmoid");
+  Json rope = {{"rope_type", cfg.rope_scaling.enabled ? "yarn" : "default"}, {"rope_theta", cfg.rope_theta}};
+  Json legacy_scaling = nullptr;
+  if (cfg.rope_scaling.enabled) {
+    const RopeScalingConfig& rs = cfg.rope_scaling;
+    for (Json* d : {&rope, &legacy_scaling}) {
+      (*d)["factor"] = rs.factor;
+      (*d)["original_max_position_embeddings"] = rs.original_max_position_embeddings;
+      (*d)["beta_fast"] = rs.beta_fast;
+      (*d)["beta_slow"] = rs.beta_slow;
+      (*d)["mscale"] = rs.mscale;
+      (*d)["mscale_all_dim"] = rs.mscale_all_dim;
+    }
+    legacy_scaling["type"] = "yarn";
+  }
+  Json j = Json::object();
+  j["architectures"] = Json::array({"DeepseekV3ForCausalLM"});
+  j["model_type"] = "deepseek_v3";
+  j["vocab_size"] = cfg.vocab_size;
+  j["hidden_size"] = cfg.hidden_size;
+  j["intermediate_size"] = cfg.intermediate_size;
+  j["moe_intermediate_size"] = cfg.moe_intermediate_size;
+  j["num_hidden_layers"] = cfg.num_hidden_layers;
+  j["num_attention_heads"] = cfg.num_attention_heads;
+  j["num_key_value_heads"] = cfg.num_attention_heads;
+  j["q_lora_rank"] = cfg.q_lora_rank > 0 ? Json(cfg.q_lora_rank) : Json(nullptr);
+  j["kv_lora_rank"] = cfg.kv_lora_rank;
+  j["qk_nope_head_dim"] = cfg.qk_nope_head_dim;
+  j["qk_rope_head_dim"] = cfg.qk_rope_head_dim;
+  j["v_head_dim"] = cfg.v_head_dim;
+  j["n_routed_experts"] = cfg.n_routed_experts;
+  j["n_shared_experts"] = cfg.n_shared_experts;
+  j["num_experts_per_tok"] = cfg.num_experts_per_tok;
+  j["n_group"] = cfg.n_group;
+  j["topk_group"] = cfg.topk_group;
+  j["routed_scaling_factor"] = cfg.routed_scaling_factor;
+  j["norm_topk_prob"] = cfg.norm_topk_prob;
+  j["scoring_func"] = "sigmoid";
+  j["topk_method"] = "noaux_tc";
+  j["first_k_dense_replace"] = cfg.first_k_dense_replace;
+  j["num_nextn_predict_layers"] = cfg.num_nextn_predict_layers;
+  j["hidden_act"] = "silu";
+  j["attention_bias"] = false;
+  j["attention_dropout"] = 0.0;
+  j["tie_word_embeddings"] = false;
+  j["rope_interleave"] = true;
+  j["rope_parameters"] = rope;
+  j["rope_theta"] = cfg.rope_theta;
+  j["rope_scaling"] = legacy_scaling;
+  j["rms_norm_eps"] = cfg.rms_norm_eps;
+  j["max_position_embeddings"] = cfg.max_position_embeddings;
+  j["initializer_range"] = cfg.init_std;
+  return j;
+}
+
+// ---- names -----------------------------------------------------------------------
+
+namespace {
+
+struct NamePair {
+  const char* hf;        // after "model.layers.{i}."
+  const char* moetrain;  // after "layers.{i}."
+};
+
+// Layer-local names of whole tensors (docs/model-contract.md).
+const NamePair kLayerNames[] = {
+    {"input_layernorm.weight", "attn_norm.weight"},
+    {"post_attention_layernorm.weight", "ffn_norm.weight"},
+    {"self_attn.q_proj.weight", "attn.wq.weight"},
+    {"self_attn.q_a_proj.weight", "attn.wq_a.weight"},
+    {"self_attn.q_a_layernorm.weight", "attn.q_norm.weight"},
+    {"self_attn.q_b_proj.weight", "attn.wq_b.weight"},
+    {"self_attn.kv_a_proj_with_mqa.weight", "attn.wkv_a.weight"},
+    {"self_attn.kv_a_layernorm.weight", "attn.kv_norm.weight"},
+    {"self_attn.kv_b_proj.weight", "attn.wkv_b.weight"},
+    {"self_attn.o_proj.weight", "attn.wo.weight"},
+    {"mlp.gate_proj.weight", "ffn.w1.weight"},
+    {"mlp.up_proj.weight", "ffn.w3.weight"},
+    {"mlp.down_proj.weight", "ffn.w2.weight"},
+    {"mlp.gate.weight", "ffn.gate.weight"},
+    {"mlp.gate.e_score_correction_bias", "ffn.gate.bias"},
+    {"mlp.shared_experts.gate_proj.weight", "ffn.shared_experts.w1.weight"},
+    {"mlp.shared_experts.up_proj.weight", "ffn.shared_experts.w3.weight"},
+    {"mlp.shared_experts.down_proj.weight", "ffn.shared_experts.w2.weight"},
+    {"mlp.experts.down_proj", "ffn.experts.w2"},  // fused [E, D, I] == moetrain's w2
+};
+
+// Per-expert names: "mlp.experts.{j}." + hf  <->  "ffn.experts." + moetrain, row j.
+const NamePair kExpertNames[] = {
+    {"gate_proj.weight", "w1"},
+    {"up_proj.weight", "w3"},
+    {"down_proj.weight", "w2"},
+};
+
+const NamePair kTopNames[] = {
+    {"model.embed_tokens.weight", "embed.weight"},
+    {"model.norm.weight", "norm.weight"},
+    {"lm_head.weight", "head.weight"},
+};
+
+// Parses a canonical decimal index ("0", "17"; not "007", "+1", "") at s[pos...] up
+// to the next '.', advancing pos past the '.'.
+bool parse_index(const std::string& s, size_t* pos, int64_t* out) {
+  size_t dot = s.find('.', *pos);
+  if (dot == std::string::npos || dot == *pos || dot - *pos > 9) return false;
+  int64_t v = 0;
+  for (size_t k = *pos; k < dot; ++k) {
+    if (s[k] < '0' || s[k] > '9') return false;
+    v = v * 10 + (s[k] - '0');
+  }
+  if (s[*pos] == '0' && dot - *pos > 1) return false;
+  *out = v;
+  *pos = dot + 1;
+  return true;
+}
+
+}  // namespace
+
+bool hf_parse_name(const std::string& hf_name, HfTarget* out) {
+  HfTarget t;
+  for (const NamePair& p : kTopNames) {
+    if (hf_name == p.hf) {
+      t.name = p.moetrain;
+      *out = t;
+      return true;
+    }
+  }
+  static const std::string kLayers = "model.layers.";
+  if (!starts_with(hf_name, kLayers)) return false;
+  size_t pos = kLayers.size();
+  if (!parse_index(hf_name, &pos, &t.layer)) return false;
+  const std::string rest = hf_name.substr(pos);
+  const std::string prefix = "layers." + std::to_string(t.layer) + ".";
+  for (const NamePair& p : kLayerNames) {
+    if (rest == p.hf) {
+      t.name = prefix + p.moetrain;
+      *out = t;
+      return true;
+    }
+  }
+  if (rest == "mlp.experts.gate_up_proj") {
+    t.kind = HfTarget::Kind::kFusedGateUp;
+    t.name = prefix + "ffn.experts.w1";
+    t.name2 = prefix + "ffn.experts.w3";
+    *out = t;
+    return true;
+  }
+  static const std::string kExperts = "mlp.experts.";
+  if (!starts_with(rest, kExperts)) return false;
+  size_t epos = kExperts.size();
+  if (!parse_index(rest, &epos, &t.expert)) return false;
+  const std::string leaf = rest.substr(epos);
+  for (const NamePair& p : kExpertNames) {
+    if (leaf == p.hf) {
+      t.kind = HfTarget::Kind::kExpert;
+      t.name = prefix + "ffn.experts." + p.moetrain;
+      *out = t;
+      return true;
+    }
+  }
+  return false;
+}
+
+std::string hf_name_for(const std::string& moetrain_name, int64_t expert) {
+  auto fail = [&](const std::string& why) -> std::string {
+    throw std::invalid_argument("hf_name_for('" + moetrain_name + "'): " + why);
+  };
+  for (const NamePair& p : kTopNames) {
+    if (moetrain_name == p.moetrain) {
+      if (expert != -1) fail("not an expert tensor");
+      return p.hf;
+    }
+  }
+  static const std::string kLayers = "layers.";
+  if (!starts_with(moetrain_name, kLayers)) return fail("not a moetrain model tensor");
+  size_t pos = kLayers.size();
+  int64_t layer = -1;
+  if (!parse_index(moetrain_name, &pos, &layer)) return fail("bad layer index");
+  const std::string rest = moetrain_name.substr(pos);
+  const std::string prefix = "model.layers." + std::to_string(layer) + ".";
+  static const std::string kExperts = "ffn.experts.";
+  if (starts_with(rest, kExperts)) {
+    const std::string leaf = rest.substr(kExperts.size());
+    for (const NamePair& p : kExpertNames) {
+      if (leaf == p.moetrain) {
+        if (expert < 0) fail("stacked experts need an expert index");
+        return prefix + "mlp.experts." + std::to_string(expert) + "." + p.hf;
+      }
+    }
+    return fail("unknown expert tensor");
+  }
+  for (const NamePair& p : kLayerNames) {
+    if (rest == p.moetrain) {
+      if (expert != -1) fail("not an expert tensor");
+      return prefix + p.hf;
+    }
+  }
+  return fail("not in the HF name contract (docs/model-contract.md)");
+}
+
+// ---- loading -------------------------------------------------------------------------
+
+namespace {
+
+std::string shape_str(c10::IntArrayRef shape) {
+  std::ostringstream s;
+  s << "[";
+  for (size_t k = 0; k < shape.size(); ++k) s << (k ? ", " : "") << shape[k];
+  s << "]";
+  return s.str();
+}
+
+bool is_float_dtype(StDtype d) {
+  return d == StDtype::F16 || d == StDtype::BF16 || d == StDtype::F32 || d == StDtype::F64;
+}
+
+// One HF tensor, planned from the headers before any data is read.
+struct Planned {
+  std::string hf_name;
+  HfTarget target;
+  torch::Tensor dest;   // kWhole / kExpert: the module tensor; kFusedGateUp: w1
+  torch::Tensor dest2;  // kFusedGateUp: w3
+};
+
+struct ShardPlan {
+  std::string path;
+  std::vector<Planned> tensors;
+};
+
+// Files of the checkpoint and, for a sharded one, the index's tensor -> file map
+// (validated: plain file names, every shard present).
+std::vector<std::string> checkpoint_files(const std::string& dir, std::map<std::string, std::string>* index) {
+  const fs::path single = fs::path(dir) / "model.safetensors";
+  const fs::path index_path = fs::path(dir) / "model.safetensors.index.json";
+  if (fs::exists(single)) return {single.string()};  // as transformers: the single file first
+  if (!fs::exists(index_path))
+    throw std::runtime_error(dir + ": no model.safetensors or model.safetensors.index.json");
+  std::ifstream in(index_path);
+  if (!in) throw std::runtime_error(index_path.string() + ": cannot open");
+  Json j;
+  try {
+    j = Json::parse(in);
+  } catch (const Json::exception& e) {
+    throw std::runtime_error(index_path.string() + ": invalid JSON: " + e.what());
+  }
+  const Json* map = j.is_object() ? find_key(j, "weight_map") : nullptr;
+  if (!map || !map->is_object() || map->empty())
+    throw std::runtime_error(index_path.string() + ": no 'weight_map' object");
+  std::map<std::string, std::string> shards;  // file -> one tensor it holds (for messages)
+  for (auto it = map->begin(); it != map->end(); ++it) {
+    if (!it->is_string())
+      throw std::runtime_error(index_path.string() + ": weight_map['" + it.key() + "'] is not a file name");
+    const std::string file = it->get<std::string>();
+    if (file.empty() || file.find('/') != std::string::npos || file.find('\\') != std::string::npos ||
+        file == "." || file == "..")
+      throw std::runtime_error(index_path.string() + ": shard '" + file + "' (for '" + it.key() +
+                               "') is not a plain file name in the checkpoint directory");
+    (*index)[it.key()] = file;
+    shards.emplace(file, it.key());
+  }
+  std::vector<std::string> files;
+  for (const auto& kv : shards) {
+    const fs::path p = fs::path(dir) / kv.first;
+    if (!fs::is_regular_file(p))
+      throw std::runtime_error(index_path.string() + ": shard '" + kv.first + "' is missing (it should hold '" +
+                               kv.second + "')");
+    files.push_back(p.string());
+  }
+  return files;
+}
+
+// Fill bookkeeping: one flag per whole tensor, one per expert row of stacked ones.
+struct Coverage {
+  std::map<std::string, std::vector<std::string>> filled_by;  // moetrain name (or name#j) -> HF names
+
+  void mark(const std::string& key, const std::string& hf_name) {
+    std::vector<std::string>& v = filled_by[key];
+    if (!v.empty())
+      throw std::runtime_error("load_hf_weights: '" + hf_name + "' fills moetrain '" + key +
+                               "', already filled by '" + v.front() + "' (duplicate or mixed expert layouts)");
+    v.push_back(hf_name);
+  }
+  bool has(const std::string& key) const { return filled_by.count(key) > 0; }
+};
+
+std::string expert_key(const std::string& name, int64_t e) { return name + "#" + std::to_string(e); }
+
+// Checks one HF tensor's header against its destination and records what it fills.
+Planned plan_tensor(const StTensorInfo& info, const HfTarget& t, const std::string& at,
+                    const std::map<std::string, torch::Tensor>& dests, Coverage* cov) {
+  const std::string& hf = info.name;
+  Planned p{hf, t, dests.at(t.name), {}};
+  const torch::Tensor& d = p.dest;
+  if (!is_float_dtype(info.dtype))
+    throw std::runtime_error("load_hf_weights: " + at + " has dtype " + st_dtype_name(info.dtype) +
+                             "; expected a floating type (F32/BF16/F16/F64; dequantize FP8 first)");
+  std::vector<int64_t> expected;
+  switch (t.kind) {
+    case HfTarget::Kind::kWhole:
+      expected = d.sizes().vec();
+      cov->mark(t.name, hf);
+      if (is_stacked_experts(t.name))  // fused down_proj: every expert row of w2
+        for (int64_t e = 0; e < d.size(0); ++e) cov->mark(expert_key(t.name, e), hf);
+      break;
+    case HfTarget::Kind::kExpert:
+      if (d.dim() != 3)
+        throw std::runtime_error("load_hf_weights: moetrain '" + t.name + "' is not a stacked [E, ...] tensor");
+      if (t.expert >= d.size(0))
+        throw std::runtime_error("load_hf_weights: " + at + ": expert index " + std::to_string(t.expert) +
+                                 " out of range (the model has " + std::to_string(d.size(0)) + " routed experts)");
+      expected = d.sizes().slice(1).vec();
+      cov->mark(expert_key(t.name, t.expert), hf);
+      break;
+    case HfTarget::Kind::kFusedGateUp: {
+      auto it2 = dests.find(t.name2);
+      if (it2 == dests.end())
+        throw std::runtime_error("load_hf_weights: " + at + " maps to moetrain '" + t.name2 +
+                                 "', which the model does not have");
+      p.dest2 = it2->second;
+      if (d.dim() != 3 || !p.dest2.sizes().equals(d.sizes()))
+        throw std::runtime_error("load_hf_weights: moetrain '" + t.name + "' / '" + t.name2 +
+                                 "' are not stacked [E, I, D] tensors of one shape");
+      expected = {d.size(0), 2 * d.size(1), d.size(2)};
+      for (int64_t e = 0; e < d.size(0); ++e) {
+        cov->mark(expert_key(t.name, e), hf);
+        cov->mark(expert_key(t.name2, e), hf);
+      }
+      break;
+    }
+  }
+  if (info.shape != expected)
+    throw std::runtime_error("load_hf_weights: " + at + " has shape " + shape_str(info.shape) + ", expected " +
+                             shape_str(expected) + " (moetrain '" + t.name + "')");
+  return p;
+}
+
+// Every parameter and every router bias buffer must have been filled.
+void check_all_filled(const std::string& dir, const torch::nn::Module& model,
+                      const std::map<std::string, torch::Tensor>& dests, const Coverage& cov) {
+  std::set<std::string> params;
+  for (const auto& item : model.named_parameters(true)) params.insert(item.key());
+  std::vector<std::string> missing;
+  for (const auto& kv : dests) {
+    const std::string& name = kv.first;
+    if (!params.count(name) && !is_router_bias(name)) continue;
+    if (cov.has(name)) continue;
+    if (is_stacked_experts(name)) {
+      for (int64_t e = 0; e < kv.second.size(0); ++e)
+        if (!cov.has(expert_key(name, e)))
+          missing.push_back("'" + hf_name_for(name, e) + "' (moetrain '" + name + "' expert " + std::to_string(e) +
+                            ")");
+      continue;
+    }
+    std::string hf;
+    try {
+      hf = "'" + hf_name_for(name) + "'";
+    } catch (const std::invalid_argument&) {
+      hf = "(no Hugging Face name)";
+    }
+    missing.push_back(hf + " (moetrain '" + name + "')");
+  }
+  if (missing.empty()) return;
+  std::string msg = "load_hf_weights: " + dir + " lacks " + std::to_string(missing.size()) + " tensor(s): ";
+  for (size_t k = 0; k < missing.size() && k < 8; ++k) msg += (k ? ", " : "") + missing[k];
+  if (missing.size() > 8) msg += ", ...";
+  throw std::runtime_error(msg);
+}
+
+void copy_tensor(const Planned& p, const torch::Tensor& src) {
+  switch (p.target.kind) {
+    case HfTarget::Kind::kWhole:
+      p.dest.copy_(src);
+      break;
+    case HfTarget::Kind::kExpert:
+      p.dest.select(0, p.target.expert).copy_(src);
+      break;
+    case HfTarget::Kind::kFusedGateUp: {
+      const int64_t inter = p.dest.size(1);
+      p.dest.copy_(src.narrow(1, 0, inter));
+      p.dest2.copy_(src.narrow(1, inter, inter));
+      break;
+    }
+  }
+}
+
+}  // namespace
+
+int64_t load_hf_weights(const std::string& dir, torch::nn::Module& model, const ModelConfig& cfg) {
+  std::map<std::string, torch::Tensor> dests;
+  for (const auto& item : model.named_parameters(/*recurse=*/true)) dests[item.key()] = item.value();
+  for (const auto& item : model.named_buffers(/*recurse=*/true)) dests[item.key()] = item.value();
+
+  std::map<std::string, std::string> index;  // sharded: tensor -> shard file name
+  const std::vector<std::string> files = checkpoint_files(dir, &index);
+
+  // Plan from the headers alone, so that a rejected checkpoint changes nothing.
+  std::vector<ShardPlan> plans;
+  Coverage cov;
+  std::set<int64_t> mtp_layers;
+  int64_t mtp_tensors = 0;
+  std::set<std::string> seen;
+  for (const std::string& path : files) {
+    const SafetensorsHeader header = read_safetensors_header(path);
+    const std::string file = fs::path(path).filename().string();
+    ShardPlan plan{path, {}};
+    for (const StTensorInfo& info : header.tensors) {
+      const std::string& hf = info.name;
+      const std::string at = "'" + hf + "' in " + path;
+      if (!index.empty()) {
+        auto it = index.find(hf);
+        if (it == index.end())
+          throw std::runtime_error("load_hf_weights: " + at + " is not listed in model.safetensors.index.json");
+        if (it->second != file)
+          throw std::runtime_error("load_hf_weights: " + at + " is listed in the index under shard '" +
+                                   it->second + "'");
+      }
+      if (!seen.insert(hf).second)
+        throw std::runtime_error("load_hf_weights: " + at + " appears in more than one file");
+      HfTarget t;
+      if (!hf_parse_name(hf, &t))
+        throw std::runtime_error("load_hf_weights: unknown tensor " + at +
+                                 " (not a transformers DeepseekV3ForCausalLM weight)");
+      if (t.layer >= cfg.num_hidden_layers) {  // MTP modules (model.layers.61 in DeepSeek-V3)
+        mtp_layers.insert(t.layer);
+        ++mtp_tensors;
+        continue;
+      }
+      if (!dests.count(t.name)) {
+        // transformers builds a zero-width shared MLP when n_shared_experts == 0;
+        // moetrain builds none.
+        int64_t numel = 1;
+        for (int64_t d : info.shape) numel *= d;
+        if (numel == 0 && t.name.find(".ffn.shared_experts.") != std::string::npos) continue;
+        throw std::runtime_error("load_hf_weights: " + at + " maps to moetrain '" + t.name +
+                                 "', which the model does not have (config.json and the weights disagree?)");
+      }
+      plan.tensors.push_back(plan_tensor(info, t, at, dests, &cov));
+    }
+    plans.push_back(std::move(plan));
+  }
+  for (const auto& kv : index)
+    if (!seen.count(kv.first))
+      throw std::runtime_error("load_hf_weights: '" + kv.first + "' is listed in model.safetensors.index.json "
+                               "under shard '" + kv.second + "', which does not hold it");
+  check_all_filled(dir, model, dests, cov);
+
+  // Copy, one shard in memory at a time.
+  torch::NoGradGuard no_grad;
+  int64_t loaded = 0;
+  for (const ShardPlan& plan : plans) {
+    if (plan.tensors.empty()) continue;
+    const SafetensorsFile f = read_safetensors(plan.path);
+    for (const Planned& p : plan.tensors) copy_tensor(p, f.at(p.hf_name));
+    loaded += static_cast<int64_t>(plan.tensors.size());
+  }
+  if (mtp_tensors > 0) {
+    std::string layers;
+    for (int64_t l : mtp_layers) layers += (layers.empty() ? "" : ",") + std::to_string(l);
+    std::fprintf(stderr,
+                 "load_hf_weights: skipped %lld tensors of layer(s) %s >= num_hidden_layers %lld "
+                 "(multi-token prediction is not loaded yet)\n",
+                 static_cast<long long>(mtp_tensors), layers.c_str(), static_cast<long long>(cfg.num_hidden_layers));
+  }
+  return loaded;
+}
+
+// ---- writing ---------------------------------------------------------------------------
+
+std::vector<std::pair<std::string, torch::Tensor>> hf_state_dict(const torch::nn::Module& model) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  auto add = [&](const std::string& name, const torch::Tensor& t) {
+    if (!is_stacked_experts(name)) {
+      out.emplace_back(hf_name_for(name), t.detach());
+      return;
+    }
+    for (int64_t e = 0; e < t.size(0); ++e) out.emplace_back(hf_name_for(name, e), t.detach().select(0, e));
+  };
+  for (const auto& item : model.named_parameters(true)) add(item.key(), item.value());
+  for (const auto& item : model.named_buffers(true)) {
+    if (is_router_bias(item.key())) add(item.key(), item.value());
+  }
+  return out;
+}
+
+void save_hf_checkpoint(const std::string& dir, const torch::nn::Module& model, const ModelConfig& cfg) {
+  fs::create_directories(dir);
+  Json j = hf_config_to_json(cfg);
+  const std::string cfg_path = (fs::path(dir) / "config.json").string();
+  {
+    std::ofstream out(cfg_path);
+    out << j.dump(2) << "\n";
+    if (!out) throw std::runtime_error(cfg_path + ": write failed");
+  }
+  write_safetensors((fs::path(dir) / "model.safetensors").string(), hf_state_dict(model), {{"format", "pt"}});
+}
+
+}  // namespace moetrain

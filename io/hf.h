@@ -1,0 +1,91 @@
+// defines: hf_config_from_json, load_hf_config, hf_config_to_json, HfTarget,
+// hf_parse_name, hf_name_for, load_hf_weights, hf_state_dict, save_hf_checkpoint —
+// the one adapter between moetrain's names (docs/model-contract.md, DeepSeek's
+// inference/model.py) and Hugging Face DeepseekV3 checkpoints (transformers 5.x
+// config.json + model.safetensors or a sharded model.safetensors.index.json).
+//
+// On disk transformers 5.17 writes routed experts per expert
+// (`model.layers.{i}.mlp.experts.{j}.gate_proj.weight`, save_original_format=True,
+// the default); with save_original_format=False it writes its in-memory fused form
+// (`mlp.experts.gate_up_proj` [E, 2I, D], gate rows first, and
+// `mlp.experts.down_proj` [E, D, I]). The loader accepts both; moetrain stacks
+// experts as `layers.{i}.ffn.experts.w1/w3` [E, I, D] and `w2` [E, D, I].
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+#include <torch/torch.h>
+
+#include "models/model_config.h"
+
+namespace moetrain {
+
+// config.json -> ModelConfig. Follows transformers 5.17's DeepseekV3Config:
+// architecture keys are required (q_lora_rank may be null -> 0); rms_norm_eps,
+// max_position_embeddings, initializer_range (-> init_std) and RoPE fall back to
+// HF's defaults (1e-6, 4096, 0.02, theta 10000 without scaling). RoPE comes from
+// `rope_parameters` {rope_type default|yarn, rope_theta, factor, ...} or the
+// legacy `rope_theta` + `rope_scaling` (which wins when both are set, as in HF).
+// Throws std::runtime_error naming `where` and the key for anything moetrain
+// cannot reproduce: model_type != deepseek_v3, rope_interleave false,
+// tie_word_embeddings true, hidden_act != silu, attention_bias true,
+// scoring_func != sigmoid, num_key_value_heads != num_attention_heads,
+// quantization_config, RoPE types other than default/yarn.
+ModelConfig hf_config_from_json(const nlohmann::json& j, const std::string& where);
+// Reads `dir`/config.json.
+ModelConfig load_hf_config(const std::string& dir);
+// ModelConfig -> config.json that transformers 5.x loads as DeepseekV3ForCausalLM
+// (rope_interleave true, q_lora_rank null when 0, rope_parameters plus the legacy
+// rope_theta/rope_scaling for older readers). Throws for softmax scoring, which
+// transformers' DeepseekV3 cannot express.
+nlohmann::json hf_config_to_json(const ModelConfig& cfg);
+
+// Where one Hugging Face tensor goes in moetrain.
+struct HfTarget {
+  enum class Kind {
+    kWhole,        // the whole moetrain tensor `name`
+    kExpert,       // row `expert` of the stacked [E, ...] tensor `name`
+    kFusedGateUp,  // [E, 2I, D]: rows [0, I) -> `name` (w1), [I, 2I) -> `name2` (w3)
+  };
+  Kind kind = Kind::kWhole;
+  std::string name;
+  std::string name2;    // kFusedGateUp only
+  int64_t layer = -1;   // -1 for embed / norm / head
+  int64_t expert = -1;  // kExpert only
+};
+
+// Maps an HF DeepseekV3 tensor name onto moetrain's. Returns false when the name
+// is not one of transformers' DeepseekV3ForCausalLM weights (layer and expert
+// indices must be canonical decimals; their ranges are the caller's to check).
+bool hf_parse_name(const std::string& hf_name, HfTarget* out);
+// moetrain name -> HF name. The stacked experts (`layers.{i}.ffn.experts.w1|w2|w3`)
+// need `expert` >= 0 and give the per-expert name; every other name needs
+// expert == -1. Throws std::invalid_argument for names outside the contract.
+std::string hf_name_for(const std::string& moetrain_name, int64_t expert = -1);
+
+// Loads `dir`/model.safetensors, or the shards of `dir`/model.safetensors.index.json,
+// into `model` (a Transformer built from `cfg`): every HF tensor onto the module's
+// named_parameters() / named_buffers() by the contract, per-expert tensors stacked,
+// copied under NoGradGuard into the destination's dtype and device (the fp32 router
+// bias stays fp32). Every name, shape, dtype and the index are checked against the
+// shard headers before any data is read or copied, so a rejected checkpoint leaves
+// the model untouched. Throws std::runtime_error naming the tensor (and file) for:
+// unknown HF names, module tensors left unfilled (every parameter and router bias),
+// tensors given twice, shape mismatches (expected vs found), non-float dtypes,
+// expert indices out of range, a missing shard or an index that disagrees with
+// the shards. Layers >= cfg.num_hidden_layers (MTP) are skipped with one notice on
+// stderr. Returns the number of HF tensors loaded.
+int64_t load_hf_weights(const std::string& dir, torch::nn::Module& model, const ModelConfig& cfg);
+
+// The model's tensors under HF names, experts split per expert (views of the
+// stacked tensors, CPU or not), in the module's dtypes: what save_hf_checkpoint writes.
+std::vector<std::pair<std::string, torch::Tensor>> hf_state_dict(const torch::nn::Module& model);
+// Writes `dir`/config.json (hf_config_to_json) and `dir`/model.safetensors
+// (metadata format=pt), creating `dir`. One file, no sharding.
+void save_hf_checkpoint(const std::string& dir, const torch::nn::Module& model, const ModelConfig& cfg);
+
+}  // namespace moetrain

@@ -1,0 +1,68 @@
+#include "models/experts.h"
+
+#include <ATen/ops/_grouped_mm.h>
+
+#include <vector>
+
+namespace moetrain {
+
+GroupedExpertsImpl::GroupedExpertsImpl(int64_t n_experts, int64_t dim, int64_t inter, double init_std)
+    : n_experts(n_experts), dim(dim), inter(inter) {
+  w1 = register_parameter("w1", torch::empty({n_experts, inter, dim}));
+  w2 = register_parameter("w2", torch::empty({n_experts, dim, inter}));
+  w3 = register_parameter("w3", torch::empty({n_experts, inter, dim}));
+  torch::NoGradGuard no_grad;
+  for (auto* w : {&w1, &w2, &w3}) w->normal_(0.0, init_std);
+}
+
+bool GroupedExpertsImpl::uses_grouped_mm(const torch::Tensor& x) const {
+  // at::_grouped_mm (CUTLASS, sm90+) wants bf16 operands whose rows are 16-byte aligned.
+  return x.is_cuda() && x.scalar_type() == torch::kBFloat16 && w1.scalar_type() == torch::kBFloat16 &&
+         dim % 8 == 0 && inter % 8 == 0;
+}
+
+torch::Tensor GroupedExpertsImpl::expert_forward(int64_t e, const torch::Tensor& x) {
+  const torch::Tensor h = torch::silu(torch::matmul(x, w1[e].t())) * torch::matmul(x, w3[e].t());  // [n, I]
+  return torch::matmul(h, w2[e].t());                                                               // [n, D]
+}
+
+torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& x, const torch::Tensor& counts) {
+  if (uses_grouped_mm(x)) {
+    // offs[j] = end row of expert j (int32, cumulative); empty groups are fine.
+    const torch::Tensor offs = counts.cumsum(0).to(torch::kInt);
+    const torch::Tensor xc = x.contiguous();
+    const torch::Tensor h = torch::silu(at::_grouped_mm(xc, w1.transpose(-2, -1), offs)) *
+                            at::_grouped_mm(xc, w3.transpose(-2, -1), offs);  // [M, I]
+    return at::_grouped_mm(h, w2.transpose(-2, -1), offs);                    // [M, D]
+  }
+  // Portable path: one slice per expert. Reads the counts on the host.
+  const torch::Tensor host_counts = counts.to(torch::kCPU, torch::kLong);
+  const int64_t* n = host_counts.data_ptr<int64_t>();
+  std::vector<torch::Tensor> outs;
+  int64_t start = 0;
+  for (int64_t e = 0; e < n_experts; ++e) {
+    if (n[e] == 0) continue;
+    outs.push_back(expert_forward(e, x.narrow(0, start, n[e])));
+    start += n[e];
+  }
+  TORCH_CHECK(start == x.size(0), "expert counts sum to ", start, " but x has ", x.size(0), " rows");
+  if (outs.empty()) return x * 0;  // no rows at all: keep the graph connected to x
+  return torch::cat(outs, 0);
+}
+
+torch::Tensor moe_experts_reference(GroupedExpertsImpl& experts, const torch::Tensor& x,
+                                    const torch::Tensor& topk_idx, const torch::Tensor& topk_weight) {
+  const auto acc = topk_weight.scalar_type();
+  torch::Tensor out = torch::zeros(x.sizes(), x.options().dtype(acc));  // [N, D]
+  for (int64_t e = 0; e < experts.n_experts; ++e) {
+    const torch::Tensor hit = (topk_idx == e).nonzero();  // [n, 2]: (token, k)
+    if (hit.size(0) == 0) continue;
+    const torch::Tensor token = hit.select(1, 0), slot = hit.select(1, 1);
+    const torch::Tensor y = experts.expert_forward(e, x.index_select(0, token));  // [n, D]
+    const torch::Tensor w = topk_weight.index({token, slot}).unsqueeze(1);         // [n, 1]
+    out = out.index_add(0, token, y.to(acc) * w);
+  }
+  return out.to(x.scalar_type());
+}
+
+}  // namespace moetrain

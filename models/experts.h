@@ -1,0 +1,39 @@
+// defines: GroupedExperts, moe_experts_reference — DeepSeekMoE's routed SwiGLU
+// experts stored as stacked 3-D parameters (one tensor per projection, so the
+// optimizer sees 3 tensors, not 3·E), run as grouped GEMMs over expert-sorted
+// rows, plus the slow per-expert loop that the tests hold the fast path to.
+//
+// Expert j computes w2[j] @ (silu(w1[j] @ x) * (w3[j] @ x)).
+#pragma once
+
+#include <torch/torch.h>
+
+namespace moetrain {
+
+struct GroupedExpertsImpl : torch::nn::Module {
+  GroupedExpertsImpl(int64_t n_experts, int64_t dim, int64_t inter, double init_std);
+
+  // x: [M, D] rows grouped by expert (expert 0's rows first), counts: [E] int64 with
+  // sum M -> [M, D]. CUDA + bf16: torch's grouped GEMM (at::_grouped_mm); otherwise
+  // one matmul per expert on its slice (host-side counts).
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& counts);
+
+  // One expert on its rows: x: [n, D] -> [n, D]
+  torch::Tensor expert_forward(int64_t e, const torch::Tensor& x);
+
+  // Whether forward takes the at::_grouped_mm path for this input.
+  bool uses_grouped_mm(const torch::Tensor& x) const;
+
+  int64_t n_experts, dim, inter;
+  torch::Tensor w1;  // [E, I, D] gate
+  torch::Tensor w2;  // [E, D, I] down
+  torch::Tensor w3;  // [E, I, D] up
+};
+TORCH_MODULE(GroupedExperts);
+
+// The reference: for each expert, find its (token, k) pairs, run it, and add the
+// gate-weighted result back. x: [N, D], topk_idx / topk_weight: [N, K] -> [N, D]
+torch::Tensor moe_experts_reference(GroupedExpertsImpl& experts, const torch::Tensor& x,
+                                    const torch::Tensor& topk_idx, const torch::Tensor& topk_weight);
+
+}  // namespace moetrain

@@ -1,0 +1,74 @@
+#include "models/kernels/swiglu.h"
+
+#include <fmt/format.h>
+
+#ifdef MOETRAIN_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+
+#include "models/kernels/swiglu_kernels.h"
+#endif
+
+namespace moetrain {
+
+torch::Tensor swiglu_reference(const torch::Tensor& gate, const torch::Tensor& up) {
+  return torch::silu(gate) * up;
+}
+
+bool fused_kernels_available() {
+#ifdef MOETRAIN_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+#ifdef MOETRAIN_WITH_CUDA
+namespace {
+
+int dtype_code(const torch::Tensor& t) { return t.scalar_type() == torch::kBFloat16 ? 1 : 0; }
+
+void check_cuda(int err, const char* what) {
+  if (err != 0) throw std::runtime_error(fmt::format("{}: CUDA error {}", what, err));
+}
+
+struct SwiGLUFunction : torch::autograd::Function<SwiGLUFunction> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& gate,
+                               const torch::Tensor& up) {
+    ctx->save_for_backward({gate, up});
+    torch::Tensor out = torch::empty_like(gate);
+    auto stream = c10::cuda::getCurrentCUDAStream(gate.device().index()).stream();
+    check_cuda(kernels::launch_swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(),
+                                              dtype_code(gate), stream),
+               "swiglu forward");
+    return out;
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const torch::Tensor& gate = saved[0];
+    const torch::Tensor& up = saved[1];
+    torch::Tensor grad_out = grads[0].to(gate.scalar_type()).contiguous();
+    torch::Tensor grad_gate = torch::empty_like(gate), grad_up = torch::empty_like(up);
+    auto stream = c10::cuda::getCurrentCUDAStream(gate.device().index()).stream();
+    check_cuda(kernels::launch_swiglu_backward(gate.data_ptr(), up.data_ptr(), grad_out.data_ptr(),
+                                               grad_gate.data_ptr(), grad_up.data_ptr(), gate.numel(),
+                                               dtype_code(gate), stream),
+               "swiglu backward");
+    return {grad_gate, grad_up};
+  }
+};
+
+}  // namespace
+#endif
+
+torch::Tensor swiglu_fused(const torch::Tensor& gate, const torch::Tensor& up) {
+#ifdef MOETRAIN_WITH_CUDA
+  const bool kernel_ok = gate.is_cuda() && up.device() == gate.device() && gate.sizes() == up.sizes() &&
+                         gate.scalar_type() == up.scalar_type() &&
+                         (gate.scalar_type() == torch::kFloat32 || gate.scalar_type() == torch::kBFloat16);
+  if (kernel_ok) return SwiGLUFunction::apply(gate.contiguous(), up.contiguous());
+#endif
+  return swiglu_reference(gate, up);
+}
+
+}  // namespace moetrain

@@ -1,0 +1,16 @@
+// defines: launch_swiglu_forward, launch_swiglu_backward — raw CUDA launchers of
+// the fused SwiGLU activation out = silu(gate) * up (no torch headers, so nvcc
+// compiles them quickly). Called only from models/kernels/swiglu.cpp.
+#pragma once
+
+#include <cstdint>
+
+namespace moetrain::kernels {
+
+// dtype: 0 = float32, 1 = bfloat16. Pointers are device pointers of n elements;
+// stream is a cudaStream_t. Returns a cudaError_t as int (0 = success).
+int launch_swiglu_forward(const void* gate, const void* up, void* out, int64_t n, int dtype, void* stream);
+int launch_swiglu_backward(const void* gate, const void* up, const void* grad_out, void* grad_gate, void* grad_up,
+                           int64_t n, int dtype, void* stream);
+
+}  // namespace moetrain::kernels

@@ -1,0 +1,77 @@
+#include "models/lm_loss.h"
+
+#include <algorithm>
+
+namespace moetrain {
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::tensor_list;
+
+torch::Dtype accumulate_dtype(const torch::Tensor& t) {
+  return t.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+}
+
+// The loss and the gradient of the logits are recomputed one chunk at a time.
+struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossEntropy> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& hidden, const torch::Tensor& weight,
+                               const torch::Tensor& targets, int64_t chunk, int64_t ignore_index) {
+    const int64_t N = hidden.size(0);
+    const auto acc = accumulate_dtype(hidden);
+    torch::Tensor loss_sum = torch::zeros({}, hidden.options().dtype(acc));
+    for (int64_t start = 0; start < N; start += chunk) {
+      const int64_t n = std::min(chunk, N - start);
+      const torch::Tensor logits = torch::matmul(hidden.narrow(0, start, n), weight.t()).to(acc);  // [n, V]
+      loss_sum += torch::nn::functional::cross_entropy(
+          logits, targets.narrow(0, start, n),
+          torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum).ignore_index(ignore_index));
+    }
+    const torch::Tensor n_valid = (targets != ignore_index).sum().clamp_min(1).to(acc);
+    ctx->save_for_backward({hidden, weight, targets, n_valid});
+    ctx->saved_data["chunk"] = chunk;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    return loss_sum / n_valid;
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grad_outputs) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor &hidden = saved[0], &weight = saved[1], &targets = saved[2], &n_valid = saved[3];
+    const int64_t chunk = ctx->saved_data["chunk"].toInt();
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    const int64_t N = hidden.size(0);
+    const auto acc = accumulate_dtype(hidden);
+    const torch::Tensor scale = grad_outputs[0].to(acc) / n_valid;  // d loss / d (row loss)
+
+    torch::Tensor grad_hidden = torch::empty_like(hidden);
+    torch::Tensor grad_weight = torch::zeros(weight.sizes(), weight.options().dtype(acc));
+    for (int64_t start = 0; start < N; start += chunk) {
+      const int64_t n = std::min(chunk, N - start);
+      const torch::Tensor h = hidden.narrow(0, start, n);
+      const torch::Tensor t = targets.narrow(0, start, n);
+      const torch::Tensor valid = t != ignore_index;
+      // d(row loss)/d(logits) = softmax - onehot(target); zero for ignored rows.
+      torch::Tensor g = torch::softmax(torch::matmul(h, weight.t()).to(acc), -1);  // [n, V]
+      g.scatter_add_(1, t.clamp_min(0).unsqueeze(1), -torch::ones({n, 1}, g.options()));
+      g = g * (valid.unsqueeze(1).to(acc) * scale);
+      const torch::Tensor g_low = g.to(hidden.scalar_type());
+      grad_hidden.narrow(0, start, n).copy_(torch::matmul(g_low, weight));  // [n, D]
+      grad_weight += torch::matmul(g_low.t(), h).to(acc);                    // [V, D]
+    }
+    return {grad_hidden, grad_weight.to(weight.scalar_type()), torch::Tensor(), torch::Tensor(),
+            torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+torch::Tensor chunked_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
+                                    const torch::Tensor& targets, int64_t chunk_tokens, int64_t ignore_index) {
+  TORCH_CHECK(hidden.dim() == 2 && targets.dim() == 1 && hidden.size(0) == targets.size(0),
+              "chunked_cross_entropy: hidden [N, D] and targets [N] expected, got ", hidden.sizes(), " and ",
+              targets.sizes());
+  const int64_t chunk = chunk_tokens > 0 ? chunk_tokens : std::max<int64_t>(hidden.size(0), 1);
+  return ChunkedLinearCrossEntropy::apply(hidden, weight, targets.to(torch::kLong), chunk, ignore_index);
+}
+
+}  // namespace moetrain

@@ -1,0 +1,21 @@
+// defines: chunked_cross_entropy — mean next-token cross-entropy of a linear LM
+// head, computed over chunks of rows so the [N, V] logits never exist at once,
+// not even for the backward pass (a custom autograd function that recomputes each
+// chunk's logits in backward instead of saving them).
+#pragma once
+
+#include <torch/torch.h>
+
+namespace moetrain {
+
+constexpr int64_t kIgnoreIndex = -100;  // targets equal to this are skipped (as torch's CE)
+
+// hidden: [N, D], weight: [V, D] (the head), targets: [N] int64 -> scalar loss
+// = mean over non-ignored rows of -log softmax(hidden·W^T)[target], in fp32 (fp64
+// for fp64 inputs). chunk_tokens <= 0 means one chunk. Differentiable in hidden
+// and weight (first order only).
+torch::Tensor chunked_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
+                                    const torch::Tensor& targets, int64_t chunk_tokens,
+                                    int64_t ignore_index = kIgnoreIndex);
+
+}  // namespace moetrain

@@ -1,0 +1,84 @@
+#include "models/mla.h"
+
+#include <cmath>
+#include <limits>
+
+#include "models/linear.h"
+
+namespace moetrain {
+
+namespace {
+// The latent norms use a fixed eps in both references (official RMSNorm's default,
+// HF builds q_a_layernorm / kv_a_layernorm without passing rms_norm_eps).
+constexpr double kLatentNormEps = 1e-6;
+}  // namespace
+
+MLAImpl::MLAImpl(const ModelConfig& cfg)
+    : n_heads(cfg.num_attention_heads),
+      q_lora_rank(cfg.q_lora_rank),
+      kv_lora_rank(cfg.kv_lora_rank),
+      qk_nope_head_dim(cfg.qk_nope_head_dim),
+      qk_rope_head_dim(cfg.qk_rope_head_dim),
+      v_head_dim(cfg.v_head_dim) {
+  const int64_t d = cfg.hidden_size, qk = cfg.qk_head_dim();
+  const double std = cfg.init_std;
+  softmax_scale = yarn_softmax_mscale(cfg) / std::sqrt(static_cast<double>(qk));
+  if (q_lora_rank == 0) {
+    wq = register_module("wq", make_linear(d, n_heads * qk, std));
+  } else {
+    wq_a = register_module("wq_a", make_linear(d, q_lora_rank, std));
+    q_norm = register_module("q_norm", RMSNorm(q_lora_rank, kLatentNormEps));
+    wq_b = register_module("wq_b", make_linear(q_lora_rank, n_heads * qk, std));
+  }
+  wkv_a = register_module("wkv_a", make_linear(d, kv_lora_rank + qk_rope_head_dim, std));
+  kv_norm = register_module("kv_norm", RMSNorm(kv_lora_rank, kLatentNormEps));
+  wkv_b = register_module("wkv_b", make_linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), std));
+  wo = register_module("wo", make_linear(n_heads * v_head_dim, d, std));
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> MLAImpl::project_qkv(
+    const torch::Tensor& x, const RopeTables& rope) {
+  const int64_t B = x.size(0), T = x.size(1), H = n_heads;
+  // Queries: per head [q_nope | q_rope], RoPE on the rope part (eqs. 6–9).
+  torch::Tensor q = q_lora_rank == 0 ? wq(x) : wq_b(q_norm(wq_a(x)));
+  q = q.view({B, T, H, qk_nope_head_dim + qk_rope_head_dim});
+  auto q_parts = q.split({qk_nope_head_dim, qk_rope_head_dim}, -1);
+  q = torch::cat({q_parts[0], apply_rope(q_parts[1], rope)}, -1);  // [B, T, H, qk]
+
+  // Keys/values: latent c_kv and one k_rope shared by all heads (eqs. 1–5).
+  auto kv_parts = wkv_a(x).split({kv_lora_rank, qk_rope_head_dim}, -1);
+  const torch::Tensor k_rope = apply_rope(kv_parts[1].unsqueeze(2), rope);  // [B, T, 1, rope]
+  const torch::Tensor kv = wkv_b(kv_norm(kv_parts[0])).view({B, T, H, qk_nope_head_dim + v_head_dim});
+  auto k_nope_v = kv.split({qk_nope_head_dim, v_head_dim}, -1);
+  const torch::Tensor k = torch::cat({k_nope_v[0], k_rope.expand({B, T, H, qk_rope_head_dim})}, -1);
+
+  // [B, T, H, d] -> [B, H, T, d]
+  return {q.transpose(1, 2), k.transpose(1, 2), k_nope_v[1].transpose(1, 2)};
+}
+
+torch::Tensor MLAImpl::project_out(const torch::Tensor& o) {
+  const int64_t B = o.size(0), T = o.size(2);
+  return wo(o.transpose(1, 2).reshape({B, T, n_heads * v_head_dim}));  // eq. 11
+}
+
+torch::Tensor MLAImpl::forward(const torch::Tensor& x, const RopeTables& rope) {
+  auto [q, k, v] = project_qkv(x, rope);
+  // qk dim != v dim is allowed; backends that need equal dims fall back to others.
+  const torch::Tensor o = at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/{}, /*dropout_p=*/0.0,
+                                                           /*is_causal=*/true, softmax_scale);
+  return project_out(o);
+}
+
+torch::Tensor MLAImpl::forward_reference(const torch::Tensor& x, const RopeTables& rope) {
+  auto [q, k, v] = project_qkv(x, rope);
+  const int64_t T = x.size(1);
+  const auto compute = q.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  // scores: [B, H, T, T], in fp32 (fp64 for fp64 models)
+  torch::Tensor scores = torch::matmul(q.to(compute), k.to(compute).transpose(-2, -1)) * softmax_scale;
+  const torch::Tensor future = torch::ones({T, T}, torch::dtype(torch::kBool).device(x.device())).triu(1);
+  scores = scores.masked_fill(future, -std::numeric_limits<double>::infinity());
+  const torch::Tensor probs = torch::softmax(scores, -1).to(q.scalar_type());
+  return project_out(torch::matmul(probs, v));  // eq. 10
+}
+
+}  // namespace moetrain

@@ -1,0 +1,59 @@
+#include "models/moe.h"
+
+namespace moetrain {
+
+ExpertPermutation moe_sort_by_expert(const torch::Tensor& topk_idx, const torch::Tensor& counts) {
+  const int64_t K = topk_idx.size(1);
+  ExpertPermutation p;
+  p.order = torch::argsort(topk_idx.flatten(), /*stable=*/true);  // [N·K]
+  p.token_idx = torch::div(p.order, K, "floor");
+  p.counts = counts;
+  return p;
+}
+
+torch::Tensor moe_permute(const torch::Tensor& x, const ExpertPermutation& perm) {
+  return x.index_select(0, perm.token_idx);  // [N·K, D]
+}
+
+torch::Tensor moe_unpermute(const torch::Tensor& y, const ExpertPermutation& perm,
+                            const torch::Tensor& topk_weight, int64_t n_tokens) {
+  const auto acc = topk_weight.scalar_type();
+  const torch::Tensor w = topk_weight.flatten().index_select(0, perm.order).unsqueeze(1);  // [N·K, 1]
+  const torch::Tensor out = torch::zeros({n_tokens, y.size(1)}, y.options().dtype(acc));
+  return out.index_add(0, perm.token_idx, y.to(acc) * w).to(y.scalar_type());  // [N, D]
+}
+
+torch::Tensor moe_routed_experts(GroupedExpertsImpl& experts, const torch::Tensor& x,
+                                 const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
+                                 const torch::Tensor& counts) {
+  const ExpertPermutation perm = moe_sort_by_expert(topk_idx, counts);
+  const torch::Tensor rows = moe_permute(x, perm);        // [N·K, D]
+  // (expert parallelism: all-to-all rows + counts here)
+  const torch::Tensor out = experts.forward(rows, counts);  // [N·K, D]
+  // (expert parallelism: all-to-all back here)
+  return moe_unpermute(out, perm, topk_weight, x.size(0));
+}
+
+MoEImpl::MoEImpl(const ModelConfig& cfg) {
+  gate = register_module("gate", Router(cfg));
+  experts = register_module("experts", GroupedExperts(cfg.n_routed_experts, cfg.hidden_size,
+                                                      cfg.moe_intermediate_size, cfg.init_std));
+  if (cfg.n_shared_experts > 0) {
+    shared_experts = register_module(
+        "shared_experts",
+        SwiGLU(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size, cfg.init_std));
+  }
+}
+
+MoEOutput MoEImpl::forward(const torch::Tensor& x) {
+  const torch::Tensor flat = x.reshape({-1, x.size(-1)});  // [N, D]
+  MoEOutput out;
+  out.routing = gate(flat);
+  torch::Tensor y = moe_routed_experts(*experts, flat, out.routing.topk_idx, out.routing.topk_weight,
+                                       out.routing.counts);
+  if (shared_experts) y = y + shared_experts(flat);
+  out.y = y.view(x.sizes());
+  return out;
+}
+
+}  // namespace moetrain

@@ -1,0 +1,59 @@
+// defines: MoE, MoEOutput, ExpertPermutation, moe_sort_by_expert, moe_permute,
+// moe_unpermute, moe_routed_experts — a DeepSeekMoE layer (eq. 12): shared experts
+// plus gate-weighted routed experts, dropless.
+//
+// Routed path: router -> sort (token, k) pairs by expert -> gather rows (permute)
+// -> grouped GEMM over experts -> weight by gate and scatter-add back (unpermute).
+// Expert parallelism slots in between permute and the GEMM (an all-to-all of the
+// sorted rows and counts) and its inverse before unpermute; nothing else changes.
+#pragma once
+
+#include <torch/torch.h>
+
+#include "models/experts.h"
+#include "models/model_config.h"
+#include "models/router.h"
+#include "models/swiglu.h"
+
+namespace moetrain {
+
+// Where each expert-sorted row comes from.
+struct ExpertPermutation {
+  torch::Tensor order;      // [N·K] int64: flat index token·K + k of each sorted row
+  torch::Tensor token_idx;  // [N·K] int64: its source token (order / K)
+  torch::Tensor counts;     // [E] int64: rows per expert, in expert order
+};
+
+// topk_idx: [N, K] int64, counts: [E] (bincount of topk_idx) -> permutation
+// (stable sort: within an expert, rows keep token order).
+ExpertPermutation moe_sort_by_expert(const torch::Tensor& topk_idx, const torch::Tensor& counts);
+// x: [N, D] -> [N·K, D] rows in expert order
+torch::Tensor moe_permute(const torch::Tensor& x, const ExpertPermutation& perm);
+// y: [N·K, D] expert outputs in expert order, topk_weight: [N, K] -> [N, D]:
+// out[n] = sum_k topk_weight[n, k] · y[row of (n, k)], accumulated in topk_weight's
+// dtype (fp32) and returned in y's dtype.
+torch::Tensor moe_unpermute(const torch::Tensor& y, const ExpertPermutation& perm,
+                            const torch::Tensor& topk_weight, int64_t n_tokens);
+// The routed experts' sum: x: [N, D], topk_idx / topk_weight: [N, K], counts: [E] -> [N, D]
+torch::Tensor moe_routed_experts(GroupedExpertsImpl& experts, const torch::Tensor& x,
+                                 const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
+                                 const torch::Tensor& counts);
+
+struct MoEOutput {
+  torch::Tensor y;       // [B, T, D]
+  RoutingStats routing;  // of the B·T tokens, row b·T + t
+};
+
+struct MoEImpl : torch::nn::Module {
+  explicit MoEImpl(const ModelConfig& cfg);
+
+  // x: [B, T, D] -> y [B, T, D] (+ routing)
+  MoEOutput forward(const torch::Tensor& x);
+
+  Router gate{nullptr};             // weight [E, D], bias [E] fp32 buffer
+  GroupedExperts experts{nullptr};  // w1/w3 [E, I, D], w2 [E, D, I]
+  SwiGLU shared_experts{nullptr};   // width n_shared·I; absent when n_shared_experts == 0
+};
+TORCH_MODULE(MoE);
+
+}  // namespace moetrain

@@ -1,0 +1,24 @@
+// defines: build_optimizer, lr_at, set_lr — AdamW with the decay / no-decay split
+// (weight decay on ≥2-D weights only; norms excluded; the router bias is a buffer
+// and never reaches the optimizer) and the learning-rate schedules.
+#pragma once
+
+#include <memory>
+
+#include <torch/torch.h>
+
+#include "trainer/experiment_config.h"
+
+namespace moetrain {
+
+// Parameter groups in registration order (stable: optimizer state is positional).
+std::unique_ptr<torch::optim::AdamW> build_optimizer(torch::nn::Module& model, const OptimConfig& cfg);
+
+// Learning rate for optimizer step `step` (0-based) of `total_steps`:
+// linear warmup from lr/warmup to lr over warmup_steps, then cosine to min_lr,
+// constant, or multistep (× multistep_factor at each milestone passed).
+double lr_at(int64_t step, const OptimConfig& cfg, int64_t total_steps);
+
+void set_lr(torch::optim::Optimizer& opt, double lr);
+
+}  // namespace moetrain

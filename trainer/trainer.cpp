@@ -1,0 +1,224 @@
+#include "trainer/trainer.h"
+
+#include <chrono>
+#include <cmath>
+#include <iostream>
+
+#include <unistd.h>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
+
+#include "data/dataset.h"
+#include "data/meta.h"
+#include "data/progress.h"
+#include "data/tokenizer.h"
+#include "models/lm_loss.h"
+#include "models/transformer.h"
+#include "trainer/balance.h"
+#include "trainer/metrics.h"
+#include "trainer/optim.h"
+
+namespace moetrain {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr int64_t kLossChunkTokens = 4096;  // rows of logits alive at once in the LM loss
+
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+nlohmann::json to_json_2d(const torch::Tensor& t) {  // [L, E] -> [[...], ...]
+  nlohmann::json rows = nlohmann::json::array();
+  torch::Tensor c = t.to(torch::kCPU).to(torch::kFloat64).contiguous();
+  for (int64_t l = 0; l < c.size(0); ++l) {
+    auto row = c[l];
+    rows.push_back(std::vector<double>(row.data_ptr<double>(), row.data_ptr<double>() + row.numel()));
+  }
+  return rows;
+}
+
+double mean_of(const std::vector<double>& v) {
+  double s = 0.0;
+  for (double x : v) s += x;
+  return v.empty() ? 0.0 : s / static_cast<double>(v.size());
+}
+
+struct EvalResult {
+  double loss = 0.0;
+  std::vector<double> maxvio_layers;  // loads over the whole evaluated set, current biases
+};
+
+// Validation loss over eval_batches global batches read in a fixed order, and the
+// expert loads they produce (never fed to the balancer).
+EvalResult evaluate(Transformer& model, const DataLoader& loader, const ExperimentConfig& cfg, torch::Device device) {
+  torch::NoGradGuard no_grad;
+  const int64_t accum = loader.accumulation_steps(1);
+  const int64_t n_moe = cfg.model.num_moe_layers();
+  torch::Tensor counts = torch::zeros({n_moe, cfg.model.n_routed_experts}, torch::kInt64);
+  double loss_sum = 0.0;
+  int64_t n = 0;
+  for (int64_t b = 0; b < cfg.train.eval_batches; ++b) {
+    for (int64_t m = 0; m < accum; ++m) {
+      Batch batch = loader.val_micro_batch(b, m, 0, 1);
+      ForwardOut out = model->forward(batch.inputs.to(device));
+      loss_sum += lm_head_loss(model, out.hidden, batch.targets.to(device), kLossChunkTokens).item<double>();
+      ++n;
+      for (int64_t l = 0; l < n_moe; ++l) counts[l] += out.routing[static_cast<size_t>(l)].counts.to(torch::kCPU);
+    }
+  }
+  EvalResult r;
+  r.loss = loss_sum / static_cast<double>(n);
+  for (int64_t l = 0; l < n_moe; ++l) r.maxvio_layers.push_back(max_violation(counts[l]));
+  return r;
+}
+
+// Greedy continuation of `prompt` (a full forward per token: a short sample, no cache).
+std::vector<int64_t> greedy_sample(Transformer& model, std::vector<int64_t> ids, int64_t new_tokens, int64_t max_len,
+                                   torch::Device device) {
+  torch::NoGradGuard no_grad;
+  for (int64_t i = 0; i < new_tokens; ++i) {
+    int64_t start = std::max<int64_t>(0, static_cast<int64_t>(ids.size()) - max_len);
+    std::vector<int64_t> window(ids.begin() + start, ids.end());
+    torch::Tensor x = torch::tensor(window, torch::kInt64).view({1, -1}).to(device);
+    ForwardOut out = model->forward(x);
+    torch::Tensor last = out.hidden.index({0, -1});
+    ids.push_back(model->logits(last).argmax(-1).item<int64_t>());
+  }
+  return ids;
+}
+
+}  // namespace
+
+TrainResult train(const ExperimentConfig& cfg) {
+  const TrainConfig& tc = cfg.train;
+  if (tc.threads > 0) torch::set_num_threads(static_cast<int>(tc.threads));
+  torch::manual_seed(static_cast<uint64_t>(tc.seed));
+  if (tc.device == "cuda" && !torch::cuda::is_available())
+    throw std::runtime_error("train.device is cuda but no CUDA device is available");
+  torch::Device device(tc.device == "cuda" ? torch::kCUDA : torch::kCPU);
+
+  // --- data, model, optimizer, balancer --------------------------------------------
+  DataLoader loader(cfg.data.dir, tc);
+  check_compatible(loader.meta(), cfg.model, tc);
+  Transformer model(cfg.model);
+  model->to(device);
+  auto optimizer = build_optimizer(*model, cfg.optim);
+  Balancer balancer(cfg.balance, cfg.model, model->routers());
+  MetricsLog metrics(cfg.logging.dir, /*truncate=*/true);
+  const int64_t accum = loader.accumulation_steps(/*ranks=*/1);
+  const int64_t tokens_per_step = tc.global_batch * tc.seq_len;
+  std::vector<torch::Tensor> params = model->parameters();
+
+  std::cerr << fmt::format("train: {} steps × {} sequences × {} tokens ({} micro-steps of {}), {} on {}; metrics → {}\n",
+                           tc.steps, tc.global_batch, tc.seq_len, accum, tc.micro_batch,
+                           cfg.balance.strategy.empty() ? "no balancing" : fmt::format("{}", fmt::join(cfg.balance.strategy, "+")),
+                           tc.device, metrics.path());
+
+  TrainResult result;
+  int64_t consecutive_skips = 0;
+  auto run_start = Clock::now();
+  auto log_window_start = Clock::now();
+  int64_t log_window_tokens = 0;
+  auto run_eval = [&](int64_t step) {
+    EvalResult e = evaluate(model, loader, cfg, device);
+    result.val_loss = e.loss;
+    result.val_ppl = std::exp(e.loss);
+    result.maxvio_global = mean_of(e.maxvio_layers);
+    metrics.write({{"kind", "eval"}, {"step", step}, {"tokens", loader.state().tokens}, {"val_loss", e.loss},
+                   {"val_ppl", result.val_ppl}, {"maxvio_global", result.maxvio_global},
+                   {"maxvio_global_layers", e.maxvio_layers}, {"epochs", loader.epochs()}});
+    std::cerr << fmt::format("\neval step {}: val loss {:.4f}, ppl {:.2f}, MaxVio_global {:.3f}\n", step, e.loss,
+                             result.val_ppl, result.maxvio_global);
+  };
+
+  // ================================ TRAINING SECTION BEGIN ================================
+  for (int64_t step = loader.state().step; step < tc.steps; ++step) {
+    const double lr = lr_at(step, cfg.optim, tc.steps);
+    set_lr(*optimizer, lr);
+    optimizer->zero_grad();
+
+    // forward + backward over the micro-steps of this global batch
+    double lm_sum = 0.0, aux_sum = 0.0, seq_sum = 0.0, z_sum = 0.0;
+    for (int64_t m = 0; m < accum; ++m) {
+      Batch batch = loader.micro_batch(step, m, /*rank=*/0, /*ranks=*/1);
+      ForwardOut out = model->forward(batch.inputs.to(device));
+      torch::Tensor lm = lm_head_loss(model, out.hidden, batch.targets.to(device), kLossChunkTokens);
+      BalanceLosses bl = balancer.losses(out.routing, tc.seq_len);
+      torch::Tensor loss = (lm + bl.total()) / static_cast<double>(accum);
+      loss.backward();
+      balancer.accumulate(out.routing);  // training forward passes only
+      lm_sum += lm.item<double>();       // .item() syncs; fine on CPU, batched later for CUDA
+      aux_sum += bl.aux.item<double>();
+      seq_sum += bl.seq_aux.item<double>();
+      z_sum += bl.z.item<double>();
+    }
+    const double lm_loss = lm_sum / accum, aux = aux_sum / accum, seq_aux = seq_sum / accum, z = z_sum / accum;
+    const double loss = lm_loss + aux + seq_aux + z;
+
+    // clip; never step the optimizer or the biases on non-finite values
+    const double grad_norm = cfg.optim.grad_clip > 0.0
+                                 ? torch::nn::utils::clip_grad_norm_(params, cfg.optim.grad_clip)
+                                 : torch::nn::utils::clip_grad_norm_(params, std::numeric_limits<double>::infinity());
+    const std::vector<double> maxvio_layers = balancer.maxvio_per_layer();
+    torch::Tensor expert_load = balancer.counts().clone();
+    if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
+      balancer.discard_step();
+      ++result.skipped_steps;
+      std::cerr << fmt::format("\nstep {}: non-finite loss {} / grad norm {}: step skipped\n", step + 1, loss, grad_norm);
+      if (cfg.checkpoint.nonfinite_policy == "abort" || ++consecutive_skips > cfg.checkpoint.max_consecutive_skips)
+        throw std::runtime_error(fmt::format("stopping at step {}: non-finite loss or gradients", step + 1));
+    } else {
+      consecutive_skips = 0;
+      optimizer->step();
+      balancer.after_step(step + 1, (step + 1) * tokens_per_step);
+    }
+    loader.advance();
+    result.losses.push_back(loss);
+    result.final_loss = loss;
+    result.steps = step + 1;
+    log_window_tokens += tokens_per_step;
+    // ================================ TRAINING SECTION END ==================================
+
+    // diagnostics
+    if (std::string w = loader.take_epoch_warning(); !w.empty()) std::cerr << "\nwarning: " << w << "\n";
+    if ((step + 1) % cfg.logging.every == 0 || step + 1 == tc.steps) {
+      const double window_s = seconds_since(log_window_start);
+      const double tokens_per_s = static_cast<double>(log_window_tokens) / std::max(window_s, 1e-9);
+      log_window_start = Clock::now();
+      log_window_tokens = 0;
+      metrics.write({{"step", step + 1}, {"tokens", loader.state().tokens}, {"loss", loss}, {"lm_loss", lm_loss},
+                     {"aux_loss", aux}, {"seq_aux_loss", seq_aux}, {"z_loss", z}, {"mtp_loss", 0.0}, {"lr", lr},
+                     {"grad_norm", grad_norm}, {"tokens_per_s", tokens_per_s}, {"maxvio_batch", mean_of(maxvio_layers)},
+                     {"maxvio_batch_layers", maxvio_layers}, {"expert_load", to_json_2d(expert_load)},
+                     {"bias", to_json_2d(balancer.biases())}, {"epochs", loader.epochs()},
+                     {"skipped_steps", result.skipped_steps}});
+      const double elapsed = seconds_since(run_start);
+      const double eta = elapsed / static_cast<double>(step + 1) * static_cast<double>(tc.steps - step - 1);
+      static const bool tty = isatty(2);  // a log file gets one line per record, a terminal one live line
+      std::cerr << (tty ? "\r" : "") << fmt::format("step {:>6}/{} | loss {:.4f} | lr {:.2e} | gnorm {:.3f} | MaxVio {:.3f} | {:.0f} tok/s | ETA {}  ",
+                               step + 1, tc.steps, loss, lr, grad_norm, mean_of(maxvio_layers), tokens_per_s,
+                               ProgressBar::duration(eta))
+                << (tty ? "" : "\n") << std::flush;
+    }
+    if (tc.eval_every > 0 && (step + 1) % tc.eval_every == 0 && step + 1 != tc.steps) run_eval(step + 1);
+  }
+  run_eval(result.steps);
+
+  // a short greedy sample, from the start of the validation text
+  try {
+    auto tokenizer = load_tokenizer(cfg.data.dir);
+    Batch prompt_batch = loader.val_rows(0, 0, 1);
+    auto prompt_t = prompt_batch.inputs[0].slice(0, 0, std::min<int64_t>(16, tc.seq_len));
+    std::vector<int64_t> prompt(prompt_t.data_ptr<int64_t>(), prompt_t.data_ptr<int64_t>() + prompt_t.numel());
+    std::vector<int64_t> ids = greedy_sample(model, prompt, 48, tc.seq_len, device);
+    std::cerr << "sample: " << tokenizer->decode(prompt) << "⟨" << tokenizer->decode({ids.begin() + static_cast<long>(prompt.size()), ids.end()})
+              << "⟩\n";
+  } catch (const std::exception& e) {
+    std::cerr << "sample skipped: " << e.what() << "\n";
+  }
+  return result;
+}
+
+}  // namespace moetrain
