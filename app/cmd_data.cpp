@@ -6,14 +6,13 @@
 #include <fmt/format.h>
 
 #include "app/cli.h"
+#include "app/commands.h"
 #include "data/data_error.h"
 #include "data/prepare.h"
 #include "data/progress.h"
 #include "trainer/experiment_config.h"
 
 namespace moetrain {
-
-int cmd_data(int argc, char** argv);  // declared in app/commands.h
 
 namespace {
 

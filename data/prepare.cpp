@@ -101,23 +101,49 @@ std::vector<std::string_view> sample_lines(const Corpus& c, int64_t max_lines) {
   return out;
 }
 
-// Encodes every document on `threads` workers; tokens land per document so the
-// output order does not depend on scheduling.
-std::vector<std::vector<uint32_t>> encode_documents(const Corpus& c, const std::vector<const Tokenizer*>& toks,
-                                                    ProgressBar& bar) {
-  std::vector<std::vector<uint32_t>> out(c.docs.size());
+// Documents are encoded in pieces of about kChunkBytes cut right after a '\n',
+// so one huge document (dict-gcide is a single 40 MB file) still keeps every
+// worker busy. Both tokenizers encode line by line (tokenizer.h), so the pieces'
+// ids concatenate to the whole document's.
+constexpr size_t kChunkBytes = 1 << 20;
+
+struct Encoded {
+  std::vector<std::vector<uint32_t>> chunks;  // in document order, then text order
+  std::vector<size_t> first;                  // document i owns chunks [first[i], first[i + 1])
+};
+
+Encoded encode_documents(const Corpus& c, const std::vector<const Tokenizer*>& toks, ProgressBar& bar) {
+  std::vector<std::string_view> pieces;
+  Encoded out;
+  for (const auto& d : c.docs) {
+    out.first.push_back(pieces.size());
+    std::string_view t = c.text(d);
+    while (!t.empty()) {
+      size_t cut = t.size();
+      if (t.size() > kChunkBytes) {
+        size_t nl = t.find('\n', kChunkBytes);
+        if (nl != std::string_view::npos) cut = nl + 1;
+      }
+      pieces.push_back(t.substr(0, cut));
+      t.remove_prefix(cut);
+    }
+  }
+  out.first.push_back(pieces.size());
+  out.chunks.resize(pieces.size());
+  // Workers take pieces in order from a shared counter; results land by index,
+  // so the output does not depend on scheduling.
   std::atomic<size_t> next{0};
   std::vector<std::exception_ptr> errors(toks.size());
   auto work = [&](size_t w) {
     try {
-      for (size_t i = next++; i < c.docs.size(); i = next++) {
-        const std::vector<int64_t> ids = toks[w]->encode(c.text(c.docs[i]));
-        out[i].assign(ids.begin(), ids.end());
-        bar.add(static_cast<int64_t>(c.docs[i].length));
+      for (size_t i = next++; i < pieces.size(); i = next++) {
+        const std::vector<int64_t> ids = toks[w]->encode(pieces[i]);
+        out.chunks[i].assign(ids.begin(), ids.end());
+        bar.add(static_cast<int64_t>(pieces[i].size()));
       }
     } catch (...) {
       errors[w] = std::current_exception();
-      next = c.docs.size();
+      next = pieces.size();
     }
   };
   std::vector<std::thread> pool;
@@ -129,7 +155,7 @@ std::vector<std::vector<uint32_t>> encode_documents(const Corpus& c, const std::
 }
 
 // One split as raw little-endian tokens, eos after every document.
-std::string pack_split(const Corpus& c, const std::vector<std::vector<uint32_t>>& ids, bool val, int64_t eos,
+std::string pack_split(const Corpus& c, const Encoded& enc, bool val, int64_t eos,
                        int64_t width, SplitMeta& meta) {
   std::string bytes;
   auto put = [&](uint32_t t) {
@@ -137,7 +163,8 @@ std::string pack_split(const Corpus& c, const std::vector<std::vector<uint32_t>>
   };
   for (size_t i = 0; i < c.docs.size(); ++i) {
     if (c.docs[i].val != val) continue;
-    for (uint32_t t : ids[i]) put(t);
+    for (size_t k = enc.first[i]; k < enc.first[i + 1]; ++k)
+      for (uint32_t t : enc.chunks[k]) put(t);
     put(static_cast<uint32_t>(eos));
     meta.documents++;
   }
@@ -251,7 +278,7 @@ PrepareResult prepare_data(const DataConfig& data, int64_t model_vocab_size, con
 
   // --- encode -------------------------------------------------------------------
   const auto t2 = std::chrono::steady_clock::now();
-  std::vector<std::vector<uint32_t>> ids;
+  Encoded ids;
   {
     ProgressBar bar(fmt::format("encoding ({} threads)", threads), corpus.bytes(), "B", opt.progress);
     ids = encode_documents(corpus, tok_ptrs, bar);
@@ -270,7 +297,7 @@ PrepareResult prepare_data(const DataConfig& data, int64_t model_vocab_size, con
   const int64_t width = token_dtype_size(m.dtype);
   std::string train_bytes = pack_split(corpus, ids, false, m.eos_id, width, m.train);
   std::string val_bytes = pack_split(corpus, ids, true, m.eos_id, width, m.val);
-  ids.clear();
+  ids = Encoded();
   const int64_t tokens = m.train.tokens + m.val.tokens;
   r.tokens_per_s = static_cast<double>(tokens) / std::max(r.encode_seconds, 1e-9);
   for (const SplitMeta* s : {&m.train, &m.val})

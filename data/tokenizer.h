@@ -28,6 +28,8 @@ namespace moetrain {
 class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
+  // Line-local: encode(a + "\n" + b) == encode(a + "\n") followed by encode(b),
+  // which lets prepare encode long documents in pieces on several threads.
   virtual std::vector<int64_t> encode(std::string_view text) const = 0;
   // Ids of special tokens (eos, bos) are dropped; ids outside the vocabulary
   // (a model with a larger vocab_size can sample them) become U+FFFD.

@@ -6,6 +6,7 @@
 
 #include <unistd.h>
 
+#include <ATen/autocast_mode.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
@@ -26,6 +27,27 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 constexpr int64_t kLossChunkTokens = 4096;  // rows of logits alive at once in the LM loss
+
+// bf16 autocast on CUDA for the forward pass; a no-op when disabled.
+class AutocastGuard {
+ public:
+  explicit AutocastGuard(bool enabled) : enabled_(enabled) {
+    if (!enabled_) return;
+    prev_ = at::autocast::is_autocast_enabled(at::kCUDA);
+    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+    at::autocast::set_autocast_enabled(at::kCUDA, true);
+  }
+  ~AutocastGuard() {
+    if (!enabled_) return;
+    at::autocast::set_autocast_enabled(at::kCUDA, prev_);
+    at::autocast::clear_cache();
+  }
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  bool enabled_, prev_ = false;
+};
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
@@ -108,6 +130,7 @@ TrainResult train(const ExperimentConfig& cfg) {
   Balancer balancer(cfg.balance, cfg.model, model->routers());
   MetricsLog metrics(cfg.logging.dir, /*truncate=*/true);
   const int64_t accum = loader.accumulation_steps(/*ranks=*/1);
+  const bool bf16_autocast = tc.dtype == "bf16" && device.is_cuda();
   const int64_t tokens_per_step = tc.global_batch * tc.seq_len;
   std::vector<torch::Tensor> params = model->parameters();
 
@@ -143,10 +166,16 @@ TrainResult train(const ExperimentConfig& cfg) {
     double lm_sum = 0.0, aux_sum = 0.0, seq_sum = 0.0, z_sum = 0.0;
     for (int64_t m = 0; m < accum; ++m) {
       Batch batch = loader.micro_batch(step, m, /*rank=*/0, /*ranks=*/1);
-      ForwardOut out = model->forward(batch.inputs.to(device));
-      torch::Tensor lm = lm_head_loss(model, out.hidden, batch.targets.to(device), kLossChunkTokens);
-      BalanceLosses bl = balancer.losses(out.routing, tc.seq_len);
-      torch::Tensor loss = (lm + bl.total()) / static_cast<double>(accum);
+      torch::Tensor loss, lm;
+      BalanceLosses bl;
+      ForwardOut out;
+      {
+        AutocastGuard autocast(bf16_autocast);  // bf16 matmuls, fp32 master weights (CUDA)
+        out = model->forward(batch.inputs.to(device));
+        lm = lm_head_loss(model, out.hidden, batch.targets.to(device), kLossChunkTokens);
+        bl = balancer.losses(out.routing, tc.seq_len);
+        loss = (lm + bl.total()) / static_cast<double>(accum);
+      }
       loss.backward();
       balancer.accumulate(out.routing);  // training forward passes only
       lm_sum += lm.item<double>();       // .item() syncs; fine on CPU, batched later for CUDA
