@@ -49,7 +49,9 @@ if command -v dpkg-query >/dev/null; then
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
   done
 fi
-if [ -n "$missing" ]; then
+if [ -n "$missing" ] && [ -n "$PY" ] && command -v nvidia-smi >/dev/null; then
+  log "GPU node: not installing Debian packages ($missing ); assuming the node provides the libraries"
+elif [ -n "$missing" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     log "installing Debian packages:$missing"
     export DEBIAN_FRONTEND=noninteractive

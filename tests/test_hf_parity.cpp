@@ -7,6 +7,10 @@
 // transformers 5.17; fails (does not skip) without them.
 #include <gtest/gtest.h>
 
+#include <cmath>
+
+#include <nlohmann/json.hpp>
+
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -214,6 +218,41 @@ const ParityCase kCases[] = {
                            "rope_theta": 50000.0, "factor": 16.0, "original_max_position_embeddings": 32,
                            "mscale_all_dim": 1.0}})", "--seed 9"},
 };
+
+// `moetrain eval --hf DIR --tokens FILE` scores one sequence like transformers'
+// labels=input_ids: mean next-token cross-entropy over positions 1..n-1.
+TEST(HfEval, CommandMatchesTransformersLoss) {
+  TempDir dir;
+  const std::string script = quoted(std::string(MOETRAIN_SOURCE_DIR) + "/tests/python/make_hf_reference.py");
+  const std::string overrides = (fs::path(dir.path()) / "overrides.json").string();
+  std::ofstream(overrides) << "{}";
+  std::string out;
+  ASSERT_EQ(run_command(quoted(MOETRAIN_PYTHON) + " " + script + " --out " + quoted(dir.path()) + " --config @" +
+                            quoted(overrides) + " --seed 11",
+                        &out),
+            0)
+      << out;
+  const SafetensorsFile ref = read_safetensors((fs::path(dir.path()) / "reference.safetensors").string());
+  const torch::Tensor ids = ref.at("input_ids")[0];            // [T]
+  const torch::Tensor logits = ref.at("logits")[0].to(torch::kDouble);  // [T, V]
+  const int64_t n = ids.size(0);
+  const double expected =
+      torch::nn::functional::cross_entropy(logits.slice(0, 0, n - 1), ids.slice(0, 1, n)).item<double>();
+  const std::string tokens = (fs::path(dir.path()) / "tokens.txt").string();
+  {
+    std::ofstream f(tokens);
+    for (int64_t i = 0; i < n; ++i) f << ids[i].item<int64_t>() << (i + 1 < n ? " " : "\n");
+  }
+  ASSERT_EQ(run_command(quoted(MOETRAIN_BINARY) + " eval --hf " + quoted(dir.path()) + " --tokens " + quoted(tokens),
+                        &out),
+            0)
+      << out;
+  const std::string last = out.substr(out.rfind('{'));
+  const auto j = nlohmann::json::parse(last);
+  EXPECT_NEAR(j["loss"].get<double>(), expected, 1e-4) << out;
+  EXPECT_EQ(j["tokens"].get<int64_t>(), n - 1);
+  EXPECT_NEAR(j["ppl"].get<double>(), std::exp(expected), 1e-3 * std::exp(expected));
+}
 
 INSTANTIATE_TEST_SUITE_P(Cases, HfParity, testing::ValuesIn(kCases),
                          [](const testing::TestParamInfo<ParityCase>& info) { return info.param.name; });
