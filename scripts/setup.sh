@@ -42,7 +42,7 @@ fi
 # --- Debian packages -------------------------------------------------------------------
 DEBS="build-essential cmake ninja-build ccache pkg-config git python3 python3-venv python3-pip
       libyaml-cpp-dev libfmt-dev nlohmann-json3-dev libsentencepiece-dev libgtest-dev libgmock-dev
-      linux-doc-6.1"
+      linux-doc-6.1 clang libclang-rt-14-dev zlib1g-dev"
 missing=""
 if command -v dpkg-query >/dev/null; then
   for p in $DEBS; do

@@ -6,3 +6,11 @@ add_unit_test(test_kernels)
 add_unit_test(test_kernels_cuda LABELS cuda)
 add_unit_test(test_balance)
 add_unit_test(test_trainer)
+
+# libFuzzer over the safetensors header parser for a fixed budget (clang only).
+find_program(MOETRAIN_CLANGXX clang++)
+if(MOETRAIN_CLANGXX)
+  add_test(NAME fuzz_safetensors_header COMMAND ${PROJECT_SOURCE_DIR}/scripts/fuzz.sh 60)
+  set_tests_properties(fuzz_safetensors_header PROPERTIES LABELS "fuzz;slow" TIMEOUT 300
+                       ENVIRONMENT "FUZZ_CXX=${MOETRAIN_CLANGXX}")
+endif()
