@@ -28,6 +28,7 @@ const Command kCommands[] = {
     {"params", "analytic parameter, FLOP and memory counts of a config", moetrain::cmd_params},
     {"data", "data prepare FILE: train the tokenizer and write token files", moetrain::cmd_data},
     {"train", "train a model from an experiment config", moetrain::cmd_train},
+    {"ablate", "compare balancing strategies: run an ablation file's variants, write a report", moetrain::cmd_ablate},
     {"eval", "score a token sequence with a Hugging Face DeepseekV3 model", moetrain::cmd_eval},
 };
 

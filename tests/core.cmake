@@ -14,3 +14,5 @@ if(MOETRAIN_CLANGXX)
   set_tests_properties(fuzz_safetensors_header PROPERTIES LABELS "fuzz;slow" TIMEOUT 300
                        ENVIRONMENT "FUZZ_CXX=${MOETRAIN_CLANGXX}")
 endif()
+add_unit_test(test_ablation)
+add_dependencies(test_ablation moetrain)
