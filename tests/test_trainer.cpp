@@ -52,7 +52,8 @@ ExperimentConfig tiny_config(const TempDir& dir, const std::vector<std::string>&
       "train.steps=80", "train.global_batch=8", "train.micro_batch=4", "train.seq_len=48", "train.threads=1",
       "train.eval_every=40", "train.eval_batches=2", "logging.every=1",
       "data.tokenizer=byte", "data.val_fraction=0.2",
-      "data.dir=" + dir.file("data"), "data.sources=" + dir.file("text/*.txt"), "logging.dir=" + dir.file("run")};
+      "data.dir=" + dir.file("data"), "data.sources=" + dir.file("text/*.txt"), "logging.dir=" + dir.file("run"),
+      "checkpoint.dir=" + dir.file("ckpt")};
   sets.insert(sets.end(), extra.begin(), extra.end());
   return load_experiment_config(std::string(MOETRAIN_SOURCE_DIR) + "/configs/debug.yaml", sets);
 }

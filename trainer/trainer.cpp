@@ -1,8 +1,11 @@
 #include "trainer/trainer.h"
 
 #include <chrono>
+#include <csignal>
 #include <cmath>
+#include <cstdlib>
 #include <iostream>
+#include <sstream>
 
 #include <unistd.h>
 
@@ -18,6 +21,7 @@
 #include "models/lm_loss.h"
 #include "models/transformer.h"
 #include "trainer/balance.h"
+#include "trainer/checkpoint.h"
 #include "trainer/metrics.h"
 #include "trainer/optim.h"
 
@@ -111,9 +115,41 @@ std::vector<int64_t> greedy_sample(Transformer& model, std::vector<int64_t> ids,
   return ids;
 }
 
+// Test-only fault injection (MOETRAIN_TEST_INJECT, see trainer.h): which kinds fire at which
+// 1-based optimizer steps.
+class TestInjection {
+ public:
+  TestInjection() {
+    const char* env = std::getenv("MOETRAIN_TEST_INJECT");
+    if (!env) return;
+    std::stringstream ss(env);
+    std::string item;
+    while (std::getline(ss, item, ',')) {
+      auto colon = item.find(':');
+      if (colon == std::string::npos) throw std::runtime_error("MOETRAIN_TEST_INJECT: expected KIND:STEP[-STEP2], got " + item);
+      std::string range = item.substr(colon + 1);
+      auto dash = range.find('-');
+      int64_t a = std::stoll(range.substr(0, dash)), b = dash == std::string::npos ? a : std::stoll(range.substr(dash + 1));
+      rules_.push_back({item.substr(0, colon), a, b});
+    }
+  }
+  bool at(const std::string& kind, int64_t step) const {
+    for (const auto& r : rules_)
+      if (r.kind == kind && step >= r.first && step <= r.last) return true;
+    return false;
+  }
+
+ private:
+  struct Rule {
+    std::string kind;
+    int64_t first, last;
+  };
+  std::vector<Rule> rules_;
+};
+
 }  // namespace
 
-TrainResult train(const ExperimentConfig& cfg) {
+TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   const TrainConfig& tc = cfg.train;
   if (tc.threads > 0) torch::set_num_threads(static_cast<int>(tc.threads));
   torch::manual_seed(static_cast<uint64_t>(tc.seed));
@@ -128,7 +164,31 @@ TrainResult train(const ExperimentConfig& cfg) {
   model->to(device);
   auto optimizer = build_optimizer(*model, cfg.optim);
   Balancer balancer(cfg.balance, cfg.model, model->routers());
-  MetricsLog metrics(cfg.logging.dir, /*truncate=*/true);
+  TrainResult result;
+  int64_t consecutive_skips = 0;
+  LossSpikeDetector spikes(cfg.checkpoint.spike_factor);
+
+  // --- resume: model, optimizer, RNG, data cursor and counters from a checkpoint ------
+  const std::string resume_dir = resolve_resume(cfg.checkpoint.dir, options.resume);
+  if (!resume_dir.empty()) {
+    TrainingState st = load_checkpoint(resume_dir, cfg, model, *optimizer);
+    loader.load_state(st.data);
+    result.resumed_step = result.steps = st.step;
+    result.skipped_steps = st.skipped_steps;
+    consecutive_skips = st.consecutive_skips;
+    spikes.restore(st.recent_losses);
+  }
+  int64_t last_saved_step = result.resumed_step;
+  auto save_now = [&](int64_t steps_done) {
+    TrainingState st{steps_done, loader.state(), result.skipped_steps, consecutive_skips, spikes.recent()};
+    result.last_checkpoint = save_checkpoint(cfg, model, *optimizer, st);
+    last_saved_step = steps_done;
+    std::cerr << "\ncheckpoint: " << result.last_checkpoint << "\n";
+  };
+  StopSignals signals;  // SIGINT/SIGTERM: stop after this step; SIGUSR1: save after this step
+  const TestInjection inject;
+
+  MetricsLog metrics(cfg.logging.dir, /*truncate=*/resume_dir.empty());  // a resumed run appends
   const int64_t accum = loader.accumulation_steps(/*ranks=*/1);
   const bool bf16_autocast = tc.dtype == "bf16" && device.is_cuda();
   const int64_t tokens_per_step = tc.global_batch * tc.seq_len;
@@ -139,8 +199,7 @@ TrainResult train(const ExperimentConfig& cfg) {
                            cfg.balance.strategy.empty() ? "no balancing" : fmt::format("{}", fmt::join(cfg.balance.strategy, "+")),
                            tc.device, metrics.path());
 
-  TrainResult result;
-  int64_t consecutive_skips = 0;
+  const int64_t first_step = loader.state().step;
   auto run_start = Clock::now();
   auto log_window_start = Clock::now();
   int64_t log_window_tokens = 0;
@@ -158,6 +217,8 @@ TrainResult train(const ExperimentConfig& cfg) {
 
   // ================================ TRAINING SECTION BEGIN ================================
   for (int64_t step = loader.state().step; step < tc.steps; ++step) {
+    if (inject.at("sigterm", step + 1)) std::raise(SIGTERM);
+    if (inject.at("sigusr1", step + 1)) std::raise(SIGUSR1);
     const double lr = lr_at(step, cfg.optim, tc.steps);
     set_lr(*optimizer, lr);
     optimizer->zero_grad();
@@ -173,6 +234,7 @@ TrainResult train(const ExperimentConfig& cfg) {
         AutocastGuard autocast(bf16_autocast);  // bf16 matmuls, fp32 master weights (CUDA)
         out = model->forward(batch.inputs.to(device));
         lm = lm_head_loss(model, out.hidden, batch.targets.to(device), kLossChunkTokens);
+        if (inject.at("nan_loss", step + 1)) lm = lm + std::numeric_limits<double>::quiet_NaN();
         bl = balancer.losses(out.routing, tc.seq_len);
         loss = (lm + bl.total()) / static_cast<double>(accum);
       }
@@ -184,7 +246,8 @@ TrainResult train(const ExperimentConfig& cfg) {
       z_sum += bl.z.item<double>();
     }
     const double lm_loss = lm_sum / accum, aux = aux_sum / accum, seq_aux = seq_sum / accum, z = z_sum / accum;
-    const double loss = lm_loss + aux + seq_aux + z;
+    const double loss = (lm_loss + aux + seq_aux + z) * (inject.at("spike", step + 1) ? 1000.0 : 1.0);
+    if (inject.at("nan_grad", step + 1) && params[0].grad().defined()) params[0].grad().fill_(NAN);
 
     // clip; never step the optimizer or the biases on non-finite values
     const double grad_norm = cfg.optim.grad_clip > 0.0
@@ -203,6 +266,10 @@ TrainResult train(const ExperimentConfig& cfg) {
       optimizer->step();
       balancer.after_step(step + 1, (step + 1) * tokens_per_step);
     }
+    const bool loss_spike = spikes.observe(loss);  // a warning only (Megatron's spiky-loss check)
+    if (loss_spike)
+      std::cerr << fmt::format("\nwarning: step {}: loss spike {:.4f} > {} × the max of the last losses\n", step + 1,
+                               loss, cfg.checkpoint.spike_factor);
     loader.advance();
     result.losses.push_back(loss);
     result.final_loss = loss;
@@ -212,19 +279,21 @@ TrainResult train(const ExperimentConfig& cfg) {
 
     // diagnostics
     if (std::string w = loader.take_epoch_warning(); !w.empty()) std::cerr << "\nwarning: " << w << "\n";
-    if ((step + 1) % cfg.logging.every == 0 || step + 1 == tc.steps) {
+    if ((step + 1) % cfg.logging.every == 0 || step + 1 == tc.steps || loss_spike) {
       const double window_s = seconds_since(log_window_start);
       const double tokens_per_s = static_cast<double>(log_window_tokens) / std::max(window_s, 1e-9);
       log_window_start = Clock::now();
       log_window_tokens = 0;
-      metrics.write({{"step", step + 1}, {"tokens", loader.state().tokens}, {"loss", loss}, {"lm_loss", lm_loss},
+      nlohmann::json record = {{"step", step + 1}, {"tokens", loader.state().tokens}, {"loss", loss}, {"lm_loss", lm_loss},
                      {"aux_loss", aux}, {"seq_aux_loss", seq_aux}, {"z_loss", z}, {"mtp_loss", 0.0}, {"lr", lr},
                      {"grad_norm", grad_norm}, {"tokens_per_s", tokens_per_s}, {"maxvio_batch", mean_of(maxvio_layers)},
                      {"maxvio_batch_layers", maxvio_layers}, {"expert_load", to_json_2d(expert_load)},
                      {"bias", to_json_2d(balancer.biases())}, {"epochs", loader.epochs()},
-                     {"skipped_steps", result.skipped_steps}});
+                     {"skipped_steps", result.skipped_steps}};
+      if (loss_spike) record["loss_spike"] = true;
+      metrics.write(record);
       const double elapsed = seconds_since(run_start);
-      const double eta = elapsed / static_cast<double>(step + 1) * static_cast<double>(tc.steps - step - 1);
+      const double eta = elapsed / static_cast<double>(step + 1 - first_step) * static_cast<double>(tc.steps - step - 1);
       static const bool tty = isatty(2);  // a log file gets one line per record, a terminal one live line
       std::cerr << (tty ? "\r" : "") << fmt::format("step {:>6}/{} | loss {:.4f} | lr {:.2e} | gnorm {:.3f} | MaxVio {:.3f} | {:.0f} tok/s | ETA {}  ",
                                step + 1, tc.steps, loss, lr, grad_norm, mean_of(maxvio_layers), tokens_per_s,
@@ -232,7 +301,18 @@ TrainResult train(const ExperimentConfig& cfg) {
                 << (tty ? "" : "\n") << std::flush;
     }
     if (tc.eval_every > 0 && (step + 1) % tc.eval_every == 0 && step + 1 != tc.steps) run_eval(step + 1);
+
+    // checkpoints at step boundaries: periodic, on SIGUSR1, and before stopping on SIGINT/SIGTERM
+    const bool stop = signals.stop_requested();
+    const bool periodic = cfg.checkpoint.every > 0 && (step + 1) % cfg.checkpoint.every == 0;
+    if (signals.take_save_request() || periodic || stop) save_now(step + 1);
+    if (stop) {
+      std::cerr << fmt::format("\nstopping at step {} on a signal (checkpoint saved)\n", step + 1);
+      result.stopped_by_signal = true;
+      return result;
+    }
   }
+  if (last_saved_step != result.steps) save_now(result.steps);
   run_eval(result.steps);
 
   // a short greedy sample, from the start of the validation text

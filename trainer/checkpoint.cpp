@@ -1,0 +1,507 @@
+#include "trainer/checkpoint.h"
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <sstream>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <fmt/format.h>
+#include <fmt/ostream.h>
+#include <nlohmann/json.hpp>
+
+#include "data/hash.h"
+#include "io/safetensors.h"
+#include "trainer/config_tree.h"
+
+namespace moetrain {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr int kFormatVersion = 1;
+const char* const kFiles[] = {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json",
+                              "config.yaml"};
+
+CheckpointFaultHook& fault_hook() {
+  static CheckpointFaultHook hook;
+  return hook;
+}
+void stage(const char* name, const std::string& path) {
+  if (fault_hook()) fault_hook()(name, path);
+}
+
+[[noreturn]] void throw_errno(const std::string& what, const std::string& path) {
+  throw std::runtime_error(fmt::format("{} {}: {}", what, path, std::strerror(errno)));
+}
+
+void fsync_path(const std::string& path, bool directory) {
+  int fd = ::open(path.c_str(), directory ? (O_RDONLY | O_DIRECTORY) : O_RDONLY);
+  if (fd < 0) throw_errno("cannot open for fsync", path);
+  int rc = ::fsync(fd);
+  ::close(fd);
+  if (rc != 0) throw_errno("fsync failed for", path);
+}
+
+void write_synced(const std::string& path, const std::string& content) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd < 0) throw_errno("cannot create", path);
+  size_t done = 0;
+  while (done < content.size()) {
+    ssize_t n = ::write(fd, content.data() + done, content.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      ::close(fd);
+      throw_errno("cannot write", path);
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0 || ::close(fd) != 0) throw_errno("cannot fsync", path);
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw CheckpointError(fmt::format("cannot read {}", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::string file_hash(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw CheckpointError(fmt::format("cannot read {}", path));
+  Fnv1a64 h;
+  std::vector<char> buf(1 << 20);
+  while (in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    h.update(buf.data(), static_cast<size_t>(in.gcount()));
+  }
+  return h.hex();
+}
+
+// step-NNNNNNNN → N, anything else → -1 (dot-names, .tmp-*, latest, stray files).
+int64_t parse_step_name(const std::string& name) {
+  if (name.size() != 13 || name.compare(0, 5, "step-") != 0) return -1;
+  for (size_t i = 5; i < name.size(); ++i)
+    if (name[i] < '0' || name[i] > '9') return -1;
+  return std::stoll(name.substr(5));
+}
+
+// All step-* directories of root, newest first.
+std::vector<std::pair<int64_t, fs::path>> step_dirs(const std::string& root) {
+  std::vector<std::pair<int64_t, fs::path>> out;
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) return out;
+  for (const auto& e : fs::directory_iterator(root, ec)) {
+    int64_t s = parse_step_name(e.path().filename().string());
+    if (s >= 0 && e.is_directory(ec)) out.emplace_back(s, e.path());
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  return out;
+}
+
+bool all_finite(const torch::Tensor& t) {
+  if (!t.is_floating_point()) return true;
+  return torch::isfinite(t).all().item<bool>();
+}
+
+torch::Tensor cpu_contiguous(const torch::Tensor& t) { return t.detach().to(torch::kCPU).contiguous(); }
+
+// A config tree flattened to dotted key → scalar text (lists joined by commas).
+void flatten(const ConfigNode& n, const std::string& prefix, std::map<std::string, std::string>& out) {
+  switch (n.kind) {
+    case ConfigNode::Kind::kMap:
+      for (const auto& [k, v] : n.map) flatten(v, prefix.empty() ? k : prefix + "." + k, out);
+      break;
+    case ConfigNode::Kind::kSeq: {
+      std::string s = "[";
+      for (size_t i = 0; i < n.seq.size(); ++i) s += (i ? "," : "") + n.seq[i].scalar;
+      out[prefix] = s + "]";
+      break;
+    }
+    case ConfigNode::Kind::kScalar: out[prefix] = n.scalar; break;
+    case ConfigNode::Kind::kNull: out[prefix] = "null"; break;
+  }
+}
+
+// Keys that decide whether a checkpoint's tensors mean the same thing in this run.
+bool shape_relevant(const std::string& key) {
+  return key.rfind("model.", 0) == 0 || key == "balance.strategy";
+}
+
+std::vector<std::string> config_diff(const std::string& saved_yaml_path, const ExperimentConfig& cfg) {
+  std::map<std::string, std::string> saved, now;
+  flatten(parse_yaml_file(saved_yaml_path), "", saved);
+  flatten(parse_yaml_string(config_to_yaml(cfg), "current config"), "", now);
+  std::vector<std::string> diffs;
+  std::map<std::string, bool> keys;
+  for (const auto& [k, v] : saved) keys[k] = true;
+  for (const auto& [k, v] : now) keys[k] = true;
+  for (const auto& [k, unused] : keys) {
+    if (!shape_relevant(k)) continue;
+    auto a = saved.find(k), b = now.find(k);
+    std::string av = a == saved.end() ? "(absent)" : a->second, bv = b == now.end() ? "(absent)" : b->second;
+    if (av != bv) diffs.push_back(fmt::format("  {}: checkpoint {} ≠ config {}", k, av, bv));
+  }
+  return diffs;
+}
+
+}  // namespace
+
+// --- loss spikes ---------------------------------------------------------------------
+
+bool LossSpikeDetector::observe(double loss) {
+  if (!std::isfinite(loss)) return false;
+  bool spike = false;
+  if (!recent_.empty() && factor_ > 0.0) spike = loss > factor_ * *std::max_element(recent_.begin(), recent_.end());
+  recent_.push_back(loss);
+  while (recent_.size() > window_) recent_.pop_front();
+  return spike;
+}
+
+void LossSpikeDetector::restore(const std::vector<double>& recent) {
+  recent_.assign(recent.begin(), recent.end());
+  while (recent_.size() > window_) recent_.pop_front();
+}
+
+// --- save ----------------------------------------------------------------------------
+
+std::string checkpoint_dir_name(int64_t step) { return fmt::format("step-{:08d}", step); }
+
+void set_checkpoint_fault_hook(CheckpointFaultHook hook) { fault_hook() = std::move(hook); }
+
+std::string save_checkpoint(const ExperimentConfig& cfg, Transformer& model, torch::optim::AdamW& optimizer,
+                            const TrainingState& state) {
+  const std::string root = cfg.checkpoint.dir;
+  const std::string name = checkpoint_dir_name(state.step);
+  std::vector<std::pair<std::string, torch::Tensor>> model_tensors;
+  for (const auto& p : model->named_parameters()) model_tensors.emplace_back(p.key(), cpu_contiguous(p.value()));
+  for (const auto& b : model->named_buffers()) model_tensors.emplace_back(b.key(), cpu_contiguous(b.value()));
+  // a checkpoint must be something worth resuming: never persist a diverged model
+  for (const auto& [n, t] : model_tensors)
+    if (!all_finite(t))
+      throw std::runtime_error(fmt::format("refusing to checkpoint step {}: {} has non-finite values", state.step, n));
+
+  std::error_code ec;
+  fs::create_directories(root, ec);
+  if (ec) throw std::runtime_error(fmt::format("cannot create checkpoint.dir {}: {}", root, ec.message()));
+  // a crashed writer's leftovers (one writer per checkpoint.dir, so none is in progress)
+  for (const auto& e : fs::directory_iterator(root, ec))
+    if (e.path().filename().string().rfind(".tmp-step-", 0) == 0) fs::remove_all(e.path(), ec);
+
+  const std::string tmp = (fs::path(root) / fmt::format(".tmp-{}-{}", name, ::getpid())).string();
+  fs::remove_all(tmp, ec);
+  fs::create_directories(tmp);
+
+  write_safetensors(tmp + "/model.safetensors", model_tensors, {{"format", "moetrain"}});
+  stage("model.safetensors", tmp + "/model.safetensors");
+
+  std::vector<std::pair<std::string, torch::Tensor>> opt_tensors;
+  auto& opt_state = optimizer.state();
+  for (const auto& p : model->named_parameters()) {
+    auto it = opt_state.find(p.value().unsafeGetTensorImpl());
+    if (it == opt_state.end()) continue;  // never had a gradient
+    auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
+    opt_tensors.emplace_back("exp_avg." + p.key(), cpu_contiguous(s.exp_avg()));
+    opt_tensors.emplace_back("exp_avg_sq." + p.key(), cpu_contiguous(s.exp_avg_sq()));
+    opt_tensors.emplace_back("step." + p.key(), torch::tensor(s.step(), torch::kInt64));
+    if (s.max_exp_avg_sq().defined())
+      opt_tensors.emplace_back("max_exp_avg_sq." + p.key(), cpu_contiguous(s.max_exp_avg_sq()));
+  }
+  write_safetensors(tmp + "/optimizer.safetensors", opt_tensors, {{"optimizer", "adamw"}});
+  stage("optimizer.safetensors", tmp + "/optimizer.safetensors");
+
+  std::vector<std::pair<std::string, torch::Tensor>> rng;
+  {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    rng.emplace_back("cpu", gen.get_state().contiguous());
+  }
+  if (cfg.train.device == "cuda" && torch::cuda::is_available()) {
+    const auto& gen = at::globalContext().defaultGenerator(c10::DeviceType::CUDA);
+    auto g = gen;  // Generator is a shared handle
+    std::lock_guard<std::mutex> lock(g.mutex());
+    rng.emplace_back("cuda", g.get_state().contiguous());
+  }
+  write_safetensors(tmp + "/rng.safetensors", rng);
+
+  nlohmann::json js = {{"format_version", kFormatVersion},
+                       {"moetrain_version", MOETRAIN_VERSION},
+                       {"config_hash", config_hash(cfg)},
+                       {"step", state.step},
+                       {"lr_step", state.step},
+                       {"tokens", state.data.tokens},
+                       {"data", state.data},
+                       {"skipped_steps", state.skipped_steps},
+                       {"consecutive_skips", state.consecutive_skips},
+                       {"loss_spike", {{"factor", cfg.checkpoint.spike_factor}, {"recent_losses", state.recent_losses}}},
+                       {"balancer", "counts are zero at step boundaries; biases are router buffers in model.safetensors"},
+                       {"device", cfg.train.device}};
+  write_synced(tmp + "/state.json", js.dump(2) + "\n");
+  write_synced(tmp + "/config.yaml", config_to_yaml(cfg));
+
+  stage("before_manifest", tmp);
+  std::string manifest;
+  for (const char* f : kFiles) {
+    const std::string p = tmp + "/" + f;
+    fsync_path(p, false);  // write_safetensors fsyncs too; cheap to be sure
+    manifest += fmt::format("{} {} {}\n", file_hash(p), fs::file_size(p), f);
+  }
+  write_synced(tmp + "/MANIFEST", manifest);
+  fsync_path(tmp, true);
+
+  stage("before_rename", tmp);
+  const std::string final_dir = (fs::path(root) / name).string();
+  std::string old_aside;
+  if (fs::exists(final_dir)) {  // re-saving a step: move the old one aside (a dot-name: never a checkpoint)
+    old_aside = (fs::path(root) / fmt::format(".old-{}-{}", name, ::getpid())).string();
+    fs::remove_all(old_aside, ec);
+    if (::rename(final_dir.c_str(), old_aside.c_str()) != 0) throw_errno("cannot move aside", final_dir);
+  }
+  if (::rename(tmp.c_str(), final_dir.c_str()) != 0) throw_errno("cannot commit", final_dir);
+  fsync_path(root, true);
+  if (!old_aside.empty()) fs::remove_all(old_aside, ec);
+
+  stage("before_latest", final_dir);
+  const std::string latest_tmp = (fs::path(root) / fmt::format(".latest-{}", ::getpid())).string();
+  write_synced(latest_tmp, name + "\n");
+  const std::string latest = (fs::path(root) / "latest").string();
+  if (::rename(latest_tmp.c_str(), latest.c_str()) != 0) throw_errno("cannot update", latest);
+  fsync_path(root, true);
+
+  // retention, only now that the new one is committed and named by `latest`
+  stage("before_prune", final_dir);
+  const auto dirs = step_dirs(root);
+  const size_t keep = static_cast<size_t>(std::max<int64_t>(1, cfg.checkpoint.keep_last));
+  for (size_t i = keep; i < dirs.size(); ++i) {
+    if (dirs[i].second.filename() == name) continue;  // never the one just written
+    fs::remove_all(dirs[i].second, ec);
+    if (ec) std::cerr << fmt::format("warning: could not delete old checkpoint {}: {}\n", dirs[i].second.string(), ec.message());
+  }
+  return final_dir;
+}
+
+// --- verify / find ---------------------------------------------------------------------
+
+void verify_manifest(const std::string& ckpt_dir) {
+  const std::string mpath = ckpt_dir + "/MANIFEST";
+  std::error_code ec;
+  if (!fs::is_regular_file(mpath, ec)) throw CheckpointError(fmt::format("{}: no MANIFEST (incomplete checkpoint)", ckpt_dir));
+  std::istringstream in(read_text(mpath));
+  std::map<std::string, std::pair<std::string, uint64_t>> listed;
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    std::istringstream ls(line);
+    std::string hash, file;
+    uint64_t size = 0;
+    if (!(ls >> hash >> size >> file)) throw CheckpointError(fmt::format("{}: malformed MANIFEST line '{}'", ckpt_dir, line));
+    listed[file] = {hash, size};
+  }
+  for (const char* f : kFiles) {
+    auto it = listed.find(f);
+    if (it == listed.end()) throw CheckpointError(fmt::format("{}: MANIFEST does not list {}", ckpt_dir, f));
+    const std::string p = ckpt_dir + "/" + f;
+    if (!fs::is_regular_file(p, ec)) throw CheckpointError(fmt::format("{}: {} is missing", ckpt_dir, f));
+    const uint64_t size = fs::file_size(p, ec);
+    if (size != it->second.second)
+      throw CheckpointError(fmt::format("{}: {} has {} bytes, MANIFEST says {} (truncated or damaged)", ckpt_dir, f, size,
+                                        it->second.second));
+    const std::string h = file_hash(p);
+    if (h != it->second.first)
+      throw CheckpointError(
+          fmt::format("{}: {} checksum mismatch (fnv1a64 {}, MANIFEST says {}): the file is damaged", ckpt_dir, f, h,
+                      it->second.first));
+  }
+}
+
+std::string find_latest_checkpoint(const std::string& root) {
+  const auto dirs = step_dirs(root);
+  if (dirs.empty()) return "";
+  const std::string latest = (fs::path(root) / "latest").string();
+  std::error_code ec;
+  if (fs::exists(latest, ec)) {
+    std::string name = read_text(latest);
+    while (!name.empty() && std::isspace(static_cast<unsigned char>(name.back()))) name.pop_back();
+    std::string why;
+    if (parse_step_name(name) < 0) {
+      why = fmt::format("'{}' is not a step-<8 digits> name", name.substr(0, 64));
+    } else {
+      const std::string dir = (fs::path(root) / name).string();
+      try {
+        verify_manifest(dir);
+        return dir;
+      } catch (const CheckpointError& e) {
+        why = e.what();
+      }
+    }
+    std::cerr << fmt::format("warning: {} is not usable ({}); scanning for the newest complete checkpoint\n", latest, why);
+  }
+  std::string errors;
+  for (const auto& [step, dir] : dirs) {
+    try {
+      verify_manifest(dir.string());
+      return dir.string();
+    } catch (const CheckpointError& e) {
+      std::cerr << "warning: skipping " << e.what() << "\n";
+      errors += std::string("\n  ") + e.what();
+    }
+  }
+  throw CheckpointError(fmt::format("no complete checkpoint in {}:{}", root, errors));
+}
+
+std::string resolve_resume(const std::string& checkpoint_root, const std::string& resume) {
+  if (resume.empty()) return "";
+  if (resume == "auto") {
+    std::string dir = find_latest_checkpoint(checkpoint_root);
+    if (dir.empty()) std::cerr << fmt::format("resume auto: no checkpoint in {}, starting fresh\n", checkpoint_root);
+    return dir;
+  }
+  std::error_code ec;
+  if (!fs::is_directory(resume, ec)) throw CheckpointError(fmt::format("--resume {}: no such checkpoint directory", resume));
+  if (fs::exists(fs::path(resume) / "MANIFEST", ec)) return resume;
+  std::string dir = find_latest_checkpoint(resume);
+  if (dir.empty()) throw CheckpointError(fmt::format("--resume {}: neither a checkpoint nor a directory of checkpoints", resume));
+  return dir;
+}
+
+// --- load ------------------------------------------------------------------------------
+
+TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfig& cfg, Transformer& model,
+                              torch::optim::AdamW& optimizer) {
+  verify_manifest(ckpt_dir);
+  std::vector<std::string> diffs = config_diff(ckpt_dir + "/config.yaml", cfg);
+  SafetensorsFile mf = read_safetensors(ckpt_dir + "/model.safetensors");
+  std::map<std::string, const torch::Tensor*> saved;
+  for (const auto& [n, t] : mf.tensors) saved[n] = &t;
+  std::vector<std::pair<torch::Tensor, const torch::Tensor*>> assign;
+  auto check = [&](const std::string& n, const torch::Tensor& target) {
+    auto it = saved.find(n);
+    if (it == saved.end()) {
+      diffs.push_back(fmt::format("  {}: missing from the checkpoint (model has {})", n, fmt::format("{}", fmt::streamed(target.sizes()))));
+      return;
+    }
+    const torch::Tensor& t = *it->second;
+    if (t.sizes() != target.sizes() || t.scalar_type() != target.scalar_type())
+      diffs.push_back(fmt::format("  {}: checkpoint {} {} ≠ model {} {}", n, fmt::streamed(t.sizes()),
+                                  c10::toString(t.scalar_type()), fmt::streamed(target.sizes()),
+                                  c10::toString(target.scalar_type())));
+    else
+      assign.emplace_back(target, &t);
+    saved.erase(it);
+  };
+  for (const auto& p : model->named_parameters()) check(p.key(), p.value());
+  for (const auto& b : model->named_buffers()) check(b.key(), b.value());
+  for (const auto& [n, t] : saved) diffs.push_back(fmt::format("  {}: in the checkpoint, not in the model", n));
+  if (!diffs.empty()) {
+    std::string msg = fmt::format("checkpoint {} does not match this config:", ckpt_dir);
+    for (const auto& d : diffs) msg += "\n" + d;
+    throw CheckpointError(msg);
+  }
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& [target, src] : assign) target.copy_(*src);
+  }
+
+  // optimizer: replace the whole state, so parameters without saved state have none (as saved)
+  SafetensorsFile of = read_safetensors(ckpt_dir + "/optimizer.safetensors");
+  auto& opt_state = optimizer.state();
+  opt_state.clear();
+  for (const auto& p : model->named_parameters()) {
+    const std::string n = p.key();
+    if (!of.contains("step." + n)) continue;
+    auto s = std::make_unique<torch::optim::AdamWParamState>();
+    const torch::Tensor& param = p.value();
+    auto moment = [&](const std::string& key) {
+      const torch::Tensor& t = of.at(key);
+      if (t.sizes() != param.sizes())
+        throw CheckpointError(fmt::format("{}/optimizer.safetensors: {} has shape {}, parameter has {}", ckpt_dir, key,
+                                          fmt::streamed(t.sizes()), fmt::streamed(param.sizes())));
+      return t.to(param.device(), param.scalar_type()).clone();
+    };
+    s->step(of.at("step." + n).item<int64_t>());
+    s->exp_avg(moment("exp_avg." + n));
+    s->exp_avg_sq(moment("exp_avg_sq." + n));
+    if (of.contains("max_exp_avg_sq." + n)) s->max_exp_avg_sq(moment("max_exp_avg_sq." + n));
+    opt_state[param.unsafeGetTensorImpl()] = std::move(s);
+  }
+
+  SafetensorsFile rf = read_safetensors(ckpt_dir + "/rng.safetensors");
+  {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(rf.at("cpu"));
+  }
+  if (cfg.train.device == "cuda" && torch::cuda::is_available() && rf.contains("cuda")) {
+    auto gen = at::globalContext().defaultGenerator(c10::DeviceType::CUDA);
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(rf.at("cuda"));
+  }
+
+  nlohmann::json js;
+  try {
+    js = nlohmann::json::parse(read_text(ckpt_dir + "/state.json"));
+    TrainingState st;
+    st.step = js.at("step").get<int64_t>();
+    st.data = js.at("data").get<DataLoaderState>();
+    st.skipped_steps = js.at("skipped_steps").get<int64_t>();
+    st.consecutive_skips = js.at("consecutive_skips").get<int64_t>();
+    st.recent_losses = js.at("loss_spike").at("recent_losses").get<std::vector<double>>();
+    if (js.at("config_hash").get<std::string>() != config_hash(cfg))
+      std::cerr << fmt::format("note: resuming {} with a config that differs from the saved one outside the model "
+                               "(config.yaml there has the original)\n", ckpt_dir);
+    std::cerr << fmt::format("resumed from {} (step {}, saved by moetrain {})\n", ckpt_dir, st.step,
+                             js.value("moetrain_version", "?"));
+    return st;
+  } catch (const nlohmann::json::exception& e) {
+    throw CheckpointError(fmt::format("{}/state.json: {}", ckpt_dir, e.what()));
+  }
+}
+
+// --- signals -----------------------------------------------------------------------------
+
+namespace {
+volatile std::sig_atomic_t g_stop = 0;
+volatile std::sig_atomic_t g_save = 0;
+extern "C" void on_stop_signal(int) { g_stop = 1; }
+extern "C" void on_save_signal(int) { g_save = 1; }
+}  // namespace
+
+StopSignals::StopSignals() {
+  g_stop = 0;
+  g_save = 0;
+  struct sigaction sa {};
+  sigemptyset(&sa.sa_mask);
+  sa.sa_handler = on_stop_signal;
+  sigaction(SIGINT, &sa, &old_int_);
+  sigaction(SIGTERM, &sa, &old_term_);
+  sa.sa_handler = on_save_signal;
+  sigaction(SIGUSR1, &sa, &old_usr1_);
+}
+
+StopSignals::~StopSignals() {
+  sigaction(SIGINT, &old_int_, nullptr);
+  sigaction(SIGTERM, &old_term_, nullptr);
+  sigaction(SIGUSR1, &old_usr1_, nullptr);
+}
+
+bool StopSignals::stop_requested() const { return g_stop != 0; }
+
+bool StopSignals::take_save_request() {
+  if (!g_save) return false;
+  g_save = 0;
+  return true;
+}
+
+}  // namespace moetrain
