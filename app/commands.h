@@ -10,5 +10,6 @@ int cmd_eval(int argc, char** argv);
 int cmd_train(int argc, char** argv);
 int cmd_data(int argc, char** argv);
 int cmd_ablate(int argc, char** argv);
+int cmd_export(int argc, char** argv);
 
 }  // namespace moetrain

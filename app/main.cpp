@@ -29,6 +29,7 @@ const Command kCommands[] = {
     {"data", "data prepare FILE: train the tokenizer and write token files", moetrain::cmd_data},
     {"train", "train a model from an experiment config", moetrain::cmd_train},
     {"ablate", "compare balancing strategies: run an ablation file's variants, write a report", moetrain::cmd_ablate},
+    {"export", "export CHECKPOINT --format hf --out DIR: write a Hugging Face DeepseekV3 directory", moetrain::cmd_export},
     {"eval", "score a token sequence with a Hugging Face DeepseekV3 model", moetrain::cmd_eval},
 };
 

@@ -1,5 +1,6 @@
 #include "io/hf.h"
 
+#include <cctype>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -748,6 +749,82 @@ void save_hf_checkpoint(const std::string& dir, const torch::nn::Module& model, 
     if (!out) throw std::runtime_error(cfg_path + ": write failed");
   }
   write_safetensors((fs::path(dir) / "model.safetensors").string(), hf_state_dict(model), {{"format", "pt"}});
+}
+
+std::vector<std::string> write_hf_weights(const std::string& dir, const torch::nn::Module& model,
+                                          torch::ScalarType dtype, int64_t max_shard_bytes) {
+  if (max_shard_bytes < 1) throw std::invalid_argument("write_hf_weights: max_shard_bytes must be >= 1");
+  if (!fs::is_directory(dir)) throw std::runtime_error("write_hf_weights: " + dir + " is not a directory");
+  std::vector<std::pair<std::string, torch::Tensor>> tensors = hf_state_dict(model);
+  // Cast first, so that shard sizes are those of the bytes written.
+  for (auto& kv : tensors) {
+    torch::Tensor& t = kv.second;
+    // The router bias is added to sigmoid scores in [0, 1] to pick experts; bf16's
+    // 8 mantissa bits would reorder close experts, so it stays fp32 (DeepSeek-V3's
+    // release does the same).
+    const bool keep_fp32 = ends_with(kv.first, ".mlp.gate.e_score_correction_bias");
+    if (t.is_floating_point()) t = t.to(keep_fp32 ? torch::kFloat : dtype);
+  }
+  auto nbytes = [](const torch::Tensor& t) { return static_cast<int64_t>(t.numel() * t.element_size()); };
+
+  std::vector<std::vector<std::pair<std::string, torch::Tensor>>> shards(1);
+  int64_t total = 0, current = 0;
+  for (auto& kv : tensors) {
+    const int64_t n = nbytes(kv.second);
+    if (!shards.back().empty() && current + n > max_shard_bytes) {
+      shards.emplace_back();
+      current = 0;
+    }
+    shards.back().push_back(std::move(kv));
+    current += n;
+    total += n;
+  }
+  const std::map<std::string, std::string> metadata = {{"format", "pt"}};
+  if (shards.size() == 1) {
+    write_safetensors((fs::path(dir) / "model.safetensors").string(), shards[0], metadata);
+    return {"model.safetensors"};
+  }
+  std::vector<std::string> files;
+  Json weight_map = Json::object();
+  const size_t n_shards = shards.size();
+  for (size_t k = 0; k < n_shards; ++k) {
+    char name[64];
+    std::snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", k + 1, n_shards);
+    write_safetensors((fs::path(dir) / name).string(), shards[k], metadata);
+    for (const auto& kv : shards[k]) weight_map[kv.first] = name;
+    files.push_back(name);
+  }
+  Json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
+  const std::string index_path = (fs::path(dir) / "model.safetensors.index.json").string();
+  std::ofstream out(index_path);
+  out << index.dump(2) << "\n";
+  out.close();
+  if (!out) throw std::runtime_error(index_path + ": write failed");
+  files.push_back("model.safetensors.index.json");
+  return files;
+}
+
+int64_t parse_byte_size(const std::string& text) {
+  auto fail = [&]() -> int64_t {
+    throw std::invalid_argument("'" + text + "' is not a size (bytes, or a number with KB/MB/GB/KiB/MiB/GiB)");
+  };
+  size_t pos = 0;
+  double value = 0;
+  try {
+    value = std::stod(text, &pos);
+  } catch (const std::exception&) {
+    return fail();
+  }
+  std::string unit = text.substr(pos);
+  for (char& c : unit) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  static const std::map<std::string, double> kUnits = {
+      {"", 1.0},         {"B", 1.0},           {"KB", 1e3},         {"MB", 1e6},        {"GB", 1e9},
+      {"KIB", 1024.0},   {"MIB", 1048576.0},   {"GIB", 1073741824.0}};
+  auto it = kUnits.find(unit);
+  if (it == kUnits.end() || !(value > 0)) return fail();
+  const double bytes = value * it->second;
+  if (bytes < 1 || bytes > 9.0e18) return fail();
+  return static_cast<int64_t>(bytes);
 }
 
 }  // namespace moetrain

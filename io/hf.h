@@ -1,5 +1,6 @@
 // defines: hf_config_from_json, load_hf_config, hf_config_to_json, HfTarget,
-// hf_parse_name, hf_name_for, load_hf_weights, hf_state_dict, save_hf_checkpoint —
+// hf_parse_name, hf_name_for, load_hf_weights, hf_state_dict, save_hf_checkpoint,
+// write_hf_weights, parse_byte_size —
 // the one adapter between moetrain's names (docs/model-contract.md, DeepSeek's
 // inference/model.py) and Hugging Face DeepseekV3 checkpoints (transformers 5.x
 // config.json + model.safetensors or a sharded model.safetensors.index.json).
@@ -87,5 +88,25 @@ std::vector<std::pair<std::string, torch::Tensor>> hf_state_dict(const torch::nn
 // Writes `dir`/config.json (hf_config_to_json) and `dir`/model.safetensors
 // (metadata format=pt), creating `dir`. One file, no sharding.
 void save_hf_checkpoint(const std::string& dir, const torch::nn::Module& model, const ModelConfig& cfg);
+
+// transformers' default max_shard_size ("5GB", decimal).
+constexpr int64_t kHfDefaultMaxShardBytes = 5'000'000'000;
+
+// Writes hf_state_dict(model) into the existing directory `dir` the way
+// save_pretrained does: floating tensors cast to `dtype`, except the router
+// biases (`mlp.gate.e_score_correction_bias`), which stay fp32 as in DeepSeek-V3's
+// release; one `model.safetensors` when the total fits `max_shard_bytes`, else
+// `model-0000k-of-0000n.safetensors` (a new shard starts when the next tensor
+// would overflow the current one; a tensor larger than the limit gets its own)
+// plus `model.safetensors.index.json` {metadata.total_size, weight_map}.
+// Returns the files written (names relative to `dir`). Writes no config.json.
+std::vector<std::string> write_hf_weights(const std::string& dir, const torch::nn::Module& model,
+                                          torch::ScalarType dtype = torch::kFloat,
+                                          int64_t max_shard_bytes = kHfDefaultMaxShardBytes);
+
+// "5GB" / "200KB" / "1.5MiB" / "12345" -> bytes, as transformers'
+// convert_file_size_to_int (KB/MB/GB decimal, KiB/MiB/GiB binary; a bare number is
+// bytes). Throws std::invalid_argument for anything else or a value < 1.
+int64_t parse_byte_size(const std::string& text);
 
 }  // namespace moetrain
