@@ -13,7 +13,7 @@
 namespace moetrain {
 
 int cmd_train(int argc, char** argv) {
-  ArgParser args("train", "FILE [--set KEY=VALUE]... [--resume auto|PATH]",
+  ArgParser args("train", "FILE [--set KEY=VALUE]... [--resume auto|PATH] [--init-from HF_DIR]",
                  "Train the model of an experiment config on its prepared data (moetrain data prepare FILE).\n"
                  "Console progress with ETA; metrics in logging.dir/metrics.jsonl; checkpoints in checkpoint.dir.\n"
                  "SIGINT/SIGTERM: finish the step, save a checkpoint, exit 0. SIGUSR1: save at the next step.");
@@ -21,6 +21,7 @@ int cmd_train(int argc, char** argv) {
   args.option("resume", "auto|PATH",
               "auto: continue from the newest complete checkpoint in checkpoint.dir (a fresh start when it holds "
               "none); PATH: a step-* directory or a checkpoint.dir, which must hold one");
+  args.option("init-from", "HF_DIR", "start from the weights of a Hugging Face DeepseekV3 directory (same architecture)");
   args.allow_set();
   return run_command([&] {
     if (!args.parse(argc, argv)) return 0;
@@ -29,6 +30,7 @@ int cmd_train(int argc, char** argv) {
     try {
       TrainOptions options;
       if (args.given("resume")) options.resume = args.get("resume");
+      if (args.given("init-from")) options.init_from = args.get("init-from");
       r = train(cfg, options);
     } catch (const DataError& e) {
       throw UsageError(e.what());  // bad or missing data: exit 2, before any training

@@ -126,3 +126,52 @@ TEST(Trainer, AuxLossBaselineTrainsWithoutMovingBiases) {
 }
 
 }  // namespace
+
+#include "data/dataset.h"
+#include "io/hf.h"
+#include "models/lm_loss.h"
+#include "models/transformer.h"
+#include "trainer/checkpoint.h"
+
+namespace {
+
+// --init-from: the first step's loss is the HF directory's model's loss on that batch;
+// an HF directory of another architecture is refused with the differing key.
+TEST(Trainer, InitFromHuggingFaceDirectory) {
+  TempDir dir;
+  write_corpus(dir);
+  ExperimentConfig cfg = tiny_config(dir, {"train.steps=1", "optim.warmup_steps=1", "train.eval_every=0", "train.global_batch=4",
+                                           "train.micro_batch=4"});
+  PrepareOptions opt;
+  opt.progress = false;
+  prepare_data(cfg.data, cfg.model.vocab_size, opt);
+
+  torch::manual_seed(77);
+  Transformer source(cfg.model);
+  save_hf_checkpoint(dir.file("hf"), *source, cfg.model);
+  DataLoader loader(cfg.data.dir, cfg.train);
+  Batch b = loader.micro_batch(0, 0, 0, 1);
+  double expected;
+  {
+    torch::NoGradGuard ng;
+    expected = lm_head_loss(source, source->forward(b.inputs).hidden, b.targets, 4096).item<double>();
+  }
+  TrainOptions options;
+  options.init_from = dir.file("hf");
+  TrainResult r = train(cfg, options);
+  EXPECT_NEAR(r.losses.front(), expected, 1e-5);  // + balance losses, which are 0 for loss_free
+
+  ModelConfig other = cfg.model;
+  other.routed_scaling_factor = 2.5;
+  Transformer wrong(other);
+  save_hf_checkpoint(dir.file("hf-other"), *wrong, other);
+  options.init_from = dir.file("hf-other");
+  try {
+    train(cfg, options);
+    FAIL() << "a different architecture was accepted";
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("routed_scaling_factor"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace

@@ -18,6 +18,7 @@
 #include "data/meta.h"
 #include "data/progress.h"
 #include "data/tokenizer.h"
+#include "io/hf.h"
 #include "models/lm_loss.h"
 #include "models/transformer.h"
 #include "trainer/balance.h"
@@ -147,6 +148,20 @@ class TestInjection {
   std::vector<Rule> rules_;
 };
 
+// Starting weights from an HF DeepseekV3 directory; its architecture must be the config's.
+void init_from_hf(const std::string& dir, const ModelConfig& want, Transformer& model) {
+  nlohmann::json have = hf_config_to_json(load_hf_config(dir)), need = hf_config_to_json(want);
+  std::string diff;
+  for (const auto& [key, value] : need.items()) {
+    if (key == "initializer_range" || key == "max_position_embeddings") continue;  // not part of the weights' meaning
+    if (!have.contains(key) || have[key] != value)
+      diff += fmt::format("\n  {}: config {} vs {} {}", key, value.dump(), dir, have.contains(key) ? have[key].dump() : "(absent)");
+  }
+  if (!diff.empty()) throw CheckpointError(fmt::format("--init-from {}: architecture differs from the config:{}", dir, diff));
+  const int64_t n = load_hf_weights(dir, *model, want);
+  std::cerr << fmt::format("init: {} tensors from {}\n", n, dir);
+}
+
 }  // namespace
 
 TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
@@ -161,6 +176,7 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   DataLoader loader(cfg.data.dir, tc);
   check_compatible(loader.meta(), cfg.model, tc);
   Transformer model(cfg.model);
+  if (!options.init_from.empty() && options.resume.empty()) init_from_hf(options.init_from, cfg.model, model);
   model->to(device);
   auto optimizer = build_optimizer(*model, cfg.optim);
   Balancer balancer(cfg.balance, cfg.model, model->routers());

@@ -35,6 +35,9 @@ struct TrainResult {
 struct TrainOptions {
   // "" = fresh start (a fresh metrics.jsonl); "auto" or PATH: see "Resume" in trainer/checkpoint.h.
   std::string resume;
+  // A Hugging Face DeepseekV3 directory whose weights start a fresh run (ignored
+  // when resuming from a checkpoint). Its architecture must equal cfg.model's.
+  std::string init_from;
 };
 
 TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options = {});
