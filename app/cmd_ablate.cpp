@@ -12,6 +12,7 @@
 #include "app/commands.h"
 #include "moetrain_paths.h"
 #include "data/data_error.h"
+#include "data/meta.h"
 #include "data/prepare.h"
 #include "trainer/ablation.h"
 #include "trainer/experiment_config.h"
@@ -19,13 +20,14 @@
 namespace moetrain {
 
 int cmd_ablate(int argc, char** argv) {
-  ArgParser args("ablate", "FILE [--report-only]",
+  ArgParser args("ablate", "FILE [--report-only] [--no-prepare]",
                  "Train every variant of an ablation file (same data, model, seed(s), token budget), `parallel`\n"
                  "runs at a time as child `moetrain train` processes; finished runs are not re-run, an\n"
                  "interrupted one restarts. Writes runs/<name>/report.json, report.md and PNG plots\n"
                  "(scripts/plot_ablation.py with the setup's Python: $MOETRAIN_PYTHON).");
   args.positional("FILE", "ablation file (YAML)");
   args.flag("report-only", "only (re)write the report from finished runs");
+  args.flag("no-prepare", "use data.dir as it is prepared (e.g. copied to a machine without data.sources)");
   return run_command([&] {
     if (!args.parse(argc, argv)) return 0;
     AblationSpec spec = load_ablation(args.pos(0));
@@ -37,7 +39,10 @@ int cmd_ablate(int argc, char** argv) {
       try {
         PrepareOptions opt;
         opt.min_tokens = first.train.seq_len + 1;
-        prepare_data(first.data, first.model.vocab_size, opt);
+        if (args.has("no-prepare"))
+          read_data_meta(first.data.dir);  // must be prepared; the runs check it against the model
+        else
+          prepare_data(first.data, first.model.vocab_size, opt);
       } catch (const DataError& e) {
         throw UsageError(e.what());
       }

@@ -3,26 +3,28 @@
 // whose `latest` names one) -> a Hugging Face DeepseekV3 directory that
 // transformers' AutoModelForCausalLM.from_pretrained loads: config.json,
 // generation_config.json, model.safetensors (or shards + index) and, for a
-// SentencePiece experiment, a copy of tokenizer.model.
+// SentencePiece experiment, tokenizer.model + tokenizer.json + tokenizer_config.json
+// (io/hf_tokenizer.h: AutoTokenizer loads them and encodes exactly as moetrain does).
 #include <unistd.h>
 
-#include <cctype>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
-#include <map>
-#include <set>
-#include <sstream>
+#include <memory>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "app/cli.h"
 #include "app/commands.h"
+#include "data/data_error.h"
+#include "data/tokenizer.h"
 #include "io/hf.h"
+#include "io/hf_tokenizer.h"
 #include "io/safetensors.h"
 #include "models/transformer.h"
+#include "trainer/checkpoint.h"
 #include "trainer/experiment_config.h"
 
 namespace moetrain {
@@ -49,71 +51,6 @@ void remove_tree(const fs::path& p) {
     for (const auto& entry : fs::directory_iterator(p, ec)) remove_tree(entry.path());
   }
   fs::remove(p, ec);
-}
-
-// CHECKPOINT is a step directory (has model.safetensors) or a checkpoint root whose
-// `latest` file names the newest complete step directory.
-fs::path resolve_checkpoint(const std::string& arg) {
-  const fs::path p(arg);
-  if (!fs::is_directory(p)) throw UsageError(fmt::format("moetrain export: '{}' is not a directory", arg));
-  if (fs::exists(p / "model.safetensors")) return p;
-  const fs::path latest = p / "latest";
-  if (!fs::is_regular_file(latest))
-    throw UsageError(fmt::format("moetrain export: '{}' has neither model.safetensors (a step directory) nor a "
-                                 "'latest' file (a checkpoint root)",
-                                 arg));
-  std::ifstream in(latest);
-  std::string name;
-  std::getline(in, name);
-  while (!name.empty() && std::isspace(static_cast<unsigned char>(name.back()))) name.pop_back();
-  if (name.empty()) throw UsageError(fmt::format("moetrain export: {} is empty", latest.string()));
-  const fs::path step = fs::path(name).is_absolute() ? fs::path(name) : p / name;
-  if (!fs::exists(step / "model.safetensors"))
-    throw UsageError(fmt::format("moetrain export: {} names '{}', which has no model.safetensors", latest.string(),
-                                 name));
-  return step;
-}
-
-std::string shape_str(c10::IntArrayRef shape) {
-  std::string s = "[";
-  for (size_t k = 0; k < shape.size(); ++k) s += (k ? ", " : "") + std::to_string(shape[k]);
-  return s + "]";
-}
-
-// Strict load: the file's tensor set must be exactly the module's parameters and
-// buffers, with equal shapes. Checked on the header before any data is read, so
-// a bad checkpoint fails before the output directory exists.
-void load_checkpoint_weights(const fs::path& file, torch::nn::Module& model) {
-  std::map<std::string, torch::Tensor> dests;
-  for (const auto& item : model.named_parameters(true)) dests[item.key()] = item.value();
-  for (const auto& item : model.named_buffers(true)) dests[item.key()] = item.value();
-
-  const SafetensorsHeader header = read_safetensors_header(file.string());
-  std::set<std::string> found;
-  std::vector<std::string> problems;
-  for (const StTensorInfo& info : header.tensors) {
-    found.insert(info.name);
-    auto it = dests.find(info.name);
-    if (it == dests.end()) {
-      problems.push_back(fmt::format("unexpected tensor '{}' (not in the model built from config.yaml)", info.name));
-      continue;
-    }
-    const std::vector<int64_t> expected = it->second.sizes().vec();
-    if (info.shape != expected)
-      problems.push_back(fmt::format("tensor '{}' has shape {}, the model expects {}", info.name,
-                                     shape_str(info.shape), shape_str(expected)));
-  }
-  for (const auto& kv : dests)
-    if (!found.count(kv.first)) problems.push_back(fmt::format("missing tensor '{}'", kv.first));
-  if (!problems.empty()) {
-    std::string msg = fmt::format("{}: does not match the model of its config.yaml:", file.string());
-    for (size_t k = 0; k < problems.size() && k < 10; ++k) msg += "\n  " + problems[k];
-    if (problems.size() > 10) msg += fmt::format("\n  ... ({} problems)", problems.size());
-    throw std::runtime_error(msg);
-  }
-  const SafetensorsFile f = read_safetensors(file.string());
-  torch::NoGradGuard no_grad;
-  for (const auto& kv : f.tensors) dests.at(kv.first).copy_(kv.second);
 }
 
 void write_json(const fs::path& path, const Json& j) {
@@ -159,16 +96,18 @@ int cmd_export(int argc, char** argv) {
       "export", "CHECKPOINT --format hf --out DIR [--dtype fp32|bf16] [--max-shard-size SIZE] [--force]",
       "Convert a training checkpoint into a Hugging Face DeepseekV3 directory that transformers loads\n"
       "with AutoModelForCausalLM.from_pretrained(DIR).\n"
-      "CHECKPOINT is a step directory (step-XXXXXXXX/ with model.safetensors and config.yaml) or a\n"
-      "checkpoint root whose 'latest' file names one. model.safetensors must hold exactly the tensors\n"
-      "of the model that config.yaml describes (names and shapes), else nothing is written.\n"
+      "CHECKPOINT is a step directory (step-XXXXXXXX/) or a checkpoint root (its newest complete\n"
+      "checkpoint, as --resume auto picks it). Its MANIFEST checksums are verified and model.safetensors\n"
+      "must hold exactly the tensors of the model that config.yaml describes (names, shapes, dtypes),\n"
+      "else nothing is written (exit 2).\n"
       "DIR gets config.json, generation_config.json and model.safetensors, or\n"
       "model-0000k-of-0000n.safetensors + model.safetensors.index.json when the weights exceed\n"
       "--max-shard-size. The router biases (mlp.gate.e_score_correction_bias) stay fp32 with --dtype bf16.\n"
       "Tokenizer: with a SentencePiece tokenizer (data.dir/tokenizer.model) DIR also gets a copy of\n"
-      "tokenizer.model (unk 0, bos 1, eos 2; identity normalization, no dummy prefix, byte fallback) but\n"
-      "no tokenizer_config.json / tokenizer.json yet: transformers 5.17 cannot convert it without the\n"
-      "sentencepiece package, so load it with sentencepiece directly. The byte tokenizer has no\n"
+      "tokenizer.model (unk 0, bos 1, eos 2; identity normalization, no dummy prefix, byte fallback) and\n"
+      "its tokenizer.json + tokenizer_config.json, which AutoTokenizer.from_pretrained(DIR) loads with\n"
+      "the tokenizers library alone and which encode exactly as moetrain does (no bos/eos added;\n"
+      "literal '<s>' in text stays text). The byte tokenizer has no\n"
       "transformers equivalent: nothing is written for it (ids 0..255 are the bytes, eos 256), and a\n"
       "notice says so.\n"
       "The output is written into DIR.tmp-<pid> and renamed to DIR at the end; an existing non-empty\n"
@@ -203,22 +142,38 @@ int cmd_export(int argc, char** argv) {
       throw UsageError(fmt::format("moetrain export: {} exists and is not empty (use --force to replace it)",
                                    out.string()));
 
-    const fs::path step = resolve_checkpoint(args.pos(0));
-    const fs::path cfg_path = step / "config.yaml";
-    if (!fs::is_regular_file(cfg_path))
-      throw UsageError(fmt::format("moetrain export: {} is missing", cfg_path.string()));
-    const ExperimentConfig exp = load_experiment_config(cfg_path.string());
+    // A bad checkpoint fails here, before the output directory exists.
+    fs::path step;
+    ExperimentConfig exp;
+    Transformer model{nullptr};
+    Json config;
+    try {
+      step = resolve_checkpoint_arg(args.pos(0));  // MANIFEST verified
+      exp = load_experiment_config((step / "config.yaml").string());
+      config = hf_config_to_json(exp.model);  // throws for what transformers cannot express, before any work
+      model = Transformer(exp.model);
+      load_model_weights(step.string(), model);
+    } catch (const CheckpointError& e) {
+      throw UsageError(fmt::format("moetrain export: {}", e.what()));
+    }
     const ModelConfig& mcfg = exp.model;
-    Json config = hf_config_to_json(mcfg);  // throws for what transformers cannot express, before any work
-
-    Transformer model(mcfg);
-    load_checkpoint_weights(step / "model.safetensors", *model);
     if (mcfg.num_nextn_predict_layers > 0)
       std::fprintf(stderr, "moetrain export: note: num_nextn_predict_layers = %lld, but moetrain has no MTP "
                            "modules yet; none are exported\n",
                    static_cast<long long>(mcfg.num_nextn_predict_layers));
 
     const TokenizerExport tok = describe_tokenizer(exp);
+    std::unique_ptr<SentencePieceTokenizer> sp;  // parsed before anything is written
+    if (!tok.model_file.empty()) {
+      try {
+        sp = std::make_unique<SentencePieceTokenizer>(tok.model_file.string());
+      } catch (const DataError& e) {
+        throw UsageError(fmt::format("moetrain export: {}", e.what()));
+      }
+      if (sp->vocab_size() != mcfg.vocab_size)
+        throw UsageError(fmt::format("moetrain export: {} has {} pieces, the model's vocab_size is {}",
+                                     tok.model_file.string(), sp->vocab_size(), mcfg.vocab_size));
+    }
     config["bos_token_id"] = tok.bos;
     config["eos_token_id"] = tok.eos;
     config["pad_token_id"] = nullptr;
@@ -241,6 +196,8 @@ int cmd_export(int argc, char** argv) {
       files = write_hf_weights(tmp.string(), *model, dtype, max_shard);
       if (!tok.model_file.empty()) {
         fs::copy_file(tok.model_file, tmp / "tokenizer.model");
+        write_json(tmp / "tokenizer.json", hf_tokenizer_json(*sp));
+        write_json(tmp / "tokenizer_config.json", hf_tokenizer_config_json(*sp, mcfg.max_position_embeddings));
       }
       if (fs::exists(out)) {
         // Empty (or --force): move the old one aside so the rename cannot fail on
@@ -270,8 +227,7 @@ int cmd_export(int argc, char** argv) {
                                "files were written\n",
                                exp.data.dir);
     else
-      std::cout << "tokenizer: copied tokenizer.model (SentencePiece; no tokenizer_config.json: load it with the "
-                   "sentencepiece package, transformers 5.17 cannot convert it on its own here)\n";
+      std::cout << "tokenizer: tokenizer.model, tokenizer.json and tokenizer_config.json (AutoTokenizer loads them)\n";
     return 0;
   });
 }

@@ -30,7 +30,8 @@ const Command kCommands[] = {
     {"train", "train a model from an experiment config", moetrain::cmd_train},
     {"ablate", "compare balancing strategies: run an ablation file's variants, write a report", moetrain::cmd_ablate},
     {"export", "export CHECKPOINT --format hf --out DIR: write a Hugging Face DeepseekV3 directory", moetrain::cmd_export},
-    {"eval", "score a token sequence with a Hugging Face DeepseekV3 model", moetrain::cmd_eval},
+    {"eval", "score a checkpoint or Hugging Face model on text, token ids or the validation split", moetrain::cmd_eval},
+    {"bench", "time training steps of a config on synthetic tokens (tokens/s, TFLOP/s, MFU)", moetrain::cmd_bench},
 };
 
 void print_usage(std::ostream& os) {

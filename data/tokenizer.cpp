@@ -92,6 +92,15 @@ int64_t SentencePieceTokenizer::vocab_size() const { return sp_->GetPieceSize();
 int64_t SentencePieceTokenizer::eos_id() const { return sp_->eos_id(); }
 std::string SentencePieceTokenizer::piece(int64_t id) const { return sp_->IdToPiece(static_cast<int>(id)); }
 
+SentencePieceTokenizer::PieceKind SentencePieceTokenizer::piece_kind(int64_t id) const {
+  const int i = static_cast<int>(id);
+  if (sp_->IsUnknown(i)) return PieceKind::kUnknown;
+  if (sp_->IsControl(i)) return PieceKind::kControl;
+  if (sp_->IsByte(i)) return PieceKind::kByte;
+  if (sp_->IsUnused(i)) return PieceKind::kOther;
+  return PieceKind::kNormal;
+}
+
 std::vector<int64_t> SentencePieceTokenizer::encode(std::string_view text) const {
   std::vector<int64_t> ids;
   ids.reserve(text.size() / 3 + 1);

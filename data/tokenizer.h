@@ -70,6 +70,10 @@ class SentencePieceTokenizer : public Tokenizer {
   int64_t eos_id() const override;
   std::string kind() const override { return "sentencepiece"; }
   std::string piece(int64_t id) const;  // for debugging and tests
+  // What kind of piece an id is (the model proto's type; user-defined pieces, which moetrain never
+  // trains, read as normal), for converters such as io/hf_tokenizer.
+  enum class PieceKind { kNormal, kUnknown, kControl, kByte, kOther };
+  PieceKind piece_kind(int64_t id) const;
 
  private:
   SentencePieceTokenizer();

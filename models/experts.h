@@ -14,14 +14,16 @@ struct GroupedExpertsImpl : torch::nn::Module {
   GroupedExpertsImpl(int64_t n_experts, int64_t dim, int64_t inter, double init_std);
 
   // x: [M, D] rows grouped by expert (expert 0's rows first), counts: [E] int64 with
-  // sum M -> [M, D]. CUDA + bf16: torch's grouped GEMM (at::_grouped_mm); otherwise
-  // one matmul per expert on its slice (host-side counts).
+  // sum M -> [M, D]. CUDA with bf16 operands — bf16 tensors, or fp32 master weights under
+  // bf16 autocast, cast to bf16 here as autocast casts a matmul's — runs torch's grouped
+  // GEMM (at::_grouped_mm, counts stay on the device); otherwise one matmul per expert on
+  // its slice (counts read on the host).
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& counts);
 
   // One expert on its rows: x: [n, D] -> [n, D]
   torch::Tensor expert_forward(int64_t e, const torch::Tensor& x);
 
-  // Whether forward takes the at::_grouped_mm path for this input.
+  // Whether forward takes the at::_grouped_mm path for this input (and the autocast state).
   bool uses_grouped_mm(const torch::Tensor& x) const;
 
   int64_t n_experts, dim, inter;

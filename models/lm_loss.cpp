@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include <ATen/autocast_mode.h>
+
 namespace moetrain {
 
 namespace {
@@ -13,16 +15,28 @@ torch::Dtype accumulate_dtype(const torch::Tensor& t) {
   return t.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
 }
 
+// The matmul dtype: bf16 when the forward runs under CUDA bf16 autocast (as autocast would
+// pick for the forward matmul; the backward runs outside autocast, so it is recorded here and
+// reused there), else the inputs' own dtype. Logits, softmax and sums are always in `acc`.
+torch::Dtype matmul_dtype(const torch::Tensor& hidden) {
+  if (hidden.is_cuda() && at::autocast::is_autocast_enabled(at::kCUDA) &&
+      at::autocast::get_autocast_dtype(at::kCUDA) == at::kBFloat16)
+    return torch::kBFloat16;
+  return hidden.scalar_type();
+}
+
 // The loss and the gradient of the logits are recomputed one chunk at a time.
 struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossEntropy> {
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& hidden, const torch::Tensor& weight,
                                const torch::Tensor& targets, int64_t chunk, int64_t ignore_index) {
     const int64_t N = hidden.size(0);
     const auto acc = accumulate_dtype(hidden);
+    const auto mm = matmul_dtype(hidden);
+    const torch::Tensor h_mm = hidden.to(mm), w_mm = weight.to(mm);
     torch::Tensor loss_sum = torch::zeros({}, hidden.options().dtype(acc));
     for (int64_t start = 0; start < N; start += chunk) {
       const int64_t n = std::min(chunk, N - start);
-      const torch::Tensor logits = torch::matmul(hidden.narrow(0, start, n), weight.t()).to(acc);  // [n, V]
+      const torch::Tensor logits = torch::matmul(h_mm.narrow(0, start, n), w_mm.t()).to(acc);  // [n, V]
       loss_sum += torch::nn::functional::cross_entropy(
           logits, targets.narrow(0, start, n),
           torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum).ignore_index(ignore_index));
@@ -31,6 +45,7 @@ struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossE
     ctx->save_for_backward({hidden, weight, targets, n_valid});
     ctx->saved_data["chunk"] = chunk;
     ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["matmul_dtype"] = static_cast<int64_t>(mm);
     return loss_sum / n_valid;
   }
 
@@ -41,22 +56,24 @@ struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossE
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
     const int64_t N = hidden.size(0);
     const auto acc = accumulate_dtype(hidden);
+    const auto mm = static_cast<torch::Dtype>(ctx->saved_data["matmul_dtype"].toInt());
+    const torch::Tensor h_mm = hidden.to(mm), w_mm = weight.to(mm);
     const torch::Tensor scale = grad_outputs[0].to(acc) / n_valid;  // d loss / d (row loss)
 
     torch::Tensor grad_hidden = torch::empty_like(hidden);
     torch::Tensor grad_weight = torch::zeros(weight.sizes(), weight.options().dtype(acc));
     for (int64_t start = 0; start < N; start += chunk) {
       const int64_t n = std::min(chunk, N - start);
-      const torch::Tensor h = hidden.narrow(0, start, n);
+      const torch::Tensor h = h_mm.narrow(0, start, n);
       const torch::Tensor t = targets.narrow(0, start, n);
       const torch::Tensor valid = t != ignore_index;
       // d(row loss)/d(logits) = softmax - onehot(target); zero for ignored rows.
-      torch::Tensor g = torch::softmax(torch::matmul(h, weight.t()).to(acc), -1);  // [n, V]
+      torch::Tensor g = torch::softmax(torch::matmul(h, w_mm.t()).to(acc), -1);  // [n, V]
       g.scatter_add_(1, t.clamp_min(0).unsqueeze(1), -torch::ones({n, 1}, g.options()));
       g = g * (valid.unsqueeze(1).to(acc) * scale);
-      const torch::Tensor g_low = g.to(hidden.scalar_type());
-      grad_hidden.narrow(0, start, n).copy_(torch::matmul(g_low, weight));  // [n, D]
-      grad_weight += torch::matmul(g_low.t(), h).to(acc);                    // [V, D]
+      const torch::Tensor g_low = g.to(mm);
+      grad_hidden.narrow(0, start, n).copy_(torch::matmul(g_low, w_mm));  // [n, D]
+      grad_weight += torch::matmul(g_low.t(), h).to(acc);                  // [V, D]
     }
     return {grad_hidden, grad_weight.to(weight.scalar_type()), torch::Tensor(), torch::Tensor(),
             torch::Tensor()};

@@ -13,7 +13,9 @@ constexpr int64_t kIgnoreIndex = -100;  // targets equal to this are skipped (as
 // hidden: [N, D], weight: [V, D] (the head), targets: [N] int64 -> scalar loss
 // = mean over non-ignored rows of -log softmax(hidden·W^T)[target], in fp32 (fp64
 // for fp64 inputs). chunk_tokens <= 0 means one chunk. Differentiable in hidden
-// and weight (first order only).
+// and weight (first order only). Under CUDA bf16 autocast the three matmuls (forward,
+// and the recompute + both gradients in backward) take bf16 operands with fp32
+// accumulation; softmax and sums stay fp32.
 torch::Tensor chunked_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
                                     const torch::Tensor& targets, int64_t chunk_tokens,
                                     int64_t ignore_index = kIgnoreIndex);

@@ -6,3 +6,7 @@ add_unit_test(test_export_unit SOURCES ${PROJECT_SOURCE_DIR}/app/cmd_export.cpp 
 # exported directories load with from_pretrained and give moetrain's logits.
 add_unit_test(test_export LABELS parity TIMEOUT 900
               SOURCES ${PROJECT_SOURCE_DIR}/app/cmd_export.cpp ${PROJECT_SOURCE_DIR}/app/cli.cpp)
+# `moetrain eval` through the binary, and train → checkpoint → export → the same
+# validation loss in the trainer, eval --checkpoint, eval --hf and transformers.
+add_unit_test(test_eval LABELS parity TIMEOUT 600)
+add_dependencies(test_eval moetrain)

@@ -15,8 +15,10 @@
 
 #include <torch/torch.h>
 
+#include "data/tokenizer.h"
 #include "io/safetensors.h"
 #include "models/transformer.h"
+#include "trainer/checkpoint.h"
 #include "trainer/experiment_config.h"
 
 namespace moetrain {
@@ -101,6 +103,22 @@ inline Transformer random_model(const ModelConfig& cfg, uint64_t seed) {
   return model;
 }
 
+// A real SentencePiece model of moetrain's kind (data/tokenizer.h), trained on a small
+// English-and-code text; vocab >= 300.
+inline std::string tiny_sentencepiece(int64_t vocab) {
+  const char* lines[] = {"the kernel maps a page into the address space of the process",
+                         "int main(void) {", "    return map_page(addr, flags);", "}",
+                         "a driver registers its device with the bus and probes it",
+                         "  indented text with  double  spaces and tabs\tinside"};
+  std::vector<std::string> text;
+  for (int k = 0; k < 200; ++k) text.emplace_back(lines[k % 6]);
+  std::vector<std::string_view> views(text.begin(), text.end());
+  SentencePieceTrainOptions opt;
+  opt.vocab_size = vocab;
+  opt.num_threads = 1;
+  return train_sentencepiece(views, opt);
+}
+
 inline std::vector<std::pair<std::string, torch::Tensor>> checkpoint_tensors(const Transformer& model) {
   std::vector<std::pair<std::string, torch::Tensor>> out;
   for (const auto& item : model->named_parameters(true)) out.emplace_back(item.key(), item.value().detach());
@@ -108,7 +126,8 @@ inline std::vector<std::pair<std::string, torch::Tensor>> checkpoint_tensors(con
   return out;
 }
 
-// A step directory as the trainer writes it (the parts export reads).
+// A step directory as the trainer writes it: model.safetensors and config.yaml are what export
+// reads; the optimizer, RNG and state files are placeholders, listed in a valid MANIFEST.
 inline fs::path write_checkpoint(const fs::path& root, const Transformer& model, const ModelConfig& cfg,
                                  const std::string& data_dir,
                                  std::vector<std::pair<std::string, torch::Tensor>> tensors = {},
@@ -122,6 +141,10 @@ inline fs::path write_checkpoint(const fs::path& root, const Transformer& model,
   exp.data.dir = data_dir;
   exp.data.tokenizer = tokenizer;
   std::ofstream(step / "config.yaml") << config_to_yaml(exp);
+  write_safetensors((step / "optimizer.safetensors").string(), {});
+  write_safetensors((step / "rng.safetensors").string(), {});
+  std::ofstream(step / "state.json") << "{}\n";
+  write_manifest(step.string());
   std::ofstream(root / "latest") << "step-00000007\n";
   return step;
 }

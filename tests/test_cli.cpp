@@ -1,7 +1,11 @@
-// The moetrain executable: --help everywhere, exit codes, config show, params.
+// The moetrain executable: --help everywhere, exit codes, config show (+ --hf), params,
+// bench on the CPU.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <filesystem>
+
+#include <nlohmann/json.hpp>
 
 #include "test_paths.h"
 #include "test_util.h"
@@ -20,7 +24,7 @@ TEST(Cli, HelpForEveryCommand) {
   auto top = run_capture(bin() + " --help");
   EXPECT_EQ(top.exit_code, 0);
   EXPECT_NE(top.output.find("commands:"), std::string::npos);
-  for (const char* cmd : {"config show", "params"}) {
+  for (const char* cmd : {"config show", "params", "data prepare", "train", "eval", "export", "ablate", "bench"}) {
     auto r = run_capture(bin() + " " + cmd + " --help");
     EXPECT_EQ(r.exit_code, 0) << cmd;
     EXPECT_NE(r.output.find("usage: moetrain"), std::string::npos) << cmd;
@@ -63,6 +67,38 @@ TEST(Cli, ParamsTableAndJson) {
   auto j = run_capture(bin() + " params " + cfg("bench-1b") + " --json");
   ASSERT_EQ(j.exit_code, 0);
   EXPECT_NE(j.output.find("\"total\": 1256"), std::string::npos) << j.output;
+}
+
+}  // namespace
+
+namespace {
+
+TEST(Cli, ConfigShowHfIsTheExportedConfigJson) {
+  auto r = run_capture(bin() + " config show " + cfg("bench-1b") + " --hf");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto j = nlohmann::json::parse(r.output);
+  EXPECT_EQ(j["model_type"], "deepseek_v3");
+  EXPECT_EQ(j["n_routed_experts"], 64);
+  EXPECT_EQ(j["rope_interleave"], true);
+}
+
+// Real (tiny) training steps on the CPU: the JSON line carries every INTERFACES.md field, the
+// numbers are consistent with each other, and MFU is null without a known peak.
+TEST(Cli, BenchOnCpu) {
+  auto r = run_capture(bin() + " bench " + cfg("debug") +
+                       " --steps 3 --warmup 1 --set train.global_batch=2 --set train.micro_batch=1 --set train.seq_len=16"
+                       " --set train.threads=1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::string last = r.output.substr(r.output.rfind('{'));
+  const auto j = nlohmann::json::parse(last);
+  for (const char* k : {"tokens_per_s", "step_ms", "tflops", "mfu", "peak_mem_gb", "device"}) EXPECT_TRUE(j.contains(k)) << k;
+  EXPECT_EQ(j["device"], "cpu");
+  EXPECT_TRUE(j["mfu"].is_null());
+  EXPECT_EQ(j["tokens_per_step"], 32);
+  EXPECT_NEAR(j["tokens_per_s"].get<double>(), 32.0 / (j["step_ms"].get<double>() / 1e3), 1e-6);
+  EXPECT_TRUE(std::isfinite(j["loss"].get<double>()));
+  r = run_capture(bin() + " bench " + cfg("debug") + " --steps 0");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
 }
 
 }  // namespace

@@ -97,6 +97,32 @@ TEST_P(ExportRoundTrip, Fp32LogitsMatchTransformers) {
 
 INSTANTIATE_TEST_SUITE_P(QLoraRank, ExportRoundTrip, ::testing::Values(0, 32));
 
+// The exported SentencePiece tokenizer loads with AutoTokenizer (tokenizers alone) and encodes
+// like moetrain: no bos/eos added, spaces, tabs, newlines, non-ASCII (byte fallback) and a
+// literal "<s>" (stays text) included; decode gives the text back.
+TEST(ExportHf, SentencePieceTokenizerLoadsInTransformers) {
+  TempDir tmp;
+  ModelConfig cfg = tiny_config(0);
+  cfg.vocab_size = 400;
+  const Transformer model = random_model(cfg, 6);
+  const std::string blob = tiny_sentencepiece(400);
+  const fs::path data = tmp.path() / "data";
+  fs::create_directories(data);
+  std::ofstream(data / "tokenizer.model", std::ios::binary) << blob;
+  const fs::path step = write_checkpoint(tmp.path() / "ckpt", model, cfg, data.string(), {}, "sentencepiece");
+  const fs::path out = tmp.path() / "hf";
+  ExportResult r = run_export({step.string(), "--out", out.string()});
+  ASSERT_EQ(r.rc, 0) << r.err;
+  const std::string text = "  the kernel\tmaps a page\n\nint main(void) {\n    return 0;\n}\n"
+                           "na\xC3\xAFve caf\xC3\xA9 \xE6\x97\xA5\xE6\x9C\xAC \xF0\x9F\x99\x82 literal <s> x  ";
+  const SafetensorsFile f = hf_run(out, fixed_ids(cfg.vocab_size), tmp.path() / "o.safetensors", "--text '" + text + "'");
+  const std::vector<int64_t> want = SentencePieceTokenizer::from_serialized(blob)->encode(text);
+  const torch::Tensor got = f.at("text_ids");
+  ASSERT_EQ(got.numel(), static_cast<int64_t>(want.size()));
+  EXPECT_TRUE(torch::equal(got, torch::tensor(want, torch::kInt64)));
+  EXPECT_EQ(f.metadata.at("decoded"), text);
+}
+
 TEST(ExportHf, ShardedFromCheckpointRootLoads) {
   TempDir tmp;
   const ModelConfig cfg = tiny_config(32);

@@ -110,10 +110,14 @@ TEST_F(Fixture, CheckpointRootShardedBf16) {
   EXPECT_TRUE(torch::equal(w.to(torch::kBFloat16).to(torch::kFloat), back->named_parameters()["layers.0.attn.wkv_a.weight"]));
 }
 
-// SentencePiece: tokenizer.model is copied (byte for byte; export does not parse
-// it), bos/eos follow moetrain's layout (1, 2) in both JSON files.
-TEST_F(Fixture, CopiesSentencePieceModel) {
-  const std::string blob("\x0a\x05<unk>fake sentencepiece model", 31);
+// SentencePiece: tokenizer.model is copied byte for byte, tokenizer.json holds every piece and the
+// merges (io/hf_tokenizer.h), tokenizer_config.json adds no bos/eos, and bos/eos follow moetrain's
+// layout (1, 2) in both model JSON files. A tokenizer whose size differs from the model's vocab is
+// refused before anything is written.
+TEST_F(Fixture, WritesSentencePieceTokenizerFiles) {
+  cfg.vocab_size = 400;
+  model = random_model(cfg, 3);
+  const std::string blob = tiny_sentencepiece(400);
   fs::create_directories(data_dir);
   std::ofstream(fs::path(data_dir) / "tokenizer.model", std::ios::binary) << blob;
   const fs::path step = write_checkpoint(ckpt_root, model, cfg, data_dir, {}, "sentencepiece");
@@ -128,6 +132,28 @@ TEST_F(Fixture, CopiesSentencePieceModel) {
   EXPECT_EQ(c["eos_token_id"], 2);
   EXPECT_EQ(g["bos_token_id"], 1);
   EXPECT_EQ(g["eos_token_id"], 2);
+  const Json t = read_json(out / "tokenizer.json");
+  EXPECT_EQ(t["model"]["type"], "BPE");
+  EXPECT_EQ(t["model"]["vocab"].size(), 400u);
+  EXPECT_EQ(t["model"]["vocab"]["<0x0A>"], 3 + 0x0A);  // byte pieces follow the 3 specials
+  EXPECT_GT(t["model"]["merges"].size(), 100u);
+  ASSERT_EQ(t["added_tokens"].size(), 3u);
+  EXPECT_EQ(t["added_tokens"][1]["content"], "<s>");
+  const Json tc = read_json(out / "tokenizer_config.json");
+  EXPECT_EQ(tc["add_bos_token"], false);
+  EXPECT_EQ(tc["split_special_tokens"], true);
+  EXPECT_EQ(tc["model_max_length"], cfg.max_position_embeddings);
+
+  // A 400-piece tokenizer beside a 300-token model: refused, nothing written.
+  const fs::path out2 = tmp.path() / "hf2";
+  ModelConfig small = cfg;
+  small.vocab_size = 300;
+  const Transformer small_model = random_model(small, 4);
+  const fs::path step2 = write_checkpoint(tmp.path() / "ckpt2", small_model, small, data_dir, {}, "sentencepiece");
+  r = run_export({step2.string(), "--out", out2.string()});
+  EXPECT_EQ(r.rc, 2);
+  EXPECT_NE(r.err.find("has 400 pieces, the model's vocab_size is 300"), std::string::npos) << r.err;
+  expect_nothing_written(tmp.path(), "hf2");
 }
 
 TEST_F(Fixture, MissingTensorFailsAndWritesNothing) {
@@ -137,8 +163,8 @@ TEST_F(Fixture, MissingTensorFailsAndWritesNothing) {
                 tensors.end());
   const fs::path step = write_checkpoint(ckpt_root, model, cfg, data_dir, tensors);
   ExportResult r = run_export({step.string(), "--format", "hf", "--out", out.string()});
-  EXPECT_EQ(r.rc, 1);
-  EXPECT_NE(r.err.find("missing tensor 'layers.2.ffn.gate.bias'"), std::string::npos) << r.err;
+  EXPECT_EQ(r.rc, 2);
+  EXPECT_NE(r.err.find("layers.2.ffn.gate.bias: missing from the checkpoint"), std::string::npos) << r.err;
   expect_nothing_written(tmp.path(), "hf");
 }
 
@@ -148,8 +174,8 @@ TEST_F(Fixture, WrongShapeFailsAndWritesNothing) {
     if (kv.first == "layers.1.ffn.experts.w2") kv.second = kv.second.narrow(0, 0, 7).contiguous();
   const fs::path step = write_checkpoint(ckpt_root, model, cfg, data_dir, tensors);
   ExportResult r = run_export({step.string(), "--format", "hf", "--out", out.string()});
-  EXPECT_EQ(r.rc, 1);
-  EXPECT_NE(r.err.find("'layers.1.ffn.experts.w2' has shape [7, 64, 32], the model expects [8, 64, 32]"),
+  EXPECT_EQ(r.rc, 2);
+  EXPECT_NE(r.err.find("layers.1.ffn.experts.w2: checkpoint [7, 64, 32] Float ≠ model [8, 64, 32] Float"),
             std::string::npos)
       << r.err;
   expect_nothing_written(tmp.path(), "hf");
@@ -160,9 +186,32 @@ TEST_F(Fixture, ExtraTensorFails) {
   tensors.emplace_back("layers.3.attn_norm.weight", torch::ones({64}));
   const fs::path step = write_checkpoint(ckpt_root, model, cfg, data_dir, tensors);
   ExportResult r = run_export({step.string(), "--out", out.string()});
-  EXPECT_EQ(r.rc, 1);
-  EXPECT_NE(r.err.find("unexpected tensor 'layers.3.attn_norm.weight'"), std::string::npos) << r.err;
+  EXPECT_EQ(r.rc, 2);
+  EXPECT_NE(r.err.find("layers.3.attn_norm.weight: in the checkpoint, not in the model"), std::string::npos) << r.err;
   expect_nothing_written(tmp.path(), "hf");
+}
+
+// A damaged file is caught by the MANIFEST before anything is exported; from the checkpoint root
+// a damaged newest step falls back to the newest complete one (as --resume auto does).
+TEST_F(Fixture, DamagedCheckpointRejectedRootFallsBack) {
+  const fs::path step = write_checkpoint(ckpt_root, model, cfg, data_dir);
+  const fs::path newer = ckpt_root / "step-00000009";
+  fs::create_directories(newer);
+  for (const auto& f : fs::directory_iterator(step)) fs::copy_file(f.path(), newer / f.path().filename());
+  {
+    std::fstream f(newer / "model.safetensors", std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(-5, std::ios::end);
+    f.put('\x7f');  // one flipped byte in the data section
+  }
+  std::ofstream(ckpt_root / "latest") << "step-00000009\n";
+  ExportResult r = run_export({newer.string(), "--out", out.string()});
+  EXPECT_EQ(r.rc, 2);
+  EXPECT_NE(r.err.find("model.safetensors checksum mismatch"), std::string::npos) << r.err;
+  expect_nothing_written(tmp.path(), "hf");
+  r = run_export({ckpt_root.string(), "--out", out.string()});
+  ASSERT_EQ(r.rc, 0) << r.err;
+  EXPECT_NE(r.err.find("step-00000009"), std::string::npos) << r.err;  // the warning names the skipped one
+  EXPECT_TRUE(fs::exists(out / "config.json"));
 }
 
 TEST_F(Fixture, RefusesNonEmptyOutUnlessForce) {

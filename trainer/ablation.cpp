@@ -7,6 +7,8 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <sstream>
+#include <cstdlib>
 
 #include <fcntl.h>
 #include <sys/wait.h>
@@ -14,6 +16,7 @@
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
+#include <torch/cuda.h>
 
 #include "trainer/config_tree.h"
 #include "trainer/experiment_config.h"
@@ -137,11 +140,30 @@ struct Job {
   std::string dir;
   pid_t pid = -1;
   std::chrono::steady_clock::time_point start;
+  int64_t slot = -1;  // 0..parallel-1: which GPU a CUDA run gets
 };
 
-pid_t spawn(const std::string& exe, const std::vector<std::string>& args, const std::string& log_path) {
+// The GPUs children may use: the parent's CUDA_VISIBLE_DEVICES list, else 0..n-1 of the
+// devices LibTorch sees (none on a CPU machine).
+std::vector<std::string> visible_gpus() {
+  std::vector<std::string> out;
+  if (const char* env = std::getenv("CUDA_VISIBLE_DEVICES")) {
+    std::stringstream ss(env);
+    for (std::string item; std::getline(ss, item, ',');)
+      if (!item.empty()) out.push_back(item);
+    return out;
+  }
+  const int64_t n = torch::cuda::device_count();
+  for (int64_t i = 0; i < n; ++i) out.push_back(std::to_string(i));
+  return out;
+}
+
+// gpu: "" leaves the environment alone; otherwise the child sees that one GPU.
+pid_t spawn(const std::string& exe, const std::vector<std::string>& args, const std::string& log_path,
+            const std::string& gpu) {
   pid_t pid = fork();
   if (pid != 0) return pid;
+  if (!gpu.empty()) setenv("CUDA_VISIBLE_DEVICES", gpu.c_str(), 1);
   int fd = open(log_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   if (fd >= 0) {
     dup2(fd, 1);
@@ -171,8 +193,15 @@ int run_ablation(const AblationSpec& spec, const std::string& moetrain, const st
       }
       pending.push_back(j);
     }
-  std::cerr << fmt::format("ablate {}: {} runs, {} already finished, {} at a time\n", spec.name, total, done,
-                           spec.parallel);
+  // CUDA runs spread over the visible GPUs: run slot k gets GPU k mod n (several runs of a small,
+  // launch-bound model share a GPU well).
+  const AblationVariant& first = spec.variants.front();
+  const ExperimentConfig first_cfg = load_experiment_config(spec.experiment, spec.run_overrides(first, first.seeds.front()));
+  const bool cuda = first_cfg.train.device == "cuda";
+  const std::vector<std::string> gpus = cuda ? visible_gpus() : std::vector<std::string>{};
+  std::vector<bool> slot_busy(static_cast<size_t>(spec.parallel), false);
+  std::cerr << fmt::format("ablate {}: {} runs, {} already finished, {} at a time{}\n", spec.name, total, done,
+                           spec.parallel, gpus.size() > 1 ? fmt::format(" over {} GPUs", gpus.size()) : "");
   while (!pending.empty() || !running.empty()) {
     while (!pending.empty() && static_cast<int64_t>(running.size()) < spec.parallel) {
       Job j = pending.front();
@@ -182,8 +211,12 @@ int run_ablation(const AblationSpec& spec, const std::string& moetrain, const st
       std::vector<std::string> args = {"train", spec.experiment};
       for (const auto& s : spec.run_overrides(*j.variant, j.seed)) args.insert(args.end(), {"--set", s});
       j.start = std::chrono::steady_clock::now();
-      j.pid = spawn(moetrain, args, j.dir + "/train.log");
-      std::cerr << fmt::format("  start {} seed {} (pid {})\n", j.variant->name, j.seed, j.pid);
+      j.slot = std::find(slot_busy.begin(), slot_busy.end(), false) - slot_busy.begin();
+      slot_busy[static_cast<size_t>(j.slot)] = true;
+      const std::string gpu = gpus.size() > 1 ? gpus[static_cast<size_t>(j.slot) % gpus.size()] : "";
+      j.pid = spawn(moetrain, args, j.dir + "/train.log", gpu);
+      std::cerr << fmt::format("  start {} seed {} (pid {}{})\n", j.variant->name, j.seed, j.pid,
+                               gpu.empty() ? "" : ", GPU " + gpu);
       running.push_back(j);
     }
     int status = 0;
@@ -200,6 +233,7 @@ int run_ablation(const AblationSpec& spec, const std::string& moetrain, const st
       ++failed;
       std::cerr << fmt::format("  FAILED {} seed {} (see {}/train.log)\n", it->variant->name, it->seed, it->dir);
     }
+    slot_busy[static_cast<size_t>(it->slot)] = false;
     running.erase(it);
   }
   return failed;

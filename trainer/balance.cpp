@@ -52,7 +52,10 @@ double max_violation(const torch::Tensor& counts) {
 
 Balancer::Balancer(const BalanceConfig& cfg, const ModelConfig& model, std::vector<Router> routers)
     : cfg_(cfg), top_k_(model.num_experts_per_tok), routers_(std::move(routers)) {
-  counts_ = torch::zeros({static_cast<int64_t>(routers_.size()), model.n_routed_experts}, torch::kInt64);
+  // On the routers' device: counting and the bias update never wait for the GPU.
+  const torch::Device device = routers_.empty() ? torch::Device(torch::kCPU) : routers_[0]->bias.device();
+  counts_ = torch::zeros({static_cast<int64_t>(routers_.size()), model.n_routed_experts},
+                         torch::TensorOptions().dtype(torch::kInt64).device(device));
 }
 
 BalanceLosses Balancer::losses(const std::vector<RoutingStats>& routing, int64_t seq_len) const {
@@ -73,7 +76,8 @@ BalanceLosses Balancer::losses(const std::vector<RoutingStats>& routing, int64_t
 void Balancer::accumulate(const std::vector<RoutingStats>& routing) {
   TORCH_CHECK(static_cast<int64_t>(routing.size()) == counts_.size(0), "Balancer: expected ", counts_.size(0),
               " MoE layers of routing, got ", routing.size());
-  for (size_t l = 0; l < routing.size(); ++l) counts_[static_cast<int64_t>(l)] += routing[l].counts.to(torch::kCPU);
+  for (size_t l = 0; l < routing.size(); ++l)
+    counts_[static_cast<int64_t>(l)] += routing[l].counts.to(counts_.device(), torch::kInt64);
 }
 
 double Balancer::rate_at(int64_t step, int64_t tokens) const {
@@ -104,8 +108,9 @@ void Balancer::after_step(int64_t step, int64_t tokens) {
 void Balancer::discard_step() { counts_.zero_(); }
 
 std::vector<double> Balancer::maxvio_per_layer() const {
+  const torch::Tensor host = counts_.to(torch::kCPU);  // one copy for all layers
   std::vector<double> out;
-  for (int64_t l = 0; l < counts_.size(0); ++l) out.push_back(max_violation(counts_[l]));
+  for (int64_t l = 0; l < host.size(0); ++l) out.push_back(max_violation(host[l]));
   return out;
 }
 

@@ -50,7 +50,7 @@ class Balancer {
   // Adds one TRAINING micro-step's biased-selection counts (never eval or recompute).
   void accumulate(const std::vector<RoutingStats>& routing);
 
-  // Global-batch counts so far: [L_moe, E] int64 (what all-reduce would sum).
+  // Global-batch counts so far: [L_moe, E] int64 on the routers' device (what all-reduce would sum).
   const torch::Tensor& counts() const { return counts_; }
   torch::Tensor& mutable_counts() { return counts_; }
 
@@ -70,7 +70,7 @@ class Balancer {
   BalanceConfig cfg_;
   int64_t top_k_;
   std::vector<Router> routers_;
-  torch::Tensor counts_;  // [L_moe, E] int64, CPU
+  torch::Tensor counts_;  // [L_moe, E] int64, on the routers' device
 };
 
 }  // namespace moetrain

@@ -252,13 +252,7 @@ std::string save_checkpoint(const ExperimentConfig& cfg, Transformer& model, tor
   write_synced(tmp + "/config.yaml", config_to_yaml(cfg));
 
   stage("before_manifest", tmp);
-  std::string manifest;
-  for (const char* f : kFiles) {
-    const std::string p = tmp + "/" + f;
-    fsync_path(p, false);  // write_safetensors fsyncs too; cheap to be sure
-    manifest += fmt::format("{} {} {}\n", file_hash(p), fs::file_size(p), f);
-  }
-  write_synced(tmp + "/MANIFEST", manifest);
+  write_manifest(tmp);
   fsync_path(tmp, true);
 
   stage("before_rename", tmp);
@@ -293,6 +287,16 @@ std::string save_checkpoint(const ExperimentConfig& cfg, Transformer& model, tor
 }
 
 // --- verify / find ---------------------------------------------------------------------
+
+void write_manifest(const std::string& ckpt_dir) {
+  std::string manifest;
+  for (const char* f : kFiles) {
+    const std::string p = ckpt_dir + "/" + f;
+    fsync_path(p, false);  // write_safetensors fsyncs too; cheap to be sure
+    manifest += fmt::format("{} {} {}\n", file_hash(p), fs::file_size(p), f);
+  }
+  write_synced(ckpt_dir + "/MANIFEST", manifest);
+}
 
 void verify_manifest(const std::string& ckpt_dir) {
   const std::string mpath = ckpt_dir + "/MANIFEST";
@@ -361,27 +365,12 @@ std::string find_latest_checkpoint(const std::string& root) {
   throw CheckpointError(fmt::format("no complete checkpoint in {}:{}", root, errors));
 }
 
-std::string resolve_resume(const std::string& checkpoint_root, const std::string& resume) {
-  if (resume.empty()) return "";
-  if (resume == "auto") {
-    std::string dir = find_latest_checkpoint(checkpoint_root);
-    if (dir.empty()) std::cerr << fmt::format("resume auto: no checkpoint in {}, starting fresh\n", checkpoint_root);
-    return dir;
-  }
-  std::error_code ec;
-  if (!fs::is_directory(resume, ec)) throw CheckpointError(fmt::format("--resume {}: no such checkpoint directory", resume));
-  if (fs::exists(fs::path(resume) / "MANIFEST", ec)) return resume;
-  std::string dir = find_latest_checkpoint(resume);
-  if (dir.empty()) throw CheckpointError(fmt::format("--resume {}: neither a checkpoint nor a directory of checkpoints", resume));
-  return dir;
-}
+namespace {
 
-// --- load ------------------------------------------------------------------------------
-
-TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfig& cfg, Transformer& model,
-                              torch::optim::AdamW& optimizer) {
-  verify_manifest(ckpt_dir);
-  std::vector<std::string> diffs = config_diff(ckpt_dir + "/config.yaml", cfg);
+// Appends to `diffs` every name / shape / dtype difference between model.safetensors and the
+// model; copies the weights only when there is none, else throws CheckpointError with all of them.
+void copy_model_weights(const std::string& ckpt_dir, Transformer& model, std::vector<std::string> diffs,
+                        const char* what) {
   SafetensorsFile mf = read_safetensors(ckpt_dir + "/model.safetensors");
   std::map<std::string, const torch::Tensor*> saved;
   for (const auto& [n, t] : mf.tensors) saved[n] = &t;
@@ -405,7 +394,7 @@ TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfi
   for (const auto& b : model->named_buffers()) check(b.key(), b.value());
   for (const auto& [n, t] : saved) diffs.push_back(fmt::format("  {}: in the checkpoint, not in the model", n));
   if (!diffs.empty()) {
-    std::string msg = fmt::format("checkpoint {} does not match this config:", ckpt_dir);
+    std::string msg = fmt::format("checkpoint {} {}:", ckpt_dir, what);
     for (const auto& d : diffs) msg += "\n" + d;
     throw CheckpointError(msg);
   }
@@ -413,6 +402,50 @@ TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfi
     torch::NoGradGuard no_grad;
     for (auto& [target, src] : assign) target.copy_(*src);
   }
+}
+
+}  // namespace
+
+std::string resolve_checkpoint_arg(const std::string& path) {
+  std::error_code ec;
+  if (!fs::is_directory(path, ec)) throw CheckpointError(fmt::format("{}: no such checkpoint directory", path));
+  std::string dir = path;
+  if (!fs::exists(fs::path(path) / "MANIFEST", ec)) {
+    dir = find_latest_checkpoint(path);
+    if (dir.empty())
+      throw CheckpointError(fmt::format("{}: neither a checkpoint (no MANIFEST) nor a directory of checkpoints (no step-*)",
+                                        path));
+  }
+  verify_manifest(dir);
+  return dir;
+}
+
+void load_model_weights(const std::string& ckpt_dir, Transformer& model) {
+  copy_model_weights(ckpt_dir, model, {}, "does not match the model of its config.yaml");
+}
+
+std::string resolve_resume(const std::string& checkpoint_root, const std::string& resume) {
+  if (resume.empty()) return "";
+  if (resume == "auto") {
+    std::string dir = find_latest_checkpoint(checkpoint_root);
+    if (dir.empty()) std::cerr << fmt::format("resume auto: no checkpoint in {}, starting fresh\n", checkpoint_root);
+    return dir;
+  }
+  std::error_code ec;
+  if (!fs::is_directory(resume, ec)) throw CheckpointError(fmt::format("--resume {}: no such checkpoint directory", resume));
+  if (fs::exists(fs::path(resume) / "MANIFEST", ec)) return resume;
+  std::string dir = find_latest_checkpoint(resume);
+  if (dir.empty()) throw CheckpointError(fmt::format("--resume {}: neither a checkpoint nor a directory of checkpoints", resume));
+  return dir;
+}
+
+// --- load ------------------------------------------------------------------------------
+
+TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfig& cfg, Transformer& model,
+                              torch::optim::AdamW& optimizer) {
+  verify_manifest(ckpt_dir);
+  std::vector<std::string> diffs = config_diff(ckpt_dir + "/config.yaml", cfg);
+  copy_model_weights(ckpt_dir, model, std::move(diffs), "does not match this config");
 
   // optimizer: replace the whole state, so parameters without saved state have none (as saved)
   SafetensorsFile of = read_safetensors(ckpt_dir + "/optimizer.safetensors");

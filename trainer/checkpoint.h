@@ -1,5 +1,6 @@
 // defines: CheckpointError, TrainingState, LossSpikeDetector, save_checkpoint,
-// load_checkpoint, resolve_resume, find_latest_checkpoint, verify_manifest,
+// load_checkpoint, load_model_weights, resolve_resume, resolve_checkpoint_arg,
+// find_latest_checkpoint, write_manifest, verify_manifest,
 // checkpoint_dir_name, set_checkpoint_fault_hook, StopSignals — crash-safe
 // checkpoints of a training run and resuming from them (reliability.md §1, §2).
 //
@@ -101,6 +102,10 @@ void set_checkpoint_fault_hook(CheckpointFaultHook hook);
 std::string save_checkpoint(const ExperimentConfig& cfg, Transformer& model, torch::optim::AdamW& optimizer,
                             const TrainingState& state);
 
+// Writes ckpt_dir/MANIFEST (fsynced) over the checkpoint files in ckpt_dir, which must all exist.
+// save_checkpoint's step before the rename; tests use it to make hand-built checkpoints valid.
+void write_manifest(const std::string& ckpt_dir);
+
 // Throws CheckpointError naming the first file that is missing, has the wrong size or checksum.
 void verify_manifest(const std::string& ckpt_dir);
 
@@ -110,6 +115,16 @@ std::string find_latest_checkpoint(const std::string& root);
 
 // `resume` = "" (no resume) | "auto" | PATH → the step directory to load, or "" for a fresh start.
 std::string resolve_resume(const std::string& checkpoint_root, const std::string& resume);
+
+// A checkpoint named on the command line (export, eval, generate): a step directory (has a
+// MANIFEST) or a checkpoint root (its newest complete checkpoint, as `--resume auto` picks it).
+// Returns the step directory after verifying its MANIFEST; throws CheckpointError otherwise.
+std::string resolve_checkpoint_arg(const std::string& path);
+
+// Loads only the weights of the verified checkpoint `ckpt_dir` into `model` (on its device):
+// the model.safetensors tensor set must be exactly the model's parameters and buffers, with equal
+// shapes and dtypes; otherwise CheckpointError lists the differences and nothing is copied.
+void load_model_weights(const std::string& ckpt_dir, Transformer& model);
 
 // Verifies and loads `ckpt_dir` into model (on its device), optimizer and the global RNGs.
 // Throws CheckpointError (damage, incompatibility).

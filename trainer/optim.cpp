@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include <ATen/ops/_fused_adamw.h>
+
 namespace moetrain {
 
 std::unique_ptr<torch::optim::AdamW> build_optimizer(torch::nn::Module& model, const OptimConfig& cfg) {
@@ -17,7 +19,51 @@ std::unique_ptr<torch::optim::AdamW> build_optimizer(torch::nn::Module& model, c
   std::vector<torch::optim::OptimizerParamGroup> groups;
   groups.emplace_back(decay, options(cfg.weight_decay));
   groups.emplace_back(no_decay, options(0.0));
-  return std::make_unique<torch::optim::AdamW>(groups, torch::optim::AdamWOptions(cfg.lr));
+  return std::make_unique<FusedAdamW>(groups, torch::optim::AdamWOptions(cfg.lr));
+}
+
+torch::Tensor FusedAdamW::step(LossClosure closure) {
+  bool fused = true;
+  for (const auto& group : param_groups()) {
+    const auto& opt = static_cast<const torch::optim::AdamWOptions&>(group.options());
+    if (opt.amsgrad()) fused = false;
+    for (const auto& p : group.params())
+      if (!p.is_cuda() || p.scalar_type() != torch::kFloat) fused = false;
+  }
+  if (!fused) return torch::optim::AdamW::step(closure);  // the reference
+  TORCH_CHECK(!closure, "FusedAdamW: closures are not supported on CUDA");
+
+  torch::NoGradGuard no_grad;
+  for (auto& group : param_groups()) {
+    const auto& opt = static_cast<const torch::optim::AdamWOptions&>(group.options());
+    std::vector<torch::Tensor> params, grads, exp_avgs, exp_avg_sqs;
+    std::vector<float> steps;
+    for (auto& p : group.params()) {
+      if (!p.grad().defined()) continue;
+      auto& slot = state()[p.unsafeGetTensorImpl()];
+      if (!slot) {  // as AdamW::step initialises it
+        auto st = std::make_unique<torch::optim::AdamWParamState>();
+        st->step(0);
+        st->exp_avg(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+        st->exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+        slot = std::move(st);
+      }
+      auto& st = static_cast<torch::optim::AdamWParamState&>(*slot);
+      st.step(st.step() + 1);  // the kernel reads the incremented step for the bias corrections
+      params.push_back(p);
+      grads.push_back(p.grad());
+      exp_avgs.push_back(st.exp_avg());
+      exp_avg_sqs.push_back(st.exp_avg_sq());
+      steps.push_back(static_cast<float>(st.step()));
+    }
+    if (params.empty()) continue;
+    // One host-to-device copy for all step counts (scalar views of one tensor).
+    const std::vector<torch::Tensor> step_tensors = torch::tensor(steps).to(params[0].device()).unbind(0);
+    at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/{}, step_tensors, opt.lr(),
+                      std::get<0>(opt.betas()), std::get<1>(opt.betas()), opt.weight_decay(), opt.eps(),
+                      /*amsgrad=*/false, /*maximize=*/false);
+  }
+  return {};
 }
 
 double lr_at(int64_t step, const OptimConfig& cfg, int64_t total_steps) {

@@ -1,5 +1,5 @@
-// defines: build_optimizer, lr_at, set_lr — AdamW with the decay / no-decay split
-// (weight decay on ≥2-D weights only; norms excluded; the router bias is a buffer
+// defines: FusedAdamW, build_optimizer, lr_at, set_lr — AdamW with the decay / no-decay
+// split (weight decay on ≥2-D weights only; norms excluded; the router bias is a buffer
 // and never reaches the optimizer) and the learning-rate schedules.
 #pragma once
 
@@ -11,7 +11,18 @@
 
 namespace moetrain {
 
-// Parameter groups in registration order (stable: optimizer state is positional).
+// torch::optim::AdamW whose step on CUDA parameters is one at::_fused_adamw_ launch
+// sequence per parameter group (the multi-tensor kernel PyTorch's AdamW(fused=True) runs)
+// instead of ~10 kernels per parameter; CPU parameters (and amsgrad) take AdamW::step, the
+// reference twin. The state is AdamW's own (AdamWParamState: step, exp_avg, exp_avg_sq),
+// updated in place, so checkpoints and resume see no difference.
+class FusedAdamW : public torch::optim::AdamW {
+ public:
+  using torch::optim::AdamW::AdamW;
+  torch::Tensor step(LossClosure closure = nullptr) override;
+};
+
+// Parameter groups in registration order (stable: optimizer state is positional). A FusedAdamW.
 std::unique_ptr<torch::optim::AdamW> build_optimizer(torch::nn::Module& model, const OptimConfig& cfg);
 
 // Learning rate for optimizer step `step` (0-based) of `total_steps`:

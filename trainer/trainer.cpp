@@ -9,7 +9,6 @@
 
 #include <unistd.h>
 
-#include <ATen/autocast_mode.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
@@ -23,36 +22,16 @@
 #include "models/transformer.h"
 #include "trainer/balance.h"
 #include "trainer/checkpoint.h"
+#include "trainer/evaluate.h"
 #include "trainer/metrics.h"
 #include "trainer/optim.h"
+#include "trainer/train_step.h"
 
 namespace moetrain {
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
-constexpr int64_t kLossChunkTokens = 4096;  // rows of logits alive at once in the LM loss
-
-// bf16 autocast on CUDA for the forward pass; a no-op when disabled.
-class AutocastGuard {
- public:
-  explicit AutocastGuard(bool enabled) : enabled_(enabled) {
-    if (!enabled_) return;
-    prev_ = at::autocast::is_autocast_enabled(at::kCUDA);
-    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-    at::autocast::set_autocast_enabled(at::kCUDA, true);
-  }
-  ~AutocastGuard() {
-    if (!enabled_) return;
-    at::autocast::set_autocast_enabled(at::kCUDA, prev_);
-    at::autocast::clear_cache();
-  }
-  AutocastGuard(const AutocastGuard&) = delete;
-  AutocastGuard& operator=(const AutocastGuard&) = delete;
-
- private:
-  bool enabled_, prev_ = false;
-};
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
@@ -70,35 +49,6 @@ double mean_of(const std::vector<double>& v) {
   double s = 0.0;
   for (double x : v) s += x;
   return v.empty() ? 0.0 : s / static_cast<double>(v.size());
-}
-
-struct EvalResult {
-  double loss = 0.0;
-  std::vector<double> maxvio_layers;  // loads over the whole evaluated set, current biases
-};
-
-// Validation loss over eval_batches global batches read in a fixed order, and the
-// expert loads they produce (never fed to the balancer).
-EvalResult evaluate(Transformer& model, const DataLoader& loader, const ExperimentConfig& cfg, torch::Device device) {
-  torch::NoGradGuard no_grad;
-  const int64_t accum = loader.accumulation_steps(1);
-  const int64_t n_moe = cfg.model.num_moe_layers();
-  torch::Tensor counts = torch::zeros({n_moe, cfg.model.n_routed_experts}, torch::kInt64);
-  double loss_sum = 0.0;
-  int64_t n = 0;
-  for (int64_t b = 0; b < cfg.train.eval_batches; ++b) {
-    for (int64_t m = 0; m < accum; ++m) {
-      Batch batch = loader.val_micro_batch(b, m, 0, 1);
-      ForwardOut out = model->forward(batch.inputs.to(device));
-      loss_sum += lm_head_loss(model, out.hidden, batch.targets.to(device), kLossChunkTokens).item<double>();
-      ++n;
-      for (int64_t l = 0; l < n_moe; ++l) counts[l] += out.routing[static_cast<size_t>(l)].counts.to(torch::kCPU);
-    }
-  }
-  EvalResult r;
-  r.loss = loss_sum / static_cast<double>(n);
-  for (int64_t l = 0; l < n_moe; ++l) r.maxvio_layers.push_back(max_violation(counts[l]));
-  return r;
 }
 
 // Greedy continuation of `prompt` (a full forward per token: a short sample, no cache).
@@ -240,28 +190,15 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
     optimizer->zero_grad();
 
     // forward + backward over the micro-steps of this global batch
-    double lm_sum = 0.0, aux_sum = 0.0, seq_sum = 0.0, z_sum = 0.0;
-    for (int64_t m = 0; m < accum; ++m) {
-      Batch batch = loader.micro_batch(step, m, /*rank=*/0, /*ranks=*/1);
-      torch::Tensor loss, lm;
-      BalanceLosses bl;
-      ForwardOut out;
-      {
-        AutocastGuard autocast(bf16_autocast);  // bf16 matmuls, fp32 master weights (CUDA)
-        out = model->forward(batch.inputs.to(device));
-        lm = lm_head_loss(model, out.hidden, batch.targets.to(device), kLossChunkTokens);
-        if (inject.at("nan_loss", step + 1)) lm = lm + std::numeric_limits<double>::quiet_NaN();
-        bl = balancer.losses(out.routing, tc.seq_len);
-        loss = (lm + bl.total()) / static_cast<double>(accum);
-      }
-      loss.backward();
-      balancer.accumulate(out.routing);  // training forward passes only
-      lm_sum += lm.item<double>();       // .item() syncs; fine on CPU, batched later for CUDA
-      aux_sum += bl.aux.item<double>();
-      seq_sum += bl.seq_aux.item<double>();
-      z_sum += bl.z.item<double>();
-    }
-    const double lm_loss = lm_sum / accum, aux = aux_sum / accum, seq_aux = seq_sum / accum, z = z_sum / accum;
+    ForwardBackwardOptions fb;
+    fb.accum = accum;
+    fb.seq_len = tc.seq_len;
+    fb.bf16_autocast = bf16_autocast;
+    fb.poison_loss = inject.at("nan_loss", step + 1);
+    const StepLosses sums = forward_backward(
+        model, balancer, [&](int64_t m) { return loader.micro_batch(step, m, /*rank=*/0, /*ranks=*/1); }, fb);
+    const std::vector<double> means = sums.means(accum);
+    const double lm_loss = means[0], aux = means[1], seq_aux = means[2], z = means[3];
     const double loss = (lm_loss + aux + seq_aux + z) * (inject.at("spike", step + 1) ? 1000.0 : 1.0);
     if (inject.at("nan_grad", step + 1) && params[0].grad().defined()) params[0].grad().fill_(NAN);
 

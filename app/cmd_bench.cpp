@@ -1,0 +1,224 @@
+// moetrain bench FILE [--steps N] [--warmup N] [--peak-tflops X]: real training steps
+// of FILE's model, optimizer and batch shape (the trainer's forward_backward, clip,
+// AdamW, balancer update) on synthetic tokens, timed per step after a device sync.
+// Reports the median step, tokens/s, model TFLOP/s (models/params.h: 6·FLOP params
+// + attention, per token), MFU against the MEASURED bf16 matmul rate of the card
+// (gpu.md: 790 TFLOP/s H200, 722 H100; never the datasheet's 989) and peak memory.
+// The last stdout line is one JSON object (INTERFACES.md).
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <iostream>
+#include <limits>
+#include <optional>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#ifdef MOETRAIN_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+#include "app/cli.h"
+#include "app/commands.h"
+#include "app/step_profile.h"
+#include "models/params.h"
+#include "models/transformer.h"
+#include "trainer/balance.h"
+#include "trainer/experiment_config.h"
+#include "trainer/optim.h"
+#include "trainer/train_step.h"
+
+namespace moetrain {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Measured dense bf16 matmul rates (../shared/reference/gpu.md, LibTorch on the GPU machines).
+std::optional<double> measured_peak_tflops(const std::string& device_name) {
+  if (device_name.find("H200") != std::string::npos) return 790.0;
+  if (device_name.find("H100") != std::string::npos) return 722.0;
+  return std::nullopt;
+}
+
+std::string device_name(const torch::Device& device) {
+#ifdef MOETRAIN_WITH_CUDA
+  if (device.is_cuda()) return at::cuda::getCurrentDeviceProperties()->name;
+#endif
+  return device.is_cuda() ? "cuda" : "cpu";
+}
+
+double peak_memory_gb(const torch::Device& device) {
+#ifdef MOETRAIN_WITH_CUDA
+  if (device.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index() < 0 ? 0 : device.index());
+    return static_cast<double>(stats.allocated_bytes[0].peak) / 1e9;  // [0] = StatType::AGGREGATE
+  }
+#endif
+  (void)device;
+  return 0.0;
+}
+
+void sync(const torch::Device& device) {
+  if (device.is_cuda()) torch::cuda::synchronize();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+}  // namespace
+
+int cmd_bench(int argc, char** argv) {
+  ArgParser args("bench", "FILE [--steps N] [--warmup N] [--peak-tflops X] [--set KEY=VALUE]...",
+                 "Time real training steps of FILE's model, optimizer and batch (train.global_batch × seq_len,\n"
+                 "micro_batch, device, dtype) on synthetic tokens: forward + backward over the micro-batches,\n"
+                 "gradient clipping, AdamW and the balancer update, as `moetrain train` runs them.\n"
+                 "Prints the median step time, tokens/s, model TFLOP/s, MFU against the measured bf16 matmul\n"
+                 "rate of the card (H200 790, H100 722 TFLOP/s; other cards need --peak-tflops) and peak GPU\n"
+                 "memory. The last stdout line is one JSON object: tokens_per_s, step_ms, tflops, mfu,\n"
+                 "peak_mem_gb, device.");
+  args.positional("FILE", "experiment config (YAML)");
+  args.option("steps", "N", "timed steps", "20");
+  args.option("warmup", "N", "untimed steps first (allocator, cuBLAS heuristics, autotuning)", "5");
+  args.option("peak-tflops", "X", "the card's measured bf16 matmul rate for MFU (default: a table by GPU name)");
+  args.option("seed", "N", "seed of the synthetic tokens and the initial weights", "1234");
+  args.option("profile", "N", "after timing, profile N more steps (CUDA): GPU time by kernel, syncs, launches", "0");
+  args.option("trace", "FILE", "with --profile: also save a Chrome trace (chrome://tracing, Perfetto)");
+  args.allow_set();
+  return run_command([&] {
+    if (!args.parse(argc, argv)) return 0;
+    const ExperimentConfig cfg = load_experiment_config(args.pos(0), args.sets());
+    const TrainConfig& tc = cfg.train;
+    const int64_t steps = std::stoll(args.get("steps")), warmup = std::stoll(args.get("warmup"));
+    if (steps < 1 || warmup < 0) throw UsageError("moetrain bench: --steps must be >= 1 and --warmup >= 0");
+    if (tc.device == "cuda" && !torch::cuda::is_available())
+      throw UsageError("moetrain bench: train.device is cuda but no CUDA device is available");
+    if (tc.global_batch % tc.micro_batch != 0)
+      throw UsageError(fmt::format("moetrain bench: train.global_batch {} is not a multiple of train.micro_batch {}",
+                                   tc.global_batch, tc.micro_batch));
+    if (tc.threads > 0) torch::set_num_threads(static_cast<int>(tc.threads));
+    const torch::Device device(tc.device == "cuda" ? torch::kCUDA : torch::kCPU);
+    const std::string name = device_name(device);
+    std::optional<double> peak = measured_peak_tflops(name);
+    if (args.given("peak-tflops")) peak = std::stod(args.get("peak-tflops"));
+
+    const uint64_t seed = std::stoull(args.get("seed"));
+    torch::manual_seed(seed);
+    Transformer model(cfg.model);
+    model->to(device);
+    auto optimizer = build_optimizer(*model, cfg.optim);
+    set_lr(*optimizer, cfg.optim.lr);
+    Balancer balancer(cfg.balance, cfg.model, model->routers());
+    std::vector<torch::Tensor> params = model->parameters();
+
+    // A few distinct synthetic global batches on the device, used in turn.
+    const int64_t accum = tc.global_batch / tc.micro_batch;
+    auto gen = at::detail::createCPUGenerator(seed);
+    std::vector<torch::Tensor> batches;
+    for (int k = 0; k < 4; ++k)
+      batches.push_back(torch::randint(cfg.model.vocab_size, {tc.global_batch, tc.seq_len + 1}, gen, torch::kInt64)
+                            .to(device));
+    ForwardBackwardOptions fb;
+    fb.accum = accum;
+    fb.seq_len = tc.seq_len;
+    fb.bf16_autocast = tc.dtype == "bf16" && device.is_cuda();
+
+    const ParamCounts pc = count_params(cfg.model, tc.seq_len);
+    const int64_t tokens_per_step = tc.global_batch * tc.seq_len;
+    std::cerr << fmt::format("bench: {} on {} ({}), {} warmup + {} timed steps of {} × {} tokens ({} micro-steps), {}\n",
+                             args.pos(0), tc.device, name, warmup, steps, tc.global_batch, tc.seq_len, accum,
+                             fb.bf16_autocast ? "bf16 autocast" : "fp32");
+    const double clip = cfg.optim.grad_clip > 0.0 ? cfg.optim.grad_clip : std::numeric_limits<double>::infinity();
+    int64_t step_index = 0;
+    StepLosses sums;
+    auto train_step = [&] {  // one optimizer step, as `moetrain train` takes it
+      const torch::Tensor& tokens = batches[static_cast<size_t>(step_index % 4)];
+      optimizer->zero_grad();
+      sums = forward_backward(
+          model, balancer,
+          [&](int64_t m) {
+            torch::Tensor rows = tokens.narrow(0, m * tc.micro_batch, tc.micro_batch);
+            return Batch{rows.narrow(1, 0, tc.seq_len), rows.narrow(1, 1, tc.seq_len)};
+          },
+          fb);
+      torch::nn::utils::clip_grad_norm_(params, clip);
+      optimizer->step();
+      ++step_index;
+      balancer.after_step(step_index, step_index * tokens_per_step);
+    };
+    std::vector<double> step_ms;
+    double last_loss = 0.0;
+    for (int64_t i = 0; i < warmup + steps; ++i) {
+      sync(device);
+      const auto t0 = Clock::now();
+      train_step();
+      sync(device);
+      const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+      if (i >= warmup) step_ms.push_back(ms);
+      if (i + 1 == warmup + steps) last_loss = sums.means(accum)[0];
+      std::cerr << fmt::format("\r{} step {:>4}/{}: {:.1f} ms  ", i < warmup ? "warmup" : "timed ",
+                               i < warmup ? i + 1 : i + 1 - warmup, i < warmup ? warmup : steps, ms)
+                << std::flush;
+    }
+    std::cerr << "\n";
+    if (!std::isfinite(last_loss)) throw std::runtime_error("moetrain bench: the loss became non-finite");
+
+    nlohmann::json profile = nullptr;
+    const int64_t profile_steps_n = std::stoll(args.get("profile"));
+    if (profile_steps_n > 0) {
+      if (!device.is_cuda()) throw UsageError("moetrain bench: --profile needs train.device cuda");
+      const StepProfile p = profile_steps(train_step, profile_steps_n, args.get("trace"));
+      const double n = static_cast<double>(profile_steps_n);
+      std::cerr << fmt::format("profile of {} steps: wall {:.1f} ms/step, GPU busy {:.1f} ms/step ({:.0f} %), {:.0f} host "
+                               "syncs/step, {:.0f} kernel launches/step\n",
+                               profile_steps_n, p.wall_ms / n, p.gpu_busy_ms / n, 100.0 * p.gpu_busy_ms / p.wall_ms,
+                               static_cast<double>(p.host_syncs) / n, static_cast<double>(p.launches) / n);
+      std::cerr << fmt::format("{:>9} {:>6} {:>7}  {}\n", "ms/step", "% GPU", "calls", "kernel");
+      nlohmann::json top = nlohmann::json::array();
+      for (size_t k = 0; k < p.kernels.size() && k < 25; ++k) {
+        const KernelTime& kt = p.kernels[k];
+        std::cerr << fmt::format("{:>9.2f} {:>6.1f} {:>7.0f}  {}\n", kt.total_ms / n, 100.0 * kt.total_ms / p.gpu_busy_ms,
+                                 static_cast<double>(kt.calls) / n, kt.name.substr(0, 110));
+        top.push_back({{"name", kt.name}, {"ms_per_step", kt.total_ms / n}, {"calls_per_step", kt.calls / n}});
+      }
+      profile = {{"steps", profile_steps_n},
+                 {"wall_ms_per_step", p.wall_ms / n},
+                 {"gpu_busy_ms_per_step", p.gpu_busy_ms / n},
+                 {"host_syncs_per_step", p.host_syncs / n},
+                 {"launches_per_step", p.launches / n},
+                 {"top_kernels", top}};
+    }
+
+    const double ms = median(step_ms);
+    const double tokens_per_s = static_cast<double>(tokens_per_step) / (ms / 1e3);
+    const double tflops = pc.flops_per_token * tokens_per_s / 1e12;
+    nlohmann::json j = {{"tokens_per_s", tokens_per_s},
+                        {"step_ms", ms},
+                        {"step_ms_min", *std::min_element(step_ms.begin(), step_ms.end())},
+                        {"step_ms_max", *std::max_element(step_ms.begin(), step_ms.end())},
+                        {"tflops", tflops},
+                        {"mfu", peak ? nlohmann::json(tflops / *peak) : nlohmann::json(nullptr)},
+                        {"peak_tflops", peak ? nlohmann::json(*peak) : nlohmann::json(nullptr)},
+                        {"peak_mem_gb", peak_memory_gb(device)},
+                        {"device", name},
+                        {"params", pc.total},
+                        {"flops_per_token", pc.flops_per_token},
+                        {"tokens_per_step", tokens_per_step},
+                        {"steps", steps},
+                        {"warmup", warmup},
+                        {"loss", last_loss},
+                        {"profile", profile}};
+    std::cout << fmt::format("{}: median step {:.1f} ms, {:.0f} tokens/s, {:.1f} TFLOP/s, MFU {}, peak memory {:.1f} GB\n",
+                             name, ms, tokens_per_s, tflops, peak ? fmt::format("{:.1f} %", 100.0 * tflops / *peak) : "n/a",
+                             j["peak_mem_gb"].get<double>());
+    std::cout << j.dump() << "\n";
+    return 0;
+  });
+}
+
+}  // namespace moetrain

@@ -1,0 +1,155 @@
+// The fast CUDA paths of training against their float64 CPU references (label cuda:
+// needs a GPU), under bf16 autocast with fp32 master weights — how the trainer runs:
+// the routed experts take at::_grouped_mm (no host-side counts) and agree with the
+// per-expert loop; the chunked LM-head cross-entropy runs its matmuls in bf16, the
+// backward too, and agrees with the fp64 loss and gradients; all within bf16 rounding.
+// FusedAdamW (at::_fused_adamw_) follows torch::optim::AdamW step for step in fp32.
+#include <gtest/gtest.h>
+
+#include <ATen/autocast_mode.h>
+#include <torch/torch.h>
+
+#include "models/experts.h"
+#include "models/lm_loss.h"
+#include "trainer/optim.h"
+#include "models/moe.h"
+
+namespace {
+
+using namespace moetrain;
+
+double rel_err(const torch::Tensor& got, const torch::Tensor& want) {
+  const torch::Tensor g = got.to(torch::kCPU, torch::kDouble), w = want.to(torch::kCPU, torch::kDouble);
+  return ((g - w).norm() / w.norm()).item<double>();
+}
+
+struct Bf16Autocast {
+  Bf16Autocast() {
+    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+    at::autocast::set_autocast_enabled(at::kCUDA, true);
+  }
+  ~Bf16Autocast() {
+    at::autocast::set_autocast_enabled(at::kCUDA, false);
+    at::autocast::clear_cache();
+  }
+};
+
+TEST(MoeCuda, GroupedMmUnderAutocastMatchesFp64Loop) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  const int64_t E = 8, D = 64, I = 32, N = 512, K = 2;
+  torch::manual_seed(7);
+  GroupedExperts fast(E, D, I, 0.05), ref(E, D, I, 0.05);
+  {
+    torch::NoGradGuard no_grad;
+    ref->w1.copy_(fast->w1);
+    ref->w2.copy_(fast->w2);
+    ref->w3.copy_(fast->w3);
+  }
+  ref->to(torch::kDouble);
+  fast->to(torch::kCUDA);  // fp32 master weights on the GPU
+
+  const torch::Tensor x = torch::randn({N, D});
+  const torch::Tensor idx = std::get<1>(torch::rand({N, E}).topk(K, 1));  // K distinct experts per token
+  const torch::Tensor weight = torch::rand({N, K});
+  const torch::Tensor grad_out = torch::randn({N, D});
+
+  // reference: float64 per-expert loop on the CPU
+  torch::Tensor x_ref = x.to(torch::kDouble).requires_grad_();
+  torch::Tensor y_ref = moe_experts_reference(*ref, x_ref, idx, weight.to(torch::kDouble));
+  (y_ref * grad_out.to(torch::kDouble)).sum().backward();
+
+  // fast: sort → grouped GEMM → scatter under bf16 autocast
+  torch::Tensor x_gpu = x.to(torch::kCUDA).requires_grad_();
+  const torch::Tensor idx_gpu = idx.to(torch::kCUDA);
+  const torch::Tensor counts =
+      torch::zeros({E}, idx_gpu.options()).scatter_add_(0, idx_gpu.flatten(), torch::ones({N * K}, idx_gpu.options()));
+  torch::Tensor y;
+  {
+    Bf16Autocast autocast;
+    ASSERT_TRUE(fast->uses_grouped_mm(x_gpu));
+    y = moe_routed_experts(*fast, x_gpu, idx_gpu, weight.to(torch::kCUDA), counts);
+  }
+  EXPECT_FALSE(fast->uses_grouped_mm(x_gpu)) << "fp32 without autocast keeps the exact loop";
+  (y.to(torch::kFloat) * grad_out.to(torch::kCUDA)).sum().backward();
+
+  EXPECT_LT(rel_err(y, y_ref), 1e-2);
+  EXPECT_LT(rel_err(x_gpu.grad(), x_ref.grad()), 2e-2);
+  for (auto [a, b] : {std::pair{fast->w1, ref->w1}, std::pair{fast->w2, ref->w2}, std::pair{fast->w3, ref->w3}}) {
+    ASSERT_TRUE(a.grad().defined());
+    EXPECT_EQ(a.grad().scalar_type(), torch::kFloat);  // gradients reach the fp32 master weights
+    EXPECT_LT(rel_err(a.grad(), b.grad()), 2e-2);
+  }
+}
+
+TEST(LmLossCuda, Bf16AutocastMatchesFp64) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  const int64_t N = 300, D = 64, V = 1000;
+  torch::manual_seed(11);
+  const torch::Tensor hidden = torch::randn({N, D}), weight = 0.2 * torch::randn({V, D});
+  torch::Tensor targets = torch::randint(V, {N}, torch::kLong);
+  targets[5] = kIgnoreIndex;
+
+  torch::Tensor h64 = hidden.to(torch::kDouble).requires_grad_(), w64 = weight.to(torch::kDouble).requires_grad_();
+  const torch::Tensor ref = chunked_cross_entropy(h64, w64, targets, 128);
+  ref.backward();
+
+  torch::Tensor h = hidden.to(torch::kCUDA).requires_grad_(), w = weight.to(torch::kCUDA).requires_grad_();
+  torch::Tensor loss;
+  {
+    Bf16Autocast autocast;
+    loss = chunked_cross_entropy(h, w, targets.to(torch::kCUDA), 128);
+  }
+  loss.backward();  // outside autocast, as the trainer's backward
+  EXPECT_EQ(loss.scalar_type(), torch::kFloat);
+  EXPECT_LT(std::abs(loss.item<double>() - ref.item<double>()) / ref.item<double>(), 5e-3);
+  EXPECT_EQ(h.grad().scalar_type(), torch::kFloat);
+  EXPECT_EQ(w.grad().scalar_type(), torch::kFloat);
+  EXPECT_LT(rel_err(h.grad(), h64.grad()), 2e-2);
+  EXPECT_LT(rel_err(w.grad(), w64.grad()), 2e-2);
+}
+
+TEST(FusedAdamWCuda, FollowsAdamWReference) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  torch::manual_seed(3);
+  const std::vector<std::vector<int64_t>> shapes = {{64, 32}, {8, 4, 16}, {32}};
+  std::vector<torch::Tensor> fast, ref;
+  for (const auto& s : shapes) {
+    torch::Tensor t = torch::randn(s, torch::TensorOptions().device(torch::kCUDA));
+    fast.push_back(t.clone().requires_grad_());
+    ref.push_back(t.clone().requires_grad_());
+  }
+  auto groups = [](std::vector<torch::Tensor>& p) {  // decay on ≥2-D, none on 1-D, as build_optimizer
+    auto opt = [](double wd) {
+      return std::make_unique<torch::optim::AdamWOptions>(
+          torch::optim::AdamWOptions(2e-3).betas({0.9, 0.95}).eps(1e-8).weight_decay(wd));
+    };
+    std::vector<torch::optim::OptimizerParamGroup> g;
+    g.emplace_back(std::vector<torch::Tensor>{p[0], p[1]}, opt(0.1));
+    g.emplace_back(std::vector<torch::Tensor>{p[2]}, opt(0.0));
+    return g;
+  };
+  FusedAdamW fused_opt(groups(fast));
+  torch::optim::AdamW ref_opt(groups(ref));
+  for (int step = 0; step < 6; ++step) {
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      if (step == 0 && i == 1) continue;  // a parameter without a gradient in the first step
+      const torch::Tensor g = torch::randn(shapes[i], torch::TensorOptions().device(torch::kCUDA));
+      fast[i].mutable_grad() = g.clone();
+      ref[i].mutable_grad() = g.clone();
+    }
+    fused_opt.step();
+    ref_opt.step();
+    for (auto& p : fast) p.mutable_grad() = torch::Tensor();
+    for (auto& p : ref) p.mutable_grad() = torch::Tensor();
+  }
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    EXPECT_LT(rel_err(fast[i], ref[i]), 1e-6) << i;
+    const auto& sf = static_cast<torch::optim::AdamWParamState&>(*fused_opt.state().at(fast[i].unsafeGetTensorImpl()));
+    const auto& sr = static_cast<torch::optim::AdamWParamState&>(*ref_opt.state().at(ref[i].unsafeGetTensorImpl()));
+    EXPECT_EQ(sf.step(), sr.step()) << i;
+    EXPECT_LT(rel_err(sf.exp_avg(), sr.exp_avg()), 1e-6) << i;
+    EXPECT_LT(rel_err(sf.exp_avg_sq(), sr.exp_avg_sq()), 1e-6) << i;
+  }
+}
+
+}  // namespace

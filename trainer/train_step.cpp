@@ -1,0 +1,72 @@
+#include "trainer/train_step.h"
+
+#include <limits>
+
+#include <ATen/autocast_mode.h>
+
+#include "trainer/evaluate.h"
+
+namespace moetrain {
+
+namespace {
+
+// bf16 autocast on CUDA for the forward pass; a no-op when disabled.
+class AutocastGuard {
+ public:
+  explicit AutocastGuard(bool enabled) : enabled_(enabled) {
+    if (!enabled_) return;
+    prev_ = at::autocast::is_autocast_enabled(at::kCUDA);
+    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+    at::autocast::set_autocast_enabled(at::kCUDA, true);
+  }
+  ~AutocastGuard() {
+    if (!enabled_) return;
+    at::autocast::set_autocast_enabled(at::kCUDA, prev_);
+    at::autocast::clear_cache();
+  }
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  bool enabled_, prev_ = false;
+};
+
+}  // namespace
+
+std::vector<double> StepLosses::means(int64_t accum) const {
+  torch::Tensor all = torch::stack({lm, aux, seq_aux, z}).to(torch::kCPU);
+  std::vector<double> out(4);
+  for (int64_t i = 0; i < 4; ++i) out[static_cast<size_t>(i)] = all[i].item<double>() / static_cast<double>(accum);
+  return out;
+}
+
+StepLosses forward_backward(Transformer& model, Balancer& balancer, const std::function<Batch(int64_t)>& micro_batch,
+                            const ForwardBackwardOptions& options) {
+  const torch::Device device = model->embed->weight.device();
+  auto zero = [&] { return torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat64).device(device)); };
+  StepLosses sums{zero(), zero(), zero(), zero()};
+  for (int64_t m = 0; m < options.accum; ++m) {
+    Batch batch = micro_batch(m);
+    torch::Tensor loss, lm;
+    BalanceLosses bl;
+    ForwardOut out;
+    {
+      AutocastGuard autocast(options.bf16_autocast);
+      out = model->forward(batch.inputs.to(device));
+      lm = lm_head_loss(model, out.hidden, batch.targets.to(device), kLossChunkTokens);
+      if (options.poison_loss) lm = lm + std::numeric_limits<double>::quiet_NaN();
+      bl = balancer.losses(out.routing, options.seq_len);
+      loss = (lm + bl.total()) / static_cast<double>(options.accum);
+    }
+    loss.backward();
+    balancer.accumulate(out.routing);  // training forward passes only
+    // float64 sums of the fp32 scalars: the same numbers as adding their .item()s on the host
+    sums.lm += lm.detach().to(torch::kFloat64);
+    sums.aux += bl.aux.detach().to(torch::kFloat64);
+    sums.seq_aux += bl.seq_aux.detach().to(torch::kFloat64);
+    sums.z += bl.z.detach().to(torch::kFloat64);
+  }
+  return sums;
+}
+
+}  // namespace moetrain

@@ -1,0 +1,40 @@
+// defines: StepLosses, forward_backward — the forward and backward half of one
+// optimizer step, shared by the training loop (trainer.cpp) and `moetrain bench`:
+// every micro-batch of the global batch goes through the model (bf16 autocast on
+// CUDA when asked), the LM loss plus the balance losses, scaled by 1/accum, are
+// back-propagated (gradients accumulate), and the balancer counts the training
+// routing. The loss terms stay on the device: the caller syncs once, when it
+// needs the numbers.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+#include <torch/torch.h>
+
+#include "data/dataset.h"
+#include "models/transformer.h"
+#include "trainer/balance.h"
+
+namespace moetrain {
+
+// Sums over the micro-steps (divide by accum for the means), float64 scalars on the device, detached.
+struct StepLosses {
+  torch::Tensor lm, aux, seq_aux, z;
+  // [lm, aux, seq_aux, z] means on the CPU: the one host sync of a step.
+  std::vector<double> means(int64_t accum) const;
+};
+
+struct ForwardBackwardOptions {
+  int64_t accum = 1;           // micro-steps of this global batch
+  int64_t seq_len = 0;         // for the sequence-wise balance loss
+  bool bf16_autocast = false;  // CUDA: bf16 matmuls over fp32 master weights
+  bool poison_loss = false;    // test-only fault injection: the LM loss becomes NaN before backward
+};
+
+// micro_batch(m) is micro-batch m (CPU or device tensors). Gradients are ADDED to the
+// parameters' .grad (zero them first).
+StepLosses forward_backward(Transformer& model, Balancer& balancer, const std::function<Batch(int64_t)>& micro_batch,
+                            const ForwardBackwardOptions& options);
+
+}  // namespace moetrain
