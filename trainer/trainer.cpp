@@ -240,29 +240,39 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
     optimizer->zero_grad();
 
     // forward + backward over the micro-steps of this global batch
-    double lm_sum = 0.0, aux_sum = 0.0, seq_sum = 0.0, z_sum = 0.0;
+    const double mtp_weight = mtp_loss_weight_at(tc, step);
+    double lm_sum = 0.0, aux_sum = 0.0, seq_sum = 0.0, z_sum = 0.0, mtp_sum = 0.0;
     for (int64_t m = 0; m < accum; ++m) {
       Batch batch = loader.micro_batch(step, m, /*rank=*/0, /*ranks=*/1);
-      torch::Tensor loss, lm;
+      torch::Tensor loss, lm, mtp;
       BalanceLosses bl;
       ForwardOut out;
       {
         AutocastGuard autocast(bf16_autocast);  // bf16 matmuls, fp32 master weights (CUDA)
-        out = model->forward(batch.inputs.to(device));
-        lm = lm_head_loss(model, out.hidden, batch.targets.to(device), kLossChunkTokens);
+        const torch::Tensor targets = batch.targets.to(device);
+        out = model->forward(batch.inputs.to(device), /*with_mtp=*/true);  // + the MTP modules when D > 0
+        lm = lm_head_loss(model, out.hidden, targets, kLossChunkTokens);
         if (inject.at("nan_loss", step + 1)) lm = lm + std::numeric_limits<double>::quiet_NaN();
         bl = balancer.losses(out.routing, tc.seq_len);
-        loss = (lm + bl.total()) / static_cast<double>(accum);
+        loss = lm + bl.total();
+        if (!out.mtp_hidden.empty()) {  // eq. 25: λ · mean over depths of L^k_MTP
+          mtp = torch::stack(mtp_head_losses(model, out, targets, kLossChunkTokens)).mean();
+          loss = loss + mtp_weight * mtp;
+        }
+        loss = loss / static_cast<double>(accum);
       }
       loss.backward();
-      balancer.accumulate(out.routing);  // training forward passes only
+      balancer.accumulate(out.routing);  // training forward passes only (MTP MoE layers included)
+      if (mtp.defined()) mtp_sum += mtp.item<double>();
       lm_sum += lm.item<double>();       // .item() syncs; fine on CPU, batched later for CUDA
       aux_sum += bl.aux.item<double>();
       seq_sum += bl.seq_aux.item<double>();
       z_sum += bl.z.item<double>();
     }
     const double lm_loss = lm_sum / accum, aux = aux_sum / accum, seq_aux = seq_sum / accum, z = z_sum / accum;
-    const double loss = (lm_loss + aux + seq_aux + z) * (inject.at("spike", step + 1) ? 1000.0 : 1.0);
+    const double mtp_loss = mtp_sum / accum;  // unweighted mean over depths (comparable with lm_loss)
+    const double loss =
+        (lm_loss + mtp_weight * mtp_loss + aux + seq_aux + z) * (inject.at("spike", step + 1) ? 1000.0 : 1.0);
     if (inject.at("nan_grad", step + 1) && params[0].grad().defined()) params[0].grad().fill_(NAN);
 
     // clip; never step the optimizer or the biases on non-finite values
@@ -301,7 +311,7 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
       log_window_start = Clock::now();
       log_window_tokens = 0;
       nlohmann::json record = {{"step", step + 1}, {"tokens", loader.state().tokens}, {"loss", loss}, {"lm_loss", lm_loss},
-                     {"aux_loss", aux}, {"seq_aux_loss", seq_aux}, {"z_loss", z}, {"mtp_loss", 0.0}, {"lr", lr},
+                     {"aux_loss", aux}, {"seq_aux_loss", seq_aux}, {"z_loss", z}, {"mtp_loss", mtp_loss}, {"mtp_loss_weight", mtp_weight}, {"lr", lr},
                      {"grad_norm", grad_norm}, {"tokens_per_s", tokens_per_s}, {"maxvio_batch", mean_of(maxvio_layers)},
                      {"maxvio_batch_layers", maxvio_layers}, {"expert_load", to_json_2d(expert_load)},
                      {"bias", to_json_2d(balancer.biases())}, {"epochs", loader.epochs()},
