@@ -11,5 +11,6 @@ int cmd_train(int argc, char** argv);
 int cmd_data(int argc, char** argv);
 int cmd_ablate(int argc, char** argv);
 int cmd_export(int argc, char** argv);
+int cmd_generate(int argc, char** argv);
 
 }  // namespace moetrain

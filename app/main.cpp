@@ -31,6 +31,7 @@ const Command kCommands[] = {
     {"ablate", "compare balancing strategies: run an ablation file's variants, write a report", moetrain::cmd_ablate},
     {"export", "export CHECKPOINT --format hf --out DIR: write a Hugging Face DeepseekV3 directory", moetrain::cmd_export},
     {"eval", "score a token sequence with a Hugging Face DeepseekV3 model", moetrain::cmd_eval},
+    {"generate", "continue a prompt (latent KV cache; sampling; --speculative mtp)", moetrain::cmd_generate},
 };
 
 void print_usage(std::ostream& os) {
