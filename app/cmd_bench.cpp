@@ -139,6 +139,7 @@ int cmd_bench(int argc, char** argv) {
     auto train_step = [&] {  // one optimizer step, as `moetrain train` takes it
       const torch::Tensor& tokens = batches[static_cast<size_t>(step_index % 4)];
       optimizer->zero_grad();
+      fb.mtp_weight = mtp_loss_weight_at(tc, step_index);
       sums = forward_backward(
           model, balancer,
           [&](int64_t m) {

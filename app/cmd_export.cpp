@@ -157,10 +157,6 @@ int cmd_export(int argc, char** argv) {
       throw UsageError(fmt::format("moetrain export: {}", e.what()));
     }
     const ModelConfig& mcfg = exp.model;
-    if (mcfg.num_nextn_predict_layers > 0)
-      std::fprintf(stderr, "moetrain export: note: num_nextn_predict_layers = %lld, but moetrain has no MTP "
-                           "modules yet; none are exported\n",
-                   static_cast<long long>(mcfg.num_nextn_predict_layers));
 
     const TokenizerExport tok = describe_tokenizer(exp);
     std::unique_ptr<SentencePieceTokenizer> sp;  // parsed before anything is written

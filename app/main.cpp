@@ -32,6 +32,7 @@ const Command kCommands[] = {
     {"export", "export CHECKPOINT --format hf --out DIR: write a Hugging Face DeepseekV3 directory", moetrain::cmd_export},
     {"eval", "score a checkpoint or Hugging Face model on text, token ids or the validation split", moetrain::cmd_eval},
     {"bench", "time training steps of a config on synthetic tokens (tokens/s, TFLOP/s, MFU)", moetrain::cmd_bench},
+    {"generate", "continue a prompt (latent KV cache; sampling; --speculative mtp)", moetrain::cmd_generate},
 };
 
 void print_usage(std::ostream& os) {

@@ -1,8 +1,10 @@
 #include "io/hf.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <map>
 #include <set>
@@ -355,6 +357,22 @@ const NamePair kTopNames[] = {
     {"lm_head.weight", "head.weight"},
 };
 
+// MTP-only names: "model.layers.{L+k}." + hf  <->  "mtp.{k}." + moetrain. The module's
+// decoder block uses the decoder-layer names (kLayerNames) under "mtp.{k}.block.".
+const NamePair kMtpNames[] = {
+    {"enorm.weight", "enorm.weight"},
+    {"hnorm.weight", "hnorm.weight"},
+    {"eh_proj.weight", "eh_proj.weight"},
+    {"shared_head.norm.weight", "norm.weight"},
+};
+
+// Copies of the shared tensors that DeepSeek's release stores in every MTP layer
+// (README_WEIGHTS: "shares parameters with" the main embedding / output head).
+const NamePair kMtpSharedCopies[] = {
+    {"embed_tokens.weight", "embed.weight"},
+    {"shared_head.head.weight", "head.weight"},
+};
+
 // Parses a canonical decimal index ("0", "17"; not "007", "+1", "") at s[pos...] up
 // to the next '.', advancing pos past the '.'.
 bool parse_index(const std::string& s, size_t* pos, int64_t* out) {
@@ -371,9 +389,62 @@ bool parse_index(const std::string& s, size_t* pos, int64_t* out) {
   return true;
 }
 
+// Parses the layer-local part of an HF decoder-layer name (after "model.layers.{i}.")
+// into moetrain's layer-local name under `prefix` ("layers.{i}." or "mtp.{k}.block.").
+bool parse_layer_local(const std::string& rest, const std::string& prefix, HfTarget* t) {
+  for (const NamePair& p : kLayerNames) {
+    if (rest == p.hf) {
+      t->name = prefix + p.moetrain;
+      return true;
+    }
+  }
+  if (rest == "mlp.experts.gate_up_proj") {
+    t->kind = HfTarget::Kind::kFusedGateUp;
+    t->name = prefix + "ffn.experts.w1";
+    t->name2 = prefix + "ffn.experts.w3";
+    return true;
+  }
+  static const std::string kExperts = "mlp.experts.";
+  if (!starts_with(rest, kExperts)) return false;
+  size_t epos = kExperts.size();
+  if (!parse_index(rest, &epos, &t->expert)) return false;
+  const std::string leaf = rest.substr(epos);
+  for (const NamePair& p : kExpertNames) {
+    if (leaf == p.hf) {
+      t->kind = HfTarget::Kind::kExpert;
+      t->name = prefix + "ffn.experts." + p.moetrain;
+      return true;
+    }
+  }
+  return false;
+}
+
+// moetrain layer-local name (after "layers.{i}." or "mtp.{k}.block.") -> HF layer-local
+// name, or "" when it is not one.
+std::string layer_local_hf(const std::string& rest, int64_t expert, const std::function<void(const std::string&)>& fail) {
+  static const std::string kExperts = "ffn.experts.";
+  if (starts_with(rest, kExperts)) {
+    const std::string leaf = rest.substr(kExperts.size());
+    for (const NamePair& p : kExpertNames) {
+      if (leaf == p.moetrain) {
+        if (expert < 0) fail("stacked experts need an expert index");
+        return "mlp.experts." + std::to_string(expert) + "." + p.hf;
+      }
+    }
+    fail("unknown expert tensor");
+  }
+  for (const NamePair& p : kLayerNames) {
+    if (rest == p.moetrain) {
+      if (expert != -1) fail("not an expert tensor");
+      return p.hf;
+    }
+  }
+  return "";
+}
+
 }  // namespace
 
-bool hf_parse_name(const std::string& hf_name, HfTarget* out) {
+bool hf_parse_name(const std::string& hf_name, HfTarget* out, int64_t num_hidden_layers) {
   HfTarget t;
   for (const NamePair& p : kTopNames) {
     if (hf_name == p.hf) {
@@ -387,39 +458,35 @@ bool hf_parse_name(const std::string& hf_name, HfTarget* out) {
   size_t pos = kLayers.size();
   if (!parse_index(hf_name, &pos, &t.layer)) return false;
   const std::string rest = hf_name.substr(pos);
-  const std::string prefix = "layers." + std::to_string(t.layer) + ".";
-  for (const NamePair& p : kLayerNames) {
-    if (rest == p.hf) {
-      t.name = prefix + p.moetrain;
-      *out = t;
-      return true;
-    }
-  }
-  if (rest == "mlp.experts.gate_up_proj") {
-    t.kind = HfTarget::Kind::kFusedGateUp;
-    t.name = prefix + "ffn.experts.w1";
-    t.name2 = prefix + "ffn.experts.w3";
+  if (num_hidden_layers < 0 || t.layer < num_hidden_layers) {
+    if (!parse_layer_local(rest, "layers." + std::to_string(t.layer) + ".", &t)) return false;
     *out = t;
     return true;
   }
-  static const std::string kExperts = "mlp.experts.";
-  if (!starts_with(rest, kExperts)) return false;
-  size_t epos = kExperts.size();
-  if (!parse_index(rest, &epos, &t.expert)) return false;
-  const std::string leaf = rest.substr(epos);
-  for (const NamePair& p : kExpertNames) {
-    if (leaf == p.hf) {
-      t.kind = HfTarget::Kind::kExpert;
-      t.name = prefix + "ffn.experts." + p.moetrain;
+  // An MTP module: HF layer num_hidden_layers + k is moetrain's mtp.{k}.
+  const std::string mtp = "mtp." + std::to_string(t.layer - num_hidden_layers) + ".";
+  for (const NamePair& p : kMtpNames) {
+    if (rest == p.hf) {
+      t.name = mtp + p.moetrain;
       *out = t;
       return true;
     }
   }
-  return false;
+  for (const NamePair& p : kMtpSharedCopies) {
+    if (rest == p.hf) {
+      t.kind = HfTarget::Kind::kSharedCopy;
+      t.name = p.moetrain;
+      *out = t;
+      return true;
+    }
+  }
+  if (!parse_layer_local(rest, mtp + "block.", &t)) return false;
+  *out = t;
+  return true;
 }
 
-std::string hf_name_for(const std::string& moetrain_name, int64_t expert) {
-  auto fail = [&](const std::string& why) -> std::string {
+std::string hf_name_for(const std::string& moetrain_name, int64_t expert, int64_t num_hidden_layers) {
+  auto fail = [&](const std::string& why) {
     throw std::invalid_argument("hf_name_for('" + moetrain_name + "'): " + why);
   };
   for (const NamePair& p : kTopNames) {
@@ -428,31 +495,35 @@ std::string hf_name_for(const std::string& moetrain_name, int64_t expert) {
       return p.hf;
     }
   }
-  static const std::string kLayers = "layers.";
-  if (!starts_with(moetrain_name, kLayers)) return fail("not a moetrain model tensor");
-  size_t pos = kLayers.size();
-  int64_t layer = -1;
-  if (!parse_index(moetrain_name, &pos, &layer)) return fail("bad layer index");
-  const std::string rest = moetrain_name.substr(pos);
-  const std::string prefix = "model.layers." + std::to_string(layer) + ".";
-  static const std::string kExperts = "ffn.experts.";
-  if (starts_with(rest, kExperts)) {
-    const std::string leaf = rest.substr(kExperts.size());
-    for (const NamePair& p : kExpertNames) {
-      if (leaf == p.moetrain) {
-        if (expert < 0) fail("stacked experts need an expert index");
-        return prefix + "mlp.experts." + std::to_string(expert) + "." + p.hf;
+  static const std::string kMtp = "mtp.";
+  if (starts_with(moetrain_name, kMtp)) {
+    size_t pos = kMtp.size();
+    int64_t k = -1;
+    if (!parse_index(moetrain_name, &pos, &k)) fail("bad MTP module index");
+    if (num_hidden_layers < 0) fail("MTP names need num_hidden_layers (HF layer num_hidden_layers + k)");
+    const std::string rest = moetrain_name.substr(pos);
+    const std::string prefix = "model.layers." + std::to_string(num_hidden_layers + k) + ".";
+    for (const NamePair& p : kMtpNames) {
+      if (rest == p.moetrain) {
+        if (expert != -1) fail("not an expert tensor");
+        return prefix + p.hf;
       }
     }
-    return fail("unknown expert tensor");
-  }
-  for (const NamePair& p : kLayerNames) {
-    if (rest == p.moetrain) {
-      if (expert != -1) fail("not an expert tensor");
-      return prefix + p.hf;
+    static const std::string kBlock = "block.";
+    if (starts_with(rest, kBlock)) {
+      const std::string hf = layer_local_hf(rest.substr(kBlock.size()), expert, fail);
+      if (!hf.empty()) return prefix + hf;
     }
+    fail("not in the HF name contract (docs/model-contract.md)");
   }
-  return fail("not in the HF name contract (docs/model-contract.md)");
+  static const std::string kLayers = "layers.";
+  if (!starts_with(moetrain_name, kLayers)) fail("not a moetrain model tensor");
+  size_t pos = kLayers.size();
+  int64_t layer = -1;
+  if (!parse_index(moetrain_name, &pos, &layer)) fail("bad layer index");
+  const std::string hf = layer_local_hf(moetrain_name.substr(pos), expert, fail);
+  if (hf.empty()) fail("not in the HF name contract (docs/model-contract.md)");
+  return "model.layers." + std::to_string(layer) + "." + hf;
 }
 
 // ---- loading -------------------------------------------------------------------------
@@ -568,6 +639,9 @@ Planned plan_tensor(const StTensorInfo& info, const HfTarget& t, const std::stri
       expected = d.sizes().slice(1).vec();
       cov->mark(expert_key(t.name, t.expert), hf);
       break;
+    case HfTarget::Kind::kSharedCopy:  // compared with the main tensor after loading
+      expected = d.sizes().vec();
+      break;
     case HfTarget::Kind::kFusedGateUp: {
       auto it2 = dests.find(t.name2);
       if (it2 == dests.end())
@@ -591,9 +665,11 @@ Planned plan_tensor(const StTensorInfo& info, const HfTarget& t, const std::stri
   return p;
 }
 
-// Every parameter and every router bias buffer must have been filled.
+// Every parameter and every router bias buffer must have been filled (the MTP
+// modules' too, unless skip_mtp: a checkpoint without any MTP tensor).
 void check_all_filled(const std::string& dir, const torch::nn::Module& model,
-                      const std::map<std::string, torch::Tensor>& dests, const Coverage& cov) {
+                      const std::map<std::string, torch::Tensor>& dests, const Coverage& cov,
+                      int64_t num_hidden_layers, bool skip_mtp) {
   std::set<std::string> params;
   for (const auto& item : model.named_parameters(true)) params.insert(item.key());
   std::vector<std::string> missing;
@@ -601,16 +677,17 @@ void check_all_filled(const std::string& dir, const torch::nn::Module& model,
     const std::string& name = kv.first;
     if (!params.count(name) && !is_router_bias(name)) continue;
     if (cov.has(name)) continue;
+    if (skip_mtp && starts_with(name, "mtp.")) continue;
     if (is_stacked_experts(name)) {
       for (int64_t e = 0; e < kv.second.size(0); ++e)
         if (!cov.has(expert_key(name, e)))
-          missing.push_back("'" + hf_name_for(name, e) + "' (moetrain '" + name + "' expert " + std::to_string(e) +
+          missing.push_back("'" + hf_name_for(name, e, num_hidden_layers) + "' (moetrain '" + name + "' expert " + std::to_string(e) +
                             ")");
       continue;
     }
     std::string hf;
     try {
-      hf = "'" + hf_name_for(name) + "'";
+      hf = "'" + hf_name_for(name, -1, num_hidden_layers) + "'";
     } catch (const std::invalid_argument&) {
       hf = "(no Hugging Face name)";
     }
@@ -630,6 +707,8 @@ void copy_tensor(const Planned& p, const torch::Tensor& src) {
       break;
     case HfTarget::Kind::kExpert:
       p.dest.select(0, p.target.expert).copy_(src);
+      break;
+    case HfTarget::Kind::kSharedCopy:  // nothing to copy: moetrain shares the main tensor
       break;
     case HfTarget::Kind::kFusedGateUp: {
       const int64_t inter = p.dest.size(1);
@@ -653,8 +732,9 @@ int64_t load_hf_weights(const std::string& dir, torch::nn::Module& model, const 
   // Plan from the headers alone, so that a rejected checkpoint changes nothing.
   std::vector<ShardPlan> plans;
   Coverage cov;
-  std::set<int64_t> mtp_layers;
-  int64_t mtp_tensors = 0;
+  const int64_t L = cfg.num_hidden_layers, D = cfg.num_nextn_predict_layers;
+  std::set<int64_t> skipped_layers;  // beyond the config's MTP modules
+  int64_t skipped_tensors = 0, mtp_tensors = 0;
   std::set<std::string> seen;
   for (const std::string& path : files) {
     const SafetensorsHeader header = read_safetensors_header(path);
@@ -674,14 +754,15 @@ int64_t load_hf_weights(const std::string& dir, torch::nn::Module& model, const 
       if (!seen.insert(hf).second)
         throw std::runtime_error("load_hf_weights: " + at + " appears in more than one file");
       HfTarget t;
-      if (!hf_parse_name(hf, &t))
+      if (!hf_parse_name(hf, &t, L))
         throw std::runtime_error("load_hf_weights: unknown tensor " + at +
                                  " (not a transformers DeepseekV3ForCausalLM weight)");
-      if (t.layer >= cfg.num_hidden_layers) {  // MTP modules (model.layers.61 in DeepSeek-V3)
-        mtp_layers.insert(t.layer);
-        ++mtp_tensors;
+      if (t.layer >= L + D) {  // MTP modules the config does not have (model.layers.61 in DeepSeek-V3)
+        skipped_layers.insert(t.layer);
+        ++skipped_tensors;
         continue;
       }
+      if (t.layer >= L) ++mtp_tensors;
       if (!dests.count(t.name)) {
         // transformers builds a zero-width shared MLP when n_shared_experts == 0;
         // moetrain builds none.
@@ -699,24 +780,45 @@ int64_t load_hf_weights(const std::string& dir, torch::nn::Module& model, const 
     if (!seen.count(kv.first))
       throw std::runtime_error("load_hf_weights: '" + kv.first + "' is listed in model.safetensors.index.json "
                                "under shard '" + kv.second + "', which does not hold it");
-  check_all_filled(dir, model, dests, cov);
+  const bool no_mtp_tensors = D > 0 && mtp_tensors == 0;
+  check_all_filled(dir, model, dests, cov, L, no_mtp_tensors);
 
-  // Copy, one shard in memory at a time.
+  // Copy, one shard in memory at a time; the MTP layers' copies of the shared
+  // embedding / head are kept aside and compared once the main tensors are in.
   torch::NoGradGuard no_grad;
   int64_t loaded = 0;
+  std::vector<std::pair<const Planned*, torch::Tensor>> shared_copies;
   for (const ShardPlan& plan : plans) {
     if (plan.tensors.empty()) continue;
     const SafetensorsFile f = read_safetensors(plan.path);
-    for (const Planned& p : plan.tensors) copy_tensor(p, f.at(p.hf_name));
+    for (const Planned& p : plan.tensors) {
+      if (p.target.kind == HfTarget::Kind::kSharedCopy)
+        shared_copies.emplace_back(&p, f.at(p.hf_name).clone());
+      else
+        copy_tensor(p, f.at(p.hf_name));
+    }
     loaded += static_cast<int64_t>(plan.tensors.size());
   }
-  if (mtp_tensors > 0) {
-    std::string layers;
-    for (int64_t l : mtp_layers) layers += (layers.empty() ? "" : ",") + std::to_string(l);
+  for (const auto& [p, copy] : shared_copies) {
+    const double diff = (copy.to(torch::kDouble) - p->dest.to(torch::kCPU, torch::kDouble)).abs().max().item<double>();
+    if (diff > 0.0)
+      std::fprintf(stderr,
+                   "load_hf_weights: '%s' differs from the main '%s' by up to %.3g; moetrain shares one tensor "
+                   "and keeps the main one\n",
+                   p->hf_name.c_str(), hf_name_for(p->target.name).c_str(), diff);
+  }
+  if (no_mtp_tensors)
     std::fprintf(stderr,
-                 "load_hf_weights: skipped %lld tensors of layer(s) %s >= num_hidden_layers %lld "
-                 "(multi-token prediction is not loaded yet)\n",
-                 static_cast<long long>(mtp_tensors), layers.c_str(), static_cast<long long>(cfg.num_hidden_layers));
+                 "load_hf_weights: %s holds no multi-token-prediction tensors (layers %lld..%lld); the %lld MTP "
+                 "module(s) keep their initialization (transformers' save_pretrained drops them)\n",
+                 dir.c_str(), static_cast<long long>(L), static_cast<long long>(L + D - 1), static_cast<long long>(D));
+  if (skipped_tensors > 0) {
+    std::string layers;
+    for (int64_t l : skipped_layers) layers += (layers.empty() ? "" : ",") + std::to_string(l);
+    std::fprintf(stderr,
+                 "load_hf_weights: skipped %lld tensors of layer(s) %s >= num_hidden_layers + "
+                 "num_nextn_predict_layers = %lld (MTP modules the config does not have)\n",
+                 static_cast<long long>(skipped_tensors), layers.c_str(), static_cast<long long>(L + D));
   }
   return loaded;
 }
@@ -724,17 +826,41 @@ int64_t load_hf_weights(const std::string& dir, torch::nn::Module& model, const 
 // ---- writing ---------------------------------------------------------------------------
 
 std::vector<std::pair<std::string, torch::Tensor>> hf_state_dict(const torch::nn::Module& model) {
+  // L = the number of main decoder layers: MTP module k becomes HF layer L + k.
+  int64_t L = 0;
+  std::set<int64_t> mtp_modules;
+  for (const auto& item : model.named_parameters(true)) {
+    const std::string& name = item.key();
+    for (const char* top : {"layers.", "mtp."}) {
+      size_t pos = std::string(top).size();
+      int64_t i = -1;
+      if (!starts_with(name, top) || !parse_index(name, &pos, &i)) continue;
+      if (top[0] == 'l') L = std::max(L, i + 1);
+      else mtp_modules.insert(i);
+    }
+  }
   std::vector<std::pair<std::string, torch::Tensor>> out;
+  std::map<std::string, torch::Tensor> shared;
   auto add = [&](const std::string& name, const torch::Tensor& t) {
+    if (name == "embed.weight" || name == "head.weight") shared[name] = t.detach();
     if (!is_stacked_experts(name)) {
-      out.emplace_back(hf_name_for(name), t.detach());
+      out.emplace_back(hf_name_for(name, -1, L), t.detach());
       return;
     }
-    for (int64_t e = 0; e < t.size(0); ++e) out.emplace_back(hf_name_for(name, e), t.detach().select(0, e));
+    for (int64_t e = 0; e < t.size(0); ++e) out.emplace_back(hf_name_for(name, e, L), t.detach().select(0, e));
   };
   for (const auto& item : model.named_parameters(true)) add(item.key(), item.value());
   for (const auto& item : model.named_buffers(true)) {
     if (is_router_bias(item.key())) add(item.key(), item.value());
+  }
+  // DeepSeek-V3's release stores the shared embedding and head again in each MTP layer.
+  for (int64_t k : mtp_modules) {
+    const std::string prefix = "model.layers." + std::to_string(L + k) + ".";
+    for (const NamePair& p : kMtpSharedCopies) {
+      auto it = shared.find(p.moetrain);
+      // A copy of its own: safetensors writers refuse tensors that share memory.
+      if (it != shared.end()) out.emplace_back(prefix + p.hf, it->second.clone());
+    }
   }
   return out;
 }

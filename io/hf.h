@@ -51,22 +51,29 @@ struct HfTarget {
     kWhole,        // the whole moetrain tensor `name`
     kExpert,       // row `expert` of the stacked [E, ...] tensor `name`
     kFusedGateUp,  // [E, 2I, D]: rows [0, I) -> `name` (w1), [I, 2I) -> `name2` (w3)
+    kSharedCopy,   // an MTP layer's copy of the shared `name` (embed.weight / head.weight)
   };
   Kind kind = Kind::kWhole;
   std::string name;
   std::string name2;    // kFusedGateUp only
-  int64_t layer = -1;   // -1 for embed / norm / head
+  int64_t layer = -1;   // the HF layer index; -1 for embed / norm / head
   int64_t expert = -1;  // kExpert only
 };
 
 // Maps an HF DeepseekV3 tensor name onto moetrain's. Returns false when the name
 // is not one of transformers' DeepseekV3ForCausalLM weights (layer and expert
 // indices must be canonical decimals; their ranges are the caller's to check).
-bool hf_parse_name(const std::string& hf_name, HfTarget* out);
-// moetrain name -> HF name. The stacked experts (`layers.{i}.ffn.experts.w1|w2|w3`)
-// need `expert` >= 0 and give the per-expert name; every other name needs
-// expert == -1. Throws std::invalid_argument for names outside the contract.
-std::string hf_name_for(const std::string& moetrain_name, int64_t expert = -1);
+// With num_hidden_layers = L >= 0, layer L + k is MTP module k (DeepSeek's layout):
+// its decoder tensors map to `mtp.{k}.block.*`, `enorm`/`hnorm`/`eh_proj`/
+// `shared_head.norm` to `mtp.{k}.enorm/hnorm/eh_proj/norm`, and its copies
+// `embed_tokens.weight` / `shared_head.head.weight` to kSharedCopy of
+// `embed.weight` / `head.weight`. With L < 0 every layer is a decoder layer.
+bool hf_parse_name(const std::string& hf_name, HfTarget* out, int64_t num_hidden_layers = -1);
+// moetrain name -> HF name. The stacked experts (`layers.{i}.ffn.experts.w1|w2|w3`,
+// `mtp.{k}.block.ffn.experts.*`) need `expert` >= 0 and give the per-expert name;
+// every other name needs expert == -1. `mtp.{k}.*` names need num_hidden_layers.
+// Throws std::invalid_argument for names outside the contract.
+std::string hf_name_for(const std::string& moetrain_name, int64_t expert = -1, int64_t num_hidden_layers = -1);
 
 // Loads `dir`/model.safetensors, or the shards of `dir`/model.safetensors.index.json,
 // into `model` (a Transformer built from `cfg`): every HF tensor onto the module's
@@ -78,12 +85,21 @@ std::string hf_name_for(const std::string& moetrain_name, int64_t expert = -1);
 // unknown HF names, module tensors left unfilled (every parameter and router bias),
 // tensors given twice, shape mismatches (expected vs found), non-float dtypes,
 // expert indices out of range, a missing shard or an index that disagrees with
-// the shards. Layers >= cfg.num_hidden_layers (MTP) are skipped with one notice on
-// stderr. Returns the number of HF tensors loaded.
+// the shards. MTP modules (layers L..L+D-1, L = cfg.num_hidden_layers, D =
+// cfg.num_nextn_predict_layers) load into `mtp.{k}.*`; their copies of the shared
+// embedding / head are shape-checked and compared (a differing copy is reported on
+// stderr; moetrain keeps the main tensor). A checkpoint with no MTP tensor at all
+// (transformers' save_pretrained drops them) leaves the MTP modules as they were,
+// with a notice; a partial one is an error. Layers >= L + D are skipped with one
+// notice on stderr. Returns the number of HF tensors loaded.
 int64_t load_hf_weights(const std::string& dir, torch::nn::Module& model, const ModelConfig& cfg);
 
 // The model's tensors under HF names, experts split per expert (views of the
 // stacked tensors, CPU or not), in the module's dtypes: what save_hf_checkpoint writes.
+// MTP module k is written as layer L + k (L = the number of `layers.{i}`), with
+// copies of the embedding and head as in DeepSeek-V3's release. transformers 5.17's
+// DeepseekV3ForCausalLM skips layer 61 silently and reports other MTP layers as
+// unexpected keys (it builds no MTP module either way).
 std::vector<std::pair<std::string, torch::Tensor>> hf_state_dict(const torch::nn::Module& model);
 // Writes `dir`/config.json (hf_config_to_json) and `dir`/model.safetensors
 // (metadata format=pt), creating `dir`. One file, no sharding.

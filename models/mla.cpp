@@ -81,4 +81,40 @@ torch::Tensor MLAImpl::forward_reference(const torch::Tensor& x, const RopeTable
   return project_out(torch::matmul(probs, v));  // eq. 10
 }
 
+torch::Tensor MLAImpl::forward_absorbed(const torch::Tensor& x, const RopeTables& rope, MLACache& cache) {
+  const int64_t B = x.size(0), T = x.size(1), H = n_heads, P = cache.length();
+  const int64_t C = kv_lora_rank, nope = qk_nope_head_dim;
+  // Queries exactly as in project_qkv: [B, T, H, nope] and the rotated [B, T, H, rope].
+  torch::Tensor q = q_lora_rank == 0 ? wq(x) : wq_b(q_norm(wq_a(x)));
+  auto q_parts = q.view({B, T, H, nope + qk_rope_head_dim}).split({nope, qk_rope_head_dim}, -1);
+  const torch::Tensor q_nope = q_parts[0];
+  const torch::Tensor q_rope = apply_rope(q_parts[1], rope);
+
+  // What gets cached: the normalized latent and the rotated shared key, per token.
+  auto kv_parts = wkv_a(x).split({C, qk_rope_head_dim}, -1);
+  cache.append(kv_norm(kv_parts[0]), apply_rope(kv_parts[1].unsqueeze(2), rope).squeeze(2));
+  const int64_t S = cache.length();
+
+  // Attention in fp32 (fp64 for fp64 models); per head, wkv_b's rows are [W^UK (nope) | W^UV (v)].
+  const auto acc = x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  const torch::Tensor w = wkv_b->weight.view({H, nope + v_head_dim, C}).to(acc);
+  const torch::Tensor w_uk = w.narrow(1, 0, nope);          // [H, nope, C]
+  const torch::Tensor w_uv = w.narrow(1, nope, v_head_dim);  // [H, v, C]
+  const torch::Tensor c_kv = cache.latent().to(acc);         // [B, S, C]
+  const torch::Tensor k_pe = cache.k_rope().to(acc);         // [B, S, R]
+  // q_nope·k_nope = q_nope·(W^UK c) = (q_nope W^UK)·c: the query moves into latent space.
+  const torch::Tensor q_lat = torch::einsum("bthd,hdc->bhtc", {q_nope.to(acc), w_uk});  // [B, H, T, C]
+  torch::Tensor scores = torch::matmul(q_lat, c_kv.unsqueeze(1).transpose(-2, -1)) +     // [B, H, T, S]
+                         torch::matmul(q_rope.to(acc).transpose(1, 2), k_pe.unsqueeze(1).transpose(-2, -1));
+  scores = scores * softmax_scale;
+  // Query t sits at position P+t and sees cached positions s <= P+t.
+  const auto idx = torch::TensorOptions().dtype(torch::kLong).device(x.device());
+  const torch::Tensor future = torch::arange(S, idx).unsqueeze(0) > (torch::arange(T, idx) + P).unsqueeze(1);  // [T, S]
+  scores = scores.masked_fill(future, -std::numeric_limits<double>::infinity());
+  const torch::Tensor probs = torch::softmax(scores, -1);
+  const torch::Tensor o_lat = torch::matmul(probs, c_kv.unsqueeze(1));              // [B, H, T, C]
+  const torch::Tensor o = torch::einsum("bhtc,hvc->bhtv", {o_lat, w_uv});            // [B, H, T, v]: W^UV after
+  return project_out(o.to(x.scalar_type()));
+}
+
 }  // namespace moetrain

@@ -49,6 +49,7 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x) {
   const torch::Tensor flat = x.reshape({-1, x.size(-1)});  // [N, D]
   MoEOutput out;
   out.routing = gate(flat);
+  if (x.dim() == 3) out.routing.seq_len = x.size(1);
   torch::Tensor y = moe_routed_experts(*experts, flat, out.routing.topk_idx, out.routing.topk_weight,
                                        out.routing.counts);
   if (shared_experts) y = y + shared_experts(flat);

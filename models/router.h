@@ -20,6 +20,9 @@ struct RoutingStats {
   torch::Tensor counts;       // [E] int64: tokens per expert of topk_idx (no grad; for the bias update, MaxVio)
   torch::Tensor scores;       // [N, E] fp32: unbiased affinities s (sigmoid/softmax), differentiable (aux losses)
   torch::Tensor logits;       // [N, E] fp32: router logits x·W^T, differentiable (z-loss)
+  // Tokens per sequence of these rows (set by MoE for [B, T, D] input; 0 = unknown).
+  // MTP depth k routes T-k tokens per sequence, which the per-sequence aux loss needs.
+  int64_t seq_len = 0;
 };
 
 struct RouterImpl : torch::nn::Module {

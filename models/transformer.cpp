@@ -5,26 +5,6 @@
 
 namespace moetrain {
 
-DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& cfg, int64_t layer_id) {
-  attn_norm = register_module("attn_norm", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps));
-  attn = register_module("attn", MLA(cfg));
-  ffn_norm = register_module("ffn_norm", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps));
-  if (cfg.is_moe_layer(layer_id)) {
-    moe = register_module("ffn", MoE(cfg));
-  } else {
-    dense = register_module("ffn", SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.init_std));
-  }
-}
-
-torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x, const RopeTables& rope,
-                                        std::vector<RoutingStats>& routing) {
-  torch::Tensor h = x + attn(attn_norm(x), rope);
-  if (!is_moe()) return h + dense(ffn_norm(h));
-  MoEOutput ffn = moe(ffn_norm(h));
-  routing.push_back(std::move(ffn.routing));
-  return h + ffn.y;
-}
-
 TransformerImpl::TransformerImpl(const ModelConfig& config) : cfg(config), rope_(config) {
   embed = register_module("embed", torch::nn::Embedding(cfg.vocab_size, cfg.hidden_size));
   {
@@ -35,16 +15,40 @@ TransformerImpl::TransformerImpl(const ModelConfig& config) : cfg(config), rope_
   for (int64_t i = 0; i < cfg.num_hidden_layers; ++i) layers->push_back(DecoderLayer(cfg, i));
   norm = register_module("norm", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps));
   head = register_module("head", make_linear(cfg.hidden_size, cfg.vocab_size, cfg.init_std));
+  // Registered last, so the main model's parameters keep their order (optimizer state
+  // is positional) and a model without MTP has exactly the names it always had.
+  mtp = torch::nn::ModuleList();
+  if (cfg.num_nextn_predict_layers > 0) {
+    mtp = register_module("mtp", mtp);
+    for (int64_t k = 0; k < cfg.num_nextn_predict_layers; ++k) mtp->push_back(MTPModule(cfg, k));
+  }
 }
 
-ForwardOut TransformerImpl::forward(const torch::Tensor& tokens) {
+RopeTables TransformerImpl::rope_tables(int64_t n, const torch::Tensor& like) {
+  const auto dtype = like.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
+  return rope_.tables(n, like.device(), dtype);
+}
+
+ForwardOut TransformerImpl::forward(const torch::Tensor& tokens, bool with_mtp) {
   TORCH_CHECK(tokens.dim() == 2, "tokens must be [B, T], got ", tokens.sizes());
+  const int64_t T = tokens.size(1), D = cfg.num_nextn_predict_layers;
   ForwardOut out;
-  torch::Tensor h = embed(tokens);  // [B, T, D]
-  const auto table_dtype = h.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
-  const RopeTables rope = rope_.tables(tokens.size(1), h.device(), table_dtype);
+  const torch::Tensor emb = embed(tokens);  // [B, T, D]
+  const RopeTables rope = rope_tables(T, emb);
+  torch::Tensor h = emb;
   for (int64_t i = 0; i < cfg.num_hidden_layers; ++i) h = layer(i).forward(h, rope, out.routing);
   out.hidden = norm(h);
+  if (!with_mtp || D == 0) return out;
+
+  TORCH_CHECK(T > D, "multi-token prediction with ", D, " module(s) needs sequences longer than ", D,
+              " tokens, got T = ", T, " (pass with_mtp = false)");
+  torch::Tensor prev = out.hidden;  // h^0: what the main head reads
+  for (int64_t k = 1; k <= D; ++k) {
+    const int64_t n = T - k;  // positions i = 0..T-k-1 have their t_{i+k} inside the window
+    const torch::Tensor hk = mtp_module(k - 1).forward(prev.narrow(1, 0, n), emb.narrow(1, k, n), rope, out.routing);
+    out.mtp_hidden.push_back(mtp_module(k - 1).norm(hk));
+    prev = hk;
+  }
   return out;
 }
 
@@ -55,13 +59,54 @@ std::vector<Router> TransformerImpl::routers() const {
   for (int64_t i = 0; i < cfg.num_hidden_layers; ++i) {
     if (layer(i).is_moe()) out.push_back(layer(i).moe->gate);
   }
+  for (int64_t k = 0; k < cfg.num_nextn_predict_layers; ++k) {
+    if (mtp_module(k).block->is_moe()) out.push_back(mtp_module(k).block->moe->gate);
+  }
   return out;
+}
+
+torch::Tensor TransformerImpl::forward_cached(const torch::Tensor& tokens, KVCache& cache) {
+  TORCH_CHECK(tokens.dim() == 2, "tokens must be [B, T], got ", tokens.sizes());
+  TORCH_CHECK(static_cast<int64_t>(cache.layers.size()) == cfg.num_hidden_layers, "KVCache has ",
+              cache.layers.size(), " layers, the model ", cfg.num_hidden_layers);
+  const int64_t P = cache.length(), T = tokens.size(1);
+  torch::Tensor h = embed(tokens);
+  const RopeTables all = rope_tables(P + T, h);
+  const RopeTables rope{all.cos.narrow(0, P, T), all.sin.narrow(0, P, T)};  // row t = position P+t
+  for (int64_t i = 0; i < cfg.num_hidden_layers; ++i)
+    h = layer(i).forward_cached(h, rope, cache.layers[static_cast<size_t>(i)]);
+  return norm(h);
+}
+
+torch::Tensor TransformerImpl::mtp_forward_cached(int64_t depth_index, const torch::Tensor& h_prev,
+                                                  const torch::Tensor& next_tokens, MLACache& cache) {
+  TORCH_CHECK(depth_index >= 0 && depth_index < cfg.num_nextn_predict_layers, "MTP module ", depth_index,
+              " does not exist (num_nextn_predict_layers = ", cfg.num_nextn_predict_layers, ")");
+  const int64_t P = cache.length(), T = next_tokens.size(1);
+  const torch::Tensor emb = embed(next_tokens);
+  const RopeTables all = rope_tables(P + T, emb);
+  const RopeTables rope{all.cos.narrow(0, P, T), all.sin.narrow(0, P, T)};
+  MTPModuleImpl& m = mtp_module(depth_index);
+  return m.norm(m.forward_cached(h_prev, emb, rope, cache));
 }
 
 torch::Tensor lm_head_loss(Transformer& model, const torch::Tensor& hidden, const torch::Tensor& targets,
                            int64_t chunk_tokens) {
   return chunked_cross_entropy(hidden.reshape({-1, hidden.size(-1)}), model->head->weight, targets.reshape({-1}),
                                chunk_tokens);
+}
+
+std::vector<torch::Tensor> mtp_head_losses(Transformer& model, const ForwardOut& out, const torch::Tensor& targets,
+                                           int64_t chunk_tokens) {
+  std::vector<torch::Tensor> losses;
+  const int64_t T = targets.size(1);
+  for (size_t j = 0; j < out.mtp_hidden.size(); ++j) {
+    const int64_t k = static_cast<int64_t>(j) + 1;
+    const torch::Tensor& h = out.mtp_hidden[j];  // [B, T-k, D]
+    TORCH_CHECK(h.size(1) == T - k, "mtp_head_losses: depth ", k, " has ", h.size(1), " positions, expected ", T - k);
+    losses.push_back(lm_head_loss(model, h, targets.narrow(1, k, T - k), chunk_tokens));
+  }
+  return losses;
 }
 
 }  // namespace moetrain

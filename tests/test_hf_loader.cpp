@@ -488,5 +488,154 @@ TEST(HfLoader, ConvertsToTheDestinationDtypeAndKeepsTheRouterBiasFp32) {
   }
 }
 
+// ---- multi-token prediction ----------------------------------------------------------
+
+ModelConfig mtp_config(int64_t depth) {
+  ModelConfig cfg = tiny_config();
+  cfg.num_nextn_predict_layers = depth;
+  return cfg;
+}
+
+TEST(HfMtp, NamesBothWays) {
+  // L = 3: MTP module k is HF layer 3 + k.
+  EXPECT_EQ(hf_name_for("mtp.0.enorm.weight", -1, 3), "model.layers.3.enorm.weight");
+  EXPECT_EQ(hf_name_for("mtp.1.hnorm.weight", -1, 3), "model.layers.4.hnorm.weight");
+  EXPECT_EQ(hf_name_for("mtp.0.eh_proj.weight", -1, 3), "model.layers.3.eh_proj.weight");
+  EXPECT_EQ(hf_name_for("mtp.0.norm.weight", -1, 3), "model.layers.3.shared_head.norm.weight");
+  EXPECT_EQ(hf_name_for("mtp.0.block.attn_norm.weight", -1, 3), "model.layers.3.input_layernorm.weight");
+  EXPECT_EQ(hf_name_for("mtp.0.block.attn.wkv_b.weight", -1, 61), "model.layers.61.self_attn.kv_b_proj.weight");
+  EXPECT_EQ(hf_name_for("mtp.0.block.ffn.gate.bias", -1, 61), "model.layers.61.mlp.gate.e_score_correction_bias");
+  EXPECT_EQ(hf_name_for("mtp.0.block.ffn.experts.w2", 5, 61), "model.layers.61.mlp.experts.5.down_proj.weight");
+  expect_throw_with([] { hf_name_for("mtp.0.enorm.weight"); }, "need num_hidden_layers");
+  expect_throw_with([] { hf_name_for("mtp.0.block.bogus", -1, 3); }, "not in the HF name contract");
+
+  HfTarget t;
+  ASSERT_TRUE(hf_parse_name("model.layers.61.shared_head.norm.weight", &t, 61));
+  EXPECT_EQ(t.name, "mtp.0.norm.weight");
+  EXPECT_EQ(t.layer, 61);
+  ASSERT_TRUE(hf_parse_name("model.layers.61.mlp.experts.7.up_proj.weight", &t, 61));
+  EXPECT_EQ(t.kind, HfTarget::Kind::kExpert);
+  EXPECT_EQ(t.name, "mtp.0.block.ffn.experts.w3");
+  EXPECT_EQ(t.expert, 7);
+  ASSERT_TRUE(hf_parse_name("model.layers.61.embed_tokens.weight", &t, 61));
+  EXPECT_EQ(t.kind, HfTarget::Kind::kSharedCopy);
+  EXPECT_EQ(t.name, "embed.weight");
+  ASSERT_TRUE(hf_parse_name("model.layers.62.shared_head.head.weight", &t, 61));
+  EXPECT_EQ(t.kind, HfTarget::Kind::kSharedCopy);
+  EXPECT_EQ(t.name, "head.weight");
+  // Without L every layer is a decoder layer, and MTP-only names are unknown.
+  ASSERT_TRUE(hf_parse_name("model.layers.61.input_layernorm.weight", &t));
+  EXPECT_EQ(t.name, "layers.61.attn_norm.weight");
+  EXPECT_FALSE(hf_parse_name("model.layers.61.enorm.weight", &t));
+
+  // The whole state dict of an MTP model: unique names, parse and name_for invert each
+  // other, and each module carries DeepSeek's copies of the embedding and head.
+  ModelConfig cfg = mtp_config(2);
+  Transformer model(cfg);
+  std::set<std::string> seen;
+  for (auto& kv : hf_state_dict(*model)) {
+    ASSERT_TRUE(hf_parse_name(kv.first, &t, 3)) << kv.first;
+    EXPECT_TRUE(seen.insert(kv.first).second) << kv.first;
+    if (t.kind != HfTarget::Kind::kSharedCopy) {
+      EXPECT_EQ(hf_name_for(t.name, t.expert, 3), kv.first);
+    }
+  }
+  for (const char* name : {"model.layers.3.enorm.weight", "model.layers.4.eh_proj.weight",
+                           "model.layers.3.shared_head.norm.weight", "model.layers.4.mlp.experts.3.gate_proj.weight",
+                           "model.layers.3.embed_tokens.weight", "model.layers.4.shared_head.head.weight"})
+    EXPECT_TRUE(seen.count(name)) << name;
+  // per module: enorm, hnorm, eh_proj, shared_head.norm, 2 copies, 7 attention + 2 norms, MoE 2 + 3 + 12
+  const size_t main = 3 + 3 * (7 + 2) + 3 + 2 * (2 + 3 + 3 * 4);
+  EXPECT_EQ(seen.size(), main + 2 * (4 + 2 + 7 + 2 + 2 + 3 + 3 * 4));
+}
+
+TEST(HfMtp, SaveThenLoadIsExact) {
+  ModelConfig cfg = mtp_config(2);
+  TempDir dir;
+  Transformer a = make_model(cfg, 1), b = make_model(cfg, 2);
+  save_hf_checkpoint(dir.path(), *a, cfg);
+  ModelConfig back = load_hf_config(dir.path());
+  EXPECT_EQ(back.num_nextn_predict_layers, 2);
+  testing::internal::CaptureStderr();
+  const int64_t n = load_hf_weights(dir.path(), *b, back);
+  const std::string err = testing::internal::GetCapturedStderr();
+  EXPECT_EQ(err, "");  // the copies equal the main tensors: nothing to report
+  EXPECT_EQ(n, static_cast<int64_t>(hf_state_dict(*a).size()));
+  expect_same_tensors(a, b);
+  // Sharded through write_hf_weights in bf16: the MTP router biases stay fp32 too.
+  TempDir sharded;
+  const auto files = write_hf_weights(sharded.path(), *a, torch::kBFloat16, 10000);
+  EXPECT_GT(files.size(), 2u);
+  std::ofstream(fs::path(sharded.path()) / "config.json") << hf_config_to_json(cfg).dump();
+  Transformer c = make_model(cfg, 3);
+  load_hf_weights(sharded.path(), *c, cfg);
+  EXPECT_TRUE(torch::equal(c->mtp_module(1).block->moe->gate->bias, a->mtp_module(1).block->moe->gate->bias));
+  EXPECT_TRUE(torch::equal(c->mtp_module(1).eh_proj->weight,
+                           a->mtp_module(1).eh_proj->weight.to(torch::kBFloat16).to(torch::kFloat)));
+}
+
+TEST(HfMtp, CheckpointsWithoutOrWithPartialMtp) {
+  ModelConfig cfg = mtp_config(1);
+  ModelConfig plain_cfg = mtp_config(0);
+  Transformer plain = make_model(plain_cfg, 1);
+  Tensors main_only = state_of(plain);
+  {  // No MTP tensor at all (what save_pretrained writes): the main model loads, MTP keeps its init.
+    TempDir dir;
+    write_single(dir.path(), main_only);
+    Transformer b = make_model(cfg, 2);
+    const torch::Tensor before = b->mtp_module(0).eh_proj->weight.clone();
+    testing::internal::CaptureStderr();
+    load_hf_weights(dir.path(), *b, cfg);
+    const std::string err = testing::internal::GetCapturedStderr();
+    EXPECT_NE(err.find("holds no multi-token-prediction tensors (layers 3..3)"), std::string::npos) << err;
+    EXPECT_TRUE(torch::equal(b->mtp_module(0).eh_proj->weight, before));
+    EXPECT_TRUE(torch::equal(b->head->weight, plain->head->weight));
+  }
+  Transformer a = make_model(cfg, 4);
+  const Tensors full = state_of(a);
+  {  // Part of a module: strict.
+    TempDir dir;
+    write_single(dir.path(), without(full, "model.layers.3.hnorm.weight"));
+    Transformer b = make_model(cfg, 2);
+    expect_throw_with([&] { load_hf_weights(dir.path(), *b, cfg); },
+                      "'model.layers.3.hnorm.weight' (moetrain 'mtp.0.hnorm.weight')");
+  }
+  {  // A copy of the shared head that differs: reported, the main head kept.
+    TempDir dir;
+    Tensors changed = full;
+    for (auto& kv : changed)
+      if (kv.first == "model.layers.3.shared_head.head.weight") kv.second = kv.second + 0.5;
+    write_single(dir.path(), changed);
+    Transformer b = make_model(cfg, 2);
+    testing::internal::CaptureStderr();
+    load_hf_weights(dir.path(), *b, cfg);
+    const std::string err = testing::internal::GetCapturedStderr();
+    EXPECT_NE(err.find("'model.layers.3.shared_head.head.weight' differs from the main 'lm_head.weight' by up to 0.5"),
+              std::string::npos)
+        << err;
+    expect_same_tensors(a, b);
+  }
+  {  // A copy of the wrong shape is rejected before anything is copied.
+    TempDir dir;
+    Tensors bad = full;
+    for (auto& kv : bad)
+      if (kv.first == "model.layers.3.embed_tokens.weight") kv.second = torch::zeros({3, 3});
+    write_single(dir.path(), bad);
+    Transformer b = make_model(cfg, 2);
+    expect_throw_with([&] { load_hf_weights(dir.path(), *b, cfg); }, "'model.layers.3.embed_tokens.weight'");
+  }
+  {  // More MTP layers than the config has: skipped with a notice.
+    TempDir dir;
+    Transformer two = make_model(mtp_config(2), 5);
+    write_single(dir.path(), state_of(two));
+    Transformer b = make_model(cfg, 2);
+    testing::internal::CaptureStderr();
+    load_hf_weights(dir.path(), *b, cfg);
+    const std::string err = testing::internal::GetCapturedStderr();
+    EXPECT_NE(err.find("of layer(s) 4 >= num_hidden_layers + num_nextn_predict_layers = 4"), std::string::npos) << err;
+    EXPECT_TRUE(torch::equal(b->mtp_module(0).eh_proj->weight, two->mtp_module(0).eh_proj->weight));
+  }
+}
+
 }  // namespace
 }  // namespace moetrain

@@ -2,7 +2,9 @@
 // tests/python/make_hf_reference.py builds a small random model (fp32, CPU, eager
 // attention), saves it with save_pretrained and records its logits and loss on a
 // fixed batch; moetrain loads config.json + weights through io/hf and must give
-// the same logits (max abs error <= 1e-4); then moetrain exports the model
+// the same logits (max abs error <= 1e-4) — and, for the MTP case, the same logits
+// of transformers' MtpLayer (the module its speculative decoding uses) for depth 1;
+// then moetrain exports the model
 // (save_hf_checkpoint) and transformers must load it and agree too. Needs MOETRAIN_PYTHON with torch and
 // transformers 5.17; fails (does not skip) without them.
 #include <gtest/gtest.h>
@@ -130,7 +132,8 @@ TEST_P(HfParity, LogitsMatchTransformers) {
 
   const SafetensorsFile ref = read_safetensors((fs::path(dir.path()) / "reference.safetensors").string());
   const torch::Tensor ids = ref.at("input_ids");
-  const ForwardOut fwd = model->forward(ids);
+  const bool mtp = cfg.num_nextn_predict_layers > 0;
+  const ForwardOut fwd = model->forward(ids, /*with_mtp=*/mtp);
   const torch::Tensor logits = model->logits(fwd.hidden);
   const torch::Tensor ref_logits = ref.at("logits");
   ASSERT_EQ(logits.sizes(), ref_logits.sizes());
@@ -171,6 +174,16 @@ TEST_P(HfParity, LogitsMatchTransformers) {
               per_layer.c_str(), routing.c_str());
   EXPECT_LE(err, kLogitTol) << "case " << c.name;
   EXPECT_LE(loss_err, kLogitTol) << "case " << c.name;
+  if (mtp) {
+    // Depth 1: position i reads h_i and Emb(t_{i+1}) and predicts t_{i+2}.
+    const double mtp_err = max_abs_diff(model->logits(fwd.mtp_hidden[0]), ref.at("mtp_logits"));
+    std::printf("[hf parity] %-16s MTP depth 1 vs transformers' MtpLayer: max|dlogits| %.3e\n", c.name.c_str(), mtp_err);
+    EXPECT_LE(mtp_err, kLogitTol) << "case " << c.name;
+    // transformers builds no MTP module in DeepseekV3ForCausalLM and would report the
+    // exported MTP layer as unexpected keys (it only ignores layer 61): the export
+    // direction is covered by tests/test_hf_loader.cpp (HfMtp.SaveThenLoadIsExact).
+    return;
+  }
 
   // The export direction: moetrain writes the model back (save_hf_checkpoint) and
   // transformers' from_pretrained must load it with no missing or unexpected
@@ -217,6 +230,15 @@ const ParityCase kCases[] = {
     {"yarn_no_mscale", R"({"max_position_embeddings": 512, "rope_parameters": {"rope_type": "yarn",
                            "rope_theta": 50000.0, "factor": 16.0, "original_max_position_embeddings": 32,
                            "mscale_all_dim": 1.0}})", "--seed 9"},
+    // DeepSeek-V3's released form: legacy `rope_scaling` of type yarn, s = 40, β 32/1,
+    // mscale = mscale_all_dim = 1 (softmax scale × 1.3689²), over 40 positions > the
+    // original 16 (RoPE dims 8: frequencies on both sides of the ramp).
+    {"yarn_v3_legacy", R"({"max_position_embeddings": 640, "rope_theta": 10000.0, "rope_scaling": {"type": "yarn",
+                           "factor": 40.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
+                           "mscale": 1.0, "mscale_all_dim": 1.0}})", "--seed 10 --seq 40"},
+    // One MTP module (MoE block, layer index L = 3) against transformers' MtpLayer.
+    {"mtp", R"({})", "--mtp --seed 12"},
+    {"mtp_q_lora_null", R"({"q_lora_rank": null, "n_group": 1, "topk_group": 1})", "--mtp --seed 13 --seq 9"},
 };
 
 // `moetrain eval --hf DIR --tokens FILE` scores one sequence like transformers'

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "models/rope.h"
@@ -114,4 +115,57 @@ TEST_F(RopeTest, YarnMatchesHuggingFace) {
   EXPECT_NEAR(rope_inv_freq(cfg)[31].item<double>(), std::pow(10000.0, -62.0 / 64.0), 1e-9);
   EXPECT_DOUBLE_EQ(rope_attention_factor(cfg), 1.0);
   EXPECT_DOUBLE_EQ(yarn_softmax_mscale(cfg), 1.0);
+}
+
+TEST_F(RopeTest, YarnMatchesTheFormulasOfAlgorithmsMd) {
+  // algorithms.md §4 (official precompute_freqs_cis) with DeepSeek-V3's values: d = 64,
+  // θ = 1e4, s = 40, original length 4096, β_fast 32, β_slow 1; computed here in plain
+  // doubles, independently of rope.cpp.
+  const int64_t d = 64;
+  const double theta = 10000.0, s = 40.0, beta_fast = 32.0, beta_slow = 1.0;
+  const int64_t original = 4096;
+  const double kPi = 3.14159265358979323846;
+  auto correction_dim = [&](double rotations) {
+    return d * std::log(original / (rotations * 2 * kPi)) / (2 * std::log(theta));
+  };
+  const double low = std::max(std::floor(correction_dim(beta_fast)), 0.0);
+  const double high = std::min(std::ceil(correction_dim(beta_slow)), static_cast<double>(d - 1));
+  EXPECT_EQ(low, 10.0);  // 64·ln(4096/(64π))/(2 ln 1e4) = 10.47
+  EXPECT_EQ(high, 23.0);  // 64·ln(4096/(2π))/(2 ln 1e4) = 22.50
+
+  ModelConfig cfg = rope_config(d);
+  cfg.rope_theta = theta;
+  cfg.rope_scaling.enabled = true;
+  cfg.rope_scaling.factor = s;
+  cfg.rope_scaling.original_max_position_embeddings = original;
+  cfg.rope_scaling.beta_fast = beta_fast;
+  cfg.rope_scaling.beta_slow = beta_slow;
+  cfg.rope_scaling.mscale = 1.0;
+  cfg.rope_scaling.mscale_all_dim = 1.0;
+  const torch::Tensor inv = rope_inv_freq(cfg, torch::kDouble);
+  ASSERT_EQ(inv.size(0), d / 2);
+  for (int64_t i = 0; i < d / 2; ++i) {
+    const double freq = std::pow(theta, -2.0 * static_cast<double>(i) / d);
+    const double ramp = std::min(std::max((static_cast<double>(i) - low) / (high - low), 0.0), 1.0);
+    const double smooth = 1.0 - ramp;  // 1: keep the original frequency, 0: interpolate (÷ s)
+    const double expected = freq / s * (1.0 - smooth) + freq * smooth;
+    EXPECT_NEAR(inv[i].item<double>() / expected, 1.0, 1e-12) << "i = " << i;
+  }
+  // High frequencies (i <= low) untouched, low ones (i >= high) divided by s.
+  EXPECT_NEAR(inv[5].item<double>(), std::pow(theta, -10.0 / 64), 1e-15);
+  EXPECT_NEAR(inv[31].item<double>(), std::pow(theta, -62.0 / 64) / s, 1e-15);
+
+  // √t = 0.1·ln s + 1 (§1.5 / §4): softmax scale × mscale² = 1.3689² ≈ 1.874, and no
+  // cos/sin factor when mscale == mscale_all_dim.
+  const double mscale = 0.1 * std::log(s) + 1.0;
+  EXPECT_NEAR(mscale, 1.3689, 1e-4);
+  EXPECT_NEAR(yarn_softmax_mscale(cfg), mscale * mscale, 1e-12);
+  EXPECT_NEAR(yarn_softmax_mscale(cfg), 1.874, 1e-3);
+  EXPECT_DOUBLE_EQ(rope_attention_factor(cfg), 1.0);
+  // DeepSeek-V2-Lite's mscale 0.707 (config_16B.json) on cos/sin: mscale(s, 0.707) / mscale(s, 1).
+  cfg.rope_scaling.mscale = 0.707;
+  EXPECT_NEAR(rope_attention_factor(cfg), (0.1 * 0.707 * std::log(s) + 1.0) / mscale, 1e-12);
+  // The tables carry the factor: cos(0) = factor at position 0.
+  RotaryEmbedding rope(cfg);
+  EXPECT_NEAR(rope.tables(3, torch::kCPU, torch::kDouble).cos[0][0].item<double>(), rope_attention_factor(cfg), 1e-15);
 }

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <fstream>
 #include <map>
 
@@ -172,6 +173,57 @@ TEST(Trainer, InitFromHuggingFaceDirectory) {
   } catch (const CheckpointError& e) {
     EXPECT_NE(std::string(e.what()).find("routed_scaling_factor"), std::string::npos) << e.what();
   }
+}
+
+// Multi-token prediction on (D = 1, an MoE block): the total loss and the MTP loss
+// fall, the JSONL carries mtp_loss and λ with its step schedule, the MTP MoE layer is
+// one more row of expert_load / bias, and loss = lm_loss + λ·mtp_loss + balance losses.
+TEST(Trainer, MtpTrainsAndLogsItsLoss) {
+  TempDir dir;
+  write_corpus(dir);
+  ExperimentConfig cfg = tiny_config(dir, {"model.num_nextn_predict_layers=1", "train.steps=30", "train.eval_every=0",
+                                           "balance.strategy=loss_free,seq_aux_loss", "train.mtp_loss_weight=0.3",
+                                           "train.mtp_loss_weight_switch_step=20", "train.mtp_loss_weight_after=0.1"});
+  PrepareOptions opt;
+  opt.progress = false;
+  prepare_data(cfg.data, cfg.model.vocab_size, opt);
+  TrainResult r = train(cfg);
+  ASSERT_EQ(r.steps, 30);
+  EXPECT_LT(r.losses.back(), r.losses.front() - 0.5);
+
+  std::ifstream in(dir.file("run/metrics.jsonl"));
+  std::string line;
+  std::vector<nlohmann::json> records;
+  while (std::getline(in, line)) {
+    auto j = nlohmann::json::parse(line);
+    if (j.value("kind", "") != "eval") records.push_back(j);
+  }
+  ASSERT_EQ(records.size(), 30u);
+  const double first_mtp = records.front()["mtp_loss"].get<double>(), last_mtp = records.back()["mtp_loss"].get<double>();
+  std::printf("mtp_loss %.4f -> %.4f, lm_loss %.4f -> %.4f\n", first_mtp, last_mtp,
+              records.front()["lm_loss"].get<double>(), records.back()["lm_loss"].get<double>());
+  EXPECT_GT(first_mtp, 0.0);
+  EXPECT_LT(last_mtp, first_mtp - 0.5);
+  for (const auto& j : records) {
+    const int64_t step = j["step"].get<int64_t>();  // 1-based: optimizer step step-1 (0-based)
+    const double lambda = j["mtp_loss_weight"].get<double>();
+    EXPECT_DOUBLE_EQ(lambda, step - 1 >= 20 ? 0.1 : 0.3) << step;
+    const double sum = j["lm_loss"].get<double>() + lambda * j["mtp_loss"].get<double>() +
+                       j["aux_loss"].get<double>() + j["seq_aux_loss"].get<double>() + j["z_loss"].get<double>();
+    EXPECT_NEAR(j["loss"].get<double>(), sum, 1e-9) << step;
+    EXPECT_GT(j["seq_aux_loss"].get<double>(), 0.0);
+    ASSERT_EQ(j["expert_load"].size(), 2u);  // layer 1, then the MTP block
+    ASSERT_EQ(j["bias"].size(), 2u);
+    ASSERT_EQ(j["maxvio_batch_layers"].size(), 2u);
+    double main_total = 0, mtp_total = 0;
+    for (double c : j["expert_load"][0].get<std::vector<double>>()) main_total += c;
+    for (double c : j["expert_load"][1].get<std::vector<double>>()) mtp_total += c;
+    EXPECT_EQ(main_total, 8 * 48 * 2);
+    EXPECT_EQ(mtp_total, 8 * 47 * 2);  // depth 1 routes T - 1 tokens per sequence
+  }
+  double mtp_bias = 0;  // the balancer moved the MTP layer's bias too
+  for (double b : records.back()["bias"][1].get<std::vector<double>>()) mtp_bias += std::abs(b);
+  EXPECT_GT(mtp_bias, 0.0);
 }
 
 }  // namespace

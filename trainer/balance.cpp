@@ -67,7 +67,10 @@ BalanceLosses Balancer::losses(const std::vector<RoutingStats>& routing, int64_t
   out.z = torch::zeros({}, opts);
   for (const auto& r : routing) {
     if (cfg_.has("aux_loss")) out.aux = out.aux + cfg_.aux_loss_coef * aux_loss(r, top_k_);
-    if (cfg_.has("seq_aux_loss")) out.seq_aux = out.seq_aux + cfg_.seq_aux_loss_coef * seq_aux_loss(r, top_k_, seq_len);
+    // An MTP layer's rows are sequences of T-k tokens: its own seq_len wins.
+    const int64_t layer_seq_len = r.seq_len > 0 ? r.seq_len : seq_len;
+    if (cfg_.has("seq_aux_loss"))
+      out.seq_aux = out.seq_aux + cfg_.seq_aux_loss_coef * seq_aux_loss(r, top_k_, layer_seq_len);
     if (cfg_.has("z_loss")) out.z = out.z + cfg_.z_loss_coef * z_loss(r);
   }
   return out;

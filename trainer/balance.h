@@ -13,7 +13,9 @@
 // UNBIASED plain top-k of the scores (Megatron; the bias only steers routing);
 // P_i uses scores normalized to sum 1 over all experts per token (for softmax this
 // is a no-op; for sigmoid it is Megatron #1438's fix); every loss is summed over
-// MoE layers; aux / seq-aux / z losses are computed per micro-batch.
+// MoE layers; aux / seq-aux / z losses are computed per micro-batch. The MoE blocks
+// of MTP modules are MoE layers like the others (after the main ones, in
+// Transformer::routers() order); their sequences are T-k tokens long.
 #pragma once
 
 #include <cstdint>
@@ -45,6 +47,7 @@ class Balancer {
   Balancer(const BalanceConfig& cfg, const ModelConfig& model, std::vector<Router> routers);
 
   // The weighted auxiliary losses of one micro-batch's routing (zeros when unused).
+  // seq_len: tokens per sequence for layers whose RoutingStats::seq_len is 0.
   BalanceLosses losses(const std::vector<RoutingStats>& routing, int64_t seq_len) const;
 
   // Adds one TRAINING micro-step's biased-selection counts (never eval or recompute).

@@ -124,6 +124,8 @@ void visit_config(V& v, ExperimentConfig& c) {
     s.integer("eval_every", t.eval_every, 0);
     s.integer("eval_batches", t.eval_batches, 1);
     s.real("mtp_loss_weight", t.mtp_loss_weight, kNonNegative);
+    s.opt_integer("mtp_loss_weight_switch_step", t.mtp_loss_weight_switch_step, 1);
+    s.real("mtp_loss_weight_after", t.mtp_loss_weight_after, kNonNegative);
     s.integer("threads", t.threads, 0);
   });
   v.section("data", [&](V& s) {
@@ -562,6 +564,9 @@ std::vector<std::pair<std::string, std::string>> validate_config(const Experimen
        fmt::format("seq_len ({}) must be <= model.max_position_embeddings ({})", t.seq_len, m.max_position_embeddings));
   rule(!(t.dtype == "bf16" && t.device == "cpu"), "train.dtype",
        "bf16 autocast is for device cuda; CPU training runs in fp32");
+  rule(t.seq_len > m.num_nextn_predict_layers, "train.seq_len",
+       fmt::format("multi-token prediction needs seq_len ({}) > model.num_nextn_predict_layers ({})", t.seq_len,
+                   m.num_nextn_predict_layers));
 
   const BalanceConfig& b = c.balance;
   std::set<std::string> seen(b.strategy.begin(), b.strategy.end());
@@ -612,6 +617,11 @@ ExperimentConfig load_experiment_config(const std::string& path, const std::vect
   }
   if (!errors.empty()) throw ConfigErrors(std::move(errors));
   return bind_experiment_config(root);
+}
+
+double mtp_loss_weight_at(const TrainConfig& t, int64_t step) {
+  if (t.mtp_loss_weight_switch_step && step >= *t.mtp_loss_weight_switch_step) return t.mtp_loss_weight_after;
+  return t.mtp_loss_weight;
 }
 
 std::string config_to_yaml(const ExperimentConfig& cfg) {

@@ -56,7 +56,11 @@ struct TrainConfig {
   std::string dtype = "fp32";  // fp32 | bf16 (autocast, fp32 master weights; CUDA)
   int64_t eval_every = 100;    // 0: only at the end
   int64_t eval_batches = 8;
-  double mtp_loss_weight = 0.3;  // λ
+  double mtp_loss_weight = 0.3;  // λ of the MTP loss (eq. 25); with num_nextn_predict_layers > 0
+  // A step schedule like DeepSeek-V3's (0.3 for the first 10T tokens, then 0.1): from
+  // optimizer step mtp_loss_weight_switch_step on (0-based), λ = mtp_loss_weight_after.
+  std::optional<int64_t> mtp_loss_weight_switch_step;  // null: λ constant
+  double mtp_loss_weight_after = 0.1;
   int64_t threads = 0;           // CPU intra-op threads; 0 = LibTorch's default
 };
 
@@ -90,6 +94,9 @@ struct ExperimentConfig {
   LoggingConfig logging;
   DistributedConfig distributed;
 };
+
+// λ of the MTP loss at optimizer step `step` (0-based).
+double mtp_loss_weight_at(const TrainConfig& t, int64_t step);
 
 // Loads FILE (resolving `base:`), applies `--set` overrides in order, binds and
 // validates. Throws ConfigErrors listing every problem found.

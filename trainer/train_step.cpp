@@ -34,9 +34,9 @@ class AutocastGuard {
 }  // namespace
 
 std::vector<double> StepLosses::means(int64_t accum) const {
-  torch::Tensor all = torch::stack({lm, aux, seq_aux, z}).to(torch::kCPU);
-  std::vector<double> out(4);
-  for (int64_t i = 0; i < 4; ++i) out[static_cast<size_t>(i)] = all[i].item<double>() / static_cast<double>(accum);
+  torch::Tensor all = torch::stack({lm, aux, seq_aux, z, mtp}).to(torch::kCPU);
+  std::vector<double> out(5);
+  for (int64_t i = 0; i < 5; ++i) out[static_cast<size_t>(i)] = all[i].item<double>() / static_cast<double>(accum);
   return out;
 }
 
@@ -44,22 +44,29 @@ StepLosses forward_backward(Transformer& model, Balancer& balancer, const std::f
                             const ForwardBackwardOptions& options) {
   const torch::Device device = model->embed->weight.device();
   auto zero = [&] { return torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat64).device(device)); };
-  StepLosses sums{zero(), zero(), zero(), zero()};
+  StepLosses sums{zero(), zero(), zero(), zero(), zero()};
   for (int64_t m = 0; m < options.accum; ++m) {
     Batch batch = micro_batch(m);
-    torch::Tensor loss, lm;
+    torch::Tensor loss, lm, mtp;
     BalanceLosses bl;
     ForwardOut out;
     {
       AutocastGuard autocast(options.bf16_autocast);
-      out = model->forward(batch.inputs.to(device));
-      lm = lm_head_loss(model, out.hidden, batch.targets.to(device), kLossChunkTokens);
+      const torch::Tensor targets = batch.targets.to(device);
+      out = model->forward(batch.inputs.to(device), /*with_mtp=*/true);  // + the MTP modules when D > 0
+      lm = lm_head_loss(model, out.hidden, targets, kLossChunkTokens);
       if (options.poison_loss) lm = lm + std::numeric_limits<double>::quiet_NaN();
       bl = balancer.losses(out.routing, options.seq_len);
-      loss = (lm + bl.total()) / static_cast<double>(options.accum);
+      loss = lm + bl.total();
+      if (!out.mtp_hidden.empty()) {  // eq. 25: λ · mean over depths of L^k_MTP
+        mtp = torch::stack(mtp_head_losses(model, out, targets, kLossChunkTokens)).mean();
+        loss = loss + options.mtp_weight * mtp;
+      }
+      loss = loss / static_cast<double>(options.accum);
     }
     loss.backward();
-    balancer.accumulate(out.routing);  // training forward passes only
+    balancer.accumulate(out.routing);  // training forward passes only (MTP MoE layers included)
+    if (mtp.defined()) sums.mtp += mtp.detach().to(torch::kFloat64);
     // float64 sums of the fp32 scalars: the same numbers as adding their .item()s on the host
     sums.lm += lm.detach().to(torch::kFloat64);
     sums.aux += bl.aux.detach().to(torch::kFloat64);

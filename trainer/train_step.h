@@ -1,8 +1,8 @@
 // defines: StepLosses, forward_backward — the forward and backward half of one
 // optimizer step, shared by the training loop (trainer.cpp) and `moetrain bench`:
-// every micro-batch of the global batch goes through the model (bf16 autocast on
-// CUDA when asked), the LM loss plus the balance losses, scaled by 1/accum, are
-// back-propagated (gradients accumulate), and the balancer counts the training
+// every micro-batch of the global batch goes through the model and its MTP modules
+// (bf16 autocast on CUDA when asked), the LM loss + λ·MTP loss + the balance losses,
+// scaled by 1/accum, are back-propagated (gradients accumulate), and the balancer counts the training
 // routing. The loss terms stay on the device: the caller syncs once, when it
 // needs the numbers.
 #pragma once
@@ -19,9 +19,10 @@
 namespace moetrain {
 
 // Sums over the micro-steps (divide by accum for the means), float64 scalars on the device, detached.
+// mtp is the unweighted mean over MTP depths (0 without MTP modules), comparable with lm.
 struct StepLosses {
-  torch::Tensor lm, aux, seq_aux, z;
-  // [lm, aux, seq_aux, z] means on the CPU: the one host sync of a step.
+  torch::Tensor lm, aux, seq_aux, z, mtp;
+  // [lm, aux, seq_aux, z, mtp] means on the CPU: the one host sync of a step.
   std::vector<double> means(int64_t accum) const;
 };
 
@@ -29,6 +30,7 @@ struct ForwardBackwardOptions {
   int64_t accum = 1;           // micro-steps of this global batch
   int64_t seq_len = 0;         // for the sequence-wise balance loss
   bool bf16_autocast = false;  // CUDA: bf16 matmuls over fp32 master weights
+  double mtp_weight = 0.0;     // λ of the MTP loss this step (train.mtp_loss_weight, scheduled)
   bool poison_loss = false;    // test-only fault injection: the LM loss becomes NaN before backward
 };
 

@@ -190,16 +190,20 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
     optimizer->zero_grad();
 
     // forward + backward over the micro-steps of this global batch
+    const double mtp_weight = mtp_loss_weight_at(tc, step);
     ForwardBackwardOptions fb;
     fb.accum = accum;
     fb.seq_len = tc.seq_len;
     fb.bf16_autocast = bf16_autocast;
+    fb.mtp_weight = mtp_weight;
     fb.poison_loss = inject.at("nan_loss", step + 1);
     const StepLosses sums = forward_backward(
         model, balancer, [&](int64_t m) { return loader.micro_batch(step, m, /*rank=*/0, /*ranks=*/1); }, fb);
     const std::vector<double> means = sums.means(accum);
     const double lm_loss = means[0], aux = means[1], seq_aux = means[2], z = means[3];
-    const double loss = (lm_loss + aux + seq_aux + z) * (inject.at("spike", step + 1) ? 1000.0 : 1.0);
+    const double mtp_loss = means[4];  // unweighted mean over depths (comparable with lm_loss)
+    const double loss =
+        (lm_loss + mtp_weight * mtp_loss + aux + seq_aux + z) * (inject.at("spike", step + 1) ? 1000.0 : 1.0);
     if (inject.at("nan_grad", step + 1) && params[0].grad().defined()) params[0].grad().fill_(NAN);
 
     // clip; never step the optimizer or the biases on non-finite values
@@ -238,7 +242,7 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
       log_window_start = Clock::now();
       log_window_tokens = 0;
       nlohmann::json record = {{"step", step + 1}, {"tokens", loader.state().tokens}, {"loss", loss}, {"lm_loss", lm_loss},
-                     {"aux_loss", aux}, {"seq_aux_loss", seq_aux}, {"z_loss", z}, {"mtp_loss", 0.0}, {"lr", lr},
+                     {"aux_loss", aux}, {"seq_aux_loss", seq_aux}, {"z_loss", z}, {"mtp_loss", mtp_loss}, {"mtp_loss_weight", mtp_weight}, {"lr", lr},
                      {"grad_norm", grad_norm}, {"tokens_per_s", tokens_per_s}, {"maxvio_batch", mean_of(maxvio_layers)},
                      {"maxvio_batch_layers", maxvio_layers}, {"expert_load", to_json_2d(expert_load)},
                      {"bias", to_json_2d(balancer.biases())}, {"epochs", loader.epochs()},

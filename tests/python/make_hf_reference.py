@@ -13,6 +13,15 @@ Writes into --out:
                  the last one after the final norm)
     and metadata {"transformers_version", "torch_version", "config", "routing_stats"}.
 
+With --mtp, also one multi-token-prediction module: transformers 5.17's MtpLayer
+(modeling_layers.py; the one speculative decoding uses) with random weights, written
+into model.safetensors under DeepSeek-V3's on-disk names (model.layers.{L}.enorm,
+hnorm, eh_proj, shared_head.norm, the decoder-layer names with fused experts, and
+the embed_tokens / shared_head.head copies), config.json's num_nextn_predict_layers
+set to 1, and reference.safetensors gains
+      mtp_logits fp32 [B, T-1, V]  lm_head(MtpLayer(Emb(ids[:, 1:]), h[:, :-1])) with
+                 h the main model's final-normed hidden states, positions 0..T-2.
+
 Second mode, for the export direction: --load DIR --input REF loads a checkpoint
 that moetrain wrote (save_hf_checkpoint) with from_pretrained, failing on any
 missing, unexpected or mismatched tensor, runs REF's input_ids through it and
@@ -89,6 +98,7 @@ def parse_args():
                    help='force sharding, e.g. "200KB" (default: one model.safetensors)')
     p.add_argument("--fused-experts", action="store_true",
                    help="save_original_format=False: fused mlp.experts.gate_up_proj / down_proj")
+    p.add_argument("--mtp", action="store_true", help="add one MTP module (transformers' MtpLayer)")
     args = p.parse_args()
     if (args.out is None) == (args.load is None) or (args.load is not None) != (args.input is not None):
         p.error("give either --out, or --load with --input")
@@ -154,6 +164,55 @@ def routing_stats(model, input_ids):
     return stats
 
 
+@torch.no_grad()
+def add_mtp(model, args, gen, input_ids, hidden, tensors):
+    """Builds transformers' MtpLayer for depth 1, randomizes it, appends its weights to
+    model.safetensors under DeepSeek's names and its logits to `tensors`."""
+    from safetensors.torch import load_file
+    from transformers.modeling_layers import MtpModel
+
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    mtp = MtpModel(model, 1)
+    mtp.eval()
+    layer = mtp.layers[0]
+    for name, p in layer.named_parameters():
+        if name.endswith("norm.weight"):
+            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+        else:
+            p.copy_(args.std * torch.randn(p.shape, generator=gen))
+    for name, b in layer.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(args.bias_low + (args.bias_high - args.bias_low) * torch.rand(b.shape, generator=gen))
+
+    B, T = input_ids.shape
+    emb = model.model.embed_tokens(input_ids[:, 1:])
+    pos = torch.arange(T - 1).unsqueeze(0).expand(B, -1)
+    pe = model.model.rotary_emb(emb, position_ids=pos)
+    mask = torch.full((T - 1, T - 1), torch.finfo(torch.float32).min).triu(1)[None, None].expand(B, 1, -1, -1)
+    h = layer(emb, hidden[:, :-1], position_embeddings=pe, attention_mask=mask, position_ids=pos,
+              past_key_values=None)
+    tensors["mtp_logits"] = model.lm_head(h).float().contiguous()
+
+    path = os.path.join(args.out, "model.safetensors")
+    weights = load_file(path)
+    prefix = f"model.layers.{L}."
+    for name, t in layer.state_dict().items():
+        if name.startswith("mtp_block."):
+            name = name[len("mtp_block."):]
+        elif name == "post_norm.weight":
+            name = "shared_head.norm.weight"
+        weights[prefix + name] = t.contiguous()
+    weights[prefix + "embed_tokens.weight"] = model.model.embed_tokens.weight.contiguous()
+    weights[prefix + "shared_head.head.weight"] = model.lm_head.weight.contiguous()
+    save_file(weights, path, metadata={"format": "pt"})
+    with open(os.path.join(args.out, "config.json")) as f:
+        config = json.load(f)
+    config["num_nextn_predict_layers"] = 1
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
 def check_load(args):
     from safetensors.torch import load_file
 
@@ -209,6 +268,10 @@ def main():
     }
     for k, h in enumerate(out.hidden_states):
         tensors[f"hidden.{k}"] = h.float().contiguous()
+    if args.mtp:
+        if args.max_shard_size is not None or args.fused_experts:
+            sys.exit("make_hf_reference.py: --mtp writes into a single model.safetensors")
+        add_mtp(model, args, gen, input_ids, out.hidden_states[-1], tensors)
     stats = routing_stats(model, input_ids)
     meta = {
         "routing_stats": json.dumps(stats),

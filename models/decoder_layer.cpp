@@ -1,0 +1,33 @@
+#include "models/decoder_layer.h"
+
+namespace moetrain {
+
+DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& cfg, int64_t layer_id) {
+  attn_norm = register_module("attn_norm", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps));
+  attn = register_module("attn", MLA(cfg));
+  ffn_norm = register_module("ffn_norm", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps));
+  if (cfg.is_moe_layer(layer_id)) {
+    moe = register_module("ffn", MoE(cfg));
+  } else {
+    dense = register_module("ffn", SwiGLU(cfg.hidden_size, cfg.intermediate_size, cfg.init_std));
+  }
+}
+
+torch::Tensor DecoderLayerImpl::ffn(const torch::Tensor& h, std::vector<RoutingStats>& routing) {
+  if (!is_moe()) return h + dense(ffn_norm(h));
+  MoEOutput out = moe(ffn_norm(h));
+  routing.push_back(std::move(out.routing));
+  return h + out.y;
+}
+
+torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x, const RopeTables& rope,
+                                        std::vector<RoutingStats>& routing) {
+  return ffn(x + attn(attn_norm(x), rope), routing);
+}
+
+torch::Tensor DecoderLayerImpl::forward_cached(const torch::Tensor& x, const RopeTables& rope, MLACache& cache) {
+  std::vector<RoutingStats> unused;
+  return ffn(x + attn->forward_absorbed(attn_norm(x), rope, cache), unused);
+}
+
+}  // namespace moetrain

@@ -1,0 +1,44 @@
+// defines: DecoderLayer — one pre-norm DeepSeek-V3 block: x + MLA(attn_norm(x)),
+// then + FFN(ffn_norm(·)) with a dense SwiGLU (layer < first_k_dense_replace) or
+// an MoE. The main model stacks L of them; every MTP module holds one more
+// (models/mtp.h), built with the layer index L + k so that the dense/MoE choice
+// follows the same rule.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <vector>
+
+#include "models/kv_cache.h"
+#include "models/mla.h"
+#include "models/model_config.h"
+#include "models/moe.h"
+#include "models/rms_norm.h"
+#include "models/rope.h"
+#include "models/swiglu.h"
+
+namespace moetrain {
+
+struct DecoderLayerImpl : torch::nn::Module {
+  DecoderLayerImpl(const ModelConfig& cfg, int64_t layer_id);
+
+  // x: [B, T, D] -> [B, T, D]; an MoE layer appends its routing to `routing`.
+  torch::Tensor forward(const torch::Tensor& x, const RopeTables& rope, std::vector<RoutingStats>& routing);
+  // Decoding: the same block with absorbed attention over `cache` (see
+  // MLAImpl::forward_absorbed for x / rope). Routing is not kept.
+  torch::Tensor forward_cached(const torch::Tensor& x, const RopeTables& rope, MLACache& cache);
+
+  bool is_moe() const { return !moe.is_empty(); }
+
+  RMSNorm attn_norm{nullptr};
+  MLA attn{nullptr};
+  RMSNorm ffn_norm{nullptr};
+  SwiGLU dense{nullptr};  // registered as "ffn" in dense layers
+  MoE moe{nullptr};       // registered as "ffn" in MoE layers
+
+ private:
+  torch::Tensor ffn(const torch::Tensor& h, std::vector<RoutingStats>& routing);
+};
+TORCH_MODULE(DecoderLayer);
+
+}  // namespace moetrain
