@@ -167,6 +167,21 @@ TEST_F(Dist, SignalOnOneRankStopsAllThenResumeMatches) {
                        kSteps);
 }
 
+// torchrun --no-python sets the same variables, and hosts the store itself (agent store).
+TEST_F(Dist, TorchrunRunsTheSameJob) {
+  const std::string torchrun = std::filesystem::path(MOETRAIN_PYTHON).parent_path() / "torchrun";
+  if (!std::filesystem::exists(torchrun)) GTEST_SKIP() << "no " << torchrun;
+  constexpr int kSteps = 4;
+  auto r = launch(2, tiny_sets(dir_, "launch", kSteps));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  r = run_capture(fmt::format("OMP_NUM_THREADS=1 {} --standalone --nproc-per-node 2 --no-python {} train{}", torchrun,
+                              MOETRAIN_BINARY, cli(tiny_sets(dir_, "torchrun", kSteps))));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto a = train_records(dir_.file("launch/metrics.jsonl")), b = train_records(dir_.file("torchrun/metrics.jsonl"));
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t s = 0; s < a.size(); ++s) EXPECT_EQ(a[s]["loss"], b[s]["loss"]) << "step " << s + 1;
+}
+
 TEST(DistEnv, MalformedEnvironmentIsExit2) {
   auto r = run_capture(fmt::format("WORLD_SIZE=abc {} train {}", MOETRAIN_BINARY, config_path()));
   EXPECT_EQ(r.exit_code, 2) << r.output;

@@ -42,6 +42,8 @@ DistEnv DistEnv::from_env() {
     if (*a == '\0') throw DistError("environment variable MASTER_ADDR is empty");
     e.master_addr = a;
   }
+  if (const char* a = std::getenv("TORCHELASTIC_USE_AGENT_STORE")) e.agent_store = std::string(a) == "True";
+  e.restart_count = env_int("TORCHELASTIC_RESTART_COUNT", 0, 0, 1 << 30);
   if (e.rank >= e.world_size)
     throw DistError(fmt::format("environment: RANK={} must be below WORLD_SIZE={}", e.rank, e.world_size));
   return e;
@@ -76,12 +78,12 @@ ProcessGroup::ProcessGroup(const DistEnv& env, const std::string& backend, std::
   try {
     c10d::TCPStoreOptions so;
     so.port = static_cast<std::uint16_t>(env.master_port);
-    so.isServer = env.rank == 0;
+    so.isServer = env.rank == 0 && !env.agent_store;
     so.numWorkers = static_cast<std::size_t>(env.world_size);
     so.waitWorkers = true;
     so.timeout = timeout;
     auto tcp = c10::make_intrusive<c10d::TCPStore>(env.master_addr, so);
-    impl_->store = c10::make_intrusive<c10d::PrefixStore>("moetrain", tcp);
+    impl_->store = c10::make_intrusive<c10d::PrefixStore>(fmt::format("moetrain/attempt_{}", env.restart_count), tcp);
     auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
     opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(env.master_addr));
     opts->threads = 2;

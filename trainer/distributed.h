@@ -34,6 +34,11 @@ struct DistEnv {
   int64_t local_rank = 0;
   std::string master_addr = "127.0.0.1";
   int64_t master_port = 29500;
+  // Under torchrun the elastic agent already hosts the TCPStore at MASTER_PORT
+  // (TORCHELASTIC_USE_AGENT_STORE=True): every rank joins it as a client, under a key
+  // prefix per restart (TORCHELASTIC_RESTART_COUNT) so a restarted job never reads stale keys.
+  bool agent_store = false;
+  int64_t restart_count = 0;
 
   // Reads the torchrun variables; unset ones keep the single-process defaults.
   // Throws DistError on a malformed or inconsistent value (WORLD_SIZE=abc, RANK >= WORLD_SIZE).
