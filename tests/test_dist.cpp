@@ -1,6 +1,8 @@
 // Data-parallel training over Gloo on the CPU (trainer/distributed.h, `moetrain launch`):
-// two ranks train what one process trains (same losses, same router biases), a dying
-// rank fails the whole launch promptly, and a malformed launch environment is exit 2.
+// two and four ranks train what one process trains (same losses, same router biases),
+// torchrun runs the same job, a signal to one rank stops all and resume continues, a
+// dying rank fails the whole launch promptly, a malformed launch environment is exit 2,
+// and the collectives themselves (two ranks as threads) average, reduce and broadcast.
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -137,6 +139,16 @@ TEST_F(Dist, TwoRanksTrainLikeOneProcess) {
   expect_same_training(train_records(dir_.file("single/metrics.jsonl")), train_records(dir_.file("dp2/metrics.jsonl")),
                        kSteps);
   EXPECT_TRUE(std::filesystem::exists(dir_.file("dp2/ckpt/latest")));
+}
+
+TEST_F(Dist, FourRanksTrainLikeOneProcess) {
+  constexpr int kSteps = 4;
+  ExperimentConfig cfg = load_experiment_config(config_path(), tiny_sets(dir_, "single", kSteps));
+  train(cfg);                                          // accumulation 4 × micro-batch 2
+  auto r = launch(4, tiny_sets(dir_, "dp4", kSteps));  // 4 ranks × 1 micro-batch of 2
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  expect_same_training(train_records(dir_.file("single/metrics.jsonl")), train_records(dir_.file("dp4/metrics.jsonl")),
+                       kSteps);
 }
 
 TEST_F(Dist, DyingRankFailsTheLaunchPromptly) {
