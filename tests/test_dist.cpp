@@ -194,6 +194,18 @@ TEST_F(Dist, TorchrunRunsTheSameJob) {
   for (size_t s = 0; s < a.size(); ++s) EXPECT_EQ(a[s]["loss"], b[s]["loss"]) << "step " << s + 1;
 }
 
+// SIGTERM to `launch` itself is forwarded: the ranks save one checkpoint and exit 0.
+TEST_F(Dist, SigtermToLaunchStopsTheJobGracefully) {
+  const std::string cmd = fmt::format("OMP_NUM_THREADS=1 {} launch --nproc 2 -- train{}", MOETRAIN_BINARY,
+                                      cli(tiny_sets(dir_, "term", 400)));
+  // once step 1 is logged, every rank has its signal handlers
+  auto r = run_capture("sh -c '" + cmd + " & pid=$!; i=0; while [ ! -s " + dir_.file("term/metrics.jsonl") +
+                       " ] && [ $i -lt 150 ]; do sleep 0.2; i=$((i+1)); done; kill -TERM $pid; wait $pid'");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("stopped by signal at step"), std::string::npos) << r.output;
+  EXPECT_TRUE(std::filesystem::exists(dir_.file("term/ckpt/latest"))) << r.output;
+}
+
 TEST(DistEnv, MalformedEnvironmentIsExit2) {
   auto r = run_capture(fmt::format("WORLD_SIZE=abc {} train {}", MOETRAIN_BINARY, config_path()));
   EXPECT_EQ(r.exit_code, 2) << r.output;
