@@ -26,17 +26,25 @@ int cmd_train(int argc, char** argv) {
   return run_command([&] {
     if (!args.parse(argc, argv)) return 0;
     ExperimentConfig cfg = load_experiment_config(args.pos(0), args.sets());
+    DistEnv dist;
+    try {
+      dist = DistEnv::from_env();  // torchrun / moetrain launch variables
+    } catch (const DistError& e) {
+      throw UsageError(e.what());  // a malformed launch environment: exit 2
+    }
     TrainResult r;
     try {
       TrainOptions options;
       if (args.given("resume")) options.resume = args.get("resume");
       if (args.given("init-from")) options.init_from = args.get("init-from");
+      options.dist = dist;
       r = train(cfg, options);
     } catch (const DataError& e) {
       throw UsageError(e.what());  // bad or missing data: exit 2, before any training
     } catch (const CheckpointError& e) {
       throw UsageError(e.what());  // missing, damaged or incompatible checkpoint: exit 2, before any training
     }
+    if (dist.rank != 0) return 0;  // rank 0 reports for the job
     if (r.stopped_by_signal) {
       std::cout << fmt::format("stopped by signal at step {}; checkpoint {} (resume with --resume auto)\n", r.steps,
                                r.last_checkpoint);

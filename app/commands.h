@@ -13,5 +13,6 @@ int cmd_ablate(int argc, char** argv);
 int cmd_export(int argc, char** argv);
 int cmd_bench(int argc, char** argv);
 int cmd_generate(int argc, char** argv);
+int cmd_launch(int argc, char** argv);
 
 }  // namespace moetrain

@@ -33,6 +33,7 @@ const Command kCommands[] = {
     {"eval", "score a checkpoint or Hugging Face model on text, token ids or the validation split", moetrain::cmd_eval},
     {"bench", "time training steps of a config on synthetic tokens (tokens/s, TFLOP/s, MFU)", moetrain::cmd_bench},
     {"generate", "continue a prompt (latent KV cache; sampling; --speculative mtp)", moetrain::cmd_generate},
+    {"launch", "launch --nproc N -- COMMAND...: run N local data-parallel ranks (torchrun's variables)", moetrain::cmd_launch},
 };
 
 void print_usage(std::ostream& os) {

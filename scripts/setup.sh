@@ -42,7 +42,7 @@ fi
 # --- Debian packages -------------------------------------------------------------------
 DEBS="build-essential cmake ninja-build ccache pkg-config git python3 python3-venv python3-pip
       libyaml-cpp-dev libfmt-dev nlohmann-json3-dev libsentencepiece-dev libgtest-dev libgmock-dev
-      linux-doc-6.1 clang libclang-rt-14-dev zlib1g-dev"
+      linux-doc-6.1 clang libclang-rt-14-dev zlib1g-dev libgloo-dev"
 # The larger corpus (configs/data/debian-docs.yaml) on request.
 [ "${MOETRAIN_EXTRA_CORPORA:-0}" = 1 ] && DEBS="$DEBS python3.11-doc perl-doc dict-gcide"
 missing=""

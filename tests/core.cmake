@@ -18,3 +18,8 @@ add_unit_test(test_ablation)
 add_dependencies(test_ablation moetrain)
 add_unit_test(test_generate LABELS unit cli)
 add_dependencies(test_generate moetrain)
+# Data parallel over Gloo (2 local ranks, CPU): needs the gloo headers at build time.
+if(MOETRAIN_GLOO_INCLUDE)
+  add_unit_test(test_dist)  # label unit (run alone: ctest -R "^Dist")
+  add_dependencies(test_dist moetrain)
+endif()

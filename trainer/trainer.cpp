@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <iostream>
+#include <optional>
 #include <sstream>
 
 #include <unistd.h>
@@ -22,6 +23,7 @@
 #include "models/transformer.h"
 #include "trainer/balance.h"
 #include "trainer/checkpoint.h"
+#include "trainer/distributed.h"
 #include "trainer/evaluate.h"
 #include "trainer/metrics.h"
 #include "trainer/optim.h"
@@ -67,10 +69,10 @@ std::vector<int64_t> greedy_sample(Transformer& model, std::vector<int64_t> ids,
 }
 
 // Test-only fault injection (MOETRAIN_TEST_INJECT, see trainer.h): which kinds fire at which
-// 1-based optimizer steps.
+// 1-based optimizer steps (KIND@RANK: only on that data-parallel rank).
 class TestInjection {
  public:
-  TestInjection() {
+  explicit TestInjection(int64_t rank) {
     const char* env = std::getenv("MOETRAIN_TEST_INJECT");
     if (!env) return;
     std::stringstream ss(env);
@@ -81,7 +83,12 @@ class TestInjection {
       std::string range = item.substr(colon + 1);
       auto dash = range.find('-');
       int64_t a = std::stoll(range.substr(0, dash)), b = dash == std::string::npos ? a : std::stoll(range.substr(dash + 1));
-      rules_.push_back({item.substr(0, colon), a, b});
+      std::string kind = item.substr(0, colon);
+      if (auto at = kind.find('@'); at != std::string::npos) {
+        if (std::stoll(kind.substr(at + 1)) != rank) continue;
+        kind = kind.substr(0, at);
+      }
+      rules_.push_back({kind, a, b});
     }
   }
   bool at(const std::string& kind, int64_t step) const {
@@ -112,6 +119,24 @@ void init_from_hf(const std::string& dir, const ModelConfig& want, Transformer& 
   std::cerr << fmt::format("init: {} tensors from {}\n", n, dir);
 }
 
+// Data parallel: every rank's loss sums become the sums over all ranks (one all-reduce),
+// so the means, and the NaN / spike decisions taken from them, agree everywhere.
+void all_reduce_losses(ProcessGroup& pg, StepLosses& sums) {
+  if (pg.world_size() == 1) return;
+  torch::Tensor all = torch::stack({sums.lm, sums.aux, sums.seq_aux, sums.z, sums.mtp});
+  pg.all_reduce(all, ReduceOp::kSum);
+  sums = StepLosses{all[0], all[1], all[2], all[3], all[4]};
+}
+
+// Every parameter and buffer (router biases included) becomes rank 0's.
+void broadcast_model(ProcessGroup& pg, Transformer& model) {
+  if (pg.world_size() == 1) return;
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> all = model->parameters();
+  for (const auto& b : model->buffers()) all.push_back(b);
+  pg.broadcast(all, /*root=*/0);
+}
+
 }  // namespace
 
 TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
@@ -120,7 +145,14 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   torch::manual_seed(static_cast<uint64_t>(tc.seed));
   if (tc.device == "cuda" && !torch::cuda::is_available())
     throw std::runtime_error("train.device is cuda but no CUDA device is available");
-  torch::Device device(tc.device == "cuda" ? torch::kCUDA : torch::kCPU);
+  // Data parallel (trainer/distributed.h): rank 0 alone writes metrics, console progress,
+  // samples and checkpoints; every rank computes the same validation.
+  ProcessGroup pg(options.dist, cfg.distributed.backend, std::chrono::seconds(cfg.distributed.timeout_s));
+  const bool main_rank = pg.is_main();
+  const int64_t rank = pg.rank(), world = pg.world_size();
+  torch::Device device = torch::kCPU;
+  if (tc.device == "cuda")
+    device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(options.dist.local_rank % torch::cuda::device_count()));
 
   // --- data, model, optimizer, balancer --------------------------------------------
   DataLoader loader(cfg.data.dir, tc);
@@ -144,26 +176,33 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
     consecutive_skips = st.consecutive_skips;
     spikes.restore(st.recent_losses);
   }
+  broadcast_model(pg, model);  // identical starting points, whatever the init or checkpoint
   int64_t last_saved_step = result.resumed_step;
   auto save_now = [&](int64_t steps_done) {
     TrainingState st{steps_done, loader.state(), result.skipped_steps, consecutive_skips, spikes.recent()};
-    result.last_checkpoint = save_checkpoint(cfg, model, *optimizer, st);
+    if (main_rank) {  // the ranks hold the same state: one writer
+      result.last_checkpoint = save_checkpoint(cfg, model, *optimizer, st);
+      std::cerr << "\ncheckpoint: " << result.last_checkpoint << "\n";
+    }
     last_saved_step = steps_done;
-    std::cerr << "\ncheckpoint: " << result.last_checkpoint << "\n";
+    pg.barrier();  // nobody runs ahead (or exits) before the checkpoint is complete
   };
   StopSignals signals;  // SIGINT/SIGTERM: stop after this step; SIGUSR1: save after this step
-  const TestInjection inject;
+  const TestInjection inject(rank);
 
-  MetricsLog metrics(cfg.logging.dir, /*truncate=*/resume_dir.empty());  // a resumed run appends
-  const int64_t accum = loader.accumulation_steps(/*ranks=*/1);
+  std::optional<MetricsLog> metrics;
+  if (main_rank) metrics.emplace(cfg.logging.dir, /*truncate=*/resume_dir.empty());  // a resumed run appends
+  const int64_t accum = loader.accumulation_steps(world);
   const bool bf16_autocast = tc.dtype == "bf16" && device.is_cuda();
   const int64_t tokens_per_step = tc.global_batch * tc.seq_len;
   std::vector<torch::Tensor> params = model->parameters();
 
-  std::cerr << fmt::format("train: {} steps × {} sequences × {} tokens ({} micro-steps of {}), {} on {}; metrics → {}\n",
-                           tc.steps, tc.global_batch, tc.seq_len, accum, tc.micro_batch,
-                           cfg.balance.strategy.empty() ? "no balancing" : fmt::format("{}", fmt::join(cfg.balance.strategy, "+")),
-                           tc.device, metrics.path());
+  if (main_rank)
+    std::cerr << fmt::format("train: {} steps × {} sequences × {} tokens ({} micro-steps of {}{}), {} on {}; metrics → {}\n",
+                             tc.steps, tc.global_batch, tc.seq_len, accum, tc.micro_batch,
+                             world > 1 ? fmt::format(" on each of {} ranks", world) : "",
+                             cfg.balance.strategy.empty() ? "no balancing" : fmt::format("{}", fmt::join(cfg.balance.strategy, "+")),
+                             tc.device, metrics->path());
 
   const int64_t first_step = loader.state().step;
   auto run_start = Clock::now();
@@ -174,7 +213,8 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
     result.val_loss = e.loss;
     result.val_ppl = std::exp(e.loss);
     result.maxvio_global = mean_of(e.maxvio_layers);
-    metrics.write({{"kind", "eval"}, {"step", step}, {"tokens", loader.state().tokens}, {"val_loss", e.loss},
+    if (!main_rank) return;
+    metrics->write({{"kind", "eval"}, {"step", step}, {"tokens", loader.state().tokens}, {"val_loss", e.loss},
                    {"val_ppl", result.val_ppl}, {"maxvio_global", result.maxvio_global},
                    {"maxvio_global_layers", e.maxvio_layers}, {"epochs", loader.epochs()}});
     std::cerr << fmt::format("\neval step {}: val loss {:.4f}, ppl {:.2f}, MaxVio_global {:.3f}\n", step, e.loss,
@@ -197,9 +237,14 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
     fb.bf16_autocast = bf16_autocast;
     fb.mtp_weight = mtp_weight;
     fb.poison_loss = inject.at("nan_loss", step + 1);
-    const StepLosses sums = forward_backward(
-        model, balancer, [&](int64_t m) { return loader.micro_batch(step, m, /*rank=*/0, /*ranks=*/1); }, fb);
-    const std::vector<double> means = sums.means(accum);
+    StepLosses sums = forward_backward(
+        model, balancer, [&](int64_t m) { return loader.micro_batch(step, m, rank, world); }, fb);
+    // data parallel: sum the losses and the expert counts, average the gradients, so every
+    // rank takes the same decisions, the same bias update and the same optimizer step
+    all_reduce_losses(pg, sums);
+    pg.all_reduce(balancer.mutable_counts(), ReduceOp::kSum);
+    pg.average_gradients(params);
+    const std::vector<double> means = sums.means(accum * world);
     const double lm_loss = means[0], aux = means[1], seq_aux = means[2], z = means[3];
     const double mtp_loss = means[4];  // unweighted mean over depths (comparable with lm_loss)
     const double loss =
@@ -224,7 +269,7 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
       balancer.after_step(step + 1, (step + 1) * tokens_per_step);
     }
     const bool loss_spike = spikes.observe(loss);  // a warning only (Megatron's spiky-loss check)
-    if (loss_spike)
+    if (loss_spike && main_rank)
       std::cerr << fmt::format("\nwarning: step {}: loss spike {:.4f} > {} × the max of the last losses\n", step + 1,
                                loss, cfg.checkpoint.spike_factor);
     loader.advance();
@@ -235,8 +280,8 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
     // ================================ TRAINING SECTION END ==================================
 
     // diagnostics
-    if (std::string w = loader.take_epoch_warning(); !w.empty()) std::cerr << "\nwarning: " << w << "\n";
-    if ((step + 1) % cfg.logging.every == 0 || step + 1 == tc.steps || loss_spike) {
+    if (std::string w = loader.take_epoch_warning(); !w.empty() && main_rank) std::cerr << "\nwarning: " << w << "\n";
+    if (main_rank && ((step + 1) % cfg.logging.every == 0 || step + 1 == tc.steps || loss_spike)) {
       const double window_s = seconds_since(log_window_start);
       const double tokens_per_s = static_cast<double>(log_window_tokens) / std::max(window_s, 1e-9);
       log_window_start = Clock::now();
@@ -248,7 +293,7 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
                      {"bias", to_json_2d(balancer.biases())}, {"epochs", loader.epochs()},
                      {"skipped_steps", result.skipped_steps}};
       if (loss_spike) record["loss_spike"] = true;
-      metrics.write(record);
+      metrics->write(record);
       const double elapsed = seconds_since(run_start);
       const double eta = elapsed / static_cast<double>(step + 1 - first_step) * static_cast<double>(tc.steps - step - 1);
       static const bool tty = isatty(2);  // a log file gets one line per record, a terminal one live line
@@ -260,11 +305,15 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
     if (tc.eval_every > 0 && (step + 1) % tc.eval_every == 0 && step + 1 != tc.steps) run_eval(step + 1);
 
     // checkpoints at step boundaries: periodic, on SIGUSR1, and before stopping on SIGINT/SIGTERM
-    const bool stop = signals.stop_requested();
+    // (one rank's signal is every rank's: the flags are agreed by a MAX all-reduce)
+    if (inject.at("exit", step + 1)) std::_Exit(3);  // test-only: a rank dies mid-run
+    torch::Tensor flags = torch::tensor({signals.stop_requested() ? 1 : 0, signals.take_save_request() ? 1 : 0}, torch::kInt32);
+    pg.all_reduce(flags, ReduceOp::kMax);
+    const bool stop = flags[0].item<int>() != 0, save_request = flags[1].item<int>() != 0;
     const bool periodic = cfg.checkpoint.every > 0 && (step + 1) % cfg.checkpoint.every == 0;
-    if (signals.take_save_request() || periodic || stop) save_now(step + 1);
+    if (save_request || periodic || stop) save_now(step + 1);
     if (stop) {
-      std::cerr << fmt::format("\nstopping at step {} on a signal (checkpoint saved)\n", step + 1);
+      if (main_rank) std::cerr << fmt::format("\nstopping at step {} on a signal (checkpoint saved)\n", step + 1);
       result.stopped_by_signal = true;
       return result;
     }
@@ -273,7 +322,7 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   run_eval(result.steps);
 
   // a short greedy sample, from the start of the validation text
-  try {
+  if (main_rank) try {
     auto tokenizer = load_tokenizer(cfg.data.dir);
     Batch prompt_batch = loader.val_rows(0, 0, 1);
     auto prompt_t = prompt_batch.inputs[0].slice(0, 0, std::min<int64_t>(16, tc.seq_len));

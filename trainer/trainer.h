@@ -9,12 +9,19 @@
 // STEP the 1-based optimizer step; KIND is nan_loss (the loss becomes NaN before
 // backward), nan_grad (the first parameter's gradient becomes NaN), spike (the
 // reported loss is multiplied by 1000, for the spike detector), sigterm / sigusr1
-// (raise() the signal during that step). Never set it in real runs.
+// (raise() the signal during that step), exit (the process _Exit(3)s at the end of
+// that step). KIND@RANK fires on that data-parallel rank only. Never set it in real runs.
+//
+// Data parallel (WORLD_SIZE > 1, TrainOptions::dist): see "Data parallel" in
+// docs/training.md; rank r reads micro-batches (step, m, r, world), gradients are
+// averaged, loss sums and expert counts summed, stop / save signals agreed, and
+// rank 0 alone writes metrics, progress, samples and checkpoints.
 #pragma once
 
 #include <string>
 #include <vector>
 
+#include "trainer/distributed.h"
 #include "trainer/experiment_config.h"
 
 namespace moetrain {
@@ -38,6 +45,9 @@ struct TrainOptions {
   // A Hugging Face DeepseekV3 directory whose weights start a fresh run (ignored
   // when resuming from a checkpoint). Its architecture must equal cfg.model's.
   std::string init_from;
+  // This process's place in a data-parallel job (DistEnv::from_env() in `moetrain train`);
+  // the default is one process.
+  DistEnv dist;
 };
 
 TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options = {});
