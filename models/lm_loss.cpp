@@ -2,7 +2,7 @@
 
 #include <algorithm>
 
-#include <ATen/autocast_mode.h>
+#include "models/autocast.h"
 
 namespace moetrain {
 
@@ -19,9 +19,7 @@ torch::Dtype accumulate_dtype(const torch::Tensor& t) {
 // pick for the forward matmul; the backward runs outside autocast, so it is recorded here and
 // reused there), else the inputs' own dtype. Logits, softmax and sums are always in `acc`.
 torch::Dtype matmul_dtype(const torch::Tensor& hidden) {
-  if (hidden.is_cuda() && at::autocast::is_autocast_enabled(at::kCUDA) &&
-      at::autocast::get_autocast_dtype(at::kCUDA) == at::kBFloat16)
-    return torch::kBFloat16;
+  if (cuda_bf16_autocast(hidden)) return torch::kBFloat16;
   return hidden.scalar_type();
 }
 

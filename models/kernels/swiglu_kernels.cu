@@ -2,18 +2,11 @@
 // saved intermediate). Math in fp32 whatever the storage type.
 #include "models/kernels/swiglu_kernels.h"
 
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
+#include "models/kernels/cuda_common.cuh"
 
 namespace moetrain::kernels {
 
 namespace {
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <class T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 
 template <class T>
 __global__ void swiglu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out,
@@ -38,11 +31,6 @@ __global__ void swiglu_backward_kernel(const T* __restrict__ gate, const T* __re
     grad_gate[i] = from_float<T>(go * u * s * (1.0f + g * (1.0f - s)));
     grad_up[i] = from_float<T>(go * g * s);
   }
-}
-
-int grid_for(int64_t n, int block) {
-  int64_t blocks = (n + block - 1) / block;
-  return static_cast<int>(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
 }
 
 }  // namespace
