@@ -23,6 +23,8 @@
 #include "app/cli.h"
 #include "app/commands.h"
 #include "app/step_profile.h"
+#include "models/autocast.h"
+#include "models/moe.h"
 #include "models/params.h"
 #include "models/transformer.h"
 #include "trainer/balance.h"
@@ -71,10 +73,50 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+// --moe-layer: forward + backward of one MoE layer of the config (router, permutation,
+// routed and shared experts) on random hidden states of one micro-batch, median of `steps`.
+// A fresh router routes nearly uniformly, so every expert gets ≈ N·K/E rows.
+nlohmann::json bench_moe_layer(const ExperimentConfig& cfg, const torch::Device& device, bool bf16, int64_t steps,
+                               int64_t warmup) {
+  const ModelConfig& m = cfg.model;
+  MoE moe(m);
+  moe->to(device);
+  const int64_t tokens = cfg.train.micro_batch * cfg.train.seq_len;
+  auto x = torch::randn({cfg.train.micro_batch, cfg.train.seq_len, m.hidden_size}, torch::TensorOptions(device))
+               .requires_grad_(true);
+  auto grad_y = torch::randn_like(x);
+  std::vector<double> ms;
+  for (int64_t i = 0; i < warmup + steps; ++i) {
+    for (auto& p : moe->parameters()) p.mutable_grad() = torch::Tensor();
+    x.mutable_grad() = torch::Tensor();
+    sync(device);
+    const auto t0 = Clock::now();
+    torch::Tensor y;
+    {
+      Bf16AutocastGuard autocast(bf16);
+      y = moe(x).y;
+    }
+    y.backward(grad_y.to(y.scalar_type()));
+    sync(device);
+    if (i >= warmup) ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+  }
+  const double med = median(ms);
+  std::cout << fmt::format("{}: MoE layer forward + backward {:.2f} ms ({} routed experts, top-{}, {} shared, {} tokens)\n",
+                           device_name(device), med, m.n_routed_experts, m.num_experts_per_tok, m.n_shared_experts,
+                           tokens);
+  return {{"moe_layer_ms", med},
+          {"moe_layer_ms_min", *std::min_element(ms.begin(), ms.end())},
+          {"n_routed_experts", m.n_routed_experts},
+          {"top_k", m.num_experts_per_tok},
+          {"tokens", tokens},
+          {"peak_mem_gb", peak_memory_gb(device)},
+          {"device", device_name(device)}};
+}
+
 }  // namespace
 
 int cmd_bench(int argc, char** argv) {
-  ArgParser args("bench", "FILE [--steps N] [--warmup N] [--peak-tflops X] [--set KEY=VALUE]...",
+  ArgParser args("bench", "FILE [--steps N] [--warmup N] [--peak-tflops X] [--moe-layer] [--set KEY=VALUE]...",
                  "Time real training steps of FILE's model, optimizer and batch (train.global_batch × seq_len,\n"
                  "micro_batch, device, dtype) on synthetic tokens: forward + backward over the micro-batches,\n"
                  "gradient clipping, AdamW and the balancer update, as `moetrain train` runs them.\n"
@@ -89,6 +131,7 @@ int cmd_bench(int argc, char** argv) {
   args.option("seed", "N", "seed of the synthetic tokens and the initial weights", "1234");
   args.option("profile", "N", "after timing, profile N more steps (CUDA): GPU time by kernel, syncs, launches", "0");
   args.option("trace", "FILE", "with --profile: also save a Chrome trace (chrome://tracing, Perfetto)");
+  args.flag("moe-layer", "time one MoE layer's forward + backward (one micro-batch) instead of whole steps");
   args.allow_set();
   return run_command([&] {
     if (!args.parse(argc, argv)) return 0;
@@ -109,6 +152,10 @@ int cmd_bench(int argc, char** argv) {
 
     const uint64_t seed = std::stoull(args.get("seed"));
     torch::manual_seed(seed);
+    if (args.has("moe-layer")) {
+      std::cout << bench_moe_layer(cfg, device, tc.dtype == "bf16" && device.is_cuda(), steps, warmup).dump() << "\n";
+      return 0;
+    }
     Transformer model(cfg.model);
     model->to(device);
     auto optimizer = build_optimizer(*model, cfg.optim);

@@ -101,4 +101,16 @@ TEST(Cli, BenchOnCpu) {
   EXPECT_EQ(r.exit_code, 2) << r.output;
 }
 
+// --moe-layer times one MoE layer (the expert-scaling measurement of issue 9).
+TEST(Cli, BenchMoeLayerOnCpu) {
+  auto r = run_capture(bin() + " bench " + cfg("debug") +
+                       " --moe-layer --steps 2 --warmup 1 --set train.micro_batch=2 --set train.seq_len=16"
+                       " --set train.threads=1 --set model.n_routed_experts=16");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto j = nlohmann::json::parse(r.output.substr(r.output.rfind('{')));
+  EXPECT_EQ(j["n_routed_experts"], 16);
+  EXPECT_EQ(j["tokens"], 32);
+  EXPECT_GT(j["moe_layer_ms"].get<double>(), 0.0);
+}
+
 }  // namespace
