@@ -2,6 +2,7 @@
 # scripts/gpu_check.sh — one call on a GPU machine: build (CUDA on, warnings as errors), then
 # the phases asked for (default: tests bench profile):
 #   tests    the test suite without the corpus-bound `slow` label (cuda + parity included)
+#   cuda     only the tests labelled cuda (the GPU paths against their references)
 #   bench    moetrain bench beside transformers (scripts/bench_vs_hf.py) -> bench.json
 #   profile  a one-step Kineto profile of moetrain bench
 #   scaling  expert scaling (issue 9): one MoE layer fwd+bwd and the whole step at 64 vs 256
@@ -34,6 +35,11 @@ if has tests; then
   ctest --test-dir "$BUILD" -j "$(nproc)" -LE slow --output-on-failure >"$OUT/ctest.log" 2>&1
   grep -E "tests passed|\*\*\*Failed|Failed  |Not Run" "$OUT/ctest.log" | head -20
   stamp tests
+fi
+if has cuda; then
+  ctest --test-dir "$BUILD" -L cuda --output-on-failure >"$OUT/ctest-cuda.log" 2>&1
+  grep -E "tests passed|\*\*\*Failed|Failed  |Not Run" "$OUT/ctest-cuda.log" | head -20
+  stamp cuda-tests
 fi
 if has curve; then  # CPU fp32 in the background while the GPU works
   curve() {  # NAME DEVICE DTYPE
