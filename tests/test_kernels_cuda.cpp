@@ -141,7 +141,9 @@ TEST(KernelsCuda, MoePermutationMatchesReference) {
       out.backward(go);
       out_ref.backward(go);
       EXPECT_LT(max_rel_err(x.grad(), x_ref.grad(), 1e-1), 2 * tol) << dtype << " " << dim;
-      EXPECT_LT(max_rel_err(w.grad(), w_ref.grad(), 1e-1), 2 * tol) << dtype << " " << dim;
+      // a gate's gradient is a dot product over D (cancellation): compare against its scale
+      const double w_scale = w_ref.grad().abs().max().item<double>();
+      EXPECT_LT((w.grad() - w_ref.grad()).abs().max().item<double>() / w_scale, tol) << dtype << " " << dim;
     }
   }
 }
