@@ -6,10 +6,12 @@
 
 #include <ATen/autocast_mode.h>
 
+#include "models/kernels/mla_rope.h"
 #include "models/kernels/rms_norm_fused.h"
 #include "models/kernels/swiglu.h"
 #include "models/moe.h"
 #include "models/rms_norm.h"
+#include "models/rope.h"
 
 using namespace moetrain;
 
@@ -161,4 +163,45 @@ TEST(KernelsCuda, MoePermuteWritesBf16RowsUnderAutocast) {
   at::autocast::clear_cache();
   EXPECT_EQ(rows.scalar_type(), torch::kBFloat16);
   EXPECT_TRUE(torch::equal(rows, moe_permute_reference(x, perm).to(torch::kBFloat16)));
+}
+
+TEST(KernelsCuda, MlaRopeMatchesReference) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  ASSERT_TRUE(fused_kernels_available()) << "built without MOETRAIN_CUDA";
+  ModelConfig cfg;
+  cfg.qk_rope_head_dim = 32;
+  RotaryEmbedding rotary(cfg);
+  const int64_t B = 2, T = 37, H = 3, nope = 16, R = 32, C = 24, v_dim = 8;
+  const RopeTables rope = rotary.tables(64, torch::kCUDA, torch::kFloat);
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    torch::manual_seed(3);
+    auto opts = torch::TensorOptions().device(torch::kCUDA).dtype(dtype);
+    auto q = torch::randn({B, T, H, nope + R}, opts).requires_grad_(true);
+    auto q_ref = q.detach().clone().requires_grad_(true);
+    auto latent = torch::randn({B, T, C + R}, opts).requires_grad_(true);  // wkv_a's output: [c_kv | k_rope]
+    auto latent_ref = latent.detach().clone().requires_grad_(true);
+    auto kv = torch::randn({B, T, H, nope + v_dim}, opts).requires_grad_(true);
+    auto kv_ref = kv.detach().clone().requires_grad_(true);
+
+    auto qf = mla_rope_q_fused(q, rope, nope);
+    auto kf = mla_rope_k_fused(kv, latent.narrow(-1, C, R), rope, nope);
+    auto q_parts = q_ref.split({nope, R}, -1);
+    auto qr = torch::cat({q_parts[0], apply_rope(q_parts[1], rope)}, -1);
+    auto k_rope = apply_rope(latent_ref.narrow(-1, C, R).unsqueeze(2), rope);
+    auto kr = torch::cat({kv_ref.narrow(-1, 0, nope), k_rope.expand({B, T, H, R})}, -1);
+    // the same fp32 arithmetic, one rounding: equal up to fma contraction
+    const double tol = dtype == torch::kFloat32 ? 1e-6 : 1.0 / 128;
+    EXPECT_LT(max_rel_err(qf, qr, 1e-2), tol) << dtype;
+    EXPECT_LT(max_rel_err(kf, kr, 1e-2), tol) << dtype;
+    auto gq = torch::randn_like(qf), gk = torch::randn_like(kf);
+    (qf * gq).sum().backward();
+    (kf * gk).sum().backward();
+    (qr * gq).sum().backward();
+    (kr * gk).sum().backward();
+    EXPECT_LT(max_rel_err(q.grad(), q_ref.grad(), 1e-1), 2 * tol) << dtype;
+    EXPECT_LT(max_rel_err(kv.grad(), kv_ref.grad(), 1e-1), 2 * tol) << dtype;
+    // k_rope's gradient sums over heads: compare to its scale
+    const auto g = latent.grad().to(torch::kFloat), g_ref = latent_ref.grad().to(torch::kFloat);
+    EXPECT_LT((g - g_ref).abs().max().item<double>() / g_ref.abs().max().item<double>(), 4 * tol) << dtype;
+  }
 }
