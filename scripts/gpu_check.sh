@@ -9,6 +9,7 @@
 #            routed experts, same top-k (the 256-expert step needs ~75 GB: an H200)
 #   curve    bf16 CUDA vs fp32 CPU loss curves of configs/tiny.yaml, 200 steps
 #            (needs data_cache/linux-docs-sp4096 carried over)
+# TRACE=1: the profile phase also saves a gzipped Chrome trace (trace.json.gz).
 # Logs and JSON go to ${OUT:-.}/.
 # Usage: [PHASES="tests bench"] bash scripts/gpu_check.sh [BENCH_CONFIG]   (default configs/bench-1b.yaml)
 set -uo pipefail
@@ -57,7 +58,10 @@ if has bench; then
   stamp bench
 fi
 if has profile; then
-  "$MT" bench "$CONFIG" --steps 2 --warmup 2 --profile 1 >"$OUT/profile.log" 2>&1 || tail -20 "$OUT/profile.log"
+  trace=()
+  [ -n "${TRACE:-}" ] && trace=(--trace /tmp/moetrain-trace.json)
+  "$MT" bench "$CONFIG" --steps 2 --warmup 2 --profile 1 "${trace[@]}" >"$OUT/profile.log" 2>&1 || tail -20 "$OUT/profile.log"
+  [ -n "${TRACE:-}" ] && gzip -c /tmp/moetrain-trace.json >"$OUT/trace.json.gz"
   stamp profile
 fi
 if has scaling; then
@@ -76,7 +80,7 @@ if has curve; then
   stamp curve
 fi
 echo "== summary"
-has profile && grep -A14 "^profile of" "$OUT/profile.log" | cut -c1-150
+has profile && grep -A28 "^profile of" "$OUT/profile.log" | cut -c1-150
 has scaling && grep -h -E "MoE layer|median step" "$OUT"/moe-layer-*.log "$OUT"/step-experts-*.log
 has curve && cat "$OUT/curve.md"
 has bench && tail -6 "$OUT/bench.log"
