@@ -194,7 +194,9 @@ int cmd_bench(int argc, char** argv) {
             return Batch{rows.narrow(1, 0, tc.seq_len), rows.narrow(1, 1, tc.seq_len)};
           },
           fb);
-      torch::nn::utils::clip_grad_norm_(params, clip);
+      // as the trainer clips: the norm on the device, the scaling inside the fused update
+      const torch::Tensor norm = grad_norm(params);
+      if (std::isfinite(clip)) optimizer->clip_next_step(norm, clip);
       optimizer->step();
       ++step_index;
       balancer.after_step(step_index, step_index * tokens_per_step);

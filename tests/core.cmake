@@ -5,6 +5,7 @@ add_dependencies(test_cli moetrain)
 add_unit_test(test_kernels)
 add_unit_test(test_kernels_cuda LABELS cuda)
 add_unit_test(test_balance)
+add_unit_test(test_optim)
 add_unit_test(test_trainer)
 
 # libFuzzer over the safetensors header parser for a fixed budget (clang only).
