@@ -70,7 +70,7 @@ TEST(KernelsCuda, RmsNormMatchesReference) {
   ASSERT_TRUE(fused_kernels_available()) << "built without MOETRAIN_CUDA";
   for (auto x_dtype : {torch::kFloat32, torch::kBFloat16}) {
     for (auto out_dtype : {torch::kFloat32, torch::kBFloat16}) {
-      for (int64_t dim : {256, 1024, 100}) {  // 100: not a multiple of the warp
+      for (int64_t dim : {256, 1024, 100, 102}) {  // 100: not a multiple of the warp; 102: nor of 4
         torch::manual_seed(1);
         auto opts = torch::TensorOptions().device(torch::kCUDA);
         auto x = (torch::randn({3, 1001, dim}, opts) * 3).to(x_dtype).requires_grad_(true);
@@ -116,7 +116,7 @@ TEST(KernelsCuda, MoePermutationMatchesReference) {
   ASSERT_TRUE(fused_kernels_available()) << "built without MOETRAIN_CUDA";
   const int64_t N = 777, K = 6, E = 16;
   for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
-    for (int64_t dim : {128, 72}) {
+    for (int64_t dim : {128, 72, 70}) {  // 70: the one-column path
       torch::manual_seed(2);
       auto opts = torch::TensorOptions().device(torch::kCUDA);
       // distinct experts per token, like top-k

@@ -21,41 +21,48 @@ __device__ __forceinline__ WarpIndex warp_index() {
 
 template <class TX, class TR>
 __global__ void permute_forward_kernel(const TX* __restrict__ x, const int64_t* __restrict__ inv,
-                                       TR* __restrict__ rows, int64_t n_tokens, int64_t k, int64_t dim) {
+                                       TR* __restrict__ rows, int64_t n_tokens, int64_t k, int64_t dim, bool vec) {
   const WarpIndex w = warp_index();
   for (int64_t n = w.first; n < n_tokens; n += w.stride) {
     const TX* src = x + n * dim;
     for (int64_t j = 0; j < k; ++j) {
       TR* dst = rows + inv[n * k + j] * dim;
-      for (int64_t c = w.lane; c < dim; c += 32) dst[c] = from_float<TR>(to_float(src[c]));
+      for_columns(dim, w.lane, vec, [&](int64_t c, int m) { store_n(dst + c, load_n(src + c, m), m); });
     }
   }
 }
 
 template <class TR, class TX>
 __global__ void permute_backward_kernel(const TR* __restrict__ grad_rows, const int64_t* __restrict__ inv,
-                                        TX* __restrict__ grad_x, int64_t n_tokens, int64_t k, int64_t dim) {
+                                        TX* __restrict__ grad_x, int64_t n_tokens, int64_t k, int64_t dim, bool vec) {
   const WarpIndex w = warp_index();
   for (int64_t n = w.first; n < n_tokens; n += w.stride) {
-    for (int64_t c = w.lane; c < dim; c += 32) {
-      float acc = 0.f;
-      for (int64_t j = 0; j < k; ++j) acc += to_float(grad_rows[inv[n * k + j] * dim + c]);
-      grad_x[n * dim + c] = from_float<TX>(acc);
-    }
+    for_columns(dim, w.lane, vec, [&](int64_t c, int m) {
+      Float4 acc{{0.f, 0.f, 0.f, 0.f}};
+      for (int64_t j = 0; j < k; ++j) {
+        const Float4 g = load_n(grad_rows + inv[n * k + j] * dim + c, m);
+        for (int e = 0; e < m; ++e) acc.v[e] += g.v[e];
+      }
+      store_n(grad_x + n * dim + c, acc, m);
+    });
   }
 }
 
 template <class T>
 __global__ void unpermute_forward_kernel(const T* __restrict__ y, const float* __restrict__ weight,
                                          const int64_t* __restrict__ inv, T* __restrict__ out, int64_t n_tokens,
-                                         int64_t k, int64_t dim) {
+                                         int64_t k, int64_t dim, bool vec) {
   const WarpIndex w = warp_index();
   for (int64_t n = w.first; n < n_tokens; n += w.stride) {
-    for (int64_t c = w.lane; c < dim; c += 32) {
-      float acc = 0.f;
-      for (int64_t j = 0; j < k; ++j) acc += weight[n * k + j] * to_float(y[inv[n * k + j] * dim + c]);
-      out[n * dim + c] = from_float<T>(acc);
-    }
+    for_columns(dim, w.lane, vec, [&](int64_t c, int m) {
+      Float4 acc{{0.f, 0.f, 0.f, 0.f}};
+      for (int64_t j = 0; j < k; ++j) {
+        const float wj = weight[n * k + j];
+        const Float4 v = load_n(y + inv[n * k + j] * dim + c, m);
+        for (int e = 0; e < m; ++e) acc.v[e] += wj * v.v[e];
+      }
+      store_n(out + n * dim + c, acc, m);
+    });
   }
 }
 
@@ -63,7 +70,7 @@ template <class T>
 __global__ void unpermute_backward_kernel(const T* __restrict__ y, const float* __restrict__ weight,
                                           const int64_t* __restrict__ inv, const T* __restrict__ grad_out,
                                           T* __restrict__ grad_y, float* __restrict__ grad_w, int64_t n_tokens,
-                                          int64_t k, int64_t dim) {
+                                          int64_t k, int64_t dim, bool vec) {
   const WarpIndex w = warp_index();
   for (int64_t n = w.first; n < n_tokens; n += w.stride) {
     const T* g = grad_out + n * dim;
@@ -73,11 +80,15 @@ __global__ void unpermute_backward_kernel(const T* __restrict__ y, const float* 
       const T* yr = y + row * dim;
       T* gy = grad_y + row * dim;
       float dot = 0.f;
-      for (int64_t c = w.lane; c < dim; c += 32) {
-        const float gc = to_float(g[c]);
-        dot += gc * to_float(yr[c]);
-        gy[c] = from_float<T>(wj * gc);
-      }
+      for_columns(dim, w.lane, vec, [&](int64_t c, int m) {
+        const Float4 gc = load_n(g + c, m), yc = load_n(yr + c, m);
+        Float4 out;
+        for (int e = 0; e < m; ++e) {
+          dot += gc.v[e] * yc.v[e];
+          out.v[e] = wj * gc.v[e];
+        }
+        store_n(gy + c, out, m);
+      });
       dot = warp_sum(dot);
       if (w.lane == 0) grad_w[n * k + j] = dot;
     }
@@ -94,7 +105,7 @@ int launch_moe_permute_forward(const void* x, const int64_t* inv, void* rows, in
   MOETRAIN_DISPATCH_DTYPE(x_dtype, TX, {
     MOETRAIN_DISPATCH_DTYPE(rows_dtype, TR, {
       permute_forward_kernel<TX, TR><<<blocks_for(n_tokens), kWarpsPerBlock * 32, 0, s>>>(
-          static_cast<const TX*>(x), inv, static_cast<TR*>(rows), n_tokens, k, dim);
+          static_cast<const TX*>(x), inv, static_cast<TR*>(rows), n_tokens, k, dim, dim % 4 == 0 && aligned16(x, rows));
     })
   })
   return static_cast<int>(cudaGetLastError());
@@ -106,7 +117,8 @@ int launch_moe_permute_backward(const void* grad_rows, const int64_t* inv, void*
   MOETRAIN_DISPATCH_DTYPE(rows_dtype, TR, {
     MOETRAIN_DISPATCH_DTYPE(x_dtype, TX, {
       permute_backward_kernel<TR, TX><<<blocks_for(n_tokens), kWarpsPerBlock * 32, 0, s>>>(
-          static_cast<const TR*>(grad_rows), inv, static_cast<TX*>(grad_x), n_tokens, k, dim);
+          static_cast<const TR*>(grad_rows), inv, static_cast<TX*>(grad_x), n_tokens, k, dim,
+          dim % 4 == 0 && aligned16(grad_rows, grad_x));
     })
   })
   return static_cast<int>(cudaGetLastError());
@@ -117,7 +129,7 @@ int launch_moe_unpermute_forward(const void* y, const float* w, const int64_t* i
   auto s = static_cast<cudaStream_t>(stream);
   MOETRAIN_DISPATCH_DTYPE(y_dtype, T, {
     unpermute_forward_kernel<T><<<blocks_for(n_tokens), kWarpsPerBlock * 32, 0, s>>>(
-        static_cast<const T*>(y), w, inv, static_cast<T*>(out), n_tokens, k, dim);
+        static_cast<const T*>(y), w, inv, static_cast<T*>(out), n_tokens, k, dim, dim % 4 == 0 && aligned16(y, out));
   })
   return static_cast<int>(cudaGetLastError());
 }
@@ -129,7 +141,7 @@ int launch_moe_unpermute_backward(const void* y, const float* w, const int64_t* 
   MOETRAIN_DISPATCH_DTYPE(y_dtype, T, {
     unpermute_backward_kernel<T><<<blocks_for(n_tokens), kWarpsPerBlock * 32, 0, s>>>(
         static_cast<const T*>(y), w, inv, static_cast<const T*>(grad_out), static_cast<T*>(grad_y), grad_w,
-        n_tokens, k, dim);
+        n_tokens, k, dim, dim % 4 == 0 && aligned16(y, grad_out, grad_y));
   })
   return static_cast<int>(cudaGetLastError());
 }
