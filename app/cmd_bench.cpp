@@ -174,6 +174,7 @@ int cmd_bench(int argc, char** argv) {
       return 0;
     }
     Transformer model(cfg.model);
+    model->activation_checkpointing = tc.activation_checkpointing == "full";
     model->to(device);
     auto optimizer = build_optimizer(*model, cfg.optim);
     set_lr(*optimizer, cfg.optim.lr);

@@ -121,6 +121,7 @@ void visit_config(V& v, ExperimentConfig& c) {
     s.integer("seed", t.seed, 0);
     s.choice("device", t.device, {"cpu", "cuda"});
     s.choice("dtype", t.dtype, {"fp32", "bf16"});
+    s.choice("activation_checkpointing", t.activation_checkpointing, {"none", "full"});
     s.integer("eval_every", t.eval_every, 0);
     s.integer("eval_batches", t.eval_batches, 1);
     s.real("mtp_loss_weight", t.mtp_loss_weight, kNonNegative);

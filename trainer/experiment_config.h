@@ -54,6 +54,8 @@ struct TrainConfig {
   int64_t seed = 1234;
   std::string device = "cpu";  // cpu | cuda
   std::string dtype = "fp32";  // fp32 | bf16 (autocast, fp32 master weights; CUDA)
+  // none | full: recompute every decoder layer in the backward (models/checkpointing.h)
+  std::string activation_checkpointing = "none";
   int64_t eval_every = 100;    // 0: only at the end
   int64_t eval_batches = 8;
   double mtp_loss_weight = 0.3;  // λ of the MTP loss (eq. 25); with num_nextn_predict_layers > 0

@@ -158,6 +158,7 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   DataLoader loader(cfg.data.dir, tc);
   check_compatible(loader.meta(), cfg.model, tc);
   Transformer model(cfg.model);
+  model->activation_checkpointing = tc.activation_checkpointing == "full";
   if (!options.init_from.empty() && options.resume.empty()) init_from_hf(options.init_from, cfg.model, model);
   model->to(device);
   auto optimizer = build_optimizer(*model, cfg.optim);
