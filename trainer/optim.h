@@ -1,4 +1,4 @@
-// defines: FusedAdamW, build_optimizer, lr_at, set_lr — AdamW with the decay / no-decay
+// defines: FusedAdamW, weight_decayed, build_optimizer, lr_at, set_lr — AdamW with the decay / no-decay
 // split (weight decay on ≥2-D weights only; norms excluded; the router bias is a buffer
 // and never reaches the optimizer) and the learning-rate schedules.
 #pragma once
@@ -21,6 +21,9 @@ class FusedAdamW : public torch::optim::AdamW {
   using torch::optim::AdamW::AdamW;
   torch::Tensor step(LossClosure closure = nullptr) override;
 };
+
+// The decay / no-decay rule: weight decay on ≥2-D weights only (norms are 1-D).
+inline bool weight_decayed(const torch::Tensor& p) { return p.dim() >= 2; }
 
 // Parameter groups in registration order (stable: optimizer state is positional). A FusedAdamW.
 std::unique_ptr<torch::optim::AdamW> build_optimizer(torch::nn::Module& model, const OptimConfig& cfg);
