@@ -2,6 +2,8 @@
 
 #include <cerrno>
 #include <cstdlib>
+#include <exception>
+#include <iostream>
 #include <map>
 
 #include <fmt/format.h>
@@ -204,6 +206,20 @@ void ProcessGroup::all_gather(const torch::Tensor& full, const torch::Tensor& sh
   if (out.data_ptr() != full.data_ptr()) full.view(-1).copy_(out);
 }
 
+ProcessGroup::~ProcessGroup() {
+  if (!impl_ || backend_ != "nccl") return;
+  // NCCL communicators are torn down explicitly (as destroy_process_group does); while an
+  // exception unwinds (a peer may be dead, pending work may never finish) they are aborted.
+  try {
+    if (std::uncaught_exceptions() > 0)
+      impl_->backend->abort();
+    else
+      impl_->backend->shutdown();
+  } catch (const std::exception& e) {
+    std::cerr << fmt::format("rank {}: NCCL shutdown: {}\n", env_.rank, e.what());
+  }
+}
+
 #else  // built without any distributed backend: only world size 1
 
 struct ProcessGroup::Impl {};
@@ -223,9 +239,9 @@ void ProcessGroup::barrier() {}
 void ProcessGroup::reduce_scatter(const torch::Tensor& shard, const torch::Tensor& full) { shard.copy_(full.reshape(-1)); }
 void ProcessGroup::all_gather(const torch::Tensor& full, const torch::Tensor& shard) { full.view(-1).copy_(shard.reshape(-1)); }
 
-#endif
-
 ProcessGroup::~ProcessGroup() = default;
+
+#endif
 
 void ProcessGroup::average_gradients(const std::vector<torch::Tensor>& params, int64_t bucket_bytes) {
   if (!impl_) return;
