@@ -23,4 +23,12 @@ add_dependencies(test_generate moetrain)
 if(MOETRAIN_GLOO_INCLUDE)
   add_unit_test(test_dist)  # label unit (run alone: ctest -R "^Dist")
   add_dependencies(test_dist moetrain)
+  # ZeRO-1 (trainer/zero.h): layout, sharded AdamW, 2/4-rank runs, resharded checkpoints.
+  add_unit_test(test_zero)  # ctest -R "^Zero"
+  add_dependencies(test_zero moetrain)
+endif()
+# NCCL data parallelism + ZeRO-1 on 2 GPUs (skips with fewer): ctest -L cuda -R DistCuda
+if(MOETRAIN_WITH_NCCL)
+  add_unit_test(test_dist_cuda LABELS cuda)
+  add_dependencies(test_dist_cuda moetrain)
 endif()

@@ -69,6 +69,24 @@ TEST(Cli, ParamsTableAndJson) {
   EXPECT_NE(j.output.find("\"total\": 1256"), std::string::npos) << j.output;
 }
 
+// ZeRO-1: the Adam state per rank falls as 1/world size; weights and gradients do not.
+TEST(Cli, ParamsMemoryZeroDividesTheOptimizerByWorldSize) {
+  auto mem = [](const std::string& extra) {
+    auto r = run_capture(bin() + " params " + cfg("bench-1b") + " --json --memory" + extra);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return nlohmann::json::parse(r.output)["memory_bytes"];
+  };
+  const auto one = mem(""), zero4 = mem(" --world-size 4 --set distributed.zero_stage=1"),
+             plain4 = mem(" --world-size 4");
+  EXPECT_NEAR(zero4["optimizer"].get<double>(), one["optimizer"].get<double>() / 4, 8.0);
+  EXPECT_EQ(zero4["weights"], one["weights"]);
+  EXPECT_EQ(zero4["grads"], one["grads"]);
+  EXPECT_EQ(plain4["optimizer"], one["optimizer"]) << "zero_stage 0 replicates the optimizer";
+  auto r = run_capture(bin() + " params " + cfg("bench-1b") + " --memory --world-size 4 --set distributed.zero_stage=1");
+  EXPECT_NE(r.output.find("ZeRO-1: ÷ 4 ranks"), std::string::npos) << r.output;
+  EXPECT_EQ(run_capture(bin() + " params " + cfg("bench-1b") + " --memory --world-size 0").exit_code, 2);
+}
+
 }  // namespace
 
 namespace {

@@ -4,6 +4,7 @@
 #include <cctype>
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -23,6 +24,8 @@
 #include "data/hash.h"
 #include "io/safetensors.h"
 #include "trainer/config_tree.h"
+#include "trainer/distributed.h"
+#include "trainer/zero.h"
 
 namespace moetrain {
 
@@ -31,8 +34,25 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr int kFormatVersion = 1;
-const char* const kFiles[] = {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json",
-                              "config.yaml"};
+// Every checkpoint has these, plus its optimizer state: optimizer.safetensors (one writer) or
+// the ZeRO-1 shards optimizer-zero-<r>-of-<W>.safetensors, r = 0..W-1 (trainer/zero.h).
+const char* const kFiles[] = {"model.safetensors", "rng.safetensors", "state.json", "config.yaml"};
+const char* const kOptimizerFile = "optimizer.safetensors";
+
+// The optimizer files a checkpoint needs, given the file names it has (on disk or in its
+// MANIFEST): optimizer.safetensors, else every shard of the world size the shards name.
+std::vector<std::string> optimizer_files(const std::vector<std::string>& have) {
+  int64_t world = -1;
+  for (const auto& n : have) {
+    if (n == kOptimizerFile) return {kOptimizerFile};
+    long r = 0, w = 0;
+    if (std::sscanf(n.c_str(), "optimizer-zero-%ld-of-%ld.safetensors", &r, &w) == 2 && w > 0) world = w;
+  }
+  if (world < 0) return {kOptimizerFile};
+  std::vector<std::string> out;
+  for (int64_t r = 0; r < world; ++r) out.push_back(zero_shard_file_name(r, world));
+  return out;
+}
 
 CheckpointFaultHook& fault_hook() {
   static CheckpointFaultHook hook;
@@ -181,10 +201,26 @@ std::string checkpoint_dir_name(int64_t step) { return fmt::format("step-{:08d}"
 
 void set_checkpoint_fault_hook(CheckpointFaultHook hook) { fault_hook() = std::move(hook); }
 
-std::string save_checkpoint(const ExperimentConfig& cfg, Transformer& model, torch::optim::AdamW& optimizer,
-                            const TrainingState& state) {
+namespace {
+
+// save_checkpoint's body. write_optimizer(tmp) writes this process's optimizer file(s). With
+// `pg` (ZeRO-1) every rank calls it: rank 0 prepares the temporary directory (a name all ranks
+// know) and writes the model, a barrier, every rank writes its optimizer shard, a barrier,
+// then rank 0 alone writes the rest, the MANIFEST over all files, and commits. A checkpoint is
+// thus complete only when every shard is written. (Several nodes need a shared checkpoint.dir.)
+std::string save_checkpoint_impl(const ExperimentConfig& cfg, Transformer& model, const TrainingState& state,
+                                 const std::function<void(const std::string& tmp)>& write_optimizer, ProcessGroup* pg) {
+  const bool writer = !pg || pg->is_main();
   const std::string root = cfg.checkpoint.dir;
   const std::string name = checkpoint_dir_name(state.step);
+  const std::string tmp =
+      (fs::path(root) / (pg ? fmt::format(".tmp-{}-zero", name) : fmt::format(".tmp-{}-{}", name, ::getpid()))).string();
+  if (!writer) {
+    pg->barrier();  // rank 0 made tmp
+    write_optimizer(tmp);
+    pg->barrier();  // rank 0 commits
+    return "";
+  }
   std::vector<std::pair<std::string, torch::Tensor>> model_tensors;
   for (const auto& p : model->named_parameters()) model_tensors.emplace_back(p.key(), cpu_contiguous(p.value()));
   for (const auto& b : model->named_buffers()) model_tensors.emplace_back(b.key(), cpu_contiguous(b.value()));
@@ -200,27 +236,16 @@ std::string save_checkpoint(const ExperimentConfig& cfg, Transformer& model, tor
   for (const auto& e : fs::directory_iterator(root, ec))
     if (e.path().filename().string().rfind(".tmp-step-", 0) == 0) fs::remove_all(e.path(), ec);
 
-  const std::string tmp = (fs::path(root) / fmt::format(".tmp-{}-{}", name, ::getpid())).string();
   fs::remove_all(tmp, ec);
   fs::create_directories(tmp);
 
   write_safetensors(tmp + "/model.safetensors", model_tensors, {{"format", "moetrain"}});
   stage("model.safetensors", tmp + "/model.safetensors");
 
-  std::vector<std::pair<std::string, torch::Tensor>> opt_tensors;
-  auto& opt_state = optimizer.state();
-  for (const auto& p : model->named_parameters()) {
-    auto it = opt_state.find(p.value().unsafeGetTensorImpl());
-    if (it == opt_state.end()) continue;  // never had a gradient
-    auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
-    opt_tensors.emplace_back("exp_avg." + p.key(), cpu_contiguous(s.exp_avg()));
-    opt_tensors.emplace_back("exp_avg_sq." + p.key(), cpu_contiguous(s.exp_avg_sq()));
-    opt_tensors.emplace_back("step." + p.key(), torch::tensor(s.step(), torch::kInt64));
-    if (s.max_exp_avg_sq().defined())
-      opt_tensors.emplace_back("max_exp_avg_sq." + p.key(), cpu_contiguous(s.max_exp_avg_sq()));
-  }
-  write_safetensors(tmp + "/optimizer.safetensors", opt_tensors, {{"optimizer", "adamw"}});
-  stage("optimizer.safetensors", tmp + "/optimizer.safetensors");
+  if (pg) pg->barrier();
+  write_optimizer(tmp);
+  if (pg) pg->barrier();  // every shard is written
+  stage("optimizer.safetensors", tmp + (pg ? "" : "/optimizer.safetensors"));
 
   std::vector<std::pair<std::string, torch::Tensor>> rng;
   {
@@ -286,11 +311,47 @@ std::string save_checkpoint(const ExperimentConfig& cfg, Transformer& model, tor
   return final_dir;
 }
 
+}  // namespace
+
+std::string save_checkpoint(const ExperimentConfig& cfg, Transformer& model, torch::optim::AdamW& optimizer,
+                            const TrainingState& state) {
+  auto write_optimizer = [&](const std::string& tmp) {
+    std::vector<std::pair<std::string, torch::Tensor>> opt_tensors;
+    auto& opt_state = optimizer.state();
+    for (const auto& p : model->named_parameters()) {
+      auto it = opt_state.find(p.value().unsafeGetTensorImpl());
+      if (it == opt_state.end()) continue;  // never had a gradient
+      auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
+      opt_tensors.emplace_back("exp_avg." + p.key(), cpu_contiguous(s.exp_avg()));
+      opt_tensors.emplace_back("exp_avg_sq." + p.key(), cpu_contiguous(s.exp_avg_sq()));
+      opt_tensors.emplace_back("step." + p.key(), torch::tensor(s.step(), torch::kInt64));
+      if (s.max_exp_avg_sq().defined())
+        opt_tensors.emplace_back("max_exp_avg_sq." + p.key(), cpu_contiguous(s.max_exp_avg_sq()));
+    }
+    write_safetensors(tmp + "/optimizer.safetensors", opt_tensors, {{"optimizer", "adamw"}});
+  };
+  return save_checkpoint_impl(cfg, model, state, write_optimizer, nullptr);
+}
+
+std::string save_checkpoint(const ExperimentConfig& cfg, Transformer& model, ZeroAdamW& optimizer,
+                            const TrainingState& state, ProcessGroup& pg) {
+  auto write_optimizer = [&](const std::string& tmp) {
+    write_safetensors(tmp + "/" + zero_shard_file_name(pg.rank(), pg.world_size()), optimizer.shard_tensors(),
+                      {{"optimizer", "adamw-zero1"}, {"rank", std::to_string(pg.rank())},
+                       {"world_size", std::to_string(pg.world_size())}});
+  };
+  return save_checkpoint_impl(cfg, model, state, write_optimizer, &pg);
+}
+
 // --- verify / find ---------------------------------------------------------------------
 
 void write_manifest(const std::string& ckpt_dir) {
   std::string manifest;
-  for (const char* f : kFiles) {
+  std::vector<std::string> files(std::begin(kFiles), std::end(kFiles)), present;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(ckpt_dir, ec)) present.push_back(e.path().filename().string());
+  for (const auto& f : optimizer_files(present)) files.push_back(f);
+  for (const auto& f : files) {
     const std::string p = ckpt_dir + "/" + f;
     fsync_path(p, false);  // write_safetensors fsyncs too; cheap to be sure
     manifest += fmt::format("{} {} {}\n", file_hash(p), fs::file_size(p), f);
@@ -313,7 +374,10 @@ void verify_manifest(const std::string& ckpt_dir) {
     if (!(ls >> hash >> size >> file)) throw CheckpointError(fmt::format("{}: malformed MANIFEST line '{}'", ckpt_dir, line));
     listed[file] = {hash, size};
   }
-  for (const char* f : kFiles) {
+  std::vector<std::string> files(std::begin(kFiles), std::end(kFiles)), names;
+  for (const auto& [f, unused] : listed) names.push_back(f);
+  for (const auto& f : optimizer_files(names)) files.push_back(f);
+  for (const auto& f : files) {
     auto it = listed.find(f);
     if (it == listed.end()) throw CheckpointError(fmt::format("{}: MANIFEST does not list {}", ckpt_dir, f));
     const std::string p = ckpt_dir + "/" + f;
@@ -441,16 +505,48 @@ std::string resolve_resume(const std::string& checkpoint_root, const std::string
 
 // --- load ------------------------------------------------------------------------------
 
-TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfig& cfg, Transformer& model,
-                              torch::optim::AdamW& optimizer) {
+namespace {
+
+void load_verified_weights(const std::string& ckpt_dir, const ExperimentConfig& cfg, Transformer& model) {
   verify_manifest(ckpt_dir);
   std::vector<std::string> diffs = config_diff(ckpt_dir + "/config.yaml", cfg);
   copy_model_weights(ckpt_dir, model, std::move(diffs), "does not match this config");
+}
+
+TrainingState load_rng_and_state(const std::string& ckpt_dir, const ExperimentConfig& cfg);
+
+}  // namespace
+
+TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfig& cfg, Transformer& model,
+                              ZeroAdamW& optimizer) {
+  load_verified_weights(ckpt_dir, cfg, model);
+  optimizer.load(read_optimizer_pieces(ckpt_dir), ckpt_dir);  // any writer's world size, or stage 0's file
+  return load_rng_and_state(ckpt_dir, cfg);
+}
+
+TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfig& cfg, Transformer& model,
+                              torch::optim::AdamW& optimizer) {
+  load_verified_weights(ckpt_dir, cfg, model);
+  auto& opt_state = optimizer.state();
+  opt_state.clear();
+  std::error_code ec;
+  if (!fs::exists(ckpt_dir + "/optimizer.safetensors", ec)) {  // a ZeRO-1 checkpoint: re-assemble the moments
+    const OptimizerPieces pieces = read_optimizer_pieces(ckpt_dir);
+    for (const auto& p : model->named_parameters()) {
+      auto it = pieces.steps.find(p.key());
+      if (it == pieces.steps.end()) continue;
+      const torch::Tensor& param = p.value();
+      auto s = std::make_unique<torch::optim::AdamWParamState>();
+      s->step(it->second);
+      s->exp_avg(pieces.assemble(p.key(), 0, 0, param.numel(), ckpt_dir).view(param.sizes()).to(param.device(), param.scalar_type()).clone());
+      s->exp_avg_sq(pieces.assemble(p.key(), 1, 0, param.numel(), ckpt_dir).view(param.sizes()).to(param.device(), param.scalar_type()).clone());
+      opt_state[param.unsafeGetTensorImpl()] = std::move(s);
+    }
+    return load_rng_and_state(ckpt_dir, cfg);
+  }
 
   // optimizer: replace the whole state, so parameters without saved state have none (as saved)
   SafetensorsFile of = read_safetensors(ckpt_dir + "/optimizer.safetensors");
-  auto& opt_state = optimizer.state();
-  opt_state.clear();
   for (const auto& p : model->named_parameters()) {
     const std::string n = p.key();
     if (!of.contains("step." + n)) continue;
@@ -469,7 +565,12 @@ TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfi
     if (of.contains("max_exp_avg_sq." + n)) s->max_exp_avg_sq(moment("max_exp_avg_sq." + n));
     opt_state[param.unsafeGetTensorImpl()] = std::move(s);
   }
+  return load_rng_and_state(ckpt_dir, cfg);
+}
 
+namespace {
+
+TrainingState load_rng_and_state(const std::string& ckpt_dir, const ExperimentConfig& cfg) {
   SafetensorsFile rf = read_safetensors(ckpt_dir + "/rng.safetensors");
   {
     auto gen = at::detail::getDefaultCPUGenerator();
@@ -501,6 +602,8 @@ TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfi
     throw CheckpointError(fmt::format("{}/state.json: {}", ckpt_dir, e.what()));
   }
 }
+
+}  // namespace
 
 // --- signals -----------------------------------------------------------------------------
 

@@ -157,6 +157,7 @@ void visit_config(V& v, ExperimentConfig& c) {
     s.choice("backend", d.backend, {"auto", "nccl", "gloo"});
     s.integer("ep_size", d.ep_size, 1);
     s.integer("timeout_s", d.timeout_s, 1);
+    s.integer("zero_stage", d.zero_stage, 0, 1);
   });
 }
 

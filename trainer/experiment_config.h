@@ -84,6 +84,7 @@ struct DistributedConfig {
   std::string backend = "auto";  // auto | nccl | gloo
   int64_t ep_size = 1;
   int64_t timeout_s = 600;
+  int64_t zero_stage = 0;  // 0: replicated AdamW; 1: AdamW moments sharded over data-parallel ranks (trainer/zero.h)
 };
 
 struct ExperimentConfig {

@@ -11,7 +11,7 @@ std::unique_ptr<FusedAdamW> build_optimizer(torch::nn::Module& model, const Opti
   std::vector<torch::Tensor> decay, no_decay;
   for (const auto& p : model.parameters()) {
     if (!p.requires_grad()) continue;
-    (p.dim() >= 2 ? decay : no_decay).push_back(p);  // norms (1-D) are not decayed
+    (weight_decayed(p) ? decay : no_decay).push_back(p);  // norms (1-D) are not decayed
   }
   auto options = [&](double wd) {
     return std::make_unique<torch::optim::AdamWOptions>(

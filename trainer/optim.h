@@ -1,4 +1,4 @@
-// defines: FusedAdamW, build_optimizer, lr_at, set_lr — AdamW with the decay / no-decay
+// defines: FusedAdamW, weight_decayed, build_optimizer, lr_at, set_lr — AdamW with the decay / no-decay
 // split (weight decay on ≥2-D weights only; norms excluded; the router bias is a buffer
 // and never reaches the optimizer) and the learning-rate schedules.
 #pragma once
@@ -34,6 +34,9 @@ class FusedAdamW : public torch::optim::AdamW {
 // The global L2 norm of the parameters' gradients (undefined gradients skipped), a 0-dim
 // fp32 tensor on their device: one multi-tensor norm kernel, no host sync.
 torch::Tensor grad_norm(const std::vector<torch::Tensor>& params);
+
+// The decay / no-decay rule: weight decay on ≥2-D weights only (norms are 1-D).
+inline bool weight_decayed(const torch::Tensor& p) { return p.dim() >= 2; }
 
 // Parameter groups in registration order (stable: optimizer state is positional). A FusedAdamW.
 std::unique_ptr<FusedAdamW> build_optimizer(torch::nn::Module& model, const OptimConfig& cfg);
