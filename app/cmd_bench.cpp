@@ -33,6 +33,7 @@
 #include "trainer/experiment_config.h"
 #include "trainer/optim.h"
 #include "trainer/train_step.h"
+#include "trainer/zero.h"
 
 namespace moetrain {
 
@@ -151,7 +152,7 @@ int cmd_bench(int argc, char** argv) {
     // Data parallel under torchrun / `moetrain launch`: each rank takes its share of the
     // global batch and the gradients are averaged, as `moetrain train` does.
     const DistEnv env = DistEnv::from_env();
-    ProcessGroup pg(env, cfg.distributed.backend, std::chrono::seconds(cfg.distributed.timeout_s));
+    ProcessGroup pg(env, dist_backend(cfg.distributed.backend, tc.device), std::chrono::seconds(cfg.distributed.timeout_s));
     const int64_t world = pg.world_size();
     if (tc.global_batch % (tc.micro_batch * world) != 0)
       throw UsageError(fmt::format("moetrain bench: train.global_batch {} is not a multiple of micro_batch {} × {} ranks",
@@ -176,8 +177,19 @@ int cmd_bench(int argc, char** argv) {
     Transformer model(cfg.model);
     model->activation_checkpointing = tc.activation_checkpointing == "full";
     model->to(device);
-    auto optimizer = build_optimizer(*model, cfg.optim);
-    set_lr(*optimizer, cfg.optim.lr);
+    // replicated FusedAdamW, or ZeRO-1 (distributed.zero_stage: 1) as the trainer builds it
+    const bool zero = cfg.distributed.zero_stage == 1;
+    std::unique_ptr<FusedAdamW> optimizer;
+    std::unique_ptr<ZeroAdamW> zero_opt;
+    if (zero) {
+      std::vector<std::pair<std::string, torch::Tensor>> named;
+      for (const auto& p : model->named_parameters()) named.emplace_back(p.key(), p.value());
+      zero_opt = std::make_unique<ZeroAdamW>(named, cfg.optim, pg);
+      zero_opt->set_lr(cfg.optim.lr);
+    } else {
+      optimizer = build_optimizer(*model, cfg.optim);
+      set_lr(*optimizer, cfg.optim.lr);
+    }
     Balancer balancer(cfg.balance, cfg.model, model->routers());
     std::vector<torch::Tensor> params = model->parameters();
 
@@ -205,7 +217,7 @@ int cmd_bench(int argc, char** argv) {
     StepLosses sums;
     auto train_step = [&] {  // one optimizer step, as `moetrain train` takes it
       const torch::Tensor& tokens = batches[static_cast<size_t>(step_index % 4)];
-      optimizer->zero_grad();
+      model->zero_grad();
       fb.mtp_weight = mtp_loss_weight_at(tc, step_index);
       sums = forward_backward(
           model, balancer,
@@ -215,11 +227,17 @@ int cmd_bench(int argc, char** argv) {
           },
           fb);
       pg.all_reduce(balancer.mutable_counts(), ReduceOp::kSum);
-      pg.average_gradients(params);
-      // as the trainer clips: the norm on the device, the scaling inside the fused update
-      const torch::Tensor norm = grad_norm(params);
-      if (std::isfinite(clip)) optimizer->clip_next_step(norm, clip);
-      optimizer->step();
+      if (zero) {  // reduce-scatter, global norm over the shards, shard update, all-gather
+        zero_opt->reduce_gradients();
+        zero_opt->clip_grad_norm(clip);
+        zero_opt->step();
+      } else {
+        pg.average_gradients(params);
+        // the norm on the device, the clipping inside the fused update (no host sync)
+        const torch::Tensor norm = grad_norm(params);
+        if (std::isfinite(clip)) optimizer->clip_next_step(norm, clip);
+        optimizer->step();
+      }
       ++step_index;
       balancer.after_step(step_index, step_index * tokens_per_step);
     };
@@ -274,6 +292,8 @@ int cmd_bench(int argc, char** argv) {
     const double tflops = pc.flops_per_token * tokens_per_s / 1e12 / static_cast<double>(world);  // per GPU
     nlohmann::json j = {{"tokens_per_s", tokens_per_s},
                         {"world_size", world},
+                        {"zero_stage", cfg.distributed.zero_stage},
+                        {"activation_checkpointing", tc.activation_checkpointing},
                         {"tokens_per_s_per_gpu", tokens_per_s / static_cast<double>(world)},
                         {"step_ms", ms},
                         {"step_ms_min", *std::min_element(step_ms.begin(), step_ms.end())},

@@ -7,6 +7,8 @@
 #   profile  a one-step Kineto profile of moetrain bench
 #   scaling  expert scaling (issue 9): one MoE layer fwd+bwd and the whole step at 64 vs 256
 #            routed experts, same top-k (the 256-expert step needs ~75 GB: an H200)
+#   dist     data parallel over all visible GPUs (NCCL, 8 sequences per GPU) with the replicated
+#            and the ZeRO-1 optimizer against one GPU, and activation checkpointing on one GPU
 #   curve    bf16 CUDA vs fp32 CPU loss curves of configs/tiny.yaml, 200 steps
 #            (needs data_cache/linux-docs-sp4096 carried over)
 # TRACE=1: the profile phase also saves a gzipped Chrome trace (trace.json.gz).
@@ -73,6 +75,18 @@ if has scaling; then
   done
   stamp scaling
 fi
+if has dist; then
+  n=$(nvidia-smi -L | wc -l)
+  {
+    "$MT" bench "$CONFIG" --steps 10 --warmup 3 2>&1 | grep -E "median step|^\{"
+    for z in 0 1; do
+      "$MT" launch --nproc "$n" -- bench "$CONFIG" --steps 10 --warmup 3 --set train.global_batch=$((8 * n)) \
+        --set distributed.backend=nccl --set distributed.zero_stage=$z 2>&1 | grep -E "median step|^\{|rror"
+    done
+    "$MT" bench "$CONFIG" --steps 10 --warmup 3 --set train.activation_checkpointing=full 2>&1 | grep -E "median step|^\{"
+  } >"$OUT/dist.log" 2>&1
+  stamp dist
+fi
 if has curve; then
   wait "$curve_pid" || tail -5 "$OUT/curve-cpu-fp32.log"
   python3 "$ROOT/scripts/compare_loss_curves.py" "$OUT/curve-cpu-fp32/metrics.jsonl" \
@@ -83,5 +97,6 @@ echo "== summary"
 has profile && grep -A28 "^profile of" "$OUT/profile.log" | cut -c1-150
 has scaling && grep -h -E "MoE layer|median step" "$OUT"/moe-layer-*.log "$OUT"/step-experts-*.log
 has curve && cat "$OUT/curve.md"
+has dist && grep -E "median step|rror" "$OUT/dist.log"
 has bench && tail -6 "$OUT/bench.log"
 exit 0

@@ -387,4 +387,22 @@ TEST_F(Zero, CheckpointResumesAtAnotherWorldSize) {
   }
 }
 
+// `moetrain bench` under launch: data parallel with the replicated and the sharded optimizer.
+TEST(ZeroBench, DataParallelBenchRunsBothStages) {
+  for (int stage : {0, 1}) {
+    auto r = run_capture(fmt::format(
+        "OMP_NUM_THREADS=1 {} launch --nproc 2 -- bench {}/configs/debug.yaml --steps 2 --warmup 1 --set train.threads=1 "
+        "--set train.global_batch=4 --set train.micro_batch=1 --set train.seq_len=16 --set distributed.zero_stage={} "
+        "--set distributed.timeout_s=60",
+        MOETRAIN_BINARY, MOETRAIN_SOURCE_DIR, stage));
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    const auto j = nlohmann::json::parse(r.output.substr(r.output.rfind('{')));
+    EXPECT_EQ(j["world_size"], 2) << stage;
+    EXPECT_EQ(j["zero_stage"], stage);
+    EXPECT_EQ(j["tokens_per_step"], 64);
+    EXPECT_NEAR(j["tokens_per_s_per_gpu"].get<double>(), j["tokens_per_s"].get<double>() / 2, 1e-6);
+    EXPECT_TRUE(std::isfinite(j["loss"].get<double>()));
+  }
+}
+
 }  // namespace
