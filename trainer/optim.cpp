@@ -1,6 +1,7 @@
 #include "trainer/optim.h"
 
 #include <cmath>
+#include <optional>
 
 #include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/_fused_adamw.h>
@@ -71,7 +72,9 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
     const std::vector<torch::Tensor> step_tensors = torch::tensor(steps).to(params[0].device()).unbind(0);
     at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/{}, step_tensors, opt.lr(),
                       std::get<0>(opt.betas()), std::get<1>(opt.betas()), opt.weight_decay(), opt.eps(),
-                      /*amsgrad=*/false, /*maximize=*/false, grad_scale_);
+                      /*amsgrad=*/false, /*maximize=*/false,
+                      // an undefined tensor inside the optional would be read: pass none
+                      grad_scale_.defined() ? std::optional<torch::Tensor>(grad_scale_) : std::nullopt);
   }
   grad_scale_ = torch::Tensor();
   return {};
