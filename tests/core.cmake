@@ -23,3 +23,8 @@ if(MOETRAIN_GLOO_INCLUDE)
   add_unit_test(test_dist)  # label unit (run alone: ctest -R "^Dist")
   add_dependencies(test_dist moetrain)
 endif()
+# Expert parallelism over Gloo (ranks as threads, and 2/4 local ranks through launch).
+if(MOETRAIN_GLOO_INCLUDE)
+  add_unit_test(test_ep)  # label unit (run alone: ctest -R "^Ep")
+  add_dependencies(test_ep moetrain)
+endif()

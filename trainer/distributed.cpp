@@ -1,5 +1,6 @@
 #include "trainer/distributed.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <map>
@@ -54,6 +55,7 @@ DistEnv DistEnv::from_env() {
 struct ProcessGroup::Impl {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::ProcessGroupGloo> gloo;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo::Options> opts;  // new_group reuses them
   int64_t rank = 0;
 
   // Gloo failures (a dead or hung peer: gloo::IoException after the timeout) become
@@ -87,6 +89,7 @@ ProcessGroup::ProcessGroup(const DistEnv& env, const std::string& backend, std::
     auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
     opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(env.master_addr));
     opts->threads = 2;
+    impl_->opts = opts;
     impl_->gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(impl_->store, static_cast<int>(env.rank),
                                                               static_cast<int>(env.world_size), opts);
   } catch (const std::exception& e) {
@@ -125,6 +128,43 @@ void ProcessGroup::barrier() {
   impl_->wait(impl_->gloo->barrier(), "barrier");
 }
 
+// --- expert parallelism: sub-groups and all-to-all ---------------------------------------
+
+std::unique_ptr<ProcessGroup> ProcessGroup::new_group(const std::vector<int64_t>& ranks, const std::string& name) {
+  auto it = std::find(ranks.begin(), ranks.end(), env_.rank);
+  if (it == ranks.end()) throw DistError(fmt::format("rank {}: new_group {}: not a member", env_.rank, name));
+  std::unique_ptr<ProcessGroup> g(new ProcessGroup());
+  g->env_ = env_;
+  g->env_.rank = it - ranks.begin();
+  g->env_.world_size = static_cast<int64_t>(ranks.size());
+  if (ranks.size() == 1 || !impl_) return g;
+  g->impl_ = std::make_unique<Impl>();
+  g->impl_->rank = env_.rank;  // errors name the global rank
+  g->impl_->opts = impl_->opts;
+  try {
+    g->impl_->store = c10::make_intrusive<c10d::PrefixStore>(name, impl_->store);
+    g->impl_->gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(
+        g->impl_->store, static_cast<int>(g->env_.rank), static_cast<int>(ranks.size()), impl_->opts);
+  } catch (const std::exception& e) {
+    throw DistError(fmt::format("rank {}: cannot create process group {}: {}", env_.rank, name, e.what()));
+  }
+  return g;
+}
+
+torch::Tensor ProcessGroup::all_to_all(const torch::Tensor& input, const std::vector<int64_t>& send_splits,
+                                       const std::vector<int64_t>& recv_splits) {
+  if (!impl_) return input.clone();
+  int64_t rows = 0;
+  for (int64_t n : recv_splits) rows += n;
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape[0] = rows;
+  torch::Tensor in = input.to(torch::kCPU).contiguous();
+  torch::Tensor out = torch::empty(shape, in.options());
+  std::vector<int64_t> out_splits = recv_splits, in_splits = send_splits;  // c10d wants non-const
+  impl_->wait(impl_->gloo->alltoall_base(out, in, out_splits, in_splits), "all_to_all");
+  return out.to(input.device());
+}
+
 #else  // built without Gloo: only world size 1
 
 struct ProcessGroup::Impl {};
@@ -139,6 +179,17 @@ ProcessGroup::ProcessGroup(const DistEnv& env, const std::string& backend, std::
 void ProcessGroup::all_reduce(const std::vector<torch::Tensor>&, ReduceOp) {}
 void ProcessGroup::broadcast(const std::vector<torch::Tensor>&, int64_t) {}
 void ProcessGroup::barrier() {}
+std::unique_ptr<ProcessGroup> ProcessGroup::new_group(const std::vector<int64_t>& ranks, const std::string&) {
+  std::unique_ptr<ProcessGroup> g(new ProcessGroup());
+  g->env_ = env_;
+  g->env_.rank = 0;
+  g->env_.world_size = static_cast<int64_t>(ranks.size());
+  return g;
+}
+torch::Tensor ProcessGroup::all_to_all(const torch::Tensor& input, const std::vector<int64_t>&,
+                                       const std::vector<int64_t>&) {
+  return input.clone();
+}
 
 #endif
 
