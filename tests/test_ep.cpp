@@ -375,6 +375,15 @@ TEST_F(EpTrain, Ep2TrainsLikeOneProcessAndReshardsOnResume) {
     experts += name.find(".mlp.experts.") != std::string::npos;
   }
   EXPECT_GT(experts, 0) << "the MoE layer's experts are exported";
+
+  // the MANIFEST covers the shards: one missing makes the checkpoint incomplete
+  std::filesystem::remove(dir_.file("ep2/ckpt/step-00000006/experts-00004-00008.safetensors"));
+  try {
+    resolve_checkpoint_arg(dir_.file("ep2/ckpt/step-00000006"));
+    ADD_FAILURE() << "a checkpoint with a missing shard verified";
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("experts-00004-00008.safetensors is missing"), std::string::npos) << e.what();
+  }
 }
 
 // DP 2 × EP 2 on 4 ranks (two EP groups, two EDP groups) trains like one process.
