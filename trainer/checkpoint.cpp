@@ -186,7 +186,11 @@ class ExpertSources {
   // Undefined when no file has `name`; CheckpointError when the files leave a gap.
   torch::Tensor rows(const std::string& name, int64_t first, int64_t count) const {
     std::vector<std::tuple<int64_t, int64_t, const torch::Tensor*>> pieces;
-    if (whole_ && whole_->contains(name)) pieces.emplace_back(0, whole_->at(name).size(0), &whole_->at(name));
+    if (whole_ && whole_->contains(name)) {  // unsharded: slice it, or hand it over whole for the caller's shape check
+      const torch::Tensor& t = whole_->at(name);
+      if (t.dim() == 0 || t.size(0) != n_experts_ || (first == 0 && count == n_experts_)) return t;
+      return t.narrow(0, first, count);
+    }
     for (const auto& s : shards_) {
       if (!s.file.contains(name)) continue;
       const torch::Tensor& t = s.file.at(name);
@@ -197,7 +201,7 @@ class ExpertSources {
     }
     if (pieces.empty()) return {};
     for (const auto& [a, b, t] : pieces)
-      if (b > n_experts_ || (a == 0 && b < n_experts_ && whole_ && whole_->contains(name) && t == &whole_->at(name)))
+      if (b > n_experts_)
         throw CheckpointError(fmt::format("{}: {} holds experts [{}, {}), the model has {} experts", dir_, name, a, b,
                                           n_experts_));
     std::sort(pieces.begin(), pieces.end());
