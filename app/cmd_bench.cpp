@@ -18,15 +18,20 @@
 #ifdef MOETRAIN_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #endif
 
 #include "app/cli.h"
 #include "app/commands.h"
 #include "app/step_profile.h"
+#include "models/autocast.h"
+#include "models/moe.h"
 #include "models/params.h"
 #include "models/transformer.h"
 #include "trainer/balance.h"
+#include "trainer/distributed.h"
 #include "trainer/experiment_config.h"
+#include "trainer/expert_parallel.h"
 #include "trainer/optim.h"
 #include "trainer/train_step.h"
 
@@ -71,17 +76,58 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+// --moe-layer: forward + backward of one MoE layer of the config (router, permutation,
+// routed and shared experts) on random hidden states of one micro-batch, median of `steps`.
+// A fresh router routes nearly uniformly, so every expert gets ≈ N·K/E rows.
+nlohmann::json bench_moe_layer(const ExperimentConfig& cfg, const torch::Device& device, bool bf16, int64_t steps,
+                               int64_t warmup) {
+  const ModelConfig& m = cfg.model;
+  MoE moe(m);
+  moe->to(device);
+  const int64_t tokens = cfg.train.micro_batch * cfg.train.seq_len;
+  auto x = torch::randn({cfg.train.micro_batch, cfg.train.seq_len, m.hidden_size}, torch::TensorOptions(device))
+               .requires_grad_(true);
+  auto grad_y = torch::randn_like(x);
+  std::vector<double> ms;
+  for (int64_t i = 0; i < warmup + steps; ++i) {
+    for (auto& p : moe->parameters()) p.mutable_grad() = torch::Tensor();
+    x.mutable_grad() = torch::Tensor();
+    sync(device);
+    const auto t0 = Clock::now();
+    torch::Tensor y;
+    {
+      Bf16AutocastGuard autocast(bf16);
+      y = moe(x).y;
+    }
+    y.backward(grad_y.to(y.scalar_type()));
+    sync(device);
+    if (i >= warmup) ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+  }
+  const double med = median(ms);
+  std::cout << fmt::format("{}: MoE layer forward + backward {:.2f} ms ({} routed experts, top-{}, {} shared, {} tokens)\n",
+                           device_name(device), med, m.n_routed_experts, m.num_experts_per_tok, m.n_shared_experts,
+                           tokens);
+  return {{"moe_layer_ms", med},
+          {"moe_layer_ms_min", *std::min_element(ms.begin(), ms.end())},
+          {"n_routed_experts", m.n_routed_experts},
+          {"top_k", m.num_experts_per_tok},
+          {"tokens", tokens},
+          {"peak_mem_gb", peak_memory_gb(device)},
+          {"device", device_name(device)}};
+}
+
 }  // namespace
 
 int cmd_bench(int argc, char** argv) {
-  ArgParser args("bench", "FILE [--steps N] [--warmup N] [--peak-tflops X] [--set KEY=VALUE]...",
+  ArgParser args("bench", "FILE [--steps N] [--warmup N] [--peak-tflops X] [--moe-layer] [--set KEY=VALUE]...",
                  "Time real training steps of FILE's model, optimizer and batch (train.global_batch × seq_len,\n"
                  "micro_batch, device, dtype) on synthetic tokens: forward + backward over the micro-batches,\n"
                  "gradient clipping, AdamW and the balancer update, as `moetrain train` runs them.\n"
                  "Prints the median step time, tokens/s, model TFLOP/s, MFU against the measured bf16 matmul\n"
                  "rate of the card (H200 790, H100 722 TFLOP/s; other cards need --peak-tflops) and peak GPU\n"
                  "memory. The last stdout line is one JSON object: tokens_per_s, step_ms, tflops, mfu,\n"
-                 "peak_mem_gb, device.");
+                 "peak_mem_gb, device. Under torchrun / `moetrain launch` every rank takes its share of the\n"
+                 "global batch (data parallel, gradients averaged); rank 0 reports (tflops and mfu per GPU).");
   args.positional("FILE", "experiment config (YAML)");
   args.option("steps", "N", "timed steps", "20");
   args.option("warmup", "N", "untimed steps first (allocator, cuBLAS heuristics, autotuning)", "5");
@@ -89,6 +135,7 @@ int cmd_bench(int argc, char** argv) {
   args.option("seed", "N", "seed of the synthetic tokens and the initial weights", "1234");
   args.option("profile", "N", "after timing, profile N more steps (CUDA): GPU time by kernel, syncs, launches", "0");
   args.option("trace", "FILE", "with --profile: also save a Chrome trace (chrome://tracing, Perfetto)");
+  args.flag("moe-layer", "time one MoE layer's forward + backward (one micro-batch) instead of whole steps");
   args.allow_set();
   return run_command([&] {
     if (!args.parse(argc, argv)) return 0;
@@ -102,14 +149,37 @@ int cmd_bench(int argc, char** argv) {
       throw UsageError(fmt::format("moetrain bench: train.global_batch {} is not a multiple of train.micro_batch {}",
                                    tc.global_batch, tc.micro_batch));
     if (tc.threads > 0) torch::set_num_threads(static_cast<int>(tc.threads));
-    const torch::Device device(tc.device == "cuda" ? torch::kCUDA : torch::kCPU);
+    // Data parallel under torchrun / `moetrain launch`: each rank takes its share of the
+    // global batch and the gradients are averaged, as `moetrain train` does.
+    const DistEnv env = DistEnv::from_env();
+    ProcessGroup pg(env, dist_backend(cfg.distributed.backend, tc.device), std::chrono::seconds(cfg.distributed.timeout_s));
+    const int64_t world = pg.world_size();
+    if (tc.global_batch % (tc.micro_batch * world) != 0)
+      throw UsageError(fmt::format("moetrain bench: train.global_batch {} is not a multiple of micro_batch {} × {} ranks",
+                                   tc.global_batch, tc.micro_batch, world));
+    torch::Device device = torch::kCPU;
+    if (tc.device == "cuda") {
+      device = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(env.local_rank % torch::cuda::device_count()));
+#ifdef MOETRAIN_WITH_CUDA
+      c10::cuda::set_device(device.index());
+#endif
+    }
     const std::string name = device_name(device);
     std::optional<double> peak = measured_peak_tflops(name);
     if (args.given("peak-tflops")) peak = std::stod(args.get("peak-tflops"));
 
     const uint64_t seed = std::stoull(args.get("seed"));
     torch::manual_seed(seed);
+    if (args.has("moe-layer")) {
+      std::cout << bench_moe_layer(cfg, device, tc.dtype == "bf16" && device.is_cuda(), steps, warmup).dump() << "\n";
+      return 0;
+    }
     Transformer model(cfg.model);
+    model->activation_checkpointing = tc.activation_checkpointing == "full";
+    // distributed.ep_size > 1: the routed experts sharded over EP groups, as `moetrain train` does
+    // (every rank builds the same model from the seed, so no broadcast is needed)
+    ExpertParallel ep(pg, cfg.distributed.ep_size);
+    ep.shard(model);
     model->to(device);
     auto optimizer = build_optimizer(*model, cfg.optim);
     set_lr(*optimizer, cfg.optim.lr);
@@ -117,12 +187,12 @@ int cmd_bench(int argc, char** argv) {
     std::vector<torch::Tensor> params = model->parameters();
 
     // A few distinct synthetic global batches on the device, used in turn.
-    const int64_t accum = tc.global_batch / tc.micro_batch;
-    auto gen = at::detail::createCPUGenerator(seed);
-    std::vector<torch::Tensor> batches;
+    const int64_t accum = tc.global_batch / (tc.micro_batch * world);  // micro-steps per rank
+    auto gen = at::detail::createCPUGenerator(seed + static_cast<uint64_t>(pg.rank()));
+    std::vector<torch::Tensor> batches;  // this rank's rows of the global batch
     for (int k = 0; k < 4; ++k)
-      batches.push_back(torch::randint(cfg.model.vocab_size, {tc.global_batch, tc.seq_len + 1}, gen, torch::kInt64)
-                            .to(device));
+      batches.push_back(
+          torch::randint(cfg.model.vocab_size, {tc.global_batch / world, tc.seq_len + 1}, gen, torch::kInt64).to(device));
     ForwardBackwardOptions fb;
     fb.accum = accum;
     fb.seq_len = tc.seq_len;
@@ -130,9 +200,11 @@ int cmd_bench(int argc, char** argv) {
 
     const ParamCounts pc = count_params(cfg.model, tc.seq_len);
     const int64_t tokens_per_step = tc.global_batch * tc.seq_len;
-    std::cerr << fmt::format("bench: {} on {} ({}), {} warmup + {} timed steps of {} × {} tokens ({} micro-steps), {}\n",
-                             args.pos(0), tc.device, name, warmup, steps, tc.global_batch, tc.seq_len, accum,
-                             fb.bf16_autocast ? "bf16 autocast" : "fp32");
+    if (pg.is_main())
+      std::cerr << fmt::format(
+          "bench: {} on {} ({}) × {} ranks, {} warmup + {} timed steps of {} × {} tokens ({} micro-steps per rank), {}\n",
+          args.pos(0), tc.device, name, world, warmup, steps, tc.global_batch, tc.seq_len, accum,
+          fb.bf16_autocast ? "bf16 autocast" : "fp32");
     const double clip = cfg.optim.grad_clip > 0.0 ? cfg.optim.grad_clip : std::numeric_limits<double>::infinity();
     int64_t step_index = 0;
     StepLosses sums;
@@ -147,7 +219,16 @@ int cmd_bench(int argc, char** argv) {
             return Batch{rows.narrow(1, 0, tc.seq_len), rows.narrow(1, 1, tc.seq_len)};
           },
           fb);
-      torch::nn::utils::clip_grad_norm_(params, clip);
+      pg.all_reduce(balancer.mutable_counts(), ReduceOp::kSum);
+      if (ep.enabled()) {  // the trainer's gradient path: expert gradients over EDP, global clip norm
+        ep.reduce_gradients();
+        ep.clip_grad_norm(clip);
+      } else {
+        pg.average_gradients(params);
+        // the norm on the device, the scaling inside the fused update
+        const torch::Tensor norm = grad_norm(params);
+        if (std::isfinite(clip)) optimizer->clip_next_step(norm, clip);
+      }
       optimizer->step();
       ++step_index;
       balancer.after_step(step_index, step_index * tokens_per_step);
@@ -162,18 +243,20 @@ int cmd_bench(int argc, char** argv) {
       const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
       if (i >= warmup) step_ms.push_back(ms);
       if (i + 1 == warmup + steps) last_loss = sums.means(accum)[0];
-      std::cerr << fmt::format("\r{} step {:>4}/{}: {:.1f} ms  ", i < warmup ? "warmup" : "timed ",
-                               i < warmup ? i + 1 : i + 1 - warmup, i < warmup ? warmup : steps, ms)
-                << std::flush;
+      if (pg.is_main())
+        std::cerr << fmt::format("\r{} step {:>4}/{}: {:.1f} ms  ", i < warmup ? "warmup" : "timed ",
+                                 i < warmup ? i + 1 : i + 1 - warmup, i < warmup ? warmup : steps, ms)
+                  << std::flush;
     }
-    std::cerr << "\n";
+    if (pg.is_main()) std::cerr << "\n";
     if (!std::isfinite(last_loss)) throw std::runtime_error("moetrain bench: the loss became non-finite");
 
     nlohmann::json profile = nullptr;
     const int64_t profile_steps_n = std::stoll(args.get("profile"));
     if (profile_steps_n > 0) {
       if (!device.is_cuda()) throw UsageError("moetrain bench: --profile needs train.device cuda");
-      const StepProfile p = profile_steps(train_step, profile_steps_n, args.get("trace"));
+      const StepProfile p = profile_steps(train_step, profile_steps_n, pg.is_main() ? args.get("trace") : "");
+      if (!pg.is_main()) return 0;
       const double n = static_cast<double>(profile_steps_n);
       std::cerr << fmt::format("profile of {} steps: wall {:.1f} ms/step, GPU busy {:.1f} ms/step ({:.0f} %), {:.0f} host "
                                "syncs/step, {:.0f} kernel launches/step\n",
@@ -195,10 +278,13 @@ int cmd_bench(int argc, char** argv) {
                  {"top_kernels", top}};
     }
 
+    if (!pg.is_main()) return 0;
     const double ms = median(step_ms);
     const double tokens_per_s = static_cast<double>(tokens_per_step) / (ms / 1e3);
-    const double tflops = pc.flops_per_token * tokens_per_s / 1e12;
+    const double tflops = pc.flops_per_token * tokens_per_s / 1e12 / static_cast<double>(world);  // per GPU
     nlohmann::json j = {{"tokens_per_s", tokens_per_s},
+                        {"world_size", world},
+                        {"tokens_per_s_per_gpu", tokens_per_s / static_cast<double>(world)},
                         {"step_ms", ms},
                         {"step_ms_min", *std::min_element(step_ms.begin(), step_ms.end())},
                         {"step_ms_max", *std::max_element(step_ms.begin(), step_ms.end())},
@@ -214,9 +300,10 @@ int cmd_bench(int argc, char** argv) {
                         {"warmup", warmup},
                         {"loss", last_loss},
                         {"profile", profile}};
-    std::cout << fmt::format("{}: median step {:.1f} ms, {:.0f} tokens/s, {:.1f} TFLOP/s, MFU {}, peak memory {:.1f} GB\n",
-                             name, ms, tokens_per_s, tflops, peak ? fmt::format("{:.1f} %", 100.0 * tflops / *peak) : "n/a",
-                             j["peak_mem_gb"].get<double>());
+    std::cout << fmt::format("{}{}: median step {:.1f} ms, {:.0f} tokens/s, {:.1f} TFLOP/s{}, MFU {}, peak memory {:.1f} GB\n",
+                             name, world > 1 ? fmt::format(" × {}", world) : "", ms, tokens_per_s, tflops,
+                             world > 1 ? " per GPU" : "",
+                             peak ? fmt::format("{:.1f} %", 100.0 * tflops / *peak) : "n/a", j["peak_mem_gb"].get<double>());
     std::cout << j.dump() << "\n";
     return 0;
   });

@@ -1,5 +1,7 @@
-// moetrain params FILE [--json] [--memory]: analytic counts, nothing allocated.
+// moetrain params FILE [--json] [--memory [--world-size N]]: analytic counts, nothing allocated.
+#include <cmath>
 #include <cstdlib>
+#include <stdexcept>
 #include <iostream>
 
 #include <fmt/format.h>
@@ -26,12 +28,15 @@ std::string gib(double bytes) { return fmt::format("{:.2f} GiB", bytes / (1024.0
 }  // namespace
 
 int cmd_params(int argc, char** argv) {
-  ArgParser args("params", "FILE [--json] [--memory] [--set KEY=VALUE]...",
+  ArgParser args("params", "FILE [--json] [--memory [--world-size N]] [--set KEY=VALUE]...",
                  "Parameter counts, FLOPs per token and (with --memory) training memory per rank,\n"
-                 "computed from the config's shapes alone (nothing is allocated).");
+                 "computed from the config's shapes alone (nothing is allocated). With\n"
+                 "distributed.zero_stage 1 the Adam state per rank is divided by --world-size\n"
+                 "(the data-parallel ranks; default 1: give the size you will launch).");
   args.positional("FILE", "experiment config (YAML)");
   args.flag("json", "print one JSON object instead of the table");
   args.flag("memory", "add bytes per rank for weights, gradients, Adam state and activations");
+  args.option("world-size", "N", "data-parallel ranks the Adam state is sharded over (ZeRO-1)", "1");
   args.allow_set();
   return run_command([&] {
     if (!args.parse(argc, argv)) return 0;
@@ -44,7 +49,17 @@ int cmd_params(int argc, char** argv) {
     const double all_params = static_cast<double>(p.total + p.mtp);
     const double weights = 4.0 * all_params + 4.0 * static_cast<double>(p.router_bias);
     const double grads = 4.0 * all_params;
-    const double adam = 8.0 * all_params;
+    int64_t world = 1;
+    try {
+      size_t used = 0;
+      world = std::stoll(args.get("world-size"), &used);
+      if (used != args.get("world-size").size() || world < 1) throw std::invalid_argument("");
+    } catch (const std::exception&) {
+      throw UsageError(fmt::format("--world-size: expected a positive integer, got '{}'", args.get("world-size")));
+    }
+    // ZeRO-1 (trainer/zero.h): the moments of ceil(params / world) elements per rank
+    const bool zero = cfg.distributed.zero_stage == 1;
+    const double adam = 8.0 * (zero ? std::ceil(all_params / static_cast<double>(world)) : all_params);
     const double act_bytes = (cfg.train.dtype == "bf16" ? 2.0 : 4.0) * activation_elements_per_token(m) *
                              static_cast<double>(cfg.train.micro_batch * cfg.train.seq_len);
 
@@ -60,7 +75,8 @@ int cmd_params(int argc, char** argv) {
                           {"seq_len", cfg.train.seq_len}};
       if (args.has("memory"))
         j["memory_bytes"] = {{"weights", weights}, {"grads", grads}, {"optimizer", adam},
-                             {"activations", act_bytes}, {"total", weights + grads + adam + act_bytes}};
+                             {"activations", act_bytes}, {"total", weights + grads + adam + act_bytes},
+                             {"world_size", world}, {"zero_stage", cfg.distributed.zero_stage}};
       std::cout << j.dump(2) << "\n";
       return 0;
     }
@@ -81,7 +97,8 @@ int cmd_params(int argc, char** argv) {
                                cfg.train.seq_len, cfg.train.dtype);
       std::cout << fmt::format("  {:<20} {:>12}\n", "weights (fp32)", gib(weights));
       std::cout << fmt::format("  {:<20} {:>12}\n", "gradients (fp32)", gib(grads));
-      std::cout << fmt::format("  {:<20} {:>12}\n", "optimizer (Adam)", gib(adam));
+      std::cout << fmt::format("  {:<20} {:>12}{}\n", "optimizer (Adam)", gib(adam),
+                               zero ? fmt::format("  (ZeRO-1: ÷ {} ranks)", world) : "");
       std::cout << fmt::format("  {:<20} {:>12}  (estimate)\n", "activations", gib(act_bytes));
       std::cout << fmt::format("  {:<20} {:>12}\n", "total", gib(weights + grads + adam + act_bytes));
     }

@@ -1,6 +1,8 @@
 #include "models/experts.h"
 
-#include <ATen/autocast_mode.h>
+#include "models/autocast.h"
+#include "models/kernels/swiglu.h"
+
 #include <ATen/ops/_grouped_mm.h>
 
 #include <vector>
@@ -19,9 +21,7 @@ GroupedExpertsImpl::GroupedExpertsImpl(int64_t n_experts, int64_t dim, int64_t i
 bool GroupedExpertsImpl::uses_grouped_mm(const torch::Tensor& x) const {
   // at::_grouped_mm (CUTLASS, sm90+) wants bf16 operands whose rows are 16-byte aligned.
   if (!x.is_cuda() || dim % 8 != 0 || inter % 8 != 0) return false;
-  const bool bf16_autocast = at::autocast::is_autocast_enabled(at::kCUDA) &&
-                             at::autocast::get_autocast_dtype(at::kCUDA) == at::kBFloat16;
-  return bf16_autocast || (x.scalar_type() == torch::kBFloat16 && w1.scalar_type() == torch::kBFloat16);
+  return cuda_bf16_autocast(x) || (x.scalar_type() == torch::kBFloat16 && w1.scalar_type() == torch::kBFloat16);
 }
 
 torch::Tensor GroupedExpertsImpl::expert_forward(int64_t e, const torch::Tensor& x) {
@@ -35,8 +35,8 @@ torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& x, const torch::T
     const torch::Tensor offs = counts.cumsum(0).to(torch::kInt);
     auto bf16 = [](const torch::Tensor& t) { return t.to(torch::kBFloat16); };  // differentiable; no-op if bf16
     const torch::Tensor xc = bf16(x).contiguous();
-    const torch::Tensor h = torch::silu(at::_grouped_mm(xc, bf16(w1).transpose(-2, -1), offs)) *
-                            at::_grouped_mm(xc, bf16(w3).transpose(-2, -1), offs);  // [M, I]
+    const torch::Tensor h = swiglu_fused(at::_grouped_mm(xc, bf16(w1).transpose(-2, -1), offs),
+                                         at::_grouped_mm(xc, bf16(w3).transpose(-2, -1), offs));  // [M, I]
     return at::_grouped_mm(h, bf16(w2).transpose(-2, -1), offs);                    // [M, D]
   }
   // Portable path: one slice per expert. Reads the counts on the host.

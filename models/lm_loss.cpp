@@ -2,7 +2,7 @@
 
 #include <algorithm>
 
-#include <ATen/autocast_mode.h>
+#include "models/autocast.h"
 
 namespace moetrain {
 
@@ -19,10 +19,15 @@ torch::Dtype accumulate_dtype(const torch::Tensor& t) {
 // pick for the forward matmul; the backward runs outside autocast, so it is recorded here and
 // reused there), else the inputs' own dtype. Logits, softmax and sums are always in `acc`.
 torch::Dtype matmul_dtype(const torch::Tensor& hidden) {
-  if (hidden.is_cuda() && at::autocast::is_autocast_enabled(at::kCUDA) &&
-      at::autocast::get_autocast_dtype(at::kCUDA) == at::kBFloat16)
-    return torch::kBFloat16;
+  if (cuda_bf16_autocast(hidden)) return torch::kBFloat16;
   return hidden.scalar_type();
+}
+
+// a @ b in `acc`: on CUDA with bf16 operands cuBLAS writes fp32 directly (no bf16 result
+// and no cast pass over the [n, V] logits); elsewhere the product cast to acc.
+torch::Tensor mm_in(const torch::Tensor& a, const torch::Tensor& b, torch::Dtype acc) {
+  if (a.is_cuda() && a.scalar_type() == torch::kBFloat16 && acc == torch::kFloat) return at::mm(a, b, acc);
+  return torch::matmul(a, b).to(acc);
 }
 
 // The loss and the gradient of the logits are recomputed one chunk at a time.
@@ -36,7 +41,7 @@ struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossE
     torch::Tensor loss_sum = torch::zeros({}, hidden.options().dtype(acc));
     for (int64_t start = 0; start < N; start += chunk) {
       const int64_t n = std::min(chunk, N - start);
-      const torch::Tensor logits = torch::matmul(h_mm.narrow(0, start, n), w_mm.t()).to(acc);  // [n, V]
+      const torch::Tensor logits = mm_in(h_mm.narrow(0, start, n), w_mm.t(), acc);  // [n, V]
       loss_sum += torch::nn::functional::cross_entropy(
           logits, targets.narrow(0, start, n),
           torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum).ignore_index(ignore_index));
@@ -68,12 +73,17 @@ struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossE
       const torch::Tensor t = targets.narrow(0, start, n);
       const torch::Tensor valid = t != ignore_index;
       // d(row loss)/d(logits) = softmax - onehot(target); zero for ignored rows.
-      torch::Tensor g = torch::softmax(torch::matmul(h, w_mm.t()).to(acc), -1);  // [n, V]
+      torch::Tensor g = torch::softmax(mm_in(h, w_mm.t(), acc), -1);  // [n, V]
       g.scatter_add_(1, t.clamp_min(0).unsqueeze(1), -torch::ones({n, 1}, g.options()));
       g = g * (valid.unsqueeze(1).to(acc) * scale);
       const torch::Tensor g_low = g.to(mm);
-      grad_hidden.narrow(0, start, n).copy_(torch::matmul(g_low, w_mm));  // [n, D]
-      grad_weight += torch::matmul(g_low.t(), h).to(acc);                  // [V, D]
+      torch::Tensor grad_rows = grad_hidden.narrow(0, start, n);  // [n, D]
+      if (grad_rows.scalar_type() == mm) {
+        at::mm_out(grad_rows, g_low, w_mm);  // straight into the gradient
+      } else {
+        grad_rows.copy_(torch::matmul(g_low, w_mm));
+      }
+      grad_weight += mm_in(g_low.t(), h, acc);  // [V, D]
     }
     return {grad_hidden, grad_weight.to(weight.scalar_type()), torch::Tensor(), torch::Tensor(),
             torch::Tensor()};

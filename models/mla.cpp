@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 
+#include "models/kernels/mla_rope.h"
 #include "models/linear.h"
 
 namespace moetrain {
@@ -42,18 +43,24 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> MLAImpl::project_qkv(
   // Queries: per head [q_nope | q_rope], RoPE on the rope part (eqs. 6–9).
   torch::Tensor q = q_lora_rank == 0 ? wq(x) : wq_b(q_norm(wq_a(x)));
   q = q.view({B, T, H, qk_nope_head_dim + qk_rope_head_dim});
-  auto q_parts = q.split({qk_nope_head_dim, qk_rope_head_dim}, -1);
-  q = torch::cat({q_parts[0], apply_rope(q_parts[1], rope)}, -1);  // [B, T, H, qk]
-
   // Keys/values: latent c_kv and one k_rope shared by all heads (eqs. 1–5).
   auto kv_parts = wkv_a(x).split({kv_lora_rank, qk_rope_head_dim}, -1);
-  const torch::Tensor k_rope = apply_rope(kv_parts[1].unsqueeze(2), rope);  // [B, T, 1, rope]
   const torch::Tensor kv = wkv_b(kv_norm(kv_parts[0])).view({B, T, H, qk_nope_head_dim + v_head_dim});
-  auto k_nope_v = kv.split({qk_nope_head_dim, v_head_dim}, -1);
-  const torch::Tensor k = torch::cat({k_nope_v[0], k_rope.expand({B, T, H, qk_rope_head_dim})}, -1);
+  const torch::Tensor v = kv.narrow(-1, qk_nope_head_dim, v_head_dim);
+  torch::Tensor k;
+  if (mla_rope_kernel_ok(q, rope) && kv.scalar_type() == q.scalar_type()) {
+    // CUDA: [nope | rotated rope] per head in one kernel each (the ATen path below is its twin)
+    q = mla_rope_q_fused(q, rope, qk_nope_head_dim);
+    k = mla_rope_k_fused(kv, kv_parts[1], rope, qk_nope_head_dim);
+  } else {
+    auto q_parts = q.split({qk_nope_head_dim, qk_rope_head_dim}, -1);
+    q = torch::cat({q_parts[0], apply_rope(q_parts[1], rope)}, -1);            // [B, T, H, qk]
+    const torch::Tensor k_rope = apply_rope(kv_parts[1].unsqueeze(2), rope);  // [B, T, 1, rope]
+    k = torch::cat({kv.narrow(-1, 0, qk_nope_head_dim), k_rope.expand({B, T, H, qk_rope_head_dim})}, -1);
+  }
 
   // [B, T, H, d] -> [B, H, T, d]
-  return {q.transpose(1, 2), k.transpose(1, 2), k_nope_v[1].transpose(1, 2)};
+  return {q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)};
 }
 
 torch::Tensor MLAImpl::project_out(const torch::Tensor& o) {

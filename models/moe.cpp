@@ -1,5 +1,9 @@
 #include "models/moe.h"
 
+#include "models/autocast.h"
+#include "models/kernels/moe_permute.h"
+#include "models/kernels/swiglu.h"
+
 namespace moetrain {
 
 ExpertPermutation moe_sort_by_expert(const torch::Tensor& topk_idx, const torch::Tensor& counts) {
@@ -8,15 +12,30 @@ ExpertPermutation moe_sort_by_expert(const torch::Tensor& topk_idx, const torch:
   p.order = torch::argsort(topk_idx.flatten(), /*stable=*/true);  // [N·K]
   p.token_idx = torch::div(p.order, K, "floor");
   p.counts = counts;
+  p.top_k = K;
+  if (topk_idx.is_cuda() && fused_kernels_available()) p.inv = moe_inverse_order(p.order);
   return p;
 }
 
-torch::Tensor moe_permute(const torch::Tensor& x, const ExpertPermutation& perm) {
+torch::Tensor moe_permute_reference(const torch::Tensor& x, const ExpertPermutation& perm) {
   return x.index_select(0, perm.token_idx);  // [N·K, D]
+}
+
+torch::Tensor moe_permute(const torch::Tensor& x, const ExpertPermutation& perm) {
+  if (!perm.inv.defined() || !moe_permute_kernel_ok(x)) return moe_permute_reference(x, perm);
+  // The grouped GEMM reads bf16 under autocast: write the rows in bf16 straight away.
+  return moe_permute_fused(x, perm.inv, perm.top_k, cuda_bf16_autocast(x) ? torch::kBFloat16 : x.scalar_type());
 }
 
 torch::Tensor moe_unpermute(const torch::Tensor& y, const ExpertPermutation& perm,
                             const torch::Tensor& topk_weight, int64_t n_tokens) {
+  if (perm.inv.defined() && moe_unpermute_kernel_ok(y, topk_weight) && topk_weight.size(0) == n_tokens)
+    return moe_unpermute_fused(y, perm.inv, topk_weight);
+  return moe_unpermute_reference(y, perm, topk_weight, n_tokens);
+}
+
+torch::Tensor moe_unpermute_reference(const torch::Tensor& y, const ExpertPermutation& perm,
+                                      const torch::Tensor& topk_weight, int64_t n_tokens) {
   const auto acc = topk_weight.scalar_type();
   const torch::Tensor w = topk_weight.flatten().index_select(0, perm.order).unsqueeze(1);  // [N·K, 1]
   const torch::Tensor out = torch::zeros({n_tokens, y.size(1)}, y.options().dtype(acc));

@@ -24,18 +24,26 @@ struct ExpertPermutation {
   torch::Tensor order;      // [N·K] int64: flat index token·K + k of each sorted row
   torch::Tensor token_idx;  // [N·K] int64: its source token (order / K)
   torch::Tensor counts;     // [E] int64: rows per expert, in expert order
+  torch::Tensor inv;        // [N·K] int64: sorted row of pair n·K + k (CUDA only: the fused kernels' index)
+  int64_t top_k = 0;
 };
 
 // topk_idx: [N, K] int64, counts: [E] (bincount of topk_idx) -> permutation
 // (stable sort: within an expert, rows keep token order).
 ExpertPermutation moe_sort_by_expert(const torch::Tensor& topk_idx, const torch::Tensor& counts);
-// x: [N, D] -> [N·K, D] rows in expert order
+// x: [N, D] -> [N·K, D] rows in expert order. On CUDA the fused gather kernel
+// (models/kernels/moe_permute.h), writing bf16 rows under bf16 autocast; elsewhere
+// moe_permute_reference (index_select), its twin.
 torch::Tensor moe_permute(const torch::Tensor& x, const ExpertPermutation& perm);
+torch::Tensor moe_permute_reference(const torch::Tensor& x, const ExpertPermutation& perm);
 // y: [N·K, D] expert outputs in expert order, topk_weight: [N, K] -> [N, D]:
 // out[n] = sum_k topk_weight[n, k] · y[row of (n, k)], accumulated in topk_weight's
-// dtype (fp32) and returned in y's dtype.
+// dtype (fp32) and returned in y's dtype. CUDA: the fused gather kernel; elsewhere
+// moe_unpermute_reference (an fp32 index_add), its twin.
 torch::Tensor moe_unpermute(const torch::Tensor& y, const ExpertPermutation& perm,
                             const torch::Tensor& topk_weight, int64_t n_tokens);
+torch::Tensor moe_unpermute_reference(const torch::Tensor& y, const ExpertPermutation& perm,
+                                      const torch::Tensor& topk_weight, int64_t n_tokens);
 // The routed experts' sum: x: [N, D], topk_idx / topk_weight: [N, K], counts: [E] -> [N, D].
 // With a dispatcher, `experts` holds only its shard and the rows travel (null: all local).
 torch::Tensor moe_routed_experts(GroupedExpertsImpl& experts, const torch::Tensor& x,

@@ -1,5 +1,8 @@
 #include "models/rms_norm.h"
 
+#include "models/autocast.h"
+#include "models/kernels/rms_norm_fused.h"
+
 namespace moetrain {
 
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps(eps) {
@@ -7,12 +10,11 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps(eps) {
 }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
-  // Same order as Hugging Face's DeepseekV3RMSNorm: normalize in high precision,
-  // cast back, then scale by the weight.
-  const auto compute = x.scalar_type() == torch::kDouble ? torch::kDouble : torch::kFloat;
-  const torch::Tensor xf = x.to(compute);
-  const torch::Tensor normed = xf * torch::rsqrt(xf.pow(2).mean(-1, /*keepdim=*/true) + eps);
-  return weight * normed.to(x.scalar_type());
+  if (!x.is_cuda()) return rms_norm_reference(x, weight, eps);
+  // Every consumer of a norm is a matmul, which bf16 autocast would cast to bf16 anyway:
+  // emitting bf16 directly gives the same values and skips an fp32 round trip.
+  const auto out_dtype = cuda_bf16_autocast(x) ? torch::kBFloat16 : torch::promote_types(weight.scalar_type(), x.scalar_type());
+  return rms_norm_fused(x, weight, eps, out_dtype);
 }
 
 }  // namespace moetrain

@@ -1,5 +1,8 @@
 // defines: RMSNorm — root-mean-square layer norm (no bias, no mean subtraction),
-// computed in fp32 (fp64 for fp64 inputs) and cast back to the input dtype.
+// computed in fp32 (fp64 for fp64 inputs), rounded to the input dtype, then scaled
+// (Hugging Face's order; models/kernels/rms_norm_fused.h has the math). On CUDA one
+// fused kernel each way; under bf16 autocast the output is bf16 (what the consuming
+// matmul would cast it to).
 #pragma once
 
 #include <torch/torch.h>

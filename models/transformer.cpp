@@ -1,5 +1,6 @@
 #include "models/transformer.h"
 
+#include "models/checkpointing.h"
 #include "models/linear.h"
 #include "models/lm_loss.h"
 
@@ -36,7 +37,9 @@ ForwardOut TransformerImpl::forward(const torch::Tensor& tokens, bool with_mtp) 
   const torch::Tensor emb = embed(tokens);  // [B, T, D]
   const RopeTables rope = rope_tables(T, emb);
   torch::Tensor h = emb;
-  for (int64_t i = 0; i < cfg.num_hidden_layers; ++i) h = layer(i).forward(h, rope, out.routing);
+  const bool checkpoint = activation_checkpointing && torch::GradMode::is_enabled();
+  for (int64_t i = 0; i < cfg.num_hidden_layers; ++i)
+    h = checkpoint ? checkpointed_layer_forward(layer(i), h, rope, out.routing) : layer(i).forward(h, rope, out.routing);
   out.hidden = norm(h);
   if (!with_mtp || D == 0) return out;
 

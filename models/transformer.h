@@ -62,6 +62,9 @@ struct TransformerImpl : torch::nn::Module {
   MTPModuleImpl& mtp_module(int64_t k) const { return *mtp->ptr(k)->as<MTPModuleImpl>(); }
 
   ModelConfig cfg;
+  // Training memory: recompute each main-model decoder layer in the backward instead of
+  // keeping its activations (models/checkpointing.h). Only when gradients are on.
+  bool activation_checkpointing = false;
   torch::nn::Embedding embed{nullptr};  // [V, D]
   torch::nn::ModuleList layers{nullptr};
   RMSNorm norm{nullptr};                // [D]

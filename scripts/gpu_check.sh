@@ -1,14 +1,27 @@
 #!/usr/bin/env bash
-# scripts/gpu_check.sh — one call on a GPU machine: build (CUDA on, warnings as errors), run
-# the test suite without the corpus-bound `slow` label (cuda + parity included), then the
-# benchmark beside transformers and a one-step profile. Logs and JSON go to ${OUT:-.}/.
-# Usage: bash scripts/gpu_check.sh [BENCH_CONFIG]   (default configs/bench-1b.yaml)
+# scripts/gpu_check.sh — one call on a GPU machine: build (CUDA on, warnings as errors), then
+# the phases asked for (default: tests bench profile):
+#   tests    the test suite without the corpus-bound `slow` label (cuda + parity included)
+#   cuda     only the tests labelled cuda (the GPU paths against their references)
+#   bench    moetrain bench beside transformers (scripts/bench_vs_hf.py) -> bench.json
+#   profile  a one-step Kineto profile of moetrain bench
+#   scaling  expert scaling (issue 9): one MoE layer fwd+bwd and the whole step at 64 vs 256
+#            routed experts, same top-k (the 256-expert step needs ~75 GB: an H200)
+#   curve    bf16 CUDA vs fp32 CPU loss curves of configs/tiny.yaml, 200 steps
+#            (needs data_cache/linux-docs-sp4096 carried over)
+# TRACE=1: the profile phase also saves a gzipped Chrome trace (trace.json.gz).
+# Logs and JSON go to ${OUT:-.}/.
+# Usage: [PHASES="tests bench"] bash scripts/gpu_check.sh [BENCH_CONFIG]   (default configs/bench-1b.yaml)
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-$ROOT}
 BUILD=${MOETRAIN_BUILD_DIR:-$ROOT/build-gpu}
 CONFIG=${1:-$ROOT/configs/bench-1b.yaml}
+PHASES=${PHASES:-tests bench profile}
+MT=$BUILD/app/moetrain
 export NCCL_NVLS_ENABLE=0
+has() { [[ " $PHASES " == *" $1 "* ]]; }
+stamp() { echo "== $1 $(( $(date +%s) - t0 )) s"; }
 nvidia-smi -L
 t0=$(date +%s)
 if [ ! -f "$BUILD/build.ninja" ]; then
@@ -18,14 +31,57 @@ if [ ! -f "$BUILD/build.ninja" ]; then
     || { tail -30 "$OUT/configure.log"; exit 1; }
 fi
 ninja -C "$BUILD" -k 0 >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -30; exit 1; }
-t1=$(date +%s)
-ctest --test-dir "$BUILD" -j "$(nproc)" -LE slow --output-on-failure >"$OUT/ctest.log" 2>&1
-grep -E "tests passed|\*\*\*Failed|Failed  " "$OUT/ctest.log" | head -20
-t2=$(date +%s)
-python3 "$ROOT/scripts/bench_vs_hf.py" "$CONFIG" --moetrain "$BUILD/app/moetrain" --steps 12 --warmup 3 \
-  --out "$OUT/bench.json" >"$OUT/bench.log" 2>&1 || tail -20 "$OUT/bench.log"
-"$BUILD/app/moetrain" bench "$CONFIG" --steps 2 --warmup 2 --profile 1 >"$OUT/profile.log" 2>&1 || tail -20 "$OUT/profile.log"
-t3=$(date +%s)
-echo "== build $((t1 - t0)) s, tests $((t2 - t1)) s, bench $((t3 - t2)) s"
-grep -A12 "^profile of" "$OUT/profile.log" | cut -c1-150
-tail -6 "$OUT/bench.log"
+stamp build
+if has tests; then
+  ctest --test-dir "$BUILD" -j "$(nproc)" -LE slow --output-on-failure >"$OUT/ctest.log" 2>&1
+  grep -E "tests passed|\*\*\*Failed|Failed  |Not Run" "$OUT/ctest.log" | head -20
+  stamp tests
+fi
+if has cuda; then
+  ctest --test-dir "$BUILD" -L cuda --output-on-failure >"$OUT/ctest-cuda.log" 2>&1
+  grep -E "tests passed|\*\*\*Failed|Failed  |Not Run" "$OUT/ctest-cuda.log" | head -20
+  stamp cuda-tests
+fi
+if has curve; then  # CPU fp32 in the background while the GPU works
+  curve() {  # NAME DEVICE DTYPE
+    "$MT" train "$ROOT/configs/tiny.yaml" --set train.steps=200 --set logging.every=1 --set train.eval_every=1000 \
+      --set train.device="$2" --set train.dtype="$3" --set logging.dir="$OUT/curve-$1" \
+      --set checkpoint.dir="/tmp/curve-$1-ckpt" --set checkpoint.every=1000 >"$OUT/curve-$1.log" 2>&1
+  }
+  curve cpu-fp32 cpu fp32 &
+  curve_pid=$!
+  curve cuda-bf16 cuda bf16 || tail -5 "$OUT/curve-cuda-bf16.log"
+fi
+if has bench; then
+  python3 "$ROOT/scripts/bench_vs_hf.py" "$CONFIG" --moetrain "$MT" --steps 12 --warmup 3 \
+    --out "$OUT/bench.json" >"$OUT/bench.log" 2>&1 || tail -20 "$OUT/bench.log"
+  stamp bench
+fi
+if has profile; then
+  trace=()
+  [ -n "${TRACE:-}" ] && trace=(--trace /tmp/moetrain-trace.json)
+  "$MT" bench "$CONFIG" --steps 2 --warmup 2 --profile 1 "${trace[@]}" >"$OUT/profile.log" 2>&1 || tail -20 "$OUT/profile.log"
+  [ -n "${TRACE:-}" ] && gzip -c /tmp/moetrain-trace.json >"$OUT/trace.json.gz"
+  stamp profile
+fi
+if has scaling; then
+  for e in 64 256; do
+    "$MT" bench "$CONFIG" --moe-layer --steps 20 --warmup 5 --set model.n_routed_experts=$e \
+      >"$OUT/moe-layer-$e.log" 2>&1 || tail -5 "$OUT/moe-layer-$e.log"
+    "$MT" bench "$CONFIG" --steps 8 --warmup 3 --set model.n_routed_experts=$e \
+      >"$OUT/step-experts-$e.log" 2>&1 || tail -5 "$OUT/step-experts-$e.log"
+  done
+  stamp scaling
+fi
+if has curve; then
+  wait "$curve_pid" || tail -5 "$OUT/curve-cpu-fp32.log"
+  python3 "$ROOT/scripts/compare_loss_curves.py" "$OUT/curve-cpu-fp32/metrics.jsonl" \
+    "$OUT/curve-cuda-bf16/metrics.jsonl" >"$OUT/curve.md" 2>&1
+  stamp curve
+fi
+echo "== summary"
+has profile && grep -A28 "^profile of" "$OUT/profile.log" | cut -c1-150
+has scaling && grep -h -E "MoE layer|median step" "$OUT"/moe-layer-*.log "$OUT"/step-experts-*.log
+has curve && cat "$OUT/curve.md"
+has bench && tail -6 "$OUT/bench.log"
+exit 0

@@ -5,6 +5,7 @@ add_dependencies(test_cli moetrain)
 add_unit_test(test_kernels)
 add_unit_test(test_kernels_cuda LABELS cuda)
 add_unit_test(test_balance)
+add_unit_test(test_optim)
 add_unit_test(test_trainer)
 
 # libFuzzer over the safetensors header parser for a fixed budget (clang only).
@@ -22,6 +23,14 @@ add_dependencies(test_generate moetrain)
 if(MOETRAIN_GLOO_INCLUDE)
   add_unit_test(test_dist)  # label unit (run alone: ctest -R "^Dist")
   add_dependencies(test_dist moetrain)
+  # ZeRO-1 (trainer/zero.h): layout, sharded AdamW, 2/4-rank runs, resharded checkpoints.
+  add_unit_test(test_zero)  # ctest -R "^Zero"
+  add_dependencies(test_zero moetrain)
+endif()
+# NCCL data parallelism + ZeRO-1 on 2 GPUs (skips with fewer): ctest -L cuda -R DistCuda
+if(MOETRAIN_WITH_NCCL)
+  add_unit_test(test_dist_cuda LABELS cuda)
+  add_dependencies(test_dist_cuda moetrain)
 endif()
 # Expert parallelism over Gloo (ranks as threads, and 2/4 local ranks through launch).
 if(MOETRAIN_GLOO_INCLUDE)

@@ -21,28 +21,17 @@
 
 using namespace moetrain;
 using moetrain::testing::TempDir;
+using moetrain::testing::sentence_corpus;
 using moetrain::testing::write_file;
 namespace fs = std::filesystem;
 
 namespace {
 
-std::string corpus_text(int doc) {
-  const char* subjects[] = {"the cat", "a dog", "the bird", "my friend"};
-  const char* verbs[] = {"sat on", "looked at", "jumped over", "walked to"};
-  const char* objects[] = {"the mat.", "the tree.", "a box.", "the door."};
-  std::string s;
-  for (int i = 0; i < 200; ++i) {
-    int k = (i * 7 + doc * 3) % 64;
-    s += std::string(subjects[k % 4]) + " " + verbs[(k / 4) % 4] + " " + objects[(k / 16) % 4] + "\n";
-  }
-  return s;
-}
-
 // A tiny run in dir: data in dir/data, checkpoints in dir/<name>/ckpt, metrics in dir/<name>/run.
 class TinyRun {
  public:
   explicit TinyRun(const TempDir& dir) : dir_(dir) {
-    for (int d = 0; d < 6; ++d) write_file(dir.path() / "text" / ("doc" + std::to_string(d) + ".txt"), corpus_text(d));
+    for (int d = 0; d < 6; ++d) write_file(dir.path() / "text" / ("doc" + std::to_string(d) + ".txt"), sentence_corpus(d, 200));
     PrepareOptions opt;
     opt.progress = false;
     prepare_data(config("prep", {}).data, 260, opt);

@@ -69,6 +69,24 @@ TEST(Cli, ParamsTableAndJson) {
   EXPECT_NE(j.output.find("\"total\": 1256"), std::string::npos) << j.output;
 }
 
+// ZeRO-1: the Adam state per rank falls as 1/world size; weights and gradients do not.
+TEST(Cli, ParamsMemoryZeroDividesTheOptimizerByWorldSize) {
+  auto mem = [](const std::string& extra) {
+    auto r = run_capture(bin() + " params " + cfg("bench-1b") + " --json --memory" + extra);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return nlohmann::json::parse(r.output)["memory_bytes"];
+  };
+  const auto one = mem(""), zero4 = mem(" --world-size 4 --set distributed.zero_stage=1"),
+             plain4 = mem(" --world-size 4");
+  EXPECT_NEAR(zero4["optimizer"].get<double>(), one["optimizer"].get<double>() / 4, 8.0);
+  EXPECT_EQ(zero4["weights"], one["weights"]);
+  EXPECT_EQ(zero4["grads"], one["grads"]);
+  EXPECT_EQ(plain4["optimizer"], one["optimizer"]) << "zero_stage 0 replicates the optimizer";
+  auto r = run_capture(bin() + " params " + cfg("bench-1b") + " --memory --world-size 4 --set distributed.zero_stage=1");
+  EXPECT_NE(r.output.find("ZeRO-1: ÷ 4 ranks"), std::string::npos) << r.output;
+  EXPECT_EQ(run_capture(bin() + " params " + cfg("bench-1b") + " --memory --world-size 0").exit_code, 2);
+}
+
 }  // namespace
 
 namespace {
@@ -99,6 +117,18 @@ TEST(Cli, BenchOnCpu) {
   EXPECT_TRUE(std::isfinite(j["loss"].get<double>()));
   r = run_capture(bin() + " bench " + cfg("debug") + " --steps 0");
   EXPECT_EQ(r.exit_code, 2) << r.output;
+}
+
+// --moe-layer times one MoE layer (the expert-scaling measurement of issue 9).
+TEST(Cli, BenchMoeLayerOnCpu) {
+  auto r = run_capture(bin() + " bench " + cfg("debug") +
+                       " --moe-layer --steps 2 --warmup 1 --set train.micro_batch=2 --set train.seq_len=16"
+                       " --set train.threads=1 --set model.n_routed_experts=16");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto j = nlohmann::json::parse(r.output.substr(r.output.rfind('{')));
+  EXPECT_EQ(j["n_routed_experts"], 16);
+  EXPECT_EQ(j["tokens"], 32);
+  EXPECT_GT(j["moe_layer_ms"].get<double>(), 0.0);
 }
 
 }  // namespace

@@ -137,6 +137,11 @@ TEST(FusedAdamWCuda, FollowsAdamWReference) {
       fast[i].mutable_grad() = g.clone();
       ref[i].mutable_grad() = g.clone();
     }
+    if (step % 2 == 1) {  // clipping folded into the fused update vs clip_grad_norm_ first
+      const double max_norm = 0.5 * torch::nn::utils::clip_grad_norm_(ref, 1e30);
+      fused_opt.clip_next_step(grad_norm(fast), max_norm);
+      torch::nn::utils::clip_grad_norm_(ref, max_norm);
+    }
     fused_opt.step();
     ref_opt.step();
     for (auto& p : fast) p.mutable_grad() = torch::Tensor();

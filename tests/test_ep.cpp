@@ -353,6 +353,14 @@ TEST_F(EpTrain, Ep2TrainsLikeOneProcessAndReshardsOnResume) {
   ASSERT_EQ(train(cfg1, resume).steps, kSteps);
   expect_same_steps(one, train_records(dir_.file("ep1/metrics.jsonl")), 3, kSteps - 3, false);
 
+  // ep 2 -> ZeRO-1 on 2 ranks (no expert parallelism): the expert shards' AdamW rows are
+  // re-assembled as element ranges of the flat space
+  std::vector<std::string> zero_sets = tiny_sets(dir_, "zero", kSteps, 1);
+  zero_sets.push_back("distributed.zero_stage=1");
+  r = launch(2, zero_sets, " --resume " + ckpt);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  expect_same_steps(one, train_records(dir_.file("zero/metrics.jsonl")), 3, kSteps - 3, false);
+
   // ep 2 -> ep 4 on 4 ranks
   r = launch(4, tiny_sets(dir_, "ep4", kSteps, 4), " --resume " + ckpt);
   ASSERT_EQ(r.exit_code, 0) << r.output;
@@ -395,6 +403,37 @@ TEST_F(EpTrain, Dp2Ep2TrainsLikeOneProcess) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   expect_same_steps(train_records(dir_.file("single/metrics.jsonl")), train_records(dir_.file("dp2ep2/metrics.jsonl")), 0,
                     kSteps, true);
+}
+
+// A ZeRO-1 checkpoint (optimizer-zero-* shards) resumes with ep 2: each rank takes its
+// experts' rows of the re-assembled moments.
+TEST_F(EpTrain, ZeroCheckpointResumesWithEp2) {
+  constexpr int kSteps = 6;
+  ExperimentConfig cfg = load_experiment_config(config_path(), tiny_sets(dir_, "single", kSteps, 1));
+  train(cfg);
+  std::vector<std::string> zero_sets = tiny_sets(dir_, "zero", kSteps, 1);
+  zero_sets.push_back("distributed.zero_stage=1");
+  auto r = launch(2, zero_sets);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const std::string ckpt = dir_.file("zero/ckpt/step-00000003");
+  ASSERT_TRUE(std::filesystem::exists(ckpt + "/optimizer-zero-00001-of-00002.safetensors"));
+  r = launch(2, tiny_sets(dir_, "ep2", kSteps, 2), " --resume " + ckpt);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  expect_same_steps(train_records(dir_.file("single/metrics.jsonl")), train_records(dir_.file("ep2/metrics.jsonl")), 3,
+                    kSteps - 3, false);
+}
+
+// ZeRO-1 together with expert parallelism is refused by the config check.
+TEST_F(EpTrain, ZeroWithEpIsRefused) {
+  std::vector<std::string> sets = tiny_sets(dir_, "bad", 2, 2);
+  sets.push_back("distributed.zero_stage=1");
+  try {
+    load_experiment_config(config_path(), sets);
+    ADD_FAILURE() << "zero_stage 1 with ep_size 2 was accepted";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("distributed.zero_stage"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("cannot be combined with expert parallelism"), std::string::npos) << e.what();
+  }
 }
 
 TEST_F(EpTrain, EpSizeMustDivideTheWorld) {

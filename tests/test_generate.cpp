@@ -18,32 +18,13 @@ using namespace moetrain;
 using moetrain::testing::RunResult;
 using moetrain::testing::TempDir;
 using moetrain::testing::run_capture;
+using moetrain::testing::tiny_moe_config;
 
 namespace {
 
-ModelConfig byte_config(int64_t mtp) {
-  ModelConfig c;
-  c.vocab_size = 260;  // bytes + eos
-  c.hidden_size = 32;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 2;
-  c.intermediate_size = 64;
-  c.moe_intermediate_size = 16;
-  c.kv_lora_rank = 16;
-  c.qk_nope_head_dim = 8;
-  c.qk_rope_head_dim = 4;
-  c.v_head_dim = 8;
-  c.n_routed_experts = 4;
-  c.n_shared_experts = 1;
-  c.num_experts_per_tok = 2;
-  c.num_nextn_predict_layers = mtp;
-  c.init_std = 0.3;
-  return c;
-}
-
 std::string write_hf(const TempDir& dir, const std::string& name, int64_t mtp) {
   torch::manual_seed(3);
-  const ModelConfig cfg = byte_config(mtp);
+  const ModelConfig cfg = tiny_moe_config(260, mtp, 0.3);
   Transformer model(cfg);
   const std::string out = dir.file(name);
   save_hf_checkpoint(out, *model, cfg);

@@ -4,7 +4,10 @@
 
 #include <torch/torch.h>
 
+#include "models/kernels/moe_permute.h"
+#include "models/kernels/rms_norm_fused.h"
 #include "models/kernels/swiglu.h"
+#include "models/rms_norm.h"
 
 using namespace moetrain;
 
@@ -25,4 +28,30 @@ TEST(KernelsCpu, SwigluReferenceGradcheck) {
   auto expect_u = g * s;
   EXPECT_TRUE(torch::allclose(grads[0], expect_g, 1e-12, 1e-12));
   EXPECT_TRUE(torch::allclose(grads[1], expect_u, 1e-12, 1e-12));
+}
+
+TEST(KernelsCpu, RmsNormFallbackEqualsReferenceAndModule) {
+  torch::manual_seed(0);
+  auto x = torch::randn({4, 5, 32});
+  RMSNorm norm(32, 1e-6);
+  {
+    torch::NoGradGuard no_grad;
+    norm->weight.uniform_(0.5, 1.5);
+  }
+  const auto ref = rms_norm_reference(x, norm->weight, 1e-6);
+  EXPECT_TRUE(torch::equal(rms_norm_fused(x, norm->weight, 1e-6, torch::kFloat32), ref));
+  EXPECT_TRUE(torch::equal(norm(x), ref));
+  // the math: x / sqrt(mean(x²) + eps) · w
+  const auto expect = x / torch::sqrt(x.pow(2).mean(-1, true) + 1e-6) * norm->weight;
+  EXPECT_TRUE(torch::allclose(ref, expect, 1e-5, 1e-6));
+}
+
+TEST(KernelsCpu, MoePermuteKernelsRefuseCpuTensors) {
+  auto x = torch::randn({3, 8});
+  EXPECT_FALSE(moe_permute_kernel_ok(x));
+  EXPECT_THROW(moe_permute_fused(x, torch::arange(6), 2, torch::kFloat32), std::invalid_argument);
+  EXPECT_THROW(moe_unpermute_fused(torch::randn({6, 8}), torch::arange(6), torch::rand({3, 2})), std::invalid_argument);
+  // the inverse of a permutation
+  const auto order = torch::tensor({2, 0, 3, 1}, torch::kLong);
+  EXPECT_TRUE(torch::equal(moe_inverse_order(order), torch::tensor({1, 3, 0, 2}, torch::kLong)));
 }

@@ -4,7 +4,14 @@
 
 #include <torch/torch.h>
 
+#include <ATen/autocast_mode.h>
+
+#include "models/kernels/mla_rope.h"
+#include "models/kernels/rms_norm_fused.h"
 #include "models/kernels/swiglu.h"
+#include "models/moe.h"
+#include "models/rms_norm.h"
+#include "models/rope.h"
 
 using namespace moetrain;
 
@@ -39,5 +46,162 @@ TEST(KernelsCuda, SwigluMatchesReference) {
     ref.backward(go.to(torch::kFloat32));
     EXPECT_LT(max_rel_err(g.grad(), g32.grad(), 1e-2), 2 * tol) << dtype;
     EXPECT_LT(max_rel_err(u.grad(), u32.grad(), 1e-2), 2 * tol) << dtype;
+  }
+}
+
+namespace {
+
+// fp64 reference of RMSNorm on the same (possibly bf16) inputs, with its gradients.
+struct NormRef {
+  torch::Tensor out, grad_x, grad_w;
+};
+NormRef rms_norm_fp64(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& go, double eps) {
+  auto x64 = x.detach().to(torch::kDouble).requires_grad_(true);
+  auto w64 = w.detach().to(torch::kDouble).requires_grad_(true);
+  auto out = rms_norm_reference(x64, w64, eps);
+  out.backward(go.to(torch::kDouble));
+  return {out.detach(), x64.grad(), w64.grad()};
+}
+
+}  // namespace
+
+TEST(KernelsCuda, RmsNormMatchesReference) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  ASSERT_TRUE(fused_kernels_available()) << "built without MOETRAIN_CUDA";
+  for (auto x_dtype : {torch::kFloat32, torch::kBFloat16}) {
+    for (auto out_dtype : {torch::kFloat32, torch::kBFloat16}) {
+      for (int64_t dim : {256, 1024, 100, 102}) {  // 100: not a multiple of the warp; 102: nor of 4
+        torch::manual_seed(1);
+        auto opts = torch::TensorOptions().device(torch::kCUDA);
+        auto x = (torch::randn({3, 1001, dim}, opts) * 3).to(x_dtype).requires_grad_(true);
+        auto w = (1 + 0.1 * torch::randn({dim}, opts)).requires_grad_(true);
+        auto out = rms_norm_fused(x, w, 1e-6, out_dtype);
+        ASSERT_EQ(out.scalar_type(), out_dtype);
+        ASSERT_EQ(out.sizes(), x.sizes());
+        auto go = torch::randn(x.sizes(), opts).to(out_dtype);
+        out.backward(go);
+        const NormRef ref = rms_norm_fp64(x, w, go, 1e-6);
+        // one rounding to out_dtype (and the reference's own rounding of x̂ to x's dtype)
+        const double tol = (x_dtype == torch::kBFloat16 || out_dtype == torch::kBFloat16) ? 1.0 / 64 : 1e-5;
+        EXPECT_LT(max_rel_err(out, ref.out, 1e-2), tol) << x_dtype << " " << out_dtype << " " << dim;
+        EXPECT_LT(max_rel_err(x.grad(), ref.grad_x, 1e-1), 2 * tol) << x_dtype << " " << out_dtype << " " << dim;
+        // the weight gradient is a sum over 3003 rows: compare relative to its scale
+        const double w_scale = ref.grad_w.abs().max().item<double>();
+        EXPECT_LT((w.grad().to(torch::kDouble) - ref.grad_w).abs().max().item<double>() / w_scale, tol)
+            << x_dtype << " " << out_dtype << " " << dim;
+      }
+    }
+  }
+}
+
+TEST(KernelsCuda, RmsNormModuleUnderAutocastEmitsBf16) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  RMSNorm norm(64, 1e-6);
+  norm->to(torch::kCUDA);
+  auto x = torch::randn({8, 64}, torch::kCUDA);
+  const auto fp32 = norm(x);
+  EXPECT_EQ(fp32.scalar_type(), torch::kFloat32);
+  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+  at::autocast::set_autocast_enabled(at::kCUDA, true);
+  const auto bf16 = norm(x);
+  at::autocast::set_autocast_enabled(at::kCUDA, false);
+  at::autocast::clear_cache();
+  EXPECT_EQ(bf16.scalar_type(), torch::kBFloat16);
+  // exactly the cast autocast would apply to the fp32 output
+  EXPECT_TRUE(torch::equal(bf16, fp32.to(torch::kBFloat16)));
+}
+
+TEST(KernelsCuda, MoePermutationMatchesReference) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  ASSERT_TRUE(fused_kernels_available()) << "built without MOETRAIN_CUDA";
+  const int64_t N = 777, K = 6, E = 16;
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    for (int64_t dim : {128, 72, 70}) {  // 70: the one-column path
+      torch::manual_seed(2);
+      auto opts = torch::TensorOptions().device(torch::kCUDA);
+      // distinct experts per token, like top-k
+      auto topk_idx = std::get<1>(torch::rand({N, E}, opts).topk(K, -1));
+      auto counts = torch::bincount(topk_idx.flatten(), {}, E);
+      const ExpertPermutation perm = moe_sort_by_expert(topk_idx, counts);
+      ASSERT_TRUE(perm.inv.defined());
+      auto x = torch::randn({N, dim}, opts).to(dtype).requires_grad_(true);
+      auto x_ref = x.detach().clone().requires_grad_(true);
+      auto w = torch::rand({N, K}, opts).requires_grad_(true);
+      auto w_ref = w.detach().clone().requires_grad_(true);
+
+      auto rows = moe_permute(x, perm);
+      auto rows_ref = moe_permute_reference(x_ref, perm);
+      EXPECT_TRUE(torch::equal(rows, rows_ref)) << dtype << " " << dim;  // a pure gather: bitwise
+      // the experts: any row-wise function that differs per row
+      auto scale = torch::linspace(0.5, 1.5, N * K, opts).unsqueeze(1).to(dtype);
+      auto out = moe_unpermute(rows * scale, perm, w, N);
+      auto out_ref = moe_unpermute_reference(rows_ref * scale, perm, w_ref, N);
+      ASSERT_EQ(out.scalar_type(), dtype);
+      const double tol = dtype == torch::kFloat32 ? 1e-5 : 1.0 / 128;
+      EXPECT_LT(max_rel_err(out, out_ref, 1e-2), tol) << dtype << " " << dim;
+      auto go = torch::randn({N, dim}, opts).to(dtype);
+      out.backward(go);
+      out_ref.backward(go);
+      EXPECT_LT(max_rel_err(x.grad(), x_ref.grad(), 1e-1), 2 * tol) << dtype << " " << dim;
+      // a gate's gradient is a dot product over D (cancellation): compare against its scale
+      const double w_scale = w_ref.grad().abs().max().item<double>();
+      EXPECT_LT((w.grad() - w_ref.grad()).abs().max().item<double>() / w_scale, tol) << dtype << " " << dim;
+    }
+  }
+}
+
+TEST(KernelsCuda, MoePermuteWritesBf16RowsUnderAutocast) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  auto opts = torch::TensorOptions().device(torch::kCUDA);
+  auto topk_idx = torch::tensor({{0, 2}, {1, 0}, {2, 1}}, opts.dtype(torch::kLong));
+  const ExpertPermutation perm = moe_sort_by_expert(topk_idx, torch::bincount(topk_idx.flatten(), {}, 3));
+  auto x = torch::randn({3, 16}, opts);
+  at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+  at::autocast::set_autocast_enabled(at::kCUDA, true);
+  auto rows = moe_permute(x, perm);
+  at::autocast::set_autocast_enabled(at::kCUDA, false);
+  at::autocast::clear_cache();
+  EXPECT_EQ(rows.scalar_type(), torch::kBFloat16);
+  EXPECT_TRUE(torch::equal(rows, moe_permute_reference(x, perm).to(torch::kBFloat16)));
+}
+
+TEST(KernelsCuda, MlaRopeMatchesReference) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  ASSERT_TRUE(fused_kernels_available()) << "built without MOETRAIN_CUDA";
+  ModelConfig cfg;
+  cfg.qk_rope_head_dim = 32;
+  RotaryEmbedding rotary(cfg);
+  const int64_t B = 2, T = 37, H = 3, nope = 16, R = 32, C = 24, v_dim = 8;
+  const RopeTables rope = rotary.tables(64, torch::kCUDA, torch::kFloat);
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    torch::manual_seed(3);
+    auto opts = torch::TensorOptions().device(torch::kCUDA).dtype(dtype);
+    auto q = torch::randn({B, T, H, nope + R}, opts).requires_grad_(true);
+    auto q_ref = q.detach().clone().requires_grad_(true);
+    auto latent = torch::randn({B, T, C + R}, opts).requires_grad_(true);  // wkv_a's output: [c_kv | k_rope]
+    auto latent_ref = latent.detach().clone().requires_grad_(true);
+    auto kv = torch::randn({B, T, H, nope + v_dim}, opts).requires_grad_(true);
+    auto kv_ref = kv.detach().clone().requires_grad_(true);
+
+    auto qf = mla_rope_q_fused(q, rope, nope);
+    auto kf = mla_rope_k_fused(kv, latent.narrow(-1, C, R), rope, nope);
+    auto q_parts = q_ref.split({nope, R}, -1);
+    auto qr = torch::cat({q_parts[0], apply_rope(q_parts[1], rope)}, -1);
+    auto k_rope = apply_rope(latent_ref.narrow(-1, C, R).unsqueeze(2), rope);
+    auto kr = torch::cat({kv_ref.narrow(-1, 0, nope), k_rope.expand({B, T, H, R})}, -1);
+    // the same fp32 arithmetic, one rounding: equal up to fma contraction
+    const double tol = dtype == torch::kFloat32 ? 1e-5 : 1.0 / 128;
+    EXPECT_LT(max_rel_err(qf, qr, 1e-2), tol) << dtype;
+    EXPECT_LT(max_rel_err(kf, kr, 1e-2), tol) << dtype;
+    auto gq = torch::randn_like(qf), gk = torch::randn_like(kf);
+    (qf * gq).sum().backward();
+    (kf * gk).sum().backward();
+    (qr * gq).sum().backward();
+    (kr * gk).sum().backward();
+    EXPECT_LT(max_rel_err(q.grad(), q_ref.grad(), 1e-1), 2 * tol) << dtype;
+    EXPECT_LT(max_rel_err(kv.grad(), kv_ref.grad(), 1e-1), 2 * tol) << dtype;
+    // k_rope's gradient sums over heads: compare to its scale
+    const auto g = latent.grad().to(torch::kFloat), g_ref = latent_ref.grad().to(torch::kFloat);
+    EXPECT_LT((g - g_ref).abs().max().item<double>() / g_ref.abs().max().item<double>(), 4 * tol) << dtype;
   }
 }

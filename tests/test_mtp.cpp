@@ -12,9 +12,11 @@
 
 #include "models/params.h"
 #include "models/transformer.h"
+#include "test_util.h"
 #include "trainer/balance.h"
 
 using namespace moetrain;
+using moetrain::testing::tiny_moe_config;
 
 class MtpTest : public ::testing::Test {
  protected:
@@ -25,27 +27,6 @@ class MtpTest : public ::testing::Test {
 };
 
 namespace {
-
-ModelConfig mtp_config(int64_t depth) {
-  ModelConfig c;
-  c.vocab_size = 64;
-  c.hidden_size = 32;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 2;
-  c.intermediate_size = 64;
-  c.moe_intermediate_size = 16;
-  c.kv_lora_rank = 16;
-  c.qk_nope_head_dim = 8;
-  c.qk_rope_head_dim = 4;
-  c.v_head_dim = 8;
-  c.n_routed_experts = 4;
-  c.n_shared_experts = 1;
-  c.num_experts_per_tok = 2;
-  c.first_k_dense_replace = 1;
-  c.num_nextn_predict_layers = depth;
-  c.init_std = 0.2;  // far from uniform predictions
-  return c;
-}
 
 // Norm gains away from 1 so that a skipped or swapped norm shows.
 void randomize_norms(Transformer& model) {
@@ -70,7 +51,7 @@ const Depth kDepth2 = {{47, 29, 5, 60}, {29, 5, 60, 18}};         // 4 predictio
 
 void check_worked_example(int64_t D) {
   torch::manual_seed(10 + D);
-  const ModelConfig cfg = mtp_config(D);
+  const ModelConfig cfg = tiny_moe_config(64, D, 0.2);
   Transformer model(cfg);
   randomize_norms(model);
   model->to(torch::kDouble);
@@ -136,7 +117,7 @@ TEST_F(MtpTest, WorkedExampleTwoDepths) { check_worked_example(2); }
 
 TEST_F(MtpTest, BatchLossIsTheMeanOverAllPredictions) {
   // B = 3 rows of T = 8, one target ignored: the loss averages the B·(T-k) - 1 others.
-  const ModelConfig cfg = mtp_config(2);
+  const ModelConfig cfg = tiny_moe_config(64, 2, 0.2);
   Transformer model(cfg);
   model->to(torch::kDouble);
   const torch::Tensor full = torch::randint(cfg.vocab_size, {3, 9}, torch::kLong);
@@ -162,7 +143,7 @@ TEST_F(MtpTest, BatchLossIsTheMeanOverAllPredictions) {
 }
 
 TEST_F(MtpTest, NamesCountsAndRoutingOrder) {
-  ModelConfig cfg = mtp_config(2);
+  ModelConfig cfg = tiny_moe_config(64, 2, 0.2);
   Transformer model(cfg);
   const auto params = model->named_parameters();
   for (int64_t k = 0; k < 2; ++k) {
@@ -219,7 +200,7 @@ TEST_F(MtpTest, NamesCountsAndRoutingOrder) {
 }
 
 TEST_F(MtpTest, DenseBlockWhenEveryLayerIsDense) {
-  ModelConfig cfg = mtp_config(1);
+  ModelConfig cfg = tiny_moe_config(64, 1, 0.2);
   cfg.first_k_dense_replace = 3;  // > L: the MTP block (layer index L = 2) is dense too
   Transformer model(cfg);
   EXPECT_FALSE(model->mtp_module(0).block->is_moe());
@@ -231,7 +212,7 @@ TEST_F(MtpTest, DenseBlockWhenEveryLayerIsDense) {
 }
 
 TEST_F(MtpTest, GradientsReachTheModulesAndTheSharedTensors) {
-  const ModelConfig cfg = mtp_config(1);
+  const ModelConfig cfg = tiny_moe_config(64, 1, 0.2);
   Transformer model(cfg);
   const torch::Tensor full = torch::randint(cfg.vocab_size, {2, 9}, torch::kLong);
   const ForwardOut out = model->forward(full.narrow(1, 0, 8), true);

@@ -18,22 +18,10 @@
 
 using namespace moetrain;
 using moetrain::testing::TempDir;
+using moetrain::testing::sentence_corpus;
 using moetrain::testing::write_file;
 
 namespace {
-
-// Repetitive English-like text: learnable in a few dozen steps.
-std::string corpus_text(int doc) {
-  const char* subjects[] = {"the cat", "a dog", "the bird", "my friend"};
-  const char* verbs[] = {"sat on", "looked at", "jumped over", "walked to"};
-  const char* objects[] = {"the mat.", "the tree.", "a box.", "the door."};
-  std::string s;
-  for (int i = 0; i < 400; ++i) {
-    int k = (i * 7 + doc * 3) % 64;
-    s += std::string(subjects[k % 4]) + " " + verbs[(k / 4) % 4] + " " + objects[(k / 16) % 4] + "\n";
-  }
-  return s;
-}
 
 double unigram_entropy_nats(const std::string& text) {
   std::map<unsigned char, double> freq;
@@ -62,7 +50,7 @@ ExperimentConfig tiny_config(const TempDir& dir, const std::vector<std::string>&
 std::string write_corpus(const TempDir& dir) {
   std::string all;
   for (int d = 0; d < 10; ++d) {
-    std::string t = corpus_text(d);
+    std::string t = sentence_corpus(d, 400);
     write_file(dir.path() / "text" / ("doc" + std::to_string(d) + ".txt"), t);
     all += t;
   }

@@ -1,4 +1,5 @@
-// defines: TempDir, write_file, run_capture — small helpers shared by the tests.
+// defines: TempDir, write_file, run_capture, sentence_corpus, tiny_moe_config — small
+// helpers shared by the tests.
 #pragma once
 
 #include <array>
@@ -9,6 +10,8 @@
 #include <string>
 
 #include <sys/wait.h>
+
+#include "models/model_config.h"
 
 namespace moetrain::testing {
 
@@ -55,6 +58,42 @@ inline RunResult run_capture(const std::string& cmd) {
   int status = pclose(pipe);
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return r;
+}
+
+// Repetitive English-like text (`lines` sentences, varied by doc): learnable in a few
+// dozen steps by a byte-level model.
+inline std::string sentence_corpus(int doc, int lines) {
+  const char* subjects[] = {"the cat", "a dog", "the bird", "my friend"};
+  const char* verbs[] = {"sat on", "looked at", "jumped over", "walked to"};
+  const char* objects[] = {"the mat.", "the tree.", "a box.", "the door."};
+  std::string s;
+  for (int i = 0; i < lines; ++i) {
+    int k = (i * 7 + doc * 3) % 64;
+    s += std::string(subjects[k % 4]) + " " + verbs[(k / 4) % 4] + " " + objects[(k / 16) % 4] + "\n";
+  }
+  return s;
+}
+
+// A 2-layer MLA + MoE model small enough for exact CPU tests (4 experts, top-2, 1 shared).
+inline ModelConfig tiny_moe_config(int64_t vocab_size, int64_t mtp_depth, double init_std) {
+  ModelConfig c;
+  c.vocab_size = vocab_size;
+  c.hidden_size = 32;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 2;
+  c.intermediate_size = 64;
+  c.moe_intermediate_size = 16;
+  c.kv_lora_rank = 16;
+  c.qk_nope_head_dim = 8;
+  c.qk_rope_head_dim = 4;
+  c.v_head_dim = 8;
+  c.n_routed_experts = 4;
+  c.n_shared_experts = 1;
+  c.num_experts_per_tok = 2;
+  c.first_k_dense_replace = 1;
+  c.num_nextn_predict_layers = mtp_depth;
+  c.init_std = init_std;
+  return c;
 }
 
 }  // namespace moetrain::testing

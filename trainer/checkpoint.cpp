@@ -4,6 +4,7 @@
 #include <cctype>
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -25,6 +26,8 @@
 #include "io/safetensors.h"
 #include "trainer/config_tree.h"
 #include "trainer/expert_parallel.h"
+#include "trainer/distributed.h"
+#include "trainer/zero.h"
 
 namespace moetrain {
 
@@ -33,8 +36,25 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr int kFormatVersion = 1;
-const char* const kFiles[] = {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json",
-                              "config.yaml"};
+// Every checkpoint has these, plus its optimizer state: optimizer.safetensors (one writer) or
+// the ZeRO-1 shards optimizer-zero-<r>-of-<W>.safetensors, r = 0..W-1 (trainer/zero.h).
+const char* const kFiles[] = {"model.safetensors", "rng.safetensors", "state.json", "config.yaml"};
+const char* const kOptimizerFile = "optimizer.safetensors";
+
+// The optimizer files a checkpoint needs, given the file names it has (on disk or in its
+// MANIFEST): optimizer.safetensors, else every shard of the world size the shards name.
+std::vector<std::string> optimizer_files(const std::vector<std::string>& have) {
+  int64_t world = -1;
+  for (const auto& n : have) {
+    if (n == kOptimizerFile) return {kOptimizerFile};
+    long r = 0, w = 0;
+    if (std::sscanf(n.c_str(), "optimizer-zero-%ld-of-%ld.safetensors", &r, &w) == 2 && w > 0) world = w;
+  }
+  if (world < 0) return {kOptimizerFile};
+  std::vector<std::string> out;
+  for (int64_t r = 0; r < world; ++r) out.push_back(zero_shard_file_name(r, world));
+  return out;
+}
 
 CheckpointFaultHook& fault_hook() {
   static CheckpointFaultHook hook;
@@ -342,11 +362,33 @@ void save_expert_shard(const std::string& tmp, Transformer& model, torch::optim:
                     meta);
 }
 
-std::string save_checkpoint(const ExperimentConfig& cfg, Transformer& model, torch::optim::AdamW& optimizer,
-                            const TrainingState& state, const ExpertShard& shard, int64_t job) {
+namespace {
+
+// save_checkpoint's body. write_optimizer(tmp) writes this process's optimizer file(s). With
+// `pg` (ZeRO-1) every rank calls it: rank 0 prepares the temporary directory (a name all ranks
+// know) and writes the model, a barrier, every rank writes its optimizer shard, a barrier,
+// then rank 0 alone writes the rest, the MANIFEST over all files, and commits. A checkpoint is
+// thus complete only when every shard is written. (Several nodes need a shared checkpoint.dir.)
+// With shard.count > 0 (expert parallelism, one writer: rank 0) the routed-expert tensors are
+// left out of model.safetensors and the temporary directory of `job` already exists, holding
+// the expert shard files (ExpertParallel::save_checkpoint).
+std::string save_checkpoint_impl(const ExperimentConfig& cfg, Transformer& model, const TrainingState& state,
+                                 const std::function<void(const std::string& tmp)>& write_optimizer, ProcessGroup* pg,
+                                 const ExpertShard& shard = {}, int64_t job = 0) {
+  const bool writer = !pg || pg->is_main();
+  const bool sharded = shard.count > 0;  // expert tensors are in their shard files
   const std::string root = cfg.checkpoint.dir;
   const std::string name = checkpoint_dir_name(state.step);
-  const bool sharded = shard.count > 0;  // expert tensors are in their shard files
+  const std::string tmp = sharded ? checkpoint_temp_dir(root, state.step, job)
+                                  : (fs::path(root) / (pg ? fmt::format(".tmp-{}-zero", name)
+                                                          : fmt::format(".tmp-{}-{}", name, ::getpid())))
+                                        .string();
+  if (!writer) {
+    pg->barrier();  // rank 0 made tmp
+    write_optimizer(tmp);
+    pg->barrier();  // rank 0 commits
+    return "";
+  }
   std::vector<std::pair<std::string, torch::Tensor>> model_tensors;
   for (const auto& p : model->named_parameters())
     if (!sharded || !ep_is_expert_param(p.key())) model_tensors.emplace_back(p.key(), cpu_contiguous(p.value()));
@@ -357,18 +399,16 @@ std::string save_checkpoint(const ExperimentConfig& cfg, Transformer& model, tor
       throw std::runtime_error(fmt::format("refusing to checkpoint step {}: {} has non-finite values", state.step, n));
 
   std::error_code ec;
-  const std::string tmp = checkpoint_temp_dir(root, state.step, sharded ? job : ::getpid());
   if (!sharded) begin_checkpoint(root, tmp);
   else if (!fs::is_directory(tmp, ec)) throw std::runtime_error(fmt::format("checkpoint: {} does not exist", tmp));
 
   write_safetensors(tmp + "/model.safetensors", model_tensors, {{"format", "moetrain"}});
   stage("model.safetensors", tmp + "/model.safetensors");
 
-  std::vector<std::pair<std::string, torch::Tensor>> opt_tensors;
-  for (const auto& p : model->named_parameters())
-    if (!sharded || !ep_is_expert_param(p.key())) add_adamw_state(optimizer, p.key(), p.value(), opt_tensors);
-  write_safetensors(tmp + "/optimizer.safetensors", opt_tensors, {{"optimizer", "adamw"}});
-  stage("optimizer.safetensors", tmp + "/optimizer.safetensors");
+  if (pg) pg->barrier();
+  write_optimizer(tmp);
+  if (pg) pg->barrier();  // every shard is written
+  stage("optimizer.safetensors", tmp + (pg ? "" : "/optimizer.safetensors"));
 
   std::vector<std::pair<std::string, torch::Tensor>> rng;
   {
@@ -434,11 +474,38 @@ std::string save_checkpoint(const ExperimentConfig& cfg, Transformer& model, tor
   return final_dir;
 }
 
+}  // namespace
+
+std::string save_checkpoint(const ExperimentConfig& cfg, Transformer& model, torch::optim::AdamW& optimizer,
+                            const TrainingState& state, const ExpertShard& shard, int64_t job) {
+  const bool sharded = shard.count > 0;  // the experts' state is in optimizer-experts-* files
+  auto write_optimizer = [&](const std::string& tmp) {
+    std::vector<std::pair<std::string, torch::Tensor>> opt_tensors;
+    for (const auto& p : model->named_parameters())
+      if (!sharded || !ep_is_expert_param(p.key())) add_adamw_state(optimizer, p.key(), p.value(), opt_tensors);
+    write_safetensors(tmp + "/optimizer.safetensors", opt_tensors, {{"optimizer", "adamw"}});
+  };
+  return save_checkpoint_impl(cfg, model, state, write_optimizer, nullptr, shard, job);
+}
+
+std::string save_checkpoint(const ExperimentConfig& cfg, Transformer& model, ZeroAdamW& optimizer,
+                            const TrainingState& state, ProcessGroup& pg) {
+  auto write_optimizer = [&](const std::string& tmp) {
+    write_safetensors(tmp + "/" + zero_shard_file_name(pg.rank(), pg.world_size()), optimizer.shard_tensors(),
+                      {{"optimizer", "adamw-zero1"}, {"rank", std::to_string(pg.rank())},
+                       {"world_size", std::to_string(pg.world_size())}});
+  };
+  return save_checkpoint_impl(cfg, model, state, write_optimizer, &pg);
+}
+
 // --- verify / find ---------------------------------------------------------------------
 
 void write_manifest(const std::string& ckpt_dir) {
   std::string manifest;
-  std::vector<std::string> files(std::begin(kFiles), std::end(kFiles));
+  std::vector<std::string> files(std::begin(kFiles), std::end(kFiles)), present;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(ckpt_dir, ec)) present.push_back(e.path().filename().string());
+  for (const auto& f : optimizer_files(present)) files.push_back(f);
   for (const auto& f : shard_files(ckpt_dir)) files.push_back(f);  // expert parallelism
   for (const auto& f : files) {
     const std::string p = ckpt_dir + "/" + f;
@@ -463,9 +530,14 @@ void verify_manifest(const std::string& ckpt_dir) {
     if (!(ls >> hash >> size >> file)) throw CheckpointError(fmt::format("{}: malformed MANIFEST line '{}'", ckpt_dir, line));
     listed[file] = {hash, size};
   }
-  for (const char* f : kFiles)
+  // the files every checkpoint needs (its optimizer ones: optimizer.safetensors or all ZeRO-1
+  // shards) must be listed; every listed file (expert shard files included) is verified
+  std::vector<std::string> files(std::begin(kFiles), std::end(kFiles)), names;
+  for (const auto& [f, unused] : listed) names.push_back(f);
+  for (const auto& f : optimizer_files(names)) files.push_back(f);
+  for (const auto& f : files)
     if (!listed.count(f)) throw CheckpointError(fmt::format("{}: MANIFEST does not list {}", ckpt_dir, f));
-  for (auto it = listed.begin(); it != listed.end(); ++it) {  // kFiles and any expert shard files
+  for (auto it = listed.begin(); it != listed.end(); ++it) {
     const std::string& f = it->first;
     if (f.find('/') != std::string::npos) throw CheckpointError(fmt::format("{}: MANIFEST names a path '{}'", ckpt_dir, f));
     const std::string p = ckpt_dir + "/" + f;
@@ -603,18 +675,101 @@ std::string resolve_resume(const std::string& checkpoint_root, const std::string
 
 // --- load ------------------------------------------------------------------------------
 
-TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfig& cfg, Transformer& model,
-                              torch::optim::AdamW& optimizer, const ExpertShard& shard) {
+namespace {
+
+void load_verified_weights(const std::string& ckpt_dir, const ExperimentConfig& cfg, Transformer& model,
+                           int64_t expert_first = 0) {
   verify_manifest(ckpt_dir);
   std::vector<std::string> diffs = config_diff(ckpt_dir + "/config.yaml", cfg);
-  copy_model_weights(ckpt_dir, model, std::move(diffs), "does not match this config", shard.first);
+  copy_model_weights(ckpt_dir, model, std::move(diffs), "does not match this config", expert_first);
+}
+
+// read_optimizer_pieces plus the expert shard files' AdamW state (optimizer-experts-A-B:
+// rows [A, B) of an expert tensor are its flattened elements [A·r, B·r), r = elements per row).
+OptimizerPieces read_all_optimizer_pieces(const std::string& ckpt_dir) {
+  OptimizerPieces out = read_optimizer_pieces(ckpt_dir);
+  bool added = false;
+  for (const auto& n : shard_files(ckpt_dir)) {
+    int64_t a = 0, b = 0;
+    if (!parse_shard_file_name(n, kOptimizerExpertPrefix, a, b)) continue;
+    const SafetensorsFile f = read_safetensors(ckpt_dir + "/" + n);
+    std::map<std::string, OptimizerPieces::Piece> found;
+    for (const auto& [key, t] : f.tensors) {
+      if (key.rfind("step.", 0) == 0) {
+        out.steps[key.substr(5)] = t.item<int64_t>();
+        continue;
+      }
+      const int which = key.rfind("exp_avg.", 0) == 0 ? 0 : key.rfind("exp_avg_sq.", 0) == 0 ? 1 : -1;
+      if (which < 0) continue;  // max_exp_avg_sq (amsgrad) is not sharded
+      if (t.dim() == 0 || t.size(0) != b - a)
+        throw CheckpointError(fmt::format("{}/{}: {} has {} rows, the file name says {}", ckpt_dir, n, key,
+                                          t.dim() ? t.size(0) : 0, b - a));
+      const int64_t per_row = t.numel() / (b - a);
+      auto& p = found[key.substr(which == 0 ? 8 : 11)];
+      p.begin = a * per_row;
+      p.end = b * per_row;
+      (which == 0 ? p.exp_avg : p.exp_avg_sq) = t.reshape(-1);
+    }
+    for (auto& [name, p] : found) {
+      if (!p.exp_avg.defined() || !p.exp_avg_sq.defined())
+        throw CheckpointError(fmt::format("{}/{}: {} lacks exp_avg or exp_avg_sq", ckpt_dir, n, name));
+      out.pieces[name].push_back(std::move(p));
+      added = true;
+    }
+  }
+  if (added)
+    for (auto& [name, list] : out.pieces)
+      std::sort(list.begin(), list.end(), [](const auto& x, const auto& y) { return x.begin < y.begin; });
+  return out;
+}
+
+TrainingState load_rng_and_state(const std::string& ckpt_dir, const ExperimentConfig& cfg);
+
+}  // namespace
+
+TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfig& cfg, Transformer& model,
+                              ZeroAdamW& optimizer) {
+  load_verified_weights(ckpt_dir, cfg, model);
+  // any writer's world size, stage 0's file, or an expert-parallel checkpoint's shards
+  optimizer.load(read_all_optimizer_pieces(ckpt_dir), ckpt_dir);
+  return load_rng_and_state(ckpt_dir, cfg);
+}
+
+TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfig& cfg, Transformer& model,
+                              torch::optim::AdamW& optimizer, const ExpertShard& shard) {
+  load_verified_weights(ckpt_dir, cfg, model, shard.first);
+  auto& opt_state = optimizer.state();
+  opt_state.clear();
+  std::error_code ec;
+  if (!fs::exists(ckpt_dir + "/optimizer.safetensors", ec)) {  // a ZeRO-1 checkpoint: re-assemble the moments
+    const OptimizerPieces pieces = read_optimizer_pieces(ckpt_dir);
+    for (const auto& p : model->named_parameters()) {
+      auto it = pieces.steps.find(p.key());
+      if (it == pieces.steps.end()) continue;
+      const torch::Tensor& param = p.value();
+      // an expert-parallel model holds rows [shard.first, +rows) of an expert tensor
+      int64_t begin = 0;
+      if (ep_is_expert_param(p.key()) && param.dim() > 0 && param.size(0) > 0)
+        begin = shard.first * (param.numel() / param.size(0));
+      auto moment = [&](int which) {
+        return pieces.assemble(p.key(), which, begin, begin + param.numel(), ckpt_dir)
+            .view(param.sizes())
+            .to(param.device(), param.scalar_type())
+            .clone();
+      };
+      auto s = std::make_unique<torch::optim::AdamWParamState>();
+      s->step(it->second);
+      s->exp_avg(moment(0));
+      s->exp_avg_sq(moment(1));
+      opt_state[param.unsafeGetTensorImpl()] = std::move(s);
+    }
+    return load_rng_and_state(ckpt_dir, cfg);
+  }
 
   // optimizer: replace the whole state, so parameters without saved state have none (as saved)
   SafetensorsFile of = read_safetensors(ckpt_dir + "/optimizer.safetensors");
   const ExpertSources experts(ckpt_dir, kOptimizerExpertPrefix, &of, shard.first, experts_held(model),
                               model->cfg.n_routed_experts);
-  auto& opt_state = optimizer.state();
-  opt_state.clear();
   for (const auto& p : model->named_parameters()) {
     const std::string n = p.key();
     const torch::Tensor& param = p.value();
@@ -637,7 +792,12 @@ TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfi
       s->max_exp_avg_sq(moment("max_exp_avg_sq." + n));
     opt_state[param.unsafeGetTensorImpl()] = std::move(s);
   }
+  return load_rng_and_state(ckpt_dir, cfg);
+}
 
+namespace {
+
+TrainingState load_rng_and_state(const std::string& ckpt_dir, const ExperimentConfig& cfg) {
   SafetensorsFile rf = read_safetensors(ckpt_dir + "/rng.safetensors");
   {
     auto gen = at::detail::getDefaultCPUGenerator();
@@ -669,6 +829,8 @@ TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfi
     throw CheckpointError(fmt::format("{}/state.json: {}", ckpt_dir, e.what()));
   }
 }
+
+}  // namespace
 
 // --- signals -----------------------------------------------------------------------------
 

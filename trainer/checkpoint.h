@@ -9,6 +9,8 @@
 //                          (router biases are fp32 buffers)
 //   optimizer.safetensors  AdamW state keyed by parameter name: exp_avg.<name>, exp_avg_sq.<name>,
 //                          step.<name> (int64 scalar); a parameter that never had a gradient has none
+//     or, ZeRO-1 (distributed.zero_stage 1): optimizer-zero-<r>-of-<W>.safetensors for r = 0..W-1,
+//                          each rank's fragments exp_avg.<name>[b:e], ... (trainer/zero.h)
 //   rng.safetensors        cpu: the torch CPU generator state (uint8); cuda: the CUDA one when training on CUDA
 //   state.json             step, tokens, data-loader cursor, skip counters, loss-spike window,
 //                          config hash, moetrain version, format version
@@ -122,12 +124,22 @@ void save_expert_shard(const std::string& tmp, Transformer& model, torch::optim:
 using CheckpointFaultHook = std::function<void(const char* stage, const std::string& path)>;
 void set_checkpoint_fault_hook(CheckpointFaultHook hook);
 
+class ZeroAdamW;
+class ProcessGroup;
+
 // Writes and commits checkpoint.dir/step-<state.step>/ and prunes to keep_last; returns its path.
 // Refuses (std::runtime_error) when any parameter or buffer is non-finite. With shard.count > 0
 // the expert tensors are left out (their shard files must already be in the temp directory of
 // `job`, see above).
 std::string save_checkpoint(const ExperimentConfig& cfg, Transformer& model, torch::optim::AdamW& optimizer,
                             const TrainingState& state, const ExpertShard& shard = {}, int64_t job = 0);
+
+// ZeRO-1: a collective save. Every rank calls it and writes its optimizer shard
+// (optimizer-zero-<rank>-of-<world>.safetensors, trainer/zero.h) into the temporary directory
+// rank 0 prepared; rank 0 writes everything else and commits after a barrier, so the MANIFEST
+// covers every shard. Returns the path on rank 0, "" elsewhere.
+std::string save_checkpoint(const ExperimentConfig& cfg, Transformer& model, ZeroAdamW& optimizer,
+                            const TrainingState& state, ProcessGroup& pg);
 
 // Writes ckpt_dir/MANIFEST (fsynced) over the checkpoint files in ckpt_dir, which must all exist.
 // save_checkpoint's step before the rename; tests use it to make hand-built checkpoints valid.
@@ -154,10 +166,15 @@ std::string resolve_checkpoint_arg(const std::string& path);
 void load_model_weights(const std::string& ckpt_dir, Transformer& model);
 
 // Verifies and loads `ckpt_dir` into model (on its device), optimizer and the global RNGs.
-// An expert-parallel model holds experts [shard.first, +its rows) (see ExpertShard).
-// Throws CheckpointError (damage, incompatibility).
+// Throws CheckpointError (damage, incompatibility). Either optimizer loads either kind of
+// checkpoint: a ZeRO-1 one written at any world size (its shards re-assembled) or a
+// replicated one (optimizer.safetensors), with or without expert shard files. An
+// expert-parallel model holds experts [shard.first, +its rows) (see ExpertShard) and loads
+// with torch::optim::AdamW (ZeRO-1 together with ep_size > 1 is refused by validate_config).
 TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfig& cfg, Transformer& model,
                               torch::optim::AdamW& optimizer, const ExpertShard& shard = {});
+TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfig& cfg, Transformer& model,
+                              ZeroAdamW& optimizer);
 
 // Installs SIGINT/SIGTERM (stop: finish the step, save, return) and SIGUSR1 (save at the next
 // step boundary, continue) handlers that only set flags; restores the previous handlers on

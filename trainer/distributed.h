@@ -4,11 +4,15 @@
 //
 // The environment is torchrun's (and `moetrain launch`'s): RANK, WORLD_SIZE,
 // LOCAL_RANK, MASTER_ADDR, MASTER_PORT. None set = one process. ProcessGroup
-// wraps c10d (TCPStore rendezvous hosted by rank 0 + ProcessGroupGloo); the c10d
-// headers stay in distributed.cpp. With world size 1 every collective is a no-op
-// and no c10d object exists, so single-process training pays nothing.
-// Gloo needs the gloo headers at build time (Debian's libgloo-dev; CMake defines
-// MOETRAIN_WITH_GLOO when it finds them); NCCL is not wired in yet.
+// wraps c10d (TCPStore rendezvous hosted by rank 0 + ProcessGroupGloo or
+// ProcessGroupNCCL); the c10d headers stay in distributed.cpp. With world size 1
+// every collective is a no-op and no c10d object exists, so single-process
+// training pays nothing.
+// Each backend is optional at build time: Gloo needs the gloo headers (Debian's
+// libgloo-dev; CMake defines MOETRAIN_WITH_GLOO), NCCL a CUDA LibTorch and nccl.h
+// (the wheel's nvidia-nccl package; MOETRAIN_WITH_NCCL). Gloo runs on host tensors
+// (device tensors are staged through host memory); NCCL on the CUDA tensors of the
+// rank's device, cuda:LOCAL_RANK (host tensors are staged through it).
 #pragma once
 
 #include <chrono>
@@ -48,16 +52,22 @@ struct DistEnv {
 
 enum class ReduceOp { kSum, kMax };
 
+// distributed.backend → the backend to build: auto = nccl when train.device is cuda, else gloo.
+std::string dist_backend(const std::string& backend, const std::string& device);
+
 class ProcessGroup {
  public:
-  // backend: auto | gloo | nccl (auto = gloo; nccl is refused until it is built in).
-  // Blocks until all world_size ranks joined (or timeout). World size 1: nothing happens.
+  // backend: gloo | nccl (resolve "auto" with dist_backend first). NCCL uses (and makes
+  // current) cuda:(LOCAL_RANK mod the visible devices). A backend this moetrain was built
+  // without is a DistError. Blocks until all world_size ranks joined (or timeout).
+  // World size 1: nothing happens.
   ProcessGroup(const DistEnv& env, const std::string& backend, std::chrono::seconds timeout);
   ~ProcessGroup();
   ProcessGroup(const ProcessGroup&) = delete;
   ProcessGroup& operator=(const ProcessGroup&) = delete;
 
   int64_t rank() const { return env_.rank; }
+  const std::string& backend() const { return backend_; }
   int64_t world_size() const { return env_.world_size; }
   bool is_main() const { return env_.rank == 0; }
 
@@ -76,6 +86,14 @@ class ProcessGroup {
   // on every rank stays undefined, as in a single process (AdamW skips it).
   void average_gradients(const std::vector<torch::Tensor>& params, int64_t bucket_bytes = 25 << 20);
 
+  // --- sharded-optimizer collectives (ZeRO-1, trainer/zero.h) ------------------------
+  // Flat, contiguous tensors of one dtype, equal chunks per rank (rank r owns elements
+  // [r·n, (r+1)·n) of the full tensor, n = shard.numel()). World size 1: a copy.
+  // reduce_scatter: shard = chunk `rank` of the SUM over ranks of `full` (full.numel() = world·n).
+  void reduce_scatter(const torch::Tensor& shard, const torch::Tensor& full);
+  // all_gather: full = the ranks' shards concatenated in rank order.
+  void all_gather(const torch::Tensor& full, const torch::Tensor& shard);
+  // --- end of the sharded-optimizer collectives --------------------------------------
   // --- expert parallelism (trainer/expert_parallel.h) ------------------------------------
   // A sub-group of this group's ranks `ranks` (ascending), which every one of them, and only
   // they, must create, in the same order of new_group calls on every rank: a c10d group of
@@ -93,6 +111,7 @@ class ProcessGroup {
   ProcessGroup() = default;  // new_group's
   struct Impl;
   DistEnv env_;
+  std::string backend_;
   std::unique_ptr<Impl> impl_;  // null when world_size == 1
 };
 

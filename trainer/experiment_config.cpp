@@ -121,6 +121,7 @@ void visit_config(V& v, ExperimentConfig& c) {
     s.integer("seed", t.seed, 0);
     s.choice("device", t.device, {"cpu", "cuda"});
     s.choice("dtype", t.dtype, {"fp32", "bf16"});
+    s.choice("activation_checkpointing", t.activation_checkpointing, {"none", "full"});
     s.integer("eval_every", t.eval_every, 0);
     s.integer("eval_batches", t.eval_batches, 1);
     s.real("mtp_loss_weight", t.mtp_loss_weight, kNonNegative);
@@ -156,6 +157,7 @@ void visit_config(V& v, ExperimentConfig& c) {
     s.choice("backend", d.backend, {"auto", "nccl", "gloo"});
     s.integer("ep_size", d.ep_size, 1);
     s.integer("timeout_s", d.timeout_s, 1);
+    s.integer("zero_stage", d.zero_stage, 0, 1);
   });
 }
 
@@ -576,6 +578,10 @@ std::vector<std::pair<std::string, std::string>> validate_config(const Experimen
 
   rule(m.n_routed_experts % c.distributed.ep_size == 0, "distributed.ep_size",
        fmt::format("n_routed_experts ({}) must be divisible by ep_size ({})", m.n_routed_experts, c.distributed.ep_size));
+  rule(!(c.distributed.zero_stage == 1 && c.distributed.ep_size > 1), "distributed.zero_stage",
+       fmt::format("zero_stage 1 (ZeRO-1) cannot be combined with expert parallelism (ep_size {}) yet: "
+                   "set zero_stage 0 or ep_size 1",
+                   c.distributed.ep_size));
   return e;
 }
 

@@ -54,6 +54,8 @@ struct TrainConfig {
   int64_t seed = 1234;
   std::string device = "cpu";  // cpu | cuda
   std::string dtype = "fp32";  // fp32 | bf16 (autocast, fp32 master weights; CUDA)
+  // none | full: recompute every decoder layer in the backward (models/checkpointing.h)
+  std::string activation_checkpointing = "none";
   int64_t eval_every = 100;    // 0: only at the end
   int64_t eval_batches = 8;
   double mtp_loss_weight = 0.3;  // λ of the MTP loss (eq. 25); with num_nextn_predict_layers > 0
@@ -82,6 +84,7 @@ struct DistributedConfig {
   std::string backend = "auto";  // auto | nccl | gloo
   int64_t ep_size = 1;
   int64_t timeout_s = 600;
+  int64_t zero_stage = 0;  // 0: replicated AdamW; 1: AdamW moments sharded over data-parallel ranks (trainer/zero.h)
 };
 
 struct ExperimentConfig {

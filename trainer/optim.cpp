@@ -2,15 +2,16 @@
 
 #include <cmath>
 
+#include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/_fused_adamw.h>
 
 namespace moetrain {
 
-std::unique_ptr<torch::optim::AdamW> build_optimizer(torch::nn::Module& model, const OptimConfig& cfg) {
+std::unique_ptr<FusedAdamW> build_optimizer(torch::nn::Module& model, const OptimConfig& cfg) {
   std::vector<torch::Tensor> decay, no_decay;
   for (const auto& p : model.parameters()) {
     if (!p.requires_grad()) continue;
-    (p.dim() >= 2 ? decay : no_decay).push_back(p);  // norms (1-D) are not decayed
+    (weight_decayed(p) ? decay : no_decay).push_back(p);  // norms (1-D) are not decayed
   }
   auto options = [&](double wd) {
     return std::make_unique<torch::optim::AdamWOptions>(
@@ -30,7 +31,16 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
     for (const auto& p : group.params())
       if (!p.is_cuda() || p.scalar_type() != torch::kFloat) fused = false;
   }
-  if (!fused) return torch::optim::AdamW::step(closure);  // the reference
+  if (!fused) {  // the reference
+    if (grad_scale_.defined()) {
+      torch::NoGradGuard no_grad;
+      for (auto& group : param_groups())
+        for (auto& p : group.params())
+          if (p.grad().defined()) p.mutable_grad().div_(grad_scale_.to(p.grad().device()));
+      grad_scale_ = torch::Tensor();
+    }
+    return torch::optim::AdamW::step(closure);
+  }
   TORCH_CHECK(!closure, "FusedAdamW: closures are not supported on CUDA");
 
   torch::NoGradGuard no_grad;
@@ -61,9 +71,24 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
     const std::vector<torch::Tensor> step_tensors = torch::tensor(steps).to(params[0].device()).unbind(0);
     at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/{}, step_tensors, opt.lr(),
                       std::get<0>(opt.betas()), std::get<1>(opt.betas()), opt.weight_decay(), opt.eps(),
-                      /*amsgrad=*/false, /*maximize=*/false);
+                      /*amsgrad=*/false, /*maximize=*/false, grad_scale_);
   }
+  grad_scale_ = torch::Tensor();
   return {};
+}
+
+void FusedAdamW::clip_next_step(const torch::Tensor& total_norm, double max_norm) {
+  TORCH_CHECK(max_norm > 0.0, "clip_next_step: max_norm must be positive");
+  grad_scale_ = ((total_norm.to(torch::kFloat) + 1e-6) / max_norm).clamp_min(1.0);
+}
+
+torch::Tensor grad_norm(const std::vector<torch::Tensor>& params) {
+  std::vector<torch::Tensor> grads;
+  for (const auto& p : params)
+    if (p.grad().defined()) grads.push_back(p.grad());
+  if (grads.empty()) return torch::zeros({}, torch::kFloat);
+  const std::vector<torch::Tensor> norms = at::_foreach_norm(grads, 2);  // per tensor, fp32
+  return torch::stack(norms).to(torch::kFloat).norm();
 }
 
 double lr_at(int64_t step, const OptimConfig& cfg, int64_t total_steps) {

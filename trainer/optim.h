@@ -1,4 +1,4 @@
-// defines: FusedAdamW, build_optimizer, lr_at, set_lr — AdamW with the decay / no-decay
+// defines: FusedAdamW, weight_decayed, build_optimizer, lr_at, set_lr — AdamW with the decay / no-decay
 // split (weight decay on ≥2-D weights only; norms excluded; the router bias is a buffer
 // and never reaches the optimizer) and the learning-rate schedules.
 #pragma once
@@ -20,10 +20,26 @@ class FusedAdamW : public torch::optim::AdamW {
  public:
   using torch::optim::AdamW::AdamW;
   torch::Tensor step(LossClosure closure = nullptr) override;
+
+  // Gradient clipping folded into the next step (no host sync, no pass over the gradients):
+  // every gradient is divided by max(1, (total_norm + 1e-6) / max_norm) — clip_grad_norm_'s
+  // clipping — inside the fused kernel (its grad_scale) on CUDA, by an in-place division first
+  // on the CPU reference path. total_norm: a 0-dim tensor (grad_norm below).
+  void clip_next_step(const torch::Tensor& total_norm, double max_norm);
+
+ private:
+  torch::Tensor grad_scale_;  // defined while a clip is pending
 };
 
+// The global L2 norm of the parameters' gradients (undefined gradients skipped), a 0-dim
+// fp32 tensor on their device: one multi-tensor norm kernel, no host sync.
+torch::Tensor grad_norm(const std::vector<torch::Tensor>& params);
+
+// The decay / no-decay rule: weight decay on ≥2-D weights only (norms are 1-D).
+inline bool weight_decayed(const torch::Tensor& p) { return p.dim() >= 2; }
+
 // Parameter groups in registration order (stable: optimizer state is positional). A FusedAdamW.
-std::unique_ptr<torch::optim::AdamW> build_optimizer(torch::nn::Module& model, const OptimConfig& cfg);
+std::unique_ptr<FusedAdamW> build_optimizer(torch::nn::Module& model, const OptimConfig& cfg);
 
 // Learning rate for optimizer step `step` (0-based) of `total_steps`:
 // linear warmup from lr/warmup to lr over warmup_steps, then cosine to min_lr,

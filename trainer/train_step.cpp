@@ -2,36 +2,11 @@
 
 #include <limits>
 
-#include <ATen/autocast_mode.h>
-
+#include "models/autocast.h"
 #include "trainer/evaluate.h"
 
 namespace moetrain {
 
-namespace {
-
-// bf16 autocast on CUDA for the forward pass; a no-op when disabled.
-class AutocastGuard {
- public:
-  explicit AutocastGuard(bool enabled) : enabled_(enabled) {
-    if (!enabled_) return;
-    prev_ = at::autocast::is_autocast_enabled(at::kCUDA);
-    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
-    at::autocast::set_autocast_enabled(at::kCUDA, true);
-  }
-  ~AutocastGuard() {
-    if (!enabled_) return;
-    at::autocast::set_autocast_enabled(at::kCUDA, prev_);
-    at::autocast::clear_cache();
-  }
-  AutocastGuard(const AutocastGuard&) = delete;
-  AutocastGuard& operator=(const AutocastGuard&) = delete;
-
- private:
-  bool enabled_, prev_ = false;
-};
-
-}  // namespace
 
 std::vector<double> StepLosses::means(int64_t accum) const {
   torch::Tensor all = torch::stack({lm, aux, seq_aux, z, mtp}).to(torch::kCPU);
@@ -51,7 +26,7 @@ StepLosses forward_backward(Transformer& model, Balancer& balancer, const std::f
     BalanceLosses bl;
     ForwardOut out;
     {
-      AutocastGuard autocast(options.bf16_autocast);
+      Bf16AutocastGuard autocast(options.bf16_autocast);
       const torch::Tensor targets = batch.targets.to(device);
       out = model->forward(batch.inputs.to(device), /*with_mtp=*/true);  // + the MTP modules when D > 0
       lm = lm_head_loss(model, out.hidden, targets, kLossChunkTokens);

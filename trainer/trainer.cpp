@@ -29,6 +29,7 @@
 #include "trainer/metrics.h"
 #include "trainer/optim.h"
 #include "trainer/train_step.h"
+#include "trainer/zero.h"
 
 namespace moetrain {
 
@@ -139,7 +140,8 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
     throw std::runtime_error("train.device is cuda but no CUDA device is available");
   // Data parallel (trainer/distributed.h): rank 0 alone writes metrics, console progress,
   // samples and checkpoints; every rank computes the same validation.
-  ProcessGroup pg(options.dist, cfg.distributed.backend, std::chrono::seconds(cfg.distributed.timeout_s));
+  ProcessGroup pg(options.dist, dist_backend(cfg.distributed.backend, tc.device),
+                  std::chrono::seconds(cfg.distributed.timeout_s));
   const bool main_rank = pg.is_main();
   const int64_t rank = pg.rank(), world = pg.world_size();
   torch::Device device = torch::kCPU;
@@ -150,11 +152,23 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   DataLoader loader(cfg.data.dir, tc);
   check_compatible(loader.meta(), cfg.model, tc);
   Transformer model(cfg.model);
+  model->activation_checkpointing = tc.activation_checkpointing == "full";
   if (!options.init_from.empty() && options.resume.empty()) init_from_hf(options.init_from, cfg.model, model);
   ExpertParallel ep(pg, cfg.distributed.ep_size);  // EP / EDP groups (trainer/expert_parallel.h)
   ep.shard(model);                                 // this rank's routed experts only (ep_size > 1)
   model->to(device);
-  auto optimizer = build_optimizer(*model, cfg.optim);
+  // the optimizer: replicated AdamW (zero_stage 0) or its ZeRO-1 sharding (trainer/zero.h)
+  // (zero_stage 1 with ep_size > 1 is refused by validate_config)
+  const bool zero = cfg.distributed.zero_stage == 1;
+  std::unique_ptr<torch::optim::AdamW> optimizer;
+  std::unique_ptr<ZeroAdamW> zero_opt;
+  if (zero) {
+    std::vector<std::pair<std::string, torch::Tensor>> named;
+    for (const auto& p : model->named_parameters()) named.emplace_back(p.key(), p.value());
+    zero_opt = std::make_unique<ZeroAdamW>(named, cfg.optim, pg);
+  } else {
+    optimizer = build_optimizer(*model, cfg.optim);
+  }
   Balancer balancer(cfg.balance, cfg.model, model->routers());
   TrainResult result;
   int64_t consecutive_skips = 0;
@@ -163,7 +177,8 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   // --- resume: model, optimizer, RNG, data cursor and counters from a checkpoint ------
   const std::string resume_dir = resolve_resume(cfg.checkpoint.dir, options.resume);
   if (!resume_dir.empty()) {
-    TrainingState st = load_checkpoint(resume_dir, cfg, model, *optimizer, ep.expert_shard());
+    TrainingState st = zero ? load_checkpoint(resume_dir, cfg, model, *zero_opt)
+                            : load_checkpoint(resume_dir, cfg, model, *optimizer, ep.expert_shard());
     loader.load_state(st.data);
     result.resumed_step = result.steps = st.step;
     result.skipped_steps = st.skipped_steps;
@@ -174,13 +189,15 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   int64_t last_saved_step = result.resumed_step;
   auto save_now = [&](int64_t steps_done) {
     TrainingState st{steps_done, loader.state(), result.skipped_steps, consecutive_skips, spikes.recent()};
-    if (ep.enabled()) {  // each expert shard's first replica writes it, rank 0 commits
+    if (zero) {  // every rank writes its optimizer shard; rank 0 the rest and the commit
+      std::string path = save_checkpoint(cfg, model, *zero_opt, st, pg);
+      if (main_rank) result.last_checkpoint = path;
+    } else if (ep.enabled()) {  // each expert shard's first replica writes it, rank 0 commits
       result.last_checkpoint = ep.save_checkpoint(cfg, model, *optimizer, st);
-      if (main_rank) std::cerr << "\ncheckpoint: " << result.last_checkpoint << "\n";
     } else if (main_rank) {  // the ranks hold the same state: one writer
       result.last_checkpoint = save_checkpoint(cfg, model, *optimizer, st);
-      std::cerr << "\ncheckpoint: " << result.last_checkpoint << "\n";
     }
+    if (main_rank) std::cerr << "\ncheckpoint: " << result.last_checkpoint << "\n";
     last_saved_step = steps_done;
     pg.barrier();  // nobody runs ahead (or exits) before the checkpoint is complete
   };
@@ -197,7 +214,9 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   if (main_rank)
     std::cerr << fmt::format("train: {} steps × {} sequences × {} tokens ({} micro-steps of {}{}), {} on {}; metrics → {}\n",
                              tc.steps, tc.global_batch, tc.seq_len, accum, tc.micro_batch,
-                             world > 1 ? fmt::format(" on each of {} ranks", world) : "",
+                             world > 1 ? fmt::format(" on each of {} ranks over {}{}", world, pg.backend(),
+                                                     zero ? ", ZeRO-1" : "")
+                                       : "",
                              cfg.balance.strategy.empty() ? "no balancing" : fmt::format("{}", fmt::join(cfg.balance.strategy, "+")),
                              tc.device, metrics->path());
 
@@ -223,8 +242,13 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
     if (inject.at("sigterm", step + 1)) std::raise(SIGTERM);
     if (inject.at("sigusr1", step + 1)) std::raise(SIGUSR1);
     const double lr = lr_at(step, cfg.optim, tc.steps);
-    set_lr(*optimizer, lr);
-    optimizer->zero_grad();
+    if (zero) {
+      zero_opt->set_lr(lr);
+      model->zero_grad();
+    } else {
+      set_lr(*optimizer, lr);
+      optimizer->zero_grad();
+    }
 
     // forward + backward over the micro-steps of this global batch
     const double mtp_weight = mtp_loss_weight_at(tc, step);
@@ -240,17 +264,22 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
     // rank takes the same decisions, the same bias update and the same optimizer step
     all_reduce_losses(pg, sums);
     pg.all_reduce(balancer.mutable_counts(), ReduceOp::kSum);
-    ep.reduce_gradients();  // replicated: average over all ranks; experts: over their EDP group
+    // (test-only: a NaN gradient before the reduction reaches every rank through it)
+    if (inject.at("nan_grad", step + 1) && params[0].grad().defined()) params[0].grad().fill_(NAN);
+    if (zero)
+      zero_opt->reduce_gradients();  // reduce-scatter: this rank's shard of the averaged gradient
+    else
+      ep.reduce_gradients();  // replicated: average over all ranks; experts: over their EDP group
     const std::vector<double> means = sums.means(accum * world);
     const double lm_loss = means[0], aux = means[1], seq_aux = means[2], z = means[3];
     const double mtp_loss = means[4];  // unweighted mean over depths (comparable with lm_loss)
     const double loss =
         (lm_loss + mtp_weight * mtp_loss + aux + seq_aux + z) * (inject.at("spike", step + 1) ? 1000.0 : 1.0);
-    if (inject.at("nan_grad", step + 1) && params[0].grad().defined()) params[0].grad().fill_(NAN);
 
     // clip; never step the optimizer or the biases on non-finite values
-    const double grad_norm = ep.clip_grad_norm(cfg.optim.grad_clip > 0.0 ? cfg.optim.grad_clip
-                                                                          : std::numeric_limits<double>::infinity());
+    const double max_norm = cfg.optim.grad_clip > 0.0 ? cfg.optim.grad_clip : std::numeric_limits<double>::infinity();
+    const double grad_norm = zero ? zero_opt->clip_grad_norm(max_norm)  // global: the shards' squares all-reduced
+                                  : ep.clip_grad_norm(max_norm);        // global: each expert shard once
     const std::vector<double> maxvio_layers = balancer.maxvio_per_layer();
     torch::Tensor expert_load = balancer.counts().clone();
     if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
@@ -261,7 +290,10 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
         throw std::runtime_error(fmt::format("stopping at step {}: non-finite loss or gradients", step + 1));
     } else {
       consecutive_skips = 0;
-      optimizer->step();
+      if (zero)
+        zero_opt->step();  // the shard's AdamW, then all-gather of the parameters
+      else
+        optimizer->step();
       balancer.after_step(step + 1, (step + 1) * tokens_per_step);
     }
     const bool loss_spike = spikes.observe(loss);  // a warning only (Megatron's spiky-loss check)

@@ -3,8 +3,7 @@
 #include <fmt/format.h>
 
 #ifdef MOETRAIN_WITH_CUDA
-#include <c10/cuda/CUDAStream.h>
-
+#include "models/kernels/launch.h"
 #include "models/kernels/swiglu_kernels.h"
 #endif
 
@@ -25,21 +24,18 @@ bool fused_kernels_available() {
 #ifdef MOETRAIN_WITH_CUDA
 namespace {
 
-int dtype_code(const torch::Tensor& t) { return t.scalar_type() == torch::kBFloat16 ? 1 : 0; }
-
-void check_cuda(int err, const char* what) {
-  if (err != 0) throw std::runtime_error(fmt::format("{}: CUDA error {}", what, err));
-}
+using kernels::check_kernel_launch;
+using kernels::current_stream_of;
+using kernels::kernel_dtype_code;
 
 struct SwiGLUFunction : torch::autograd::Function<SwiGLUFunction> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& gate,
                                const torch::Tensor& up) {
     ctx->save_for_backward({gate, up});
     torch::Tensor out = torch::empty_like(gate);
-    auto stream = c10::cuda::getCurrentCUDAStream(gate.device().index()).stream();
-    check_cuda(kernels::launch_swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(),
-                                              dtype_code(gate), stream),
-               "swiglu forward");
+    check_kernel_launch(kernels::launch_swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(),
+                                                       kernel_dtype_code(gate), current_stream_of(gate)),
+                        "swiglu forward");
     return out;
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
@@ -49,11 +45,10 @@ struct SwiGLUFunction : torch::autograd::Function<SwiGLUFunction> {
     const torch::Tensor& up = saved[1];
     torch::Tensor grad_out = grads[0].to(gate.scalar_type()).contiguous();
     torch::Tensor grad_gate = torch::empty_like(gate), grad_up = torch::empty_like(up);
-    auto stream = c10::cuda::getCurrentCUDAStream(gate.device().index()).stream();
-    check_cuda(kernels::launch_swiglu_backward(gate.data_ptr(), up.data_ptr(), grad_out.data_ptr(),
-                                               grad_gate.data_ptr(), grad_up.data_ptr(), gate.numel(),
-                                               dtype_code(gate), stream),
-               "swiglu backward");
+    check_kernel_launch(kernels::launch_swiglu_backward(gate.data_ptr(), up.data_ptr(), grad_out.data_ptr(),
+                                                        grad_gate.data_ptr(), grad_up.data_ptr(), gate.numel(),
+                                                        kernel_dtype_code(gate), current_stream_of(gate)),
+                        "swiglu backward");
     return {grad_gate, grad_up};
   }
 };

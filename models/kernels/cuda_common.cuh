@@ -1,0 +1,99 @@
+// defines: to_float, from_float, warp_sum, grid_for — small device helpers shared
+// by the .cu launchers of models/kernels (fp32 math over fp32 or bf16 storage).
+#pragma once
+
+#include <cstdint>
+#include <cstddef>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+namespace moetrain::kernels {
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <class T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+
+// Four consecutive elements as floats: one 16-byte (fp32) or 8-byte (bf16) access.
+// p must be aligned to 4 elements (callers check dim % 4 == 0 and the base pointers).
+struct Float4 {
+  float v[4];
+};
+__device__ __forceinline__ Float4 load4(const float* p) {
+  const float4 r = *reinterpret_cast<const float4*>(p);
+  return {{r.x, r.y, r.z, r.w}};
+}
+__device__ __forceinline__ Float4 load4(const __nv_bfloat16* p) {
+  const uint2 r = *reinterpret_cast<const uint2*>(p);
+  const __nv_bfloat162 a = *reinterpret_cast<const __nv_bfloat162*>(&r.x);
+  const __nv_bfloat162 b = *reinterpret_cast<const __nv_bfloat162*>(&r.y);
+  const float2 fa = __bfloat1622float2(a), fb = __bfloat1622float2(b);
+  return {{fa.x, fa.y, fb.x, fb.y}};
+}
+__device__ __forceinline__ void store4(float* p, const Float4& f) {
+  *reinterpret_cast<float4*>(p) = make_float4(f.v[0], f.v[1], f.v[2], f.v[3]);
+}
+__device__ __forceinline__ void store4(__nv_bfloat16* p, const Float4& f) {
+  const __nv_bfloat162 a = __floats2bfloat162_rn(f.v[0], f.v[1]);
+  const __nv_bfloat162 b = __floats2bfloat162_rn(f.v[2], f.v[3]);
+  uint2 r;
+  r.x = *reinterpret_cast<const unsigned int*>(&a);
+  r.y = *reinterpret_cast<const unsigned int*>(&b);
+  *reinterpret_cast<uint2*>(p) = r;
+}
+// Whether every pointer is 16-byte aligned (the 4-element accesses of fp32 need it).
+template <class... P>
+inline bool aligned16(const P*... p) {
+  return ((reinterpret_cast<uintptr_t>(p) % 16 == 0) && ...);
+}
+
+// Row loops of one warp: with vec (dim % 4 == 0, aligned pointers) four columns per access, else one.
+// Lane `lane` handles columns lane·w + k·32·w, w = 4 or 1.
+template <class F>
+__device__ __forceinline__ void for_columns(int64_t dim, int lane, bool vec, F&& f) {
+  if (vec) {
+    for (int64_t c = 4 * lane; c < dim; c += 128) f(c, 4);
+  } else {
+    for (int64_t c = lane; c < dim; c += 32) f(c, 1);
+  }
+}
+
+template <class T>
+__device__ __forceinline__ Float4 load_n(const T* p, int n) {
+  if (n == 4) return load4(p);
+  return {{to_float(p[0]), 0.f, 0.f, 0.f}};
+}
+template <class T>
+__device__ __forceinline__ void store_n(T* p, const Float4& f, int n) {
+  if (n == 4) {
+    store4(p, f);
+  } else {
+    p[0] = from_float<T>(f.v[0]);
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Blocks for a grid-stride loop over n items, block items per block, capped at `cap`.
+inline int grid_for(int64_t n, int block, int64_t cap = 65535) {
+  int64_t blocks = (n + block - 1) / block;
+  if (blocks < 1) blocks = 1;
+  return static_cast<int>(blocks < cap ? blocks : cap);
+}
+
+// dtype codes shared with the C++ wrappers: 0 = float32, 1 = bfloat16.
+#define MOETRAIN_DISPATCH_DTYPE(code, T, ...)  \
+  if ((code) == 0) {                           \
+    using T = float;                           \
+    __VA_ARGS__                                \
+  } else {                                     \
+    using T = __nv_bfloat16;                   \
+    __VA_ARGS__                                \
+  }
+
+}  // namespace moetrain::kernels

@@ -1,0 +1,121 @@
+#include "models/kernels/moe_permute.h"
+
+#include <stdexcept>
+
+#ifdef MOETRAIN_WITH_CUDA
+#include "models/kernels/launch.h"
+#include "models/kernels/moe_permute_kernels.h"
+#endif
+
+namespace moetrain {
+
+torch::Tensor moe_inverse_order(const torch::Tensor& order) {
+  return torch::empty_like(order).scatter_(0, order, torch::arange(order.numel(), order.options()));
+}
+
+#ifdef MOETRAIN_WITH_CUDA
+namespace {
+
+using kernels::check_kernel_launch;
+using kernels::current_stream_of;
+using kernels::kernel_dtype_code;
+
+struct PermuteFunction : torch::autograd::Function<PermuteFunction> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& inv, int64_t top_k, torch::ScalarType rows_dtype) {
+    const int64_t n = x.size(0), dim = x.size(1);
+    torch::Tensor rows = torch::empty({n * top_k, dim}, x.options().dtype(rows_dtype));
+    check_kernel_launch(kernels::launch_moe_permute_forward(x.data_ptr(), inv.data_ptr<int64_t>(), rows.data_ptr(), n,
+                                                            top_k, dim, kernel_dtype_code(x),
+                                                            kernel_dtype_code(rows_dtype), current_stream_of(x)),
+                        "moe_permute forward");
+    ctx->save_for_backward({inv});
+    ctx->saved_data["top_k"] = top_k;
+    ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
+    return rows;
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const torch::Tensor inv = ctx->get_saved_variables()[0];
+    const int64_t top_k = ctx->saved_data["top_k"].toInt();
+    const auto x_dtype = static_cast<torch::ScalarType>(ctx->saved_data["x_dtype"].toInt());
+    torch::Tensor grad_rows = grads[0].contiguous();
+    if (!kernels::kernel_dtype_ok(grad_rows.scalar_type())) grad_rows = grad_rows.to(torch::kFloat);
+    const int64_t n = inv.numel() / top_k, dim = grad_rows.size(1);
+    torch::Tensor grad_x = torch::empty({n, dim}, grad_rows.options().dtype(x_dtype));
+    check_kernel_launch(kernels::launch_moe_permute_backward(grad_rows.data_ptr(), inv.data_ptr<int64_t>(),
+                                                             grad_x.data_ptr(), n, top_k, dim,
+                                                             kernel_dtype_code(grad_rows), kernel_dtype_code(x_dtype),
+                                                             current_stream_of(grad_rows)),
+                        "moe_permute backward");
+    return {grad_x, torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+struct UnpermuteFunction : torch::autograd::Function<UnpermuteFunction> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& y,
+                               const torch::Tensor& topk_weight, const torch::Tensor& inv) {
+    const int64_t n = topk_weight.size(0), top_k = topk_weight.size(1), dim = y.size(1);
+    torch::Tensor out = torch::empty({n, dim}, y.options());
+    check_kernel_launch(kernels::launch_moe_unpermute_forward(y.data_ptr(), topk_weight.data_ptr<float>(),
+                                                              inv.data_ptr<int64_t>(), out.data_ptr(), n, top_k, dim,
+                                                              kernel_dtype_code(y), current_stream_of(y)),
+                        "moe_unpermute forward");
+    ctx->save_for_backward({y, topk_weight, inv});
+    return out;
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor &y = saved[0], &topk_weight = saved[1], &inv = saved[2];
+    const torch::Tensor grad_out = grads[0].to(y.scalar_type()).contiguous();
+    const int64_t n = topk_weight.size(0), top_k = topk_weight.size(1), dim = y.size(1);
+    torch::Tensor grad_y = torch::empty_like(y);
+    torch::Tensor grad_w = torch::empty_like(topk_weight);
+    check_kernel_launch(kernels::launch_moe_unpermute_backward(y.data_ptr(), topk_weight.data_ptr<float>(),
+                                                               inv.data_ptr<int64_t>(), grad_out.data_ptr(),
+                                                               grad_y.data_ptr(), grad_w.data_ptr<float>(), n, top_k,
+                                                               dim, kernel_dtype_code(y), current_stream_of(y)),
+                        "moe_unpermute backward");
+    return {grad_y, grad_w, torch::Tensor()};
+  }
+};
+
+}  // namespace
+#endif
+
+bool moe_permute_kernel_ok(const torch::Tensor& x) {
+#ifdef MOETRAIN_WITH_CUDA
+  return x.is_cuda() && x.dim() == 2 && kernels::kernel_dtype_ok(x.scalar_type());
+#else
+  (void)x;
+  return false;
+#endif
+}
+
+bool moe_unpermute_kernel_ok(const torch::Tensor& y, const torch::Tensor& topk_weight) {
+  return moe_permute_kernel_ok(y) && topk_weight.device() == y.device() && topk_weight.dim() == 2 &&
+         topk_weight.scalar_type() == torch::kFloat;
+}
+
+torch::Tensor moe_permute_fused(const torch::Tensor& x, const torch::Tensor& inv, int64_t top_k,
+                                torch::ScalarType rows_dtype) {
+#ifdef MOETRAIN_WITH_CUDA
+  if (moe_permute_kernel_ok(x) && kernels::kernel_dtype_ok(rows_dtype))
+    return PermuteFunction::apply(x.contiguous(), inv.contiguous(), top_k, rows_dtype);
+#endif
+  (void)inv, (void)top_k, (void)rows_dtype;
+  throw std::invalid_argument("moe_permute_fused: needs an fp32/bf16 CUDA tensor and a CUDA build");
+}
+
+torch::Tensor moe_unpermute_fused(const torch::Tensor& y, const torch::Tensor& inv,
+                                  const torch::Tensor& topk_weight) {
+#ifdef MOETRAIN_WITH_CUDA
+  if (moe_unpermute_kernel_ok(y, topk_weight))
+    return UnpermuteFunction::apply(y.contiguous(), topk_weight.contiguous(), inv.contiguous());
+#endif
+  (void)inv;
+  throw std::invalid_argument("moe_unpermute_fused: needs fp32/bf16 CUDA rows, fp32 gates and a CUDA build");
+}
+
+}  // namespace moetrain

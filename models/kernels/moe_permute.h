@@ -1,0 +1,26 @@
+// defines: moe_permute_fused, moe_unpermute_fused, moe_inverse_order — the MoE row
+// permutation (token rows -> expert-sorted rows and back, gate-weighted) as one CUDA
+// gather kernel each way (moe_permute_kernels.cu): no atomics, no fp32 [N·K, D]
+// temporaries. CUDA tensors only; models/moe.cpp keeps the ATen twins and picks.
+#pragma once
+
+#include <torch/torch.h>
+
+namespace moetrain {
+
+// order: [M] the sort (sorted row -> flat pair n·K + k) -> inv: [M] (pair -> sorted row)
+torch::Tensor moe_inverse_order(const torch::Tensor& order);
+
+// x: [N, D] fp32/bf16 CUDA, inv: [N·K] -> rows [N·K, D] in rows_dtype (rows[inv[n·K + k]] = x[n])
+torch::Tensor moe_permute_fused(const torch::Tensor& x, const torch::Tensor& inv, int64_t top_k,
+                                torch::ScalarType rows_dtype);
+
+// y: [N·K, D] fp32/bf16 CUDA, inv: [N·K], topk_weight: [N, K] fp32
+// -> [N, D] in y's dtype: out[n] = Σ_k topk_weight[n, k] · y[inv[n·K + k]] (fp32 sums)
+torch::Tensor moe_unpermute_fused(const torch::Tensor& y, const torch::Tensor& inv, const torch::Tensor& topk_weight);
+
+// Whether the fused kernels take these operands (CUDA build, CUDA tensors, fp32/bf16, fp32 gates).
+bool moe_permute_kernel_ok(const torch::Tensor& x);
+bool moe_unpermute_kernel_ok(const torch::Tensor& y, const torch::Tensor& topk_weight);
+
+}  // namespace moetrain

@@ -1,0 +1,149 @@
+// MoE permutation as gathers: one warp per token, every output row written exactly
+// once, so neither direction needs atomics (ATen's index_add scatter did, in fp32).
+#include "models/kernels/moe_permute_kernels.h"
+
+#include "models/kernels/cuda_common.cuh"
+
+namespace moetrain::kernels {
+
+namespace {
+
+constexpr int kWarpsPerBlock = 8;
+
+struct WarpIndex {
+  int lane;
+  int64_t first, stride;
+};
+__device__ __forceinline__ WarpIndex warp_index() {
+  return {static_cast<int>(threadIdx.x % 32), blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / 32,
+          static_cast<int64_t>(gridDim.x) * kWarpsPerBlock};
+}
+
+template <class TX, class TR>
+__global__ void permute_forward_kernel(const TX* __restrict__ x, const int64_t* __restrict__ inv,
+                                       TR* __restrict__ rows, int64_t n_tokens, int64_t k, int64_t dim, bool vec) {
+  const WarpIndex w = warp_index();
+  for (int64_t n = w.first; n < n_tokens; n += w.stride) {
+    const TX* src = x + n * dim;
+    for (int64_t j = 0; j < k; ++j) {
+      TR* dst = rows + inv[n * k + j] * dim;
+      for_columns(dim, w.lane, vec, [&](int64_t c, int m) { store_n(dst + c, load_n(src + c, m), m); });
+    }
+  }
+}
+
+template <class TR, class TX>
+__global__ void permute_backward_kernel(const TR* __restrict__ grad_rows, const int64_t* __restrict__ inv,
+                                        TX* __restrict__ grad_x, int64_t n_tokens, int64_t k, int64_t dim, bool vec) {
+  const WarpIndex w = warp_index();
+  for (int64_t n = w.first; n < n_tokens; n += w.stride) {
+    for_columns(dim, w.lane, vec, [&](int64_t c, int m) {
+      Float4 acc{{0.f, 0.f, 0.f, 0.f}};
+      for (int64_t j = 0; j < k; ++j) {
+        const Float4 g = load_n(grad_rows + inv[n * k + j] * dim + c, m);
+        for (int e = 0; e < m; ++e) acc.v[e] += g.v[e];
+      }
+      store_n(grad_x + n * dim + c, acc, m);
+    });
+  }
+}
+
+template <class T>
+__global__ void unpermute_forward_kernel(const T* __restrict__ y, const float* __restrict__ weight,
+                                         const int64_t* __restrict__ inv, T* __restrict__ out, int64_t n_tokens,
+                                         int64_t k, int64_t dim, bool vec) {
+  const WarpIndex w = warp_index();
+  for (int64_t n = w.first; n < n_tokens; n += w.stride) {
+    for_columns(dim, w.lane, vec, [&](int64_t c, int m) {
+      Float4 acc{{0.f, 0.f, 0.f, 0.f}};
+      for (int64_t j = 0; j < k; ++j) {
+        const float wj = weight[n * k + j];
+        const Float4 v = load_n(y + inv[n * k + j] * dim + c, m);
+        for (int e = 0; e < m; ++e) acc.v[e] += wj * v.v[e];
+      }
+      store_n(out + n * dim + c, acc, m);
+    });
+  }
+}
+
+template <class T>
+__global__ void unpermute_backward_kernel(const T* __restrict__ y, const float* __restrict__ weight,
+                                          const int64_t* __restrict__ inv, const T* __restrict__ grad_out,
+                                          T* __restrict__ grad_y, float* __restrict__ grad_w, int64_t n_tokens,
+                                          int64_t k, int64_t dim, bool vec) {
+  const WarpIndex w = warp_index();
+  for (int64_t n = w.first; n < n_tokens; n += w.stride) {
+    const T* g = grad_out + n * dim;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t row = inv[n * k + j];
+      const float wj = weight[n * k + j];
+      const T* yr = y + row * dim;
+      T* gy = grad_y + row * dim;
+      float dot = 0.f;
+      for_columns(dim, w.lane, vec, [&](int64_t c, int m) {
+        const Float4 gc = load_n(g + c, m), yc = load_n(yr + c, m);
+        Float4 out;
+        for (int e = 0; e < m; ++e) {
+          dot += gc.v[e] * yc.v[e];
+          out.v[e] = wj * gc.v[e];
+        }
+        store_n(gy + c, out, m);
+      });
+      dot = warp_sum(dot);
+      if (w.lane == 0) grad_w[n * k + j] = dot;
+    }
+  }
+}
+
+int blocks_for(int64_t n_tokens) { return grid_for(n_tokens, kWarpsPerBlock); }
+
+}  // namespace
+
+int launch_moe_permute_forward(const void* x, const int64_t* inv, void* rows, int64_t n_tokens, int64_t k, int64_t dim,
+                               int x_dtype, int rows_dtype, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  MOETRAIN_DISPATCH_DTYPE(x_dtype, TX, {
+    MOETRAIN_DISPATCH_DTYPE(rows_dtype, TR, {
+      permute_forward_kernel<TX, TR><<<blocks_for(n_tokens), kWarpsPerBlock * 32, 0, s>>>(
+          static_cast<const TX*>(x), inv, static_cast<TR*>(rows), n_tokens, k, dim, dim % 4 == 0 && aligned16(x, rows));
+    })
+  })
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_moe_permute_backward(const void* grad_rows, const int64_t* inv, void* grad_x, int64_t n_tokens, int64_t k,
+                                int64_t dim, int rows_dtype, int x_dtype, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  MOETRAIN_DISPATCH_DTYPE(rows_dtype, TR, {
+    MOETRAIN_DISPATCH_DTYPE(x_dtype, TX, {
+      permute_backward_kernel<TR, TX><<<blocks_for(n_tokens), kWarpsPerBlock * 32, 0, s>>>(
+          static_cast<const TR*>(grad_rows), inv, static_cast<TX*>(grad_x), n_tokens, k, dim,
+          dim % 4 == 0 && aligned16(grad_rows, grad_x));
+    })
+  })
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_moe_unpermute_forward(const void* y, const float* w, const int64_t* inv, void* out, int64_t n_tokens,
+                                 int64_t k, int64_t dim, int y_dtype, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  MOETRAIN_DISPATCH_DTYPE(y_dtype, T, {
+    unpermute_forward_kernel<T><<<blocks_for(n_tokens), kWarpsPerBlock * 32, 0, s>>>(
+        static_cast<const T*>(y), w, inv, static_cast<T*>(out), n_tokens, k, dim, dim % 4 == 0 && aligned16(y, out));
+  })
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_moe_unpermute_backward(const void* y, const float* w, const int64_t* inv, const void* grad_out,
+                                  void* grad_y, float* grad_w, int64_t n_tokens, int64_t k, int64_t dim, int y_dtype,
+                                  void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  MOETRAIN_DISPATCH_DTYPE(y_dtype, T, {
+    unpermute_backward_kernel<T><<<blocks_for(n_tokens), kWarpsPerBlock * 32, 0, s>>>(
+        static_cast<const T*>(y), w, inv, static_cast<const T*>(grad_out), static_cast<T*>(grad_y), grad_w,
+        n_tokens, k, dim, dim % 4 == 0 && aligned16(y, grad_out, grad_y));
+  })
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace moetrain::kernels

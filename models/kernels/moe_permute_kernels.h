@@ -1,0 +1,28 @@
+// defines: launch_moe_permute_*, launch_moe_unpermute_* — raw CUDA launchers of the
+// MoE row permutation (no torch headers). Called only from models/kernels/moe_permute.cpp.
+//
+// Layout: N tokens, K routed experts each, M = N·K expert-sorted rows of width D.
+// inv[n·K + k] is the sorted row of token n's k-th choice (the inverse of the sort).
+#pragma once
+
+#include <cstdint>
+
+namespace moetrain::kernels {
+
+// dtype codes: 0 = float32, 1 = bfloat16. Returns a cudaError_t as int (0 = success).
+
+// rows[inv[n·K + k]] = x[n]  (x: [N, D] x_dtype -> rows: [M, D] rows_dtype)
+int launch_moe_permute_forward(const void* x, const int64_t* inv, void* rows, int64_t n_tokens, int64_t k, int64_t dim,
+                               int x_dtype, int rows_dtype, void* stream);
+// grad_x[n] = Σ_k grad_rows[inv[n·K + k]]  (fp32 sum, written in x_dtype)
+int launch_moe_permute_backward(const void* grad_rows, const int64_t* inv, void* grad_x, int64_t n_tokens, int64_t k,
+                                int64_t dim, int rows_dtype, int x_dtype, void* stream);
+// out[n] = Σ_k w[n·K + k] · y[inv[n·K + k]]  (y: [M, D] y_dtype, w fp32, out [N, D] y_dtype)
+int launch_moe_unpermute_forward(const void* y, const float* w, const int64_t* inv, void* out, int64_t n_tokens,
+                                 int64_t k, int64_t dim, int y_dtype, void* stream);
+// grad_y[inv[n·K + k]] = w[n·K + k] · grad_out[n];  grad_w[n·K + k] = <grad_out[n], y[inv[n·K + k]]>
+int launch_moe_unpermute_backward(const void* y, const float* w, const int64_t* inv, const void* grad_out,
+                                  void* grad_y, float* grad_w, int64_t n_tokens, int64_t k, int64_t dim, int y_dtype,
+                                  void* stream);
+
+}  // namespace moetrain::kernels

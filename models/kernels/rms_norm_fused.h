@@ -1,0 +1,20 @@
+// defines: rms_norm_reference, rms_norm_fused — RMSNorm's math as plain ATen ops (the
+// reference, Hugging Face's DeepseekV3RMSNorm order) and as one CUDA kernel each way
+// (rms_norm_kernels.cu) for contiguous-able fp32/bf16 CUDA inputs with an fp32 weight;
+// everything else falls back to the reference.
+#pragma once
+
+#include <torch/torch.h>
+
+namespace moetrain {
+
+// x: [..., D], weight: [D] -> weight · round_x(x / rms(x)) in promote(weight, x)'s dtype,
+// normalized in fp32 (fp64 for fp64 inputs).
+torch::Tensor rms_norm_reference(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+
+// The same value rounded to out_dtype, with its gradients; on CUDA one fused kernel
+// forward and one backward (the weight gradient summed from per-warp partials).
+torch::Tensor rms_norm_fused(const torch::Tensor& x, const torch::Tensor& weight, double eps,
+                             torch::ScalarType out_dtype);
+
+}  // namespace moetrain

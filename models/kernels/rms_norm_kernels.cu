@@ -1,0 +1,116 @@
+// Fused RMSNorm: one warp per row, fp32 math. Forward reads x once (twice from L1/L2)
+// and writes out + rstd; backward writes grad_x and the weight gradient's per-warp
+// partial sums (no atomics: each warp owns one row of the partial buffer).
+#include "models/kernels/rms_norm_kernels.h"
+
+#include "models/kernels/cuda_common.cuh"
+
+namespace moetrain::kernels {
+
+namespace {
+
+constexpr int kWarpsPerBlock = 8;
+constexpr int64_t kMaxBackwardWarps = 2048;  // rows of the dweight partial buffer
+
+template <class TX, class TO>
+__global__ void rms_norm_forward_kernel(const TX* __restrict__ x, const float* __restrict__ weight,
+                                        TO* __restrict__ out, float* __restrict__ rstd, int64_t rows, int64_t dim,
+                                        float eps, bool vec) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / 32;
+  const int64_t n_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = warp; r < rows; r += n_warps) {
+    const TX* xr = x + r * dim;
+    float ss = 0.f;
+    for_columns(dim, lane, vec, [&](int64_t c, int n) {
+      const Float4 v = load_n(xr + c, n);
+      for (int j = 0; j < n; ++j) ss += v.v[j] * v.v[j];
+    });
+    const float inv = rsqrtf(warp_sum(ss) / static_cast<float>(dim) + eps);
+    if (lane == 0) rstd[r] = inv;
+    TO* orow = out + r * dim;
+    for_columns(dim, lane, vec, [&](int64_t c, int n) {
+      const Float4 v = load_n(xr + c, n), w = load_n(weight + c, n);
+      Float4 o;
+      // as the reference: normalize in fp32, round to x's dtype, then scale in fp32
+      for (int j = 0; j < n; ++j) o.v[j] = w.v[j] * to_float(from_float<TX>(v.v[j] * inv));
+      store_n(orow + c, o, n);
+    });
+  }
+}
+
+// xhat = x·r, dn = g·w: dx = r·(dn − xhat·mean(dn·xhat)); dw += g·round_x(xhat)
+template <class TX, class TO>
+__global__ void rms_norm_backward_kernel(const TX* __restrict__ x, const float* __restrict__ weight,
+                                         const float* __restrict__ rstd, const TO* __restrict__ grad_out,
+                                         TX* __restrict__ grad_x, float* __restrict__ dweight_partial, int64_t rows,
+                                         int64_t dim, bool vec) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / 32;
+  const int64_t n_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  float* dw = dweight_partial + warp * dim;
+  for_columns(dim, lane, vec, [&](int64_t c, int n) { store_n(dw + c, Float4{{0.f, 0.f, 0.f, 0.f}}, n); });
+  for (int64_t r = warp; r < rows; r += n_warps) {
+    const TX* xr = x + r * dim;
+    const TO* gr = grad_out + r * dim;
+    const float inv = rstd[r];
+    float dot = 0.f;
+    for_columns(dim, lane, vec, [&](int64_t c, int n) {
+      const Float4 v = load_n(xr + c, n), g = load_n(gr + c, n), w = load_n(weight + c, n);
+      Float4 acc = load_n(dw + c, n);
+      for (int j = 0; j < n; ++j) {
+        const float xhat = v.v[j] * inv;
+        dot += g.v[j] * w.v[j] * xhat;
+        acc.v[j] += g.v[j] * to_float(from_float<TX>(xhat));
+      }
+      store_n(dw + c, acc, n);
+    });
+    const float mean_dot = warp_sum(dot) / static_cast<float>(dim);
+    TX* dxr = grad_x + r * dim;
+    for_columns(dim, lane, vec, [&](int64_t c, int n) {
+      const Float4 v = load_n(xr + c, n), g = load_n(gr + c, n), w = load_n(weight + c, n);
+      Float4 dx;
+      for (int j = 0; j < n; ++j) dx.v[j] = inv * (g.v[j] * w.v[j] - v.v[j] * inv * mean_dot);
+      store_n(dxr + c, dx, n);
+    });
+  }
+}
+
+}  // namespace
+
+int64_t rms_norm_backward_partials(int64_t rows) {
+  const int64_t blocks = grid_for(rows, kWarpsPerBlock, kMaxBackwardWarps / kWarpsPerBlock);
+  return blocks * kWarpsPerBlock;
+}
+
+int launch_rms_norm_forward(const void* x, const float* weight, void* out, float* rstd, int64_t rows, int64_t dim,
+                            float eps, int x_dtype, int out_dtype, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  const int blocks = grid_for(rows, kWarpsPerBlock);
+  const bool vec = dim % 4 == 0 && aligned16(x, weight, out);
+  MOETRAIN_DISPATCH_DTYPE(x_dtype, TX, {
+    MOETRAIN_DISPATCH_DTYPE(out_dtype, TO, {
+      rms_norm_forward_kernel<TX, TO><<<blocks, kWarpsPerBlock * 32, 0, s>>>(
+          static_cast<const TX*>(x), weight, static_cast<TO*>(out), rstd, rows, dim, eps, vec);
+    })
+  })
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_rms_norm_backward(const void* x, const float* weight, const float* rstd, const void* grad_out,
+                             void* grad_x, float* dweight_partial, int64_t rows, int64_t dim, int x_dtype,
+                             int out_dtype, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  const int blocks = static_cast<int>(rms_norm_backward_partials(rows) / kWarpsPerBlock);
+  const bool vec = dim % 4 == 0 && aligned16(x, weight, grad_out, grad_x, dweight_partial);
+  MOETRAIN_DISPATCH_DTYPE(x_dtype, TX, {
+    MOETRAIN_DISPATCH_DTYPE(out_dtype, TO, {
+      rms_norm_backward_kernel<TX, TO><<<blocks, kWarpsPerBlock * 32, 0, s>>>(
+          static_cast<const TX*>(x), weight, rstd, static_cast<const TO*>(grad_out), static_cast<TX*>(grad_x),
+          dweight_partial, rows, dim, vec);
+    })
+  })
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace moetrain::kernels
