@@ -31,6 +31,7 @@
 #include "trainer/balance.h"
 #include "trainer/distributed.h"
 #include "trainer/experiment_config.h"
+#include "trainer/expert_parallel.h"
 #include "trainer/optim.h"
 #include "trainer/train_step.h"
 #include "trainer/zero.h"
@@ -176,6 +177,10 @@ int cmd_bench(int argc, char** argv) {
     }
     Transformer model(cfg.model);
     model->activation_checkpointing = tc.activation_checkpointing == "full";
+    // distributed.ep_size > 1: the routed experts sharded over EP groups, as `moetrain train` does
+    // (every rank builds the same model from the seed, so no broadcast is needed)
+    ExpertParallel ep(pg, cfg.distributed.ep_size);
+    ep.shard(model);
     model->to(device);
     // replicated FusedAdamW, or ZeRO-1 (distributed.zero_stage: 1) as the trainer builds it
     const bool zero = cfg.distributed.zero_stage == 1;
@@ -231,6 +236,10 @@ int cmd_bench(int argc, char** argv) {
         zero_opt->reduce_gradients();
         zero_opt->clip_grad_norm(clip);
         zero_opt->step();
+      } else if (ep.enabled()) {  // the trainer's path: expert gradients over EDP, global clip norm
+        ep.reduce_gradients();
+        ep.clip_grad_norm(clip);
+        optimizer->step();
       } else {
         pg.average_gradients(params);
         // the norm on the device, the clipping inside the fused update (no host sync)

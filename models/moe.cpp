@@ -44,12 +44,16 @@ torch::Tensor moe_unpermute_reference(const torch::Tensor& y, const ExpertPermut
 
 torch::Tensor moe_routed_experts(GroupedExpertsImpl& experts, const torch::Tensor& x,
                                  const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
-                                 const torch::Tensor& counts) {
+                                 const torch::Tensor& counts, ExpertDispatcher* dispatcher) {
   const ExpertPermutation perm = moe_sort_by_expert(topk_idx, counts);
   const torch::Tensor rows = moe_permute(x, perm);        // [N·K, D]
-  // (expert parallelism: all-to-all rows + counts here)
-  const torch::Tensor out = experts.forward(rows, counts);  // [N·K, D]
-  // (expert parallelism: all-to-all back here)
+  torch::Tensor out;
+  if (dispatcher && dispatcher->size() > 1) {  // expert parallelism: all-to-all rows + counts, and back
+    const ExpertDispatch d = dispatcher->dispatch(rows, counts);
+    out = dispatcher->combine(experts.forward(d.rows, d.counts), d);  // [N·K, D]
+  } else {
+    out = experts.forward(rows, counts);  // [N·K, D]
+  }
   return moe_unpermute(out, perm, topk_weight, x.size(0));
 }
 
@@ -64,13 +68,24 @@ MoEImpl::MoEImpl(const ModelConfig& cfg) {
   }
 }
 
+void MoEImpl::shard_experts(std::shared_ptr<ExpertDispatcher> d) {
+  const int64_t n = d->size(), e = experts->n_experts / n, first = d->index() * e;
+  TORCH_CHECK(experts->n_experts % n == 0, "MoE: ", experts->n_experts, " experts do not split into ", n, " shards");
+  {  // set_data keeps the registered parameters (and consumes no random numbers)
+    torch::NoGradGuard no_grad;
+    for (auto* w : {&experts->w1, &experts->w2, &experts->w3}) w->set_data(w->narrow(0, first, e).clone());
+  }
+  experts->n_experts = e;
+  dispatcher = std::move(d);
+}
+
 MoEOutput MoEImpl::forward(const torch::Tensor& x) {
   const torch::Tensor flat = x.reshape({-1, x.size(-1)});  // [N, D]
   MoEOutput out;
   out.routing = gate(flat);
   if (x.dim() == 3) out.routing.seq_len = x.size(1);
   torch::Tensor y = moe_routed_experts(*experts, flat, out.routing.topk_idx, out.routing.topk_weight,
-                                       out.routing.counts);
+                                       out.routing.counts, dispatcher.get());
   if (shared_experts) y = y + shared_experts(flat);
   out.y = y.view(x.sizes());
   return out;

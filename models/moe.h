@@ -5,11 +5,13 @@
 // Routed path: router -> sort (token, k) pairs by expert -> gather rows (permute)
 // -> grouped GEMM over experts -> weight by gate and scatter-add back (unpermute).
 // Expert parallelism slots in between permute and the GEMM (an all-to-all of the
-// sorted rows and counts) and its inverse before unpermute; nothing else changes.
+// sorted rows and counts) and its inverse before unpermute, through the layer's
+// ExpertDispatcher (models/expert_dispatch.h); nothing else changes.
 #pragma once
 
 #include <torch/torch.h>
 
+#include "models/expert_dispatch.h"
 #include "models/experts.h"
 #include "models/model_config.h"
 #include "models/router.h"
@@ -42,10 +44,11 @@ torch::Tensor moe_unpermute(const torch::Tensor& y, const ExpertPermutation& per
                             const torch::Tensor& topk_weight, int64_t n_tokens);
 torch::Tensor moe_unpermute_reference(const torch::Tensor& y, const ExpertPermutation& perm,
                                       const torch::Tensor& topk_weight, int64_t n_tokens);
-// The routed experts' sum: x: [N, D], topk_idx / topk_weight: [N, K], counts: [E] -> [N, D]
+// The routed experts' sum: x: [N, D], topk_idx / topk_weight: [N, K], counts: [E] -> [N, D].
+// With a dispatcher, `experts` holds only its shard and the rows travel (null: all local).
 torch::Tensor moe_routed_experts(GroupedExpertsImpl& experts, const torch::Tensor& x,
                                  const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
-                                 const torch::Tensor& counts);
+                                 const torch::Tensor& counts, ExpertDispatcher* dispatcher = nullptr);
 
 struct MoEOutput {
   torch::Tensor y;       // [B, T, D]
@@ -58,9 +61,15 @@ struct MoEImpl : torch::nn::Module {
   // x: [B, T, D] -> y [B, T, D] (+ routing)
   MoEOutput forward(const torch::Tensor& x);
 
+  // Expert parallelism: keep only shard d->index() of d->size() of the routed experts
+  // (copied from the current weights, so every shard starts as the full layer did) and
+  // send the rows through `d`. Call before building the optimizer.
+  void shard_experts(std::shared_ptr<ExpertDispatcher> d);
+
   Router gate{nullptr};             // weight [E, D], bias [E] fp32 buffer
-  GroupedExperts experts{nullptr};  // w1/w3 [E, I, D], w2 [E, D, I]
+  GroupedExperts experts{nullptr};  // w1/w3 [E, I, D], w2 [E, D, I] (E/ep_size of them when sharded)
   SwiGLU shared_experts{nullptr};   // width n_shared·I; absent when n_shared_experts == 0
+  std::shared_ptr<ExpertDispatcher> dispatcher = std::make_shared<LocalExpertDispatcher>();
 };
 TORCH_MODULE(MoE);
 

@@ -32,3 +32,8 @@ if(MOETRAIN_WITH_NCCL)
   add_unit_test(test_dist_cuda LABELS cuda)
   add_dependencies(test_dist_cuda moetrain)
 endif()
+# Expert parallelism over Gloo (ranks as threads, and 2/4 local ranks through launch).
+if(MOETRAIN_GLOO_INCLUDE)
+  add_unit_test(test_ep)  # label unit (run alone: ctest -R "^Ep")
+  add_dependencies(test_ep moetrain)
+endif()

@@ -11,6 +11,7 @@
 #include <iostream>
 #include <map>
 #include <sstream>
+#include <tuple>
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -24,6 +25,7 @@
 #include "data/hash.h"
 #include "io/safetensors.h"
 #include "trainer/config_tree.h"
+#include "trainer/expert_parallel.h"
 #include "trainer/distributed.h"
 #include "trainer/zero.h"
 
@@ -138,6 +140,132 @@ bool all_finite(const torch::Tensor& t) {
 
 torch::Tensor cpu_contiguous(const torch::Tensor& t) { return t.detach().to(torch::kCPU).contiguous(); }
 
+// --- expert shard files: <prefix>-AAAAA-BBBBB.safetensors holds experts [A, B) ---------------
+const char* const kExpertPrefix = "experts";
+const char* const kOptimizerExpertPrefix = "optimizer-experts";
+
+std::string shard_file_name(const char* prefix, int64_t first, int64_t end) {
+  return fmt::format("{}-{:05d}-{:05d}.safetensors", prefix, first, end);
+}
+
+// "<prefix>-AAAAA-BBBBB.safetensors" -> [A, B); false for anything else.
+bool parse_shard_file_name(const std::string& name, const std::string& prefix, int64_t& first, int64_t& end) {
+  const std::string suffix = ".safetensors";
+  if (name.size() != prefix.size() + 12 + suffix.size() || name.compare(0, prefix.size() + 1, prefix + "-") != 0 ||
+      name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0 || name[prefix.size() + 6] != '-')
+    return false;
+  for (size_t i : {prefix.size() + 1, prefix.size() + 7})
+    for (size_t j = i; j < i + 5; ++j)
+      if (name[j] < '0' || name[j] > '9') return false;
+  first = std::stoll(name.substr(prefix.size() + 1, 5));
+  end = std::stoll(name.substr(prefix.size() + 7, 5));
+  return first < end;
+}
+
+// The expert shard files in dir (both kinds), sorted.
+std::vector<std::string> shard_files(const std::string& dir) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    const std::string n = e.path().filename().string();
+    int64_t a = 0, b = 0;
+    if (parse_shard_file_name(n, kExpertPrefix, a, b) || parse_shard_file_name(n, kOptimizerExpertPrefix, a, b))
+      out.push_back(n);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// AdamW state of one parameter under its name (nothing when it never had a gradient).
+void add_adamw_state(torch::optim::AdamW& optimizer, const std::string& name, const torch::Tensor& param,
+                     std::vector<std::pair<std::string, torch::Tensor>>& out) {
+  auto& opt_state = optimizer.state();
+  auto it = opt_state.find(param.unsafeGetTensorImpl());
+  if (it == opt_state.end()) return;  // never had a gradient
+  auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
+  out.emplace_back("exp_avg." + name, cpu_contiguous(s.exp_avg()));
+  out.emplace_back("exp_avg_sq." + name, cpu_contiguous(s.exp_avg_sq()));
+  out.emplace_back("step." + name, torch::tensor(s.step(), torch::kInt64));
+  if (s.max_exp_avg_sq().defined()) out.emplace_back("max_exp_avg_sq." + name, cpu_contiguous(s.max_exp_avg_sq()));
+}
+
+// The routed-expert rows [first, first + count) of a checkpoint's tensors, assembled from the
+// unsharded file (`whole`, covering [0, E)) and the shard files of `prefix` that overlap;
+// n_experts is the model's E (a checkpoint of another E is refused).
+class ExpertSources {
+ public:
+  ExpertSources(const std::string& dir, const char* prefix, const SafetensorsFile* whole, int64_t first, int64_t count,
+                int64_t n_experts)
+      : dir_(dir), whole_(whole), n_experts_(n_experts) {
+    for (const auto& n : shard_files(dir)) {
+      int64_t a = 0, b = 0;
+      if (!parse_shard_file_name(n, prefix, a, b) || b <= first || a >= first + count) continue;
+      shards_.push_back({a, b, read_safetensors(dir + "/" + n), n});
+    }
+  }
+  // Undefined when no file has `name`; CheckpointError when the files leave a gap.
+  torch::Tensor rows(const std::string& name, int64_t first, int64_t count) const {
+    std::vector<std::tuple<int64_t, int64_t, const torch::Tensor*>> pieces;
+    if (whole_ && whole_->contains(name)) {  // unsharded: slice it, or hand it over whole for the caller's shape check
+      const torch::Tensor& t = whole_->at(name);
+      if (t.dim() == 0 || t.size(0) != n_experts_ || (first == 0 && count == n_experts_)) return t;
+      return t.narrow(0, first, count);
+    }
+    for (const auto& s : shards_) {
+      if (!s.file.contains(name)) continue;
+      const torch::Tensor& t = s.file.at(name);
+      if (t.dim() == 0 || t.size(0) != s.end - s.first)
+        throw CheckpointError(fmt::format("{}/{}: {} has {} rows, the file name says {}", dir_, s.name, name,
+                                          t.dim() ? t.size(0) : 0, s.end - s.first));
+      pieces.emplace_back(s.first, s.end, &t);
+    }
+    if (pieces.empty()) return {};
+    for (const auto& [a, b, t] : pieces)
+      if (b > n_experts_)
+        throw CheckpointError(fmt::format("{}: {} holds experts [{}, {}), the model has {} experts", dir_, name, a, b,
+                                          n_experts_));
+    std::sort(pieces.begin(), pieces.end());
+    std::vector<torch::Tensor> parts;
+    int64_t at = first;
+    const int64_t end = first + count;
+    for (const auto& [a, b, t] : pieces) {
+      if (at == end || a > at) break;
+      if (b <= at) continue;
+      const int64_t hi = std::min(b, end);
+      parts.push_back(t->narrow(0, at - a, hi - at));
+      at = hi;
+    }
+    if (at != end)
+      throw CheckpointError(fmt::format("{}: experts [{}, {}) of {} are in no file (a missing shard?)", dir_, at, end, name));
+    return parts.size() == 1 ? parts[0] : torch::cat(parts);
+  }
+  // A scalar (AdamW step) of any file covering these experts, or nullptr.
+  const torch::Tensor* any(const std::string& name) const {
+    if (whole_ && whole_->contains(name)) return &whole_->at(name);
+    for (const auto& s : shards_)
+      if (s.file.contains(name)) return &s.file.at(name);
+    return nullptr;
+  }
+
+ private:
+  struct Shard {
+    int64_t first, end;
+    SafetensorsFile file;
+    std::string name;
+  };
+  std::string dir_;
+  const SafetensorsFile* whole_;
+  int64_t n_experts_;
+  std::vector<Shard> shards_;
+};
+
+// How many routed experts per layer `model` holds (0 without MoE layers).
+int64_t experts_held(Transformer& model) {
+  for (const auto& p : model->named_parameters())
+    if (ep_is_expert_param(p.key())) return p.value().size(0);
+  return 0;
+}
+
 // A config tree flattened to dotted key → scalar text (lists joined by commas).
 void flatten(const ConfigNode& n, const std::string& prefix, std::map<std::string, std::string>& out) {
   switch (n.kind) {
@@ -201,6 +329,39 @@ std::string checkpoint_dir_name(int64_t step) { return fmt::format("step-{:08d}"
 
 void set_checkpoint_fault_hook(CheckpointFaultHook hook) { fault_hook() = std::move(hook); }
 
+std::string checkpoint_temp_dir(const std::string& root, int64_t step, int64_t job) {
+  return (fs::path(root) / fmt::format(".tmp-{}-{}", checkpoint_dir_name(step), job)).string();
+}
+
+void begin_checkpoint(const std::string& root, const std::string& tmp) {
+  std::error_code ec;
+  fs::create_directories(root, ec);
+  if (ec) throw std::runtime_error(fmt::format("cannot create checkpoint.dir {}: {}", root, ec.message()));
+  // a crashed writer's leftovers (one committer per checkpoint.dir, so none is in progress)
+  for (const auto& e : fs::directory_iterator(root, ec))
+    if (e.path().filename().string().rfind(".tmp-step-", 0) == 0) fs::remove_all(e.path(), ec);
+  fs::remove_all(tmp, ec);
+  fs::create_directories(tmp);
+}
+
+void save_expert_shard(const std::string& tmp, Transformer& model, torch::optim::AdamW& optimizer,
+                       const ExpertShard& shard) {
+  std::vector<std::pair<std::string, torch::Tensor>> weights, state;
+  for (const auto& p : model->named_parameters()) {
+    if (!ep_is_expert_param(p.key())) continue;
+    weights.emplace_back(p.key(), cpu_contiguous(p.value()));
+    if (!all_finite(weights.back().second))
+      throw std::runtime_error(fmt::format("refusing to checkpoint: {} (experts [{}, {})) has non-finite values", p.key(),
+                                           shard.first, shard.first + shard.count));
+    add_adamw_state(optimizer, p.key(), p.value(), state);
+  }
+  const std::map<std::string, std::string> meta = {
+      {"format", "moetrain"}, {"experts", fmt::format("{}-{}", shard.first, shard.first + shard.count)}};
+  write_safetensors(tmp + "/" + shard_file_name(kExpertPrefix, shard.first, shard.first + shard.count), weights, meta);
+  write_safetensors(tmp + "/" + shard_file_name(kOptimizerExpertPrefix, shard.first, shard.first + shard.count), state,
+                    meta);
+}
+
 namespace {
 
 // save_checkpoint's body. write_optimizer(tmp) writes this process's optimizer file(s). With
@@ -208,13 +369,20 @@ namespace {
 // know) and writes the model, a barrier, every rank writes its optimizer shard, a barrier,
 // then rank 0 alone writes the rest, the MANIFEST over all files, and commits. A checkpoint is
 // thus complete only when every shard is written. (Several nodes need a shared checkpoint.dir.)
+// With shard.count > 0 (expert parallelism, one writer: rank 0) the routed-expert tensors are
+// left out of model.safetensors and the temporary directory of `job` already exists, holding
+// the expert shard files (ExpertParallel::save_checkpoint).
 std::string save_checkpoint_impl(const ExperimentConfig& cfg, Transformer& model, const TrainingState& state,
-                                 const std::function<void(const std::string& tmp)>& write_optimizer, ProcessGroup* pg) {
+                                 const std::function<void(const std::string& tmp)>& write_optimizer, ProcessGroup* pg,
+                                 const ExpertShard& shard = {}, int64_t job = 0) {
   const bool writer = !pg || pg->is_main();
+  const bool sharded = shard.count > 0;  // expert tensors are in their shard files
   const std::string root = cfg.checkpoint.dir;
   const std::string name = checkpoint_dir_name(state.step);
-  const std::string tmp =
-      (fs::path(root) / (pg ? fmt::format(".tmp-{}-zero", name) : fmt::format(".tmp-{}-{}", name, ::getpid()))).string();
+  const std::string tmp = sharded ? checkpoint_temp_dir(root, state.step, job)
+                                  : (fs::path(root) / (pg ? fmt::format(".tmp-{}-zero", name)
+                                                          : fmt::format(".tmp-{}-{}", name, ::getpid())))
+                                        .string();
   if (!writer) {
     pg->barrier();  // rank 0 made tmp
     write_optimizer(tmp);
@@ -222,7 +390,8 @@ std::string save_checkpoint_impl(const ExperimentConfig& cfg, Transformer& model
     return "";
   }
   std::vector<std::pair<std::string, torch::Tensor>> model_tensors;
-  for (const auto& p : model->named_parameters()) model_tensors.emplace_back(p.key(), cpu_contiguous(p.value()));
+  for (const auto& p : model->named_parameters())
+    if (!sharded || !ep_is_expert_param(p.key())) model_tensors.emplace_back(p.key(), cpu_contiguous(p.value()));
   for (const auto& b : model->named_buffers()) model_tensors.emplace_back(b.key(), cpu_contiguous(b.value()));
   // a checkpoint must be something worth resuming: never persist a diverged model
   for (const auto& [n, t] : model_tensors)
@@ -230,14 +399,8 @@ std::string save_checkpoint_impl(const ExperimentConfig& cfg, Transformer& model
       throw std::runtime_error(fmt::format("refusing to checkpoint step {}: {} has non-finite values", state.step, n));
 
   std::error_code ec;
-  fs::create_directories(root, ec);
-  if (ec) throw std::runtime_error(fmt::format("cannot create checkpoint.dir {}: {}", root, ec.message()));
-  // a crashed writer's leftovers (one writer per checkpoint.dir, so none is in progress)
-  for (const auto& e : fs::directory_iterator(root, ec))
-    if (e.path().filename().string().rfind(".tmp-step-", 0) == 0) fs::remove_all(e.path(), ec);
-
-  fs::remove_all(tmp, ec);
-  fs::create_directories(tmp);
+  if (!sharded) begin_checkpoint(root, tmp);
+  else if (!fs::is_directory(tmp, ec)) throw std::runtime_error(fmt::format("checkpoint: {} does not exist", tmp));
 
   write_safetensors(tmp + "/model.safetensors", model_tensors, {{"format", "moetrain"}});
   stage("model.safetensors", tmp + "/model.safetensors");
@@ -314,23 +477,15 @@ std::string save_checkpoint_impl(const ExperimentConfig& cfg, Transformer& model
 }  // namespace
 
 std::string save_checkpoint(const ExperimentConfig& cfg, Transformer& model, torch::optim::AdamW& optimizer,
-                            const TrainingState& state) {
+                            const TrainingState& state, const ExpertShard& shard, int64_t job) {
+  const bool sharded = shard.count > 0;  // the experts' state is in optimizer-experts-* files
   auto write_optimizer = [&](const std::string& tmp) {
     std::vector<std::pair<std::string, torch::Tensor>> opt_tensors;
-    auto& opt_state = optimizer.state();
-    for (const auto& p : model->named_parameters()) {
-      auto it = opt_state.find(p.value().unsafeGetTensorImpl());
-      if (it == opt_state.end()) continue;  // never had a gradient
-      auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
-      opt_tensors.emplace_back("exp_avg." + p.key(), cpu_contiguous(s.exp_avg()));
-      opt_tensors.emplace_back("exp_avg_sq." + p.key(), cpu_contiguous(s.exp_avg_sq()));
-      opt_tensors.emplace_back("step." + p.key(), torch::tensor(s.step(), torch::kInt64));
-      if (s.max_exp_avg_sq().defined())
-        opt_tensors.emplace_back("max_exp_avg_sq." + p.key(), cpu_contiguous(s.max_exp_avg_sq()));
-    }
+    for (const auto& p : model->named_parameters())
+      if (!sharded || !ep_is_expert_param(p.key())) add_adamw_state(optimizer, p.key(), p.value(), opt_tensors);
     write_safetensors(tmp + "/optimizer.safetensors", opt_tensors, {{"optimizer", "adamw"}});
   };
-  return save_checkpoint_impl(cfg, model, state, write_optimizer, nullptr);
+  return save_checkpoint_impl(cfg, model, state, write_optimizer, nullptr, shard, job);
 }
 
 std::string save_checkpoint(const ExperimentConfig& cfg, Transformer& model, ZeroAdamW& optimizer,
@@ -351,6 +506,7 @@ void write_manifest(const std::string& ckpt_dir) {
   std::error_code ec;
   for (const auto& e : fs::directory_iterator(ckpt_dir, ec)) present.push_back(e.path().filename().string());
   for (const auto& f : optimizer_files(present)) files.push_back(f);
+  for (const auto& f : shard_files(ckpt_dir)) files.push_back(f);  // expert parallelism
   for (const auto& f : files) {
     const std::string p = ckpt_dir + "/" + f;
     fsync_path(p, false);  // write_safetensors fsyncs too; cheap to be sure
@@ -374,12 +530,16 @@ void verify_manifest(const std::string& ckpt_dir) {
     if (!(ls >> hash >> size >> file)) throw CheckpointError(fmt::format("{}: malformed MANIFEST line '{}'", ckpt_dir, line));
     listed[file] = {hash, size};
   }
+  // the files every checkpoint needs (its optimizer ones: optimizer.safetensors or all ZeRO-1
+  // shards) must be listed; every listed file (expert shard files included) is verified
   std::vector<std::string> files(std::begin(kFiles), std::end(kFiles)), names;
   for (const auto& [f, unused] : listed) names.push_back(f);
   for (const auto& f : optimizer_files(names)) files.push_back(f);
-  for (const auto& f : files) {
-    auto it = listed.find(f);
-    if (it == listed.end()) throw CheckpointError(fmt::format("{}: MANIFEST does not list {}", ckpt_dir, f));
+  for (const auto& f : files)
+    if (!listed.count(f)) throw CheckpointError(fmt::format("{}: MANIFEST does not list {}", ckpt_dir, f));
+  for (auto it = listed.begin(); it != listed.end(); ++it) {
+    const std::string& f = it->first;
+    if (f.find('/') != std::string::npos) throw CheckpointError(fmt::format("{}: MANIFEST names a path '{}'", ckpt_dir, f));
     const std::string p = ckpt_dir + "/" + f;
     if (!fs::is_regular_file(p, ec)) throw CheckpointError(fmt::format("{}: {} is missing", ckpt_dir, f));
     const uint64_t size = fs::file_size(p, ec);
@@ -433,26 +593,36 @@ namespace {
 
 // Appends to `diffs` every name / shape / dtype difference between model.safetensors and the
 // model; copies the weights only when there is none, else throws CheckpointError with all of them.
+// Routed-expert tensors hold experts [expert_first, + their rows) (expert parallelism), assembled
+// from model.safetensors or the expert shard files.
 void copy_model_weights(const std::string& ckpt_dir, Transformer& model, std::vector<std::string> diffs,
-                        const char* what) {
+                        const char* what, int64_t expert_first = 0) {
   SafetensorsFile mf = read_safetensors(ckpt_dir + "/model.safetensors");
+  const ExpertSources experts(ckpt_dir, kExpertPrefix, &mf, expert_first, experts_held(model),
+                              model->cfg.n_routed_experts);
   std::map<std::string, const torch::Tensor*> saved;
   for (const auto& [n, t] : mf.tensors) saved[n] = &t;
-  std::vector<std::pair<torch::Tensor, const torch::Tensor*>> assign;
+  std::vector<std::pair<torch::Tensor, torch::Tensor>> assign;
   auto check = [&](const std::string& n, const torch::Tensor& target) {
     auto it = saved.find(n);
-    if (it == saved.end()) {
+    torch::Tensor t;
+    if (ep_is_expert_param(n) && target.dim() > 0) {
+      t = experts.rows(n, expert_first, target.size(0));
+      if (it != saved.end()) saved.erase(it);
+    } else if (it != saved.end()) {
+      t = *it->second;
+      saved.erase(it);
+    }
+    if (!t.defined()) {
       diffs.push_back(fmt::format("  {}: missing from the checkpoint (model has {})", n, fmt::format("{}", fmt::streamed(target.sizes()))));
       return;
     }
-    const torch::Tensor& t = *it->second;
     if (t.sizes() != target.sizes() || t.scalar_type() != target.scalar_type())
       diffs.push_back(fmt::format("  {}: checkpoint {} {} ≠ model {} {}", n, fmt::streamed(t.sizes()),
                                   c10::toString(t.scalar_type()), fmt::streamed(target.sizes()),
                                   c10::toString(target.scalar_type())));
     else
-      assign.emplace_back(target, &t);
-    saved.erase(it);
+      assign.emplace_back(target, t);
   };
   for (const auto& p : model->named_parameters()) check(p.key(), p.value());
   for (const auto& b : model->named_buffers()) check(b.key(), b.value());
@@ -464,7 +634,7 @@ void copy_model_weights(const std::string& ckpt_dir, Transformer& model, std::ve
   }
   {
     torch::NoGradGuard no_grad;
-    for (auto& [target, src] : assign) target.copy_(*src);
+    for (auto& [target, src] : assign) target.copy_(src);
   }
 }
 
@@ -507,10 +677,50 @@ std::string resolve_resume(const std::string& checkpoint_root, const std::string
 
 namespace {
 
-void load_verified_weights(const std::string& ckpt_dir, const ExperimentConfig& cfg, Transformer& model) {
+void load_verified_weights(const std::string& ckpt_dir, const ExperimentConfig& cfg, Transformer& model,
+                           int64_t expert_first = 0) {
   verify_manifest(ckpt_dir);
   std::vector<std::string> diffs = config_diff(ckpt_dir + "/config.yaml", cfg);
-  copy_model_weights(ckpt_dir, model, std::move(diffs), "does not match this config");
+  copy_model_weights(ckpt_dir, model, std::move(diffs), "does not match this config", expert_first);
+}
+
+// read_optimizer_pieces plus the expert shard files' AdamW state (optimizer-experts-A-B:
+// rows [A, B) of an expert tensor are its flattened elements [A·r, B·r), r = elements per row).
+OptimizerPieces read_all_optimizer_pieces(const std::string& ckpt_dir) {
+  OptimizerPieces out = read_optimizer_pieces(ckpt_dir);
+  bool added = false;
+  for (const auto& n : shard_files(ckpt_dir)) {
+    int64_t a = 0, b = 0;
+    if (!parse_shard_file_name(n, kOptimizerExpertPrefix, a, b)) continue;
+    const SafetensorsFile f = read_safetensors(ckpt_dir + "/" + n);
+    std::map<std::string, OptimizerPieces::Piece> found;
+    for (const auto& [key, t] : f.tensors) {
+      if (key.rfind("step.", 0) == 0) {
+        out.steps[key.substr(5)] = t.item<int64_t>();
+        continue;
+      }
+      const int which = key.rfind("exp_avg.", 0) == 0 ? 0 : key.rfind("exp_avg_sq.", 0) == 0 ? 1 : -1;
+      if (which < 0) continue;  // max_exp_avg_sq (amsgrad) is not sharded
+      if (t.dim() == 0 || t.size(0) != b - a)
+        throw CheckpointError(fmt::format("{}/{}: {} has {} rows, the file name says {}", ckpt_dir, n, key,
+                                          t.dim() ? t.size(0) : 0, b - a));
+      const int64_t per_row = t.numel() / (b - a);
+      auto& p = found[key.substr(which == 0 ? 8 : 11)];
+      p.begin = a * per_row;
+      p.end = b * per_row;
+      (which == 0 ? p.exp_avg : p.exp_avg_sq) = t.reshape(-1);
+    }
+    for (auto& [name, p] : found) {
+      if (!p.exp_avg.defined() || !p.exp_avg_sq.defined())
+        throw CheckpointError(fmt::format("{}/{}: {} lacks exp_avg or exp_avg_sq", ckpt_dir, n, name));
+      out.pieces[name].push_back(std::move(p));
+      added = true;
+    }
+  }
+  if (added)
+    for (auto& [name, list] : out.pieces)
+      std::sort(list.begin(), list.end(), [](const auto& x, const auto& y) { return x.begin < y.begin; });
+  return out;
 }
 
 TrainingState load_rng_and_state(const std::string& ckpt_dir, const ExperimentConfig& cfg);
@@ -520,13 +730,14 @@ TrainingState load_rng_and_state(const std::string& ckpt_dir, const ExperimentCo
 TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfig& cfg, Transformer& model,
                               ZeroAdamW& optimizer) {
   load_verified_weights(ckpt_dir, cfg, model);
-  optimizer.load(read_optimizer_pieces(ckpt_dir), ckpt_dir);  // any writer's world size, or stage 0's file
+  // any writer's world size, stage 0's file, or an expert-parallel checkpoint's shards
+  optimizer.load(read_all_optimizer_pieces(ckpt_dir), ckpt_dir);
   return load_rng_and_state(ckpt_dir, cfg);
 }
 
 TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfig& cfg, Transformer& model,
-                              torch::optim::AdamW& optimizer) {
-  load_verified_weights(ckpt_dir, cfg, model);
+                              torch::optim::AdamW& optimizer, const ExpertShard& shard) {
+  load_verified_weights(ckpt_dir, cfg, model, shard.first);
   auto& opt_state = optimizer.state();
   opt_state.clear();
   std::error_code ec;
@@ -536,10 +747,20 @@ TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfi
       auto it = pieces.steps.find(p.key());
       if (it == pieces.steps.end()) continue;
       const torch::Tensor& param = p.value();
+      // an expert-parallel model holds rows [shard.first, +rows) of an expert tensor
+      int64_t begin = 0;
+      if (ep_is_expert_param(p.key()) && param.dim() > 0 && param.size(0) > 0)
+        begin = shard.first * (param.numel() / param.size(0));
+      auto moment = [&](int which) {
+        return pieces.assemble(p.key(), which, begin, begin + param.numel(), ckpt_dir)
+            .view(param.sizes())
+            .to(param.device(), param.scalar_type())
+            .clone();
+      };
       auto s = std::make_unique<torch::optim::AdamWParamState>();
       s->step(it->second);
-      s->exp_avg(pieces.assemble(p.key(), 0, 0, param.numel(), ckpt_dir).view(param.sizes()).to(param.device(), param.scalar_type()).clone());
-      s->exp_avg_sq(pieces.assemble(p.key(), 1, 0, param.numel(), ckpt_dir).view(param.sizes()).to(param.device(), param.scalar_type()).clone());
+      s->exp_avg(moment(0));
+      s->exp_avg_sq(moment(1));
       opt_state[param.unsafeGetTensorImpl()] = std::move(s);
     }
     return load_rng_and_state(ckpt_dir, cfg);
@@ -547,22 +768,28 @@ TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfi
 
   // optimizer: replace the whole state, so parameters without saved state have none (as saved)
   SafetensorsFile of = read_safetensors(ckpt_dir + "/optimizer.safetensors");
+  const ExpertSources experts(ckpt_dir, kOptimizerExpertPrefix, &of, shard.first, experts_held(model),
+                              model->cfg.n_routed_experts);
   for (const auto& p : model->named_parameters()) {
     const std::string n = p.key();
-    if (!of.contains("step." + n)) continue;
-    auto s = std::make_unique<torch::optim::AdamWParamState>();
     const torch::Tensor& param = p.value();
+    const bool expert = ep_is_expert_param(n) && param.dim() > 0;
+    const torch::Tensor* step = expert ? experts.any("step." + n) : (of.contains("step." + n) ? &of.at("step." + n) : nullptr);
+    if (!step) continue;
+    auto s = std::make_unique<torch::optim::AdamWParamState>();
     auto moment = [&](const std::string& key) {
-      const torch::Tensor& t = of.at(key);
+      const torch::Tensor t = expert ? experts.rows(key, shard.first, param.size(0)) : of.at(key);
+      if (!t.defined()) throw CheckpointError(fmt::format("{}: {} is missing", ckpt_dir, key));
       if (t.sizes() != param.sizes())
         throw CheckpointError(fmt::format("{}/optimizer.safetensors: {} has shape {}, parameter has {}", ckpt_dir, key,
                                           fmt::streamed(t.sizes()), fmt::streamed(param.sizes())));
       return t.to(param.device(), param.scalar_type()).clone();
     };
-    s->step(of.at("step." + n).item<int64_t>());
+    s->step(step->item<int64_t>());
     s->exp_avg(moment("exp_avg." + n));
     s->exp_avg_sq(moment("exp_avg_sq." + n));
-    if (of.contains("max_exp_avg_sq." + n)) s->max_exp_avg_sq(moment("max_exp_avg_sq." + n));
+    if (expert ? experts.any("max_exp_avg_sq." + n) != nullptr : of.contains("max_exp_avg_sq." + n))
+      s->max_exp_avg_sq(moment("max_exp_avg_sq." + n));
     opt_state[param.unsafeGetTensorImpl()] = std::move(s);
   }
   return load_rng_and_state(ckpt_dir, cfg);

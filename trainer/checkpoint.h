@@ -15,7 +15,15 @@
 //   state.json             step, tokens, data-loader cursor, skip counters, loss-spike window,
 //                          config hash, moetrain version, format version
 //   config.yaml            config_to_yaml of the run
-//   MANIFEST               "<fnv1a64 hex> <size> <file>" per file above
+//   MANIFEST               "<fnv1a64 hex> <size> <file>" per file above (expert shards included)
+// Expert parallelism (trainer/expert_parallel.h) moves the routed-expert tensors
+// (*.experts.w1/w2/w3) and their AdamW state out of model / optimizer.safetensors into one
+// file pair per shard, named by the global expert range [A, B) they hold:
+//   experts-AAAAA-BBBBB.safetensors            the shard's rows of every expert tensor
+//   optimizer-experts-AAAAA-BBBBB.safetensors  exp_avg.<name>, exp_avg_sq.<name>, step.<name>
+// Loading assembles whatever expert rows the model holds from whichever files cover them
+// (unsharded model.safetensors counts as [0, E)), so any ep_size / world size resumes any
+// checkpoint, and export / eval (one process, every expert) read all shards.
 // No pickle anywhere: tensors are safetensors, the rest JSON / YAML / text.
 //
 // Commit protocol (one writer): everything goes into checkpoint.dir/.tmp-step-N-<pid>/, each file
@@ -91,6 +99,23 @@ struct TrainingState {
 // "step-00000042"
 std::string checkpoint_dir_name(int64_t step);
 
+// The routed experts [first, first + count) of every MoE layer that this process holds;
+// count 0: all of them, in model.safetensors (no expert parallelism).
+struct ExpertShard {
+  int64_t first = 0;
+  int64_t count = 0;
+};
+
+// Expert-parallel saves (several writers, one commit; trainer/expert_parallel.cpp):
+// the shared temporary directory of step `step` (job: an id every rank agrees on),
+std::string checkpoint_temp_dir(const std::string& root, int64_t step, int64_t job);
+// created by rank 0 alone (after removing a crashed writer's .tmp-step-*),
+void begin_checkpoint(const std::string& root, const std::string& tmp);
+// where each shard's first replica writes its experts-*/optimizer-experts-* pair (fsynced),
+void save_expert_shard(const std::string& tmp, Transformer& model, torch::optim::AdamW& optimizer,
+                       const ExpertShard& shard);
+// before rank 0's save_checkpoint(..., shard, job) writes the rest into it and commits.
+
 // Test-only: called at each stage of save_checkpoint with the stage name and the path it concerns,
 // so tests can simulate a crash by throwing (and, at "model.safetensors", by truncating the file).
 // Stages in order: "model.safetensors" (file written), "optimizer.safetensors", "before_manifest",
@@ -103,9 +128,11 @@ class ZeroAdamW;
 class ProcessGroup;
 
 // Writes and commits checkpoint.dir/step-<state.step>/ and prunes to keep_last; returns its path.
-// Refuses (std::runtime_error) when any parameter or buffer is non-finite.
+// Refuses (std::runtime_error) when any parameter or buffer is non-finite. With shard.count > 0
+// the expert tensors are left out (their shard files must already be in the temp directory of
+// `job`, see above).
 std::string save_checkpoint(const ExperimentConfig& cfg, Transformer& model, torch::optim::AdamW& optimizer,
-                            const TrainingState& state);
+                            const TrainingState& state, const ExpertShard& shard = {}, int64_t job = 0);
 
 // ZeRO-1: a collective save. Every rank calls it and writes its optimizer shard
 // (optimizer-zero-<rank>-of-<world>.safetensors, trainer/zero.h) into the temporary directory
@@ -141,9 +168,11 @@ void load_model_weights(const std::string& ckpt_dir, Transformer& model);
 // Verifies and loads `ckpt_dir` into model (on its device), optimizer and the global RNGs.
 // Throws CheckpointError (damage, incompatibility). Either optimizer loads either kind of
 // checkpoint: a ZeRO-1 one written at any world size (its shards re-assembled) or a
-// replicated one (optimizer.safetensors).
+// replicated one (optimizer.safetensors), with or without expert shard files. An
+// expert-parallel model holds experts [shard.first, +its rows) (see ExpertShard) and loads
+// with torch::optim::AdamW (ZeRO-1 together with ep_size > 1 is refused by validate_config).
 TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfig& cfg, Transformer& model,
-                              torch::optim::AdamW& optimizer);
+                              torch::optim::AdamW& optimizer, const ExpertShard& shard = {});
 TrainingState load_checkpoint(const std::string& ckpt_dir, const ExperimentConfig& cfg, Transformer& model,
                               ZeroAdamW& optimizer);
 

@@ -1,5 +1,7 @@
 #include "trainer/distributed.h"
 
+#include <algorithm>
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <exception>
@@ -68,6 +70,9 @@ struct ProcessGroup::Impl {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;  // ProcessGroupGloo or ProcessGroupNCCL
   torch::Device device = torch::kCPU;         // where the collectives run: CPU (Gloo) or cuda:LOCAL_RANK (NCCL)
+  std::string kind;                           // "gloo" | "nccl": new_group builds the same kind
+  std::chrono::milliseconds timeout{0};
+  std::string host;                           // Gloo's device hostname (MASTER_ADDR)
   int64_t rank = 0;
 
   // Failures (a dead or hung peer: gloo::IoException after the timeout, an NCCL error)
@@ -86,6 +91,28 @@ struct ProcessGroup::Impl {
   torch::Tensor stage(const torch::Tensor& t) const {
     if (t.device() == device && t.is_contiguous()) return t;
     return t.to(device).contiguous();
+  }
+  // A c10d backend of this kind (on this device) over `st`, as rank `r` of `size`: the
+  // world group's and every new_group's.
+  c10::intrusive_ptr<c10d::Backend> make_backend(const c10::intrusive_ptr<c10d::Store>& st, int64_t r,
+                                                 int64_t size) const {
+#if defined(MOETRAIN_WITH_GLOO)
+    if (kind == "gloo") {
+      auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host));
+      opts->threads = 2;
+      return c10::make_intrusive<c10d::ProcessGroupGloo>(st, static_cast<int>(r), static_cast<int>(size), opts);
+    }
+#endif
+#if defined(MOETRAIN_WITH_NCCL)
+    if (kind == "nccl") {
+      // NCCL_* environment variables (NCCL_NVLS_ENABLE=0, ...) are NCCL's own: left as they are.
+      auto opts = c10d::ProcessGroupNCCL::Options::create();
+      opts->timeout = timeout;
+      return c10::make_intrusive<c10d::ProcessGroupNCCL>(st, static_cast<int>(r), static_cast<int>(size), opts);
+    }
+#endif
+    throw DistError(fmt::format("distributed.backend '{}': not built into this moetrain", kind));
   }
 };
 
@@ -115,15 +142,9 @@ ProcessGroup::ProcessGroup(const DistEnv& env, const std::string& backend, std::
     so.timeout = timeout;
     auto tcp = c10::make_intrusive<c10d::TCPStore>(env.master_addr, so);
     impl_->store = c10::make_intrusive<c10d::PrefixStore>(fmt::format("moetrain/attempt_{}", env.restart_count), tcp);
-#if defined(MOETRAIN_WITH_GLOO)
-    if (backend == "gloo") {
-      auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
-      opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(env.master_addr));
-      opts->threads = 2;
-      impl_->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(impl_->store, static_cast<int>(env.rank),
-                                                                   static_cast<int>(env.world_size), opts);
-    }
-#endif
+    impl_->kind = backend;
+    impl_->timeout = timeout;
+    impl_->host = env.master_addr;
 #if defined(MOETRAIN_WITH_NCCL)
     if (backend == "nccl") {
       const int64_t n = torch::cuda::device_count();
@@ -131,13 +152,9 @@ ProcessGroup::ProcessGroup(const DistEnv& env, const std::string& backend, std::
       const auto index = static_cast<c10::DeviceIndex>(env.local_rank % n);
       impl_->device = torch::Device(torch::kCUDA, index);
       c10::cuda::set_device(index);  // NCCL communicators (and barrier) use the current device
-      // NCCL_* environment variables (NCCL_NVLS_ENABLE=0, ...) are NCCL's own: left as they are.
-      auto opts = c10d::ProcessGroupNCCL::Options::create();
-      opts->timeout = timeout;
-      impl_->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(impl_->store, static_cast<int>(env.rank),
-                                                                   static_cast<int>(env.world_size), opts);
     }
 #endif
+    impl_->backend = impl_->make_backend(impl_->store, env.rank, env.world_size);
   } catch (const DistError&) {
     throw;
   } catch (const std::exception& e) {
@@ -220,6 +237,51 @@ ProcessGroup::~ProcessGroup() {
   }
 }
 
+// --- expert parallelism: sub-groups and all-to-all ---------------------------------------
+
+std::unique_ptr<ProcessGroup> ProcessGroup::new_group(const std::vector<int64_t>& ranks, const std::string& name) {
+  auto it = std::find(ranks.begin(), ranks.end(), env_.rank);
+  if (it == ranks.end()) throw DistError(fmt::format("rank {}: new_group {}: not a member", env_.rank, name));
+  std::unique_ptr<ProcessGroup> g(new ProcessGroup());
+  g->env_ = env_;
+  g->env_.rank = it - ranks.begin();
+  g->env_.world_size = static_cast<int64_t>(ranks.size());
+  g->backend_ = backend_;
+  if (ranks.size() == 1 || !impl_) return g;
+  g->impl_ = std::make_unique<Impl>();
+  g->impl_->rank = env_.rank;  // errors name the global rank
+  g->impl_->device = impl_->device;
+  g->impl_->kind = impl_->kind;
+  g->impl_->timeout = impl_->timeout;
+  g->impl_->host = impl_->host;
+  try {
+    // Its own c10d group of the same kind (ProcessGroupGloo / ProcessGroupNCCL) over this
+    // group's store under the prefix `name`.
+    g->impl_->store = c10::make_intrusive<c10d::PrefixStore>(name, impl_->store);
+    g->impl_->backend = g->impl_->make_backend(g->impl_->store, g->env_.rank, g->env_.world_size);
+  } catch (const DistError&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw DistError(fmt::format("rank {}: cannot create process group {}: {}", env_.rank, name, e.what()));
+  }
+  return g;
+}
+
+torch::Tensor ProcessGroup::all_to_all(const torch::Tensor& input, const std::vector<int64_t>& send_splits,
+                                       const std::vector<int64_t>& recv_splits) {
+  if (!impl_) return input.clone();
+  int64_t rows = 0;
+  for (int64_t n : recv_splits) rows += n;
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape[0] = rows;
+  // Staged to the backend's device: host memory for Gloo, cuda:LOCAL_RANK for NCCL.
+  torch::Tensor in = impl_->stage(input);
+  torch::Tensor out = torch::empty(shape, in.options());
+  std::vector<int64_t> out_splits = recv_splits, in_splits = send_splits;  // c10d wants non-const
+  impl_->wait(impl_->backend->alltoall_base(out, in, out_splits, in_splits), "all_to_all");
+  return out.device() == input.device() ? out : out.to(input.device());
+}
+
 #else  // built without any distributed backend: only world size 1
 
 struct ProcessGroup::Impl {};
@@ -238,6 +300,17 @@ void ProcessGroup::broadcast(const std::vector<torch::Tensor>&, int64_t) {}
 void ProcessGroup::barrier() {}
 void ProcessGroup::reduce_scatter(const torch::Tensor& shard, const torch::Tensor& full) { shard.copy_(full.reshape(-1)); }
 void ProcessGroup::all_gather(const torch::Tensor& full, const torch::Tensor& shard) { full.view(-1).copy_(shard.reshape(-1)); }
+std::unique_ptr<ProcessGroup> ProcessGroup::new_group(const std::vector<int64_t>& ranks, const std::string&) {
+  std::unique_ptr<ProcessGroup> g(new ProcessGroup());
+  g->env_ = env_;
+  g->env_.rank = 0;
+  g->env_.world_size = static_cast<int64_t>(ranks.size());
+  return g;
+}
+torch::Tensor ProcessGroup::all_to_all(const torch::Tensor& input, const std::vector<int64_t>&,
+                                       const std::vector<int64_t>&) {
+  return input.clone();
+}
 
 ProcessGroup::~ProcessGroup() = default;
 

@@ -94,8 +94,21 @@ class ProcessGroup {
   // all_gather: full = the ranks' shards concatenated in rank order.
   void all_gather(const torch::Tensor& full, const torch::Tensor& shard);
   // --- end of the sharded-optimizer collectives --------------------------------------
+  // --- expert parallelism (trainer/expert_parallel.h) ------------------------------------
+  // A sub-group of this group's ranks `ranks` (ascending), which every one of them, and only
+  // they, must create, in the same order of new_group calls on every rank: a c10d group of
+  // its own over this group's store under the prefix `name` (unique per group). Its rank()
+  // is this process's index in `ranks`; with one member it is a no-op group.
+  std::unique_ptr<ProcessGroup> new_group(const std::vector<int64_t>& ranks, const std::string& name);
+  // Rows along dim 0: send_splits[r] consecutive rows of `input` go to rank r and
+  // recv_splits[r] rows come from it, in rank order -> [sum recv_splits, ...] (c10d
+  // alltoall_base; non-CPU tensors are staged through host memory for Gloo). Not
+  // differentiable (trainer/expert_parallel.h wraps it). World size 1: a copy of input.
+  torch::Tensor all_to_all(const torch::Tensor& input, const std::vector<int64_t>& send_splits,
+                           const std::vector<int64_t>& recv_splits);
 
  private:
+  ProcessGroup() = default;  // new_group's
   struct Impl;
   DistEnv env_;
   std::string backend_;

@@ -578,6 +578,10 @@ std::vector<std::pair<std::string, std::string>> validate_config(const Experimen
 
   rule(m.n_routed_experts % c.distributed.ep_size == 0, "distributed.ep_size",
        fmt::format("n_routed_experts ({}) must be divisible by ep_size ({})", m.n_routed_experts, c.distributed.ep_size));
+  rule(!(c.distributed.zero_stage == 1 && c.distributed.ep_size > 1), "distributed.zero_stage",
+       fmt::format("zero_stage 1 (ZeRO-1) cannot be combined with expert parallelism (ep_size {}) yet: "
+                   "set zero_stage 0 or ep_size 1",
+                   c.distributed.ep_size));
   return e;
 }
 

@@ -25,6 +25,7 @@
 #include "trainer/checkpoint.h"
 #include "trainer/distributed.h"
 #include "trainer/evaluate.h"
+#include "trainer/expert_parallel.h"
 #include "trainer/metrics.h"
 #include "trainer/optim.h"
 #include "trainer/train_step.h"
@@ -129,15 +130,6 @@ void all_reduce_losses(ProcessGroup& pg, StepLosses& sums) {
   sums = StepLosses{all[0], all[1], all[2], all[3], all[4]};
 }
 
-// Every parameter and buffer (router biases included) becomes rank 0's.
-void broadcast_model(ProcessGroup& pg, Transformer& model) {
-  if (pg.world_size() == 1) return;
-  torch::NoGradGuard no_grad;
-  std::vector<torch::Tensor> all = model->parameters();
-  for (const auto& b : model->buffers()) all.push_back(b);
-  pg.broadcast(all, /*root=*/0);
-}
-
 }  // namespace
 
 TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
@@ -162,8 +154,11 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   Transformer model(cfg.model);
   model->activation_checkpointing = tc.activation_checkpointing == "full";
   if (!options.init_from.empty() && options.resume.empty()) init_from_hf(options.init_from, cfg.model, model);
+  ExpertParallel ep(pg, cfg.distributed.ep_size);  // EP / EDP groups (trainer/expert_parallel.h)
+  ep.shard(model);                                 // this rank's routed experts only (ep_size > 1)
   model->to(device);
   // the optimizer: replicated AdamW (zero_stage 0) or its ZeRO-1 sharding (trainer/zero.h)
+  // (zero_stage 1 with ep_size > 1 is refused by validate_config)
   const bool zero = cfg.distributed.zero_stage == 1;
   std::unique_ptr<torch::optim::AdamW> optimizer;
   std::unique_ptr<ZeroAdamW> zero_opt;
@@ -183,20 +178,22 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   const std::string resume_dir = resolve_resume(cfg.checkpoint.dir, options.resume);
   if (!resume_dir.empty()) {
     TrainingState st = zero ? load_checkpoint(resume_dir, cfg, model, *zero_opt)
-                            : load_checkpoint(resume_dir, cfg, model, *optimizer);
+                            : load_checkpoint(resume_dir, cfg, model, *optimizer, ep.expert_shard());
     loader.load_state(st.data);
     result.resumed_step = result.steps = st.step;
     result.skipped_steps = st.skipped_steps;
     consecutive_skips = st.consecutive_skips;
     spikes.restore(st.recent_losses);
   }
-  broadcast_model(pg, model);  // identical starting points, whatever the init or checkpoint
+  ep.broadcast_model(model);  // identical starting points, whatever the init or checkpoint
   int64_t last_saved_step = result.resumed_step;
   auto save_now = [&](int64_t steps_done) {
     TrainingState st{steps_done, loader.state(), result.skipped_steps, consecutive_skips, spikes.recent()};
     if (zero) {  // every rank writes its optimizer shard; rank 0 the rest and the commit
       std::string path = save_checkpoint(cfg, model, *zero_opt, st, pg);
       if (main_rank) result.last_checkpoint = path;
+    } else if (ep.enabled()) {  // each expert shard's first replica writes it, rank 0 commits
+      result.last_checkpoint = ep.save_checkpoint(cfg, model, *optimizer, st);
     } else if (main_rank) {  // the ranks hold the same state: one writer
       result.last_checkpoint = save_checkpoint(cfg, model, *optimizer, st);
     }
@@ -272,7 +269,7 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
     if (zero)
       zero_opt->reduce_gradients();  // reduce-scatter: this rank's shard of the averaged gradient
     else
-      pg.average_gradients(params);
+      ep.reduce_gradients();  // replicated: average over all ranks; experts: over their EDP group
     const std::vector<double> means = sums.means(accum * world);
     const double lm_loss = means[0], aux = means[1], seq_aux = means[2], z = means[3];
     const double mtp_loss = means[4];  // unweighted mean over depths (comparable with lm_loss)
@@ -282,7 +279,7 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
     // clip; never step the optimizer or the biases on non-finite values
     const double max_norm = cfg.optim.grad_clip > 0.0 ? cfg.optim.grad_clip : std::numeric_limits<double>::infinity();
     const double grad_norm = zero ? zero_opt->clip_grad_norm(max_norm)  // global: the shards' squares all-reduced
-                                  : torch::nn::utils::clip_grad_norm_(params, max_norm);
+                                  : ep.clip_grad_norm(max_norm);        // global: each expert shard once
     const std::vector<double> maxvio_layers = balancer.maxvio_per_layer();
     torch::Tensor expert_load = balancer.counts().clone();
     if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
@@ -352,14 +349,15 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   if (last_saved_step != result.steps) save_now(result.steps);
   run_eval(result.steps);
 
-  // a short greedy sample, from the start of the validation text
-  if (main_rank) try {
+  // a short greedy sample, from the start of the validation text (with expert parallelism
+  // every rank runs the forward passes: the MoE layers' all-to-alls need them all)
+  if (main_rank || ep.enabled()) try {
     auto tokenizer = load_tokenizer(cfg.data.dir);
     Batch prompt_batch = loader.val_rows(0, 0, 1);
     auto prompt_t = prompt_batch.inputs[0].slice(0, 0, std::min<int64_t>(16, tc.seq_len));
     std::vector<int64_t> prompt(prompt_t.data_ptr<int64_t>(), prompt_t.data_ptr<int64_t>() + prompt_t.numel());
     std::vector<int64_t> ids = greedy_sample(model, prompt, 48, tc.seq_len, device);
-    std::cerr << "sample: " << tokenizer->decode(prompt) << "⟨" << tokenizer->decode({ids.begin() + static_cast<long>(prompt.size()), ids.end()})
+    if (main_rank) std::cerr << "sample: " << tokenizer->decode(prompt) << "⟨" << tokenizer->decode({ids.begin() + static_cast<long>(prompt.size()), ids.end()})
               << "⟩\n";
   } catch (const std::exception& e) {
     std::cerr << "sample skipped: " << e.what() << "\n";
