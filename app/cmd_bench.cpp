@@ -197,6 +197,10 @@ int cmd_bench(int argc, char** argv) {
     }
     Balancer balancer(cfg.balance, cfg.model, model->routers());
     std::vector<torch::Tensor> params = model->parameters();
+    // replicated data parallel: gradients averaged during the backward, as the trainer does
+    std::unique_ptr<GradReducer> reducer;
+    if (world > 1 && !zero && !ep.enabled() && cfg.distributed.overlap_grad_reduce)
+      reducer = std::make_unique<GradReducer>(params, pg);
 
     // A few distinct synthetic global batches on the device, used in turn.
     const int64_t accum = tc.global_batch / (tc.micro_batch * world);  // micro-steps per rank
@@ -209,6 +213,7 @@ int cmd_bench(int argc, char** argv) {
     fb.accum = accum;
     fb.seq_len = tc.seq_len;
     fb.bf16_autocast = tc.dtype == "bf16" && device.is_cuda();
+    fb.reducer = reducer.get();
 
     const ParamCounts pc = count_params(cfg.model, tc.seq_len);
     const int64_t tokens_per_step = tc.global_batch * tc.seq_len;
@@ -241,7 +246,7 @@ int cmd_bench(int argc, char** argv) {
         ep.clip_grad_norm(clip);
         optimizer->step();
       } else {
-        pg.average_gradients(params);
+        if (!reducer) pg.average_gradients(params);  // (else averaged during the backward)
         // the norm on the device, the clipping inside the fused update (no host sync)
         const torch::Tensor norm = grad_norm(params);
         if (std::isfinite(clip)) optimizer->clip_next_step(norm, clip);
@@ -302,6 +307,7 @@ int cmd_bench(int argc, char** argv) {
     nlohmann::json j = {{"tokens_per_s", tokens_per_s},
                         {"world_size", world},
                         {"zero_stage", cfg.distributed.zero_stage},
+                        {"overlap_grad_reduce", reducer != nullptr},
                         {"activation_checkpointing", tc.activation_checkpointing},
                         {"tokens_per_s_per_gpu", tokens_per_s / static_cast<double>(world)},
                         {"step_ms", ms},

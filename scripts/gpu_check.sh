@@ -7,8 +7,9 @@
 #   profile  a one-step Kineto profile of moetrain bench
 #   scaling  expert scaling (issue 9): one MoE layer fwd+bwd and the whole step at 64 vs 256
 #            routed experts, same top-k (the 256-expert step needs ~75 GB: an H200)
-#   dist     data parallel over all visible GPUs (NCCL, 8 sequences per GPU) with the replicated
-#            and the ZeRO-1 optimizer against one GPU, and activation checkpointing on one GPU
+#   dist     data parallel over all visible GPUs (NCCL, 8 sequences per GPU) against one GPU: the
+#            replicated optimizer with the overlapped and the after-backward gradient all-reduce,
+#            ZeRO-1, expert parallel (ep_size = GPUs); CKPT=1 adds activation checkpointing on one GPU
 #   curve    bf16 CUDA vs fp32 CPU loss curves of configs/tiny.yaml, 200 steps
 #            (needs data_cache/linux-docs-sp4096 carried over)
 # TRACE=1: the profile phase also saves a gzipped Chrome trace (trace.json.gz).
@@ -79,11 +80,12 @@ if has dist; then
   n=$(nvidia-smi -L | wc -l)
   {
     "$MT" bench "$CONFIG" --steps 10 --warmup 3 2>&1 | grep -E "median step|^\{"
-    for z in 0 1; do
+    # replicated (overlapped all-reduce, then the reference after the backward), ZeRO-1, EP
+    for v in "zero_stage=0" "overlap_grad_reduce=false" "zero_stage=1" "ep_size=$n"; do
       "$MT" launch --nproc "$n" -- bench "$CONFIG" --steps 10 --warmup 3 --set train.global_batch=$((8 * n)) \
-        --set distributed.backend=nccl --set distributed.zero_stage=$z 2>&1 | grep -E "median step|^\{|rror"
+        --set distributed.backend=nccl --set distributed.$v 2>&1 | grep -E "median step|^\{|rror"
     done
-    "$MT" bench "$CONFIG" --steps 10 --warmup 3 --set train.activation_checkpointing=full 2>&1 | grep -E "median step|^\{"
+    [ -n "${CKPT:-}" ] && "$MT" bench "$CONFIG" --steps 10 --warmup 3 --set train.activation_checkpointing=full 2>&1 | grep -E "median step|^\{"
   } >"$OUT/dist.log" 2>&1
   stamp dist
 fi

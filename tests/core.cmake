@@ -26,6 +26,8 @@ if(MOETRAIN_GLOO_INCLUDE)
   # ZeRO-1 (trainer/zero.h): layout, sharded AdamW, 2/4-rank runs, resharded checkpoints.
   add_unit_test(test_zero)  # ctest -R "^Zero"
   add_dependencies(test_zero moetrain)
+  # GradReducer: gradient averaging overlapped with the backward (ranks as threads)
+  add_unit_test(test_grad_reducer)  # ctest -R "^GradReducer"
 endif()
 # NCCL data parallelism + ZeRO-1 on 2 GPUs (skips with fewer): ctest -L cuda -R DistCuda
 if(MOETRAIN_WITH_NCCL)

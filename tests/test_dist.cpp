@@ -21,70 +21,29 @@
 
 #include "data/prepare.h"
 #include "test_paths.h"
+#include "dist_test_util.h"
 #include "test_util.h"
 #include "trainer/distributed.h"
 #include "trainer/experiment_config.h"
 #include "trainer/trainer.h"
 
 using namespace moetrain;
+using moetrain::testing::debug_cli;
+using moetrain::testing::debug_config_path;
+using moetrain::testing::free_port;
+using moetrain::testing::launch_tiny_sets;
 using moetrain::testing::run_capture;
 using moetrain::testing::TempDir;
-using moetrain::testing::write_file;
+using moetrain::testing::train_records;
+using moetrain::testing::write_sentence_corpus;
 
 namespace {
-
-// Repetitive English-like text (as in test_trainer.cpp).
-void write_corpus(const TempDir& dir) {
-  const char* subjects[] = {"the cat", "a dog", "the bird", "my friend"};
-  const char* verbs[] = {"sat on", "looked at", "jumped over", "walked to"};
-  const char* objects[] = {"the mat.", "the tree.", "a box.", "the door."};
-  for (int doc = 0; doc < 6; ++doc) {
-    std::string s;
-    for (int i = 0; i < 300; ++i) {
-      int k = (i * 7 + doc * 3) % 64;
-      s += std::string(subjects[k % 4]) + " " + verbs[(k / 4) % 4] + " " + objects[(k / 16) % 4] + "\n";
-    }
-    write_file(dir.path() / "text" / ("doc" + std::to_string(doc) + ".txt"), s);
-  }
-}
-
-// The tiny model of test_trainer.cpp; `run` names the logging / checkpoint directories.
-std::vector<std::string> tiny_sets(const TempDir& dir, const std::string& run, int steps) {
-  return {"model.vocab_size=260", "model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=4",
-          "model.intermediate_size=128", "model.moe_intermediate_size=32", "model.kv_lora_rank=32",
-          "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16", "model.n_routed_experts=8",
-          "model.num_experts_per_tok=2", "model.n_shared_experts=1", "model.init_std=0.02",
-          "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=2",
-          "train.steps=" + std::to_string(steps), "train.global_batch=8", "train.micro_batch=2", "train.seq_len=32",
-          "train.threads=1", "train.eval_every=0", "train.eval_batches=1", "logging.every=1",
-          "data.tokenizer=byte", "data.val_fraction=0.2", "distributed.backend=gloo", "distributed.timeout_s=60",
-          "data.dir=" + dir.file("data"), "data.sources=" + dir.file("text/*.txt"), "logging.dir=" + dir.file(run),
-          "checkpoint.dir=" + dir.file(run + "/ckpt")};
-}
-
-std::string config_path() { return std::string(MOETRAIN_SOURCE_DIR) + "/configs/debug.yaml"; }
-
-std::string cli(const std::vector<std::string>& sets) {
-  std::string s = " " + config_path();
-  for (const auto& x : sets) s += " --set " + x;
-  return s;
-}
-
-std::vector<nlohmann::json> train_records(const std::string& path) {
-  std::ifstream in(path);
-  std::vector<nlohmann::json> out;
-  for (std::string line; std::getline(in, line);) {
-    auto j = nlohmann::json::parse(line);
-    if (j.value("kind", "") != "eval") out.push_back(j);
-  }
-  return out;
-}
 
 class Dist : public ::testing::Test {
  protected:
   void SetUp() override {
-    write_corpus(dir_);
-    ExperimentConfig cfg = load_experiment_config(config_path(), tiny_sets(dir_, "prep", 8));
+    write_sentence_corpus(dir_);
+    ExperimentConfig cfg = load_experiment_config(debug_config_path(), launch_tiny_sets(dir_, "prep", 8));
     PrepareOptions opt;
     opt.progress = false;
     prepare_data(cfg.data, cfg.model.vocab_size, opt);
@@ -92,7 +51,7 @@ class Dist : public ::testing::Test {
   // `moetrain launch --nproc N -- train ...` with one thread per rank.
   moetrain::testing::RunResult launch(int nproc, const std::vector<std::string>& sets, const std::string& env = "") {
     return run_capture(fmt::format("OMP_NUM_THREADS=1 {} {} launch --nproc {} -- train{}", env, MOETRAIN_BINARY, nproc,
-                                   cli(sets)));
+                                   debug_cli(sets)));
   }
   TempDir dir_;
 };
@@ -126,12 +85,12 @@ void expect_same_training(const std::vector<nlohmann::json>& one, const std::vec
 
 TEST_F(Dist, TwoRanksTrainLikeOneProcess) {
   constexpr int kSteps = 8;
-  ExperimentConfig cfg = load_experiment_config(config_path(), tiny_sets(dir_, "single", kSteps));
+  ExperimentConfig cfg = load_experiment_config(debug_config_path(), launch_tiny_sets(dir_, "single", kSteps));
   TrainResult single = train(cfg);  // accumulation 4 × micro-batch 2
   ASSERT_EQ(single.steps, kSteps);
 
   auto t0 = std::chrono::steady_clock::now();
-  auto r = launch(2, tiny_sets(dir_, "dp2", kSteps));  // 2 ranks × accumulation 2 × micro-batch 2
+  auto r = launch(2, launch_tiny_sets(dir_, "dp2", kSteps));  // 2 ranks × accumulation 2 × micro-batch 2
   ASSERT_EQ(r.exit_code, 0) << r.output;
   std::cerr << "launch --nproc 2: " << std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()
             << " s\n";
@@ -143,9 +102,9 @@ TEST_F(Dist, TwoRanksTrainLikeOneProcess) {
 
 TEST_F(Dist, FourRanksTrainLikeOneProcess) {
   constexpr int kSteps = 4;
-  ExperimentConfig cfg = load_experiment_config(config_path(), tiny_sets(dir_, "single", kSteps));
+  ExperimentConfig cfg = load_experiment_config(debug_config_path(), launch_tiny_sets(dir_, "single", kSteps));
   train(cfg);                                          // accumulation 4 × micro-batch 2
-  auto r = launch(4, tiny_sets(dir_, "dp4", kSteps));  // 4 ranks × 1 micro-batch of 2
+  auto r = launch(4, launch_tiny_sets(dir_, "dp4", kSteps));  // 4 ranks × 1 micro-batch of 2
   ASSERT_EQ(r.exit_code, 0) << r.output;
   expect_same_training(train_records(dir_.file("single/metrics.jsonl")), train_records(dir_.file("dp4/metrics.jsonl")),
                        kSteps);
@@ -153,7 +112,7 @@ TEST_F(Dist, FourRanksTrainLikeOneProcess) {
 
 TEST_F(Dist, DyingRankFailsTheLaunchPromptly) {
   auto t0 = std::chrono::steady_clock::now();
-  auto r = launch(2, tiny_sets(dir_, "die", 200), "MOETRAIN_TEST_INJECT=exit@1:3");
+  auto r = launch(2, launch_tiny_sets(dir_, "die", 200), "MOETRAIN_TEST_INJECT=exit@1:3");
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_NE(r.exit_code, 0) << r.output;
   EXPECT_LT(s, 40.0) << r.output;
@@ -166,14 +125,14 @@ TEST_F(Dist, DyingRankFailsTheLaunchPromptly) {
 // relaunch with --resume auto (every rank loads it) continues exactly like one process.
 TEST_F(Dist, SignalOnOneRankStopsAllThenResumeMatches) {
   constexpr int kSteps = 6;
-  ExperimentConfig cfg = load_experiment_config(config_path(), tiny_sets(dir_, "single", kSteps));
+  ExperimentConfig cfg = load_experiment_config(debug_config_path(), launch_tiny_sets(dir_, "single", kSteps));
   train(cfg);
-  auto r = launch(2, tiny_sets(dir_, "dp", kSteps), "MOETRAIN_TEST_INJECT=sigterm@1:3");
+  auto r = launch(2, launch_tiny_sets(dir_, "dp", kSteps), "MOETRAIN_TEST_INJECT=sigterm@1:3");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("stopped by signal at step 3"), std::string::npos) << r.output;
   EXPECT_TRUE(std::filesystem::exists(dir_.file("dp/ckpt/step-00000003/MANIFEST"))) << r.output;
-  std::vector<std::string> sets = tiny_sets(dir_, "dp", kSteps);
-  r = run_capture(fmt::format("OMP_NUM_THREADS=1 {} launch --nproc 2 -- train{} --resume auto", MOETRAIN_BINARY, cli(sets)));
+  std::vector<std::string> sets = launch_tiny_sets(dir_, "dp", kSteps);
+  r = run_capture(fmt::format("OMP_NUM_THREADS=1 {} launch --nproc 2 -- train{} --resume auto", MOETRAIN_BINARY, debug_cli(sets)));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   expect_same_training(train_records(dir_.file("single/metrics.jsonl")), train_records(dir_.file("dp/metrics.jsonl")),
                        kSteps);
@@ -184,10 +143,10 @@ TEST_F(Dist, TorchrunRunsTheSameJob) {
   const std::string torchrun = std::filesystem::path(MOETRAIN_PYTHON).parent_path() / "torchrun";
   if (!std::filesystem::exists(torchrun)) GTEST_SKIP() << "no " << torchrun;
   constexpr int kSteps = 4;
-  auto r = launch(2, tiny_sets(dir_, "launch", kSteps));
+  auto r = launch(2, launch_tiny_sets(dir_, "launch", kSteps));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   r = run_capture(fmt::format("OMP_NUM_THREADS=1 {} --standalone --nproc-per-node 2 --no-python {} train{}", torchrun,
-                              MOETRAIN_BINARY, cli(tiny_sets(dir_, "torchrun", kSteps))));
+                              MOETRAIN_BINARY, debug_cli(launch_tiny_sets(dir_, "torchrun", kSteps))));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   auto a = train_records(dir_.file("launch/metrics.jsonl")), b = train_records(dir_.file("torchrun/metrics.jsonl"));
   ASSERT_EQ(a.size(), b.size());
@@ -197,7 +156,7 @@ TEST_F(Dist, TorchrunRunsTheSameJob) {
 // SIGTERM to `launch` itself is forwarded: the ranks save one checkpoint and exit 0.
 TEST_F(Dist, SigtermToLaunchStopsTheJobGracefully) {
   const std::string cmd = fmt::format("OMP_NUM_THREADS=1 {} launch --nproc 2 -- train{}", MOETRAIN_BINARY,
-                                      cli(tiny_sets(dir_, "term", 400)));
+                                      debug_cli(launch_tiny_sets(dir_, "term", 400)));
   // once step 1 is logged, every rank has its signal handlers
   auto r = run_capture("sh -c '" + cmd + " & pid=$!; i=0; while [ ! -s " + dir_.file("term/metrics.jsonl") +
                        " ] && [ $i -lt 150 ]; do sleep 0.2; i=$((i+1)); done; kill -TERM $pid; wait $pid'");
@@ -207,10 +166,10 @@ TEST_F(Dist, SigtermToLaunchStopsTheJobGracefully) {
 }
 
 TEST(DistEnv, MalformedEnvironmentIsExit2) {
-  auto r = run_capture(fmt::format("WORLD_SIZE=abc {} train {}", MOETRAIN_BINARY, config_path()));
+  auto r = run_capture(fmt::format("WORLD_SIZE=abc {} train {}", MOETRAIN_BINARY, debug_config_path()));
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("WORLD_SIZE='abc'"), std::string::npos) << r.output;
-  r = run_capture(fmt::format("WORLD_SIZE=2 RANK=2 {} train {}", MOETRAIN_BINARY, config_path()));
+  r = run_capture(fmt::format("WORLD_SIZE=2 RANK=2 {} train {}", MOETRAIN_BINARY, debug_config_path()));
   EXPECT_EQ(r.exit_code, 2) << r.output;
   EXPECT_NE(r.output.find("RANK=2 must be below WORLD_SIZE=2"), std::string::npos) << r.output;
 }
@@ -222,18 +181,6 @@ TEST(DistEnv, LaunchUsage) {
   EXPECT_EQ(run_capture(fmt::format("{} launch -- train x.yaml", MOETRAIN_BINARY)).exit_code, 2);
   EXPECT_EQ(run_capture(fmt::format("{} launch --nproc two -- train x.yaml", MOETRAIN_BINARY)).exit_code, 2);
   EXPECT_EQ(run_capture(fmt::format("{} launch --nproc 2", MOETRAIN_BINARY)).exit_code, 2);
-}
-
-int free_port() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
-  return ntohs(a.sin_port);
 }
 
 // Two ranks as two threads of this process: bucketed averaging over several buckets and

@@ -24,6 +24,7 @@
 #include "models/moe.h"
 #include "models/transformer.h"
 #include "test_paths.h"
+#include "dist_test_util.h"
 #include "test_util.h"
 #include "trainer/experiment_config.h"
 #include "trainer/expert_parallel.h"
@@ -31,47 +32,15 @@
 
 using namespace moetrain;
 using moetrain::testing::run_capture;
+using moetrain::testing::debug_cli;
+using moetrain::testing::debug_config_path;
+using moetrain::testing::launch_tiny_sets;
+using moetrain::testing::run_ranks;
+using moetrain::testing::train_records;
+using moetrain::testing::write_sentence_corpus;
 using moetrain::testing::TempDir;
-using moetrain::testing::write_file;
 
 namespace {
-
-int free_port() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
-  return ntohs(a.sin_port);
-}
-
-// Runs fn(rank, world group) on `world` threads, one Gloo rank each; returns the errors.
-std::string run_ranks(int64_t world, const std::function<void(int64_t, ProcessGroup&)>& fn) {
-  const int port = free_port();
-  std::vector<std::string> errors(static_cast<size_t>(world));
-  auto rank_main = [&](int64_t rank) {
-    try {
-      DistEnv env;
-      env.rank = rank;
-      env.world_size = world;
-      env.master_port = port;
-      ProcessGroup pg(env, "gloo", std::chrono::seconds(30));
-      fn(rank, pg);
-    } catch (const std::exception& e) {
-      errors[static_cast<size_t>(rank)] = fmt::format("rank {}: {}\n", rank, e.what());
-    }
-  };
-  std::vector<std::thread> threads;
-  for (int64_t r = 1; r < world; ++r) threads.emplace_back(rank_main, r);
-  rank_main(0);
-  for (auto& t : threads) t.join();
-  std::string all;
-  for (const auto& e : errors) all += e;
-  return all;
-}
 
 double max_diff(const torch::Tensor& a, const torch::Tensor& b) { return (a - b).abs().max().item<double>(); }
 
@@ -231,52 +200,13 @@ TEST(EpRouting, OneGroupPerTokenIsOneRank) {
 
 namespace {
 
-void write_corpus(const TempDir& dir) {
-  const char* subjects[] = {"the cat", "a dog", "the bird", "my friend"};
-  const char* verbs[] = {"sat on", "looked at", "jumped over", "walked to"};
-  const char* objects[] = {"the mat.", "the tree.", "a box.", "the door."};
-  for (int doc = 0; doc < 6; ++doc) {
-    std::string s;
-    for (int i = 0; i < 300; ++i) {
-      int k = (i * 7 + doc * 3) % 64;
-      s += std::string(subjects[k % 4]) + " " + verbs[(k / 4) % 4] + " " + objects[(k / 16) % 4] + "\n";
-    }
-    write_file(dir.path() / "text" / ("doc" + std::to_string(doc) + ".txt"), s);
-  }
-}
-
-// test_dist.cpp's tiny model; `run` names the logging / checkpoint directories.
+// The tiny launched model (tests/dist_test_util.h) with clipping, checkpoints every 3 steps
+// and the given ep_size.
 std::vector<std::string> tiny_sets(const TempDir& dir, const std::string& run, int steps, int ep) {
-  return {"model.vocab_size=260", "model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=4",
-          "model.intermediate_size=128", "model.moe_intermediate_size=32", "model.kv_lora_rank=32",
-          "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16", "model.n_routed_experts=8",
-          "model.num_experts_per_tok=2", "model.n_shared_experts=1", "model.init_std=0.02",
-          "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=2", "optim.grad_clip=0.5",
-          "train.steps=" + std::to_string(steps), "train.global_batch=8", "train.micro_batch=2", "train.seq_len=32",
-          "train.threads=1", "train.eval_every=0", "train.eval_batches=1", "logging.every=1",
-          "checkpoint.every=3", "checkpoint.keep_last=10",
-          "data.tokenizer=byte", "data.val_fraction=0.2", "distributed.backend=gloo", "distributed.timeout_s=60",
-          "distributed.ep_size=" + std::to_string(ep),
-          "data.dir=" + dir.file("data"), "data.sources=" + dir.file("text/*.txt"), "logging.dir=" + dir.file(run),
-          "checkpoint.dir=" + dir.file(run + "/ckpt")};
-}
-
-std::string config_path() { return std::string(MOETRAIN_SOURCE_DIR) + "/configs/debug.yaml"; }
-
-std::string cli(const std::vector<std::string>& sets) {
-  std::string s = " " + config_path();
-  for (const auto& x : sets) s += " --set " + x;
-  return s;
-}
-
-std::vector<nlohmann::json> train_records(const std::string& path) {
-  std::ifstream in(path);
-  std::vector<nlohmann::json> out;
-  for (std::string line; std::getline(in, line);) {
-    auto j = nlohmann::json::parse(line);
-    if (j.value("kind", "") != "eval") out.push_back(j);
-  }
-  return out;
+  std::vector<std::string> sets = launch_tiny_sets(dir, run, steps);
+  sets.insert(sets.end(), {"optim.grad_clip=0.5", "checkpoint.every=3", "checkpoint.keep_last=10",
+                        "distributed.ep_size=" + std::to_string(ep)});
+  return sets;
 }
 
 // Steps [first, first + n) of `many` against the same steps of `one`: losses to float
@@ -311,15 +241,15 @@ void expect_same_steps(const std::vector<nlohmann::json>& one, const std::vector
 class EpTrain : public ::testing::Test {
  protected:
   void SetUp() override {
-    write_corpus(dir_);
-    ExperimentConfig cfg = load_experiment_config(config_path(), tiny_sets(dir_, "prep", 6, 1));
+    write_sentence_corpus(dir_);
+    ExperimentConfig cfg = load_experiment_config(debug_config_path(), tiny_sets(dir_, "prep", 6, 1));
     PrepareOptions opt;
     opt.progress = false;
     prepare_data(cfg.data, cfg.model.vocab_size, opt);
   }
   moetrain::testing::RunResult launch(int nproc, const std::vector<std::string>& sets, const std::string& extra = "") {
     return run_capture(fmt::format("OMP_NUM_THREADS=1 {} launch --nproc {} -- train{}{}", MOETRAIN_BINARY, nproc,
-                                   cli(sets), extra));
+                                   debug_cli(sets), extra));
   }
   TempDir dir_;
 };
@@ -331,7 +261,7 @@ class EpTrain : public ::testing::Test {
 // the uninterrupted run's losses, and exports the same HF checkpoint as the one-process run.
 TEST_F(EpTrain, Ep2TrainsLikeOneProcessAndReshardsOnResume) {
   constexpr int kSteps = 6;
-  ExperimentConfig cfg = load_experiment_config(config_path(), tiny_sets(dir_, "single", kSteps, 1));
+  ExperimentConfig cfg = load_experiment_config(debug_config_path(), tiny_sets(dir_, "single", kSteps, 1));
   ASSERT_EQ(train(cfg).steps, kSteps);
   const auto one = train_records(dir_.file("single/metrics.jsonl"));
 
@@ -347,7 +277,7 @@ TEST_F(EpTrain, Ep2TrainsLikeOneProcessAndReshardsOnResume) {
   EXPECT_FALSE(read_safetensors(ckpt + "/model.safetensors").contains("layers.1.ffn.experts.w1"));
 
   // ep 2 -> ep 1 (one process)
-  ExperimentConfig cfg1 = load_experiment_config(config_path(), tiny_sets(dir_, "ep1", kSteps, 1));
+  ExperimentConfig cfg1 = load_experiment_config(debug_config_path(), tiny_sets(dir_, "ep1", kSteps, 1));
   TrainOptions resume;
   resume.resume = ckpt;
   ASSERT_EQ(train(cfg1, resume).steps, kSteps);
@@ -397,7 +327,7 @@ TEST_F(EpTrain, Ep2TrainsLikeOneProcessAndReshardsOnResume) {
 // DP 2 × EP 2 on 4 ranks (two EP groups, two EDP groups) trains like one process.
 TEST_F(EpTrain, Dp2Ep2TrainsLikeOneProcess) {
   constexpr int kSteps = 3;
-  ExperimentConfig cfg = load_experiment_config(config_path(), tiny_sets(dir_, "single", kSteps, 1));
+  ExperimentConfig cfg = load_experiment_config(debug_config_path(), tiny_sets(dir_, "single", kSteps, 1));
   train(cfg);
   auto r = launch(4, tiny_sets(dir_, "dp2ep2", kSteps, 2));
   ASSERT_EQ(r.exit_code, 0) << r.output;
@@ -409,7 +339,7 @@ TEST_F(EpTrain, Dp2Ep2TrainsLikeOneProcess) {
 // experts' rows of the re-assembled moments.
 TEST_F(EpTrain, ZeroCheckpointResumesWithEp2) {
   constexpr int kSteps = 6;
-  ExperimentConfig cfg = load_experiment_config(config_path(), tiny_sets(dir_, "single", kSteps, 1));
+  ExperimentConfig cfg = load_experiment_config(debug_config_path(), tiny_sets(dir_, "single", kSteps, 1));
   train(cfg);
   std::vector<std::string> zero_sets = tiny_sets(dir_, "zero", kSteps, 1);
   zero_sets.push_back("distributed.zero_stage=1");
@@ -428,7 +358,7 @@ TEST_F(EpTrain, ZeroWithEpIsRefused) {
   std::vector<std::string> sets = tiny_sets(dir_, "bad", 2, 2);
   sets.push_back("distributed.zero_stage=1");
   try {
-    load_experiment_config(config_path(), sets);
+    load_experiment_config(debug_config_path(), sets);
     ADD_FAILURE() << "zero_stage 1 with ep_size 2 was accepted";
   } catch (const std::exception& e) {
     EXPECT_NE(std::string(e.what()).find("distributed.zero_stage"), std::string::npos) << e.what();

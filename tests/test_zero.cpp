@@ -18,6 +18,7 @@
 
 #include "data/prepare.h"
 #include "test_paths.h"
+#include "dist_test_util.h"
 #include "test_util.h"
 #include "trainer/checkpoint.h"
 #include "trainer/distributed.h"
@@ -28,8 +29,13 @@
 
 using namespace moetrain;
 using moetrain::testing::run_capture;
+using moetrain::testing::debug_cli;
+using moetrain::testing::debug_config_path;
+using moetrain::testing::launch_tiny_sets;
+using moetrain::testing::run_ranks;
+using moetrain::testing::train_records;
+using moetrain::testing::write_sentence_corpus;
 using moetrain::testing::TempDir;
-using moetrain::testing::write_file;
 
 namespace {
 
@@ -88,47 +94,10 @@ TEST(ZeroLayout, EvenShardsAndParameterFragments) {
 
 // --- the optimizer against AdamW, two ranks as threads -------------------------------------
 
-int free_port() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
-  return ntohs(a.sin_port);
-}
-
-// Runs body(pg) on `world` ranks as threads of this process; returns their errors joined.
-std::string on_ranks(int world, const std::function<void(ProcessGroup&)>& body) {
-  const int port = free_port();
-  std::vector<std::string> errors(static_cast<size_t>(world));
-  auto rank_main = [&](int64_t rank) {
-    try {
-      DistEnv env;
-      env.rank = rank;
-      env.world_size = world;
-      env.master_port = port;
-      ProcessGroup pg(env, "gloo", std::chrono::seconds(30));
-      body(pg);
-    } catch (const std::exception& e) {
-      errors[static_cast<size_t>(rank)] = e.what();
-    }
-  };
-  std::vector<std::thread> threads;
-  for (int r = 1; r < world; ++r) threads.emplace_back(rank_main, r);
-  rank_main(0);
-  for (auto& t : threads) t.join();
-  std::string all;
-  for (const auto& e : errors) all += e;
-  return all;
-}
-
 TEST(ZeroCollectives, ReduceScatterAndAllGather) {
   constexpr int kWorld = 3;
   std::vector<torch::Tensor> shards(kWorld), gathered(kWorld), shards64(kWorld);
-  const std::string errors = on_ranks(kWorld, [&](ProcessGroup& pg) {
+  const std::string errors = run_ranks(kWorld, [&](int64_t, ProcessGroup& pg) {
     const auto r = static_cast<size_t>(pg.rank());
     const double k = static_cast<double>(pg.rank() + 1);
     shards[r] = torch::empty({4});
@@ -205,7 +174,7 @@ TEST(ZeroAdamW, TwoRanksStepLikeReplicatedAdamW) {
   std::vector<std::vector<double>> norms(2);
   std::vector<std::vector<int64_t>> steps(2);
   std::vector<int64_t> state_bytes(2);
-  const std::string errors = on_ranks(2, [&](ProcessGroup& pg) {
+  const std::string errors = run_ranks(2, [&](int64_t, ProcessGroup& pg) {
     const int64_t rank = pg.rank();
     auto& mine = params[static_cast<size_t>(rank)];
     mine = toy_params();
@@ -241,51 +210,11 @@ TEST(ZeroAdamW, TwoRanksStepLikeReplicatedAdamW) {
 
 // --- training through `moetrain launch` --------------------------------------------------------
 
-void write_corpus(const TempDir& dir) {
-  const char* subjects[] = {"the cat", "a dog", "the bird", "my friend"};
-  const char* verbs[] = {"sat on", "looked at", "jumped over", "walked to"};
-  const char* objects[] = {"the mat.", "the tree.", "a box.", "the door."};
-  for (int doc = 0; doc < 6; ++doc) {
-    std::string s;
-    for (int i = 0; i < 300; ++i) {
-      int k = (i * 7 + doc * 3) % 64;
-      s += std::string(subjects[k % 4]) + " " + verbs[(k / 4) % 4] + " " + objects[(k / 16) % 4] + "\n";
-    }
-    write_file(dir.path() / "text" / ("doc" + std::to_string(doc) + ".txt"), s);
-  }
-}
-
-// test_dist.cpp's tiny model; `run` names the logging / checkpoint directories.
+// The tiny launched model (tests/dist_test_util.h) with clipping and the given ZeRO stage.
 std::vector<std::string> tiny_sets(const TempDir& dir, const std::string& run, int steps, int zero_stage) {
-  return {"model.vocab_size=260", "model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=4",
-          "model.intermediate_size=128", "model.moe_intermediate_size=32", "model.kv_lora_rank=32",
-          "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16", "model.n_routed_experts=8",
-          "model.num_experts_per_tok=2", "model.n_shared_experts=1", "model.init_std=0.02",
-          "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=2", "optim.grad_clip=0.5",
-          "train.steps=" + std::to_string(steps), "train.global_batch=8", "train.micro_batch=2", "train.seq_len=32",
-          "train.threads=1", "train.eval_every=0", "train.eval_batches=1", "logging.every=1",
-          "data.tokenizer=byte", "data.val_fraction=0.2", "distributed.backend=gloo", "distributed.timeout_s=60",
-          "distributed.zero_stage=" + std::to_string(zero_stage),
-          "data.dir=" + dir.file("data"), "data.sources=" + dir.file("text/*.txt"), "logging.dir=" + dir.file(run),
-          "checkpoint.dir=" + dir.file(run + "/ckpt"), "checkpoint.keep_last=5"};
-}
-
-std::string config_path() { return std::string(MOETRAIN_SOURCE_DIR) + "/configs/debug.yaml"; }
-
-std::string cli(const std::vector<std::string>& sets) {
-  std::string s = " " + config_path();
-  for (const auto& x : sets) s += " --set " + x;
-  return s;
-}
-
-std::vector<nlohmann::json> train_records(const std::string& path) {
-  std::ifstream in(path);
-  std::vector<nlohmann::json> out;
-  for (std::string line; std::getline(in, line);) {
-    auto j = nlohmann::json::parse(line);
-    if (j.value("kind", "") != "eval") out.push_back(j);
-  }
-  return out;
+  std::vector<std::string> sets = launch_tiny_sets(dir, run, steps);
+  sets.insert(sets.end(), {"optim.grad_clip=0.5", "distributed.zero_stage=" + std::to_string(zero_stage), "checkpoint.keep_last=5"});
+  return sets;
 }
 
 // Steps [first, first + n) of `one` against the n records of `many` (losses to float rounding,
@@ -319,22 +248,22 @@ void expect_same_training(const std::vector<nlohmann::json>& one, const std::vec
 class Zero : public ::testing::Test {
  protected:
   void SetUp() override {
-    write_corpus(dir_);
-    ExperimentConfig cfg = load_experiment_config(config_path(), tiny_sets(dir_, "prep", 8, 0));
+    write_sentence_corpus(dir_);
+    ExperimentConfig cfg = load_experiment_config(debug_config_path(), tiny_sets(dir_, "prep", 8, 0));
     PrepareOptions opt;
     opt.progress = false;
     prepare_data(cfg.data, cfg.model.vocab_size, opt);
   }
   moetrain::testing::RunResult launch(int nproc, const std::vector<std::string>& sets, const std::string& extra = "") {
     return run_capture(fmt::format("OMP_NUM_THREADS=1 {} launch --nproc {} -- train{}{}", MOETRAIN_BINARY, nproc,
-                                   cli(sets), extra));
+                                   debug_cli(sets), extra));
   }
   TempDir dir_;
 };
 
 TEST_F(Zero, TwoAndFourRanksTrainLikeOneProcess) {
   constexpr int kSteps = 5;
-  train(load_experiment_config(config_path(), tiny_sets(dir_, "single", kSteps, 0)));  // replicated, 1 process
+  train(load_experiment_config(debug_config_path(), tiny_sets(dir_, "single", kSteps, 0)));  // replicated, 1 process
   auto r = launch(2, tiny_sets(dir_, "z2", kSteps, 1));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   expect_same_training(train_records(dir_.file("single/metrics.jsonl")), train_records(dir_.file("z2/metrics.jsonl")));
@@ -354,7 +283,7 @@ TEST_F(Zero, TwoAndFourRanksTrainLikeOneProcess) {
 // replicated) with the losses of the uninterrupted run; a missing shard is rejected.
 TEST_F(Zero, CheckpointResumesAtAnotherWorldSize) {
   constexpr int kSteps = 6;
-  train(load_experiment_config(config_path(), tiny_sets(dir_, "single", kSteps, 0)));
+  train(load_experiment_config(debug_config_path(), tiny_sets(dir_, "single", kSteps, 0)));
   auto sets = tiny_sets(dir_, "z2", kSteps, 1);
   sets.push_back("checkpoint.every=3");
   auto r = launch(2, sets);
@@ -372,7 +301,7 @@ TEST_F(Zero, CheckpointResumesAtAnotherWorldSize) {
     const std::string run = fmt::format("one{}", stage);
     TrainOptions opt;
     opt.resume = ck;
-    TrainResult res = train(load_experiment_config(config_path(), tiny_sets(dir_, run, kSteps, stage)), opt);
+    TrainResult res = train(load_experiment_config(debug_config_path(), tiny_sets(dir_, run, kSteps, stage)), opt);
     EXPECT_EQ(res.resumed_step, 3);
     expect_same_training(single, train_records(dir_.file(run + "/metrics.jsonl")), 3);
   }

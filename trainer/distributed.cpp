@@ -1,10 +1,10 @@
 #include "trainer/distributed.h"
 
 #include <algorithm>
-#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <exception>
+#include <functional>
 #include <iostream>
 #include <map>
 
@@ -62,6 +62,19 @@ DistEnv DistEnv::from_env() {
 std::string dist_backend(const std::string& backend, const std::string& device) {
   if (backend != "auto") return backend;
   return device == "cuda" ? "nccl" : "gloo";
+}
+
+struct PendingCollective::State {
+  std::function<void()> wait;  // waits for the work and copies a staged result back
+};
+PendingCollective::PendingCollective() = default;
+PendingCollective::PendingCollective(PendingCollective&&) noexcept = default;
+PendingCollective& PendingCollective::operator=(PendingCollective&&) noexcept = default;
+PendingCollective::~PendingCollective() = default;
+void PendingCollective::wait() {
+  if (!state_) return;
+  auto s = std::move(state_);  // once: a second wait() is a no-op
+  s->wait();
 }
 
 #if defined(MOETRAIN_WITH_GLOO) || defined(MOETRAIN_WITH_NCCL)
@@ -173,6 +186,22 @@ void ProcessGroup::all_reduce(const std::vector<torch::Tensor>& tensors, ReduceO
     impl_->wait(impl_->backend->allreduce(v, ao), "all_reduce");
     if (!staged.is_same(t)) t.copy_(staged);
   }
+}
+
+PendingCollective ProcessGroup::all_reduce_async(const torch::Tensor& tensor) {
+  PendingCollective pending;
+  if (!impl_) return pending;
+  c10d::AllreduceOptions ao;
+  ao.reduceOp = c10d::ReduceOp::SUM;
+  torch::Tensor staged = impl_->stage(tensor);
+  std::vector<at::Tensor> v{staged};
+  c10::intrusive_ptr<c10d::Work> work = impl_->backend->allreduce(v, ao);
+  pending.state_ = std::make_unique<PendingCollective::State>();
+  pending.state_->wait = [impl = impl_.get(), work, staged, tensor] {
+    impl->wait(work, "all_reduce");
+    if (!staged.is_same(tensor)) tensor.copy_(staged);
+  };
+  return pending;
 }
 
 void ProcessGroup::broadcast(const std::vector<torch::Tensor>& tensors, int64_t root) {
@@ -296,6 +325,7 @@ ProcessGroup::ProcessGroup(const DistEnv& env, const std::string& backend, std::
       env.world_size, backend));
 }
 void ProcessGroup::all_reduce(const std::vector<torch::Tensor>&, ReduceOp) {}
+PendingCollective ProcessGroup::all_reduce_async(const torch::Tensor&) { return {}; }
 void ProcessGroup::broadcast(const std::vector<torch::Tensor>&, int64_t) {}
 void ProcessGroup::barrier() {}
 void ProcessGroup::reduce_scatter(const torch::Tensor& shard, const torch::Tensor& full) { shard.copy_(full.reshape(-1)); }

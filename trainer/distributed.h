@@ -52,6 +52,24 @@ struct DistEnv {
 
 enum class ReduceOp { kSum, kMax };
 
+// A collective in flight (ProcessGroup::all_reduce_async). wait() makes its result visible to
+// what follows: with NCCL it orders the current CUDA stream after the collective (no host
+// wait), with Gloo it blocks until the collective is done. Move-only; an empty one (world
+// size 1) is already done.
+class PendingCollective {
+ public:
+  PendingCollective();
+  PendingCollective(PendingCollective&&) noexcept;
+  PendingCollective& operator=(PendingCollective&&) noexcept;
+  ~PendingCollective();
+  void wait();
+
+ private:
+  friend class ProcessGroup;
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
 // distributed.backend → the backend to build: auto = nccl when train.device is cuda, else gloo.
 std::string dist_backend(const std::string& backend, const std::string& device);
 
@@ -75,6 +93,9 @@ class ProcessGroup {
   // non-CPU tensors are staged through host memory for Gloo).
   void all_reduce(const std::vector<torch::Tensor>& tensors, ReduceOp op = ReduceOp::kSum);
   void all_reduce(const torch::Tensor& tensor, ReduceOp op = ReduceOp::kSum) { all_reduce(std::vector{tensor}, op); }
+  // Starts a SUM all-reduce of `tensor` in place and returns at once (the backward pass goes on
+  // while it runs: trainer/grad_reducer.h). `tensor` must stay alive and untouched until wait().
+  PendingCollective all_reduce_async(const torch::Tensor& tensor);
   // Every rank's tensors become root's.
   void broadcast(const std::vector<torch::Tensor>& tensors, int64_t root = 0);
   void barrier();

@@ -158,6 +158,7 @@ void visit_config(V& v, ExperimentConfig& c) {
     s.integer("ep_size", d.ep_size, 1);
     s.integer("timeout_s", d.timeout_s, 1);
     s.integer("zero_stage", d.zero_stage, 0, 1);
+    s.boolean("overlap_grad_reduce", d.overlap_grad_reduce);
   });
 }
 

@@ -85,6 +85,9 @@ struct DistributedConfig {
   int64_t ep_size = 1;
   int64_t timeout_s = 600;
   int64_t zero_stage = 0;  // 0: replicated AdamW; 1: AdamW moments sharded over data-parallel ranks (trainer/zero.h)
+  // Replicated data parallel: all-reduce gradient buckets during the backward (trainer/grad_reducer.h)
+  // rather than after it (false: ProcessGroup::average_gradients, the reference twin).
+  bool overlap_grad_reduce = true;
 };
 
 struct ExperimentConfig {

@@ -39,7 +39,16 @@ StepLosses forward_backward(Transformer& model, Balancer& balancer, const std::f
       }
       loss = loss / static_cast<double>(options.accum);
     }
+    const bool last = m + 1 == options.accum;
+    if (last && options.reducer) options.reducer->prepare();
+    // (test-only: a NaN in the first parameter's gradient as it accumulates, so it also reaches
+    // the other ranks through the reduction)
+    torch::Tensor poisoned = options.poison_grad && last ? model->parameters().front() : torch::Tensor();
+    unsigned poison_hook = 0;
+    if (poisoned.defined())
+      poison_hook = poisoned.register_hook([](torch::Tensor g) { return g * std::numeric_limits<double>::quiet_NaN(); });
     loss.backward();
+    if (poisoned.defined()) poisoned.remove_hook(poison_hook);
     balancer.accumulate(out.routing);  // training forward passes only (MTP MoE layers included)
     if (mtp.defined()) sums.mtp += mtp.detach().to(torch::kFloat64);
     // float64 sums of the fp32 scalars: the same numbers as adding their .item()s on the host
@@ -48,6 +57,7 @@ StepLosses forward_backward(Transformer& model, Balancer& balancer, const std::f
     sums.seq_aux += bl.seq_aux.detach().to(torch::kFloat64);
     sums.z += bl.z.detach().to(torch::kFloat64);
   }
+  if (options.reducer) options.reducer->finish();
   return sums;
 }
 

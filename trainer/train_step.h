@@ -15,6 +15,7 @@
 #include "data/dataset.h"
 #include "models/transformer.h"
 #include "trainer/balance.h"
+#include "trainer/grad_reducer.h"
 
 namespace moetrain {
 
@@ -32,10 +33,15 @@ struct ForwardBackwardOptions {
   bool bf16_autocast = false;  // CUDA: bf16 matmuls over fp32 master weights
   double mtp_weight = 0.0;     // λ of the MTP loss this step (train.mtp_loss_weight, scheduled)
   bool poison_loss = false;    // test-only fault injection: the LM loss becomes NaN before backward
+  bool poison_grad = false;    // test-only: the first parameter's gradient becomes NaN (before any reduction)
+  // Data parallel: averages the gradients over the ranks during the last micro-step's
+  // backward (trainer/grad_reducer.h); null = the caller reduces them (or one process).
+  GradReducer* reducer = nullptr;
 };
 
 // micro_batch(m) is micro-batch m (CPU or device tensors). Gradients are ADDED to the
-// parameters' .grad (zero them first).
+// parameters' .grad (zero them first); with options.reducer they are the average over the
+// ranks on return.
 StepLosses forward_backward(Transformer& model, Balancer& balancer, const std::function<Batch(int64_t)>& micro_batch,
                             const ForwardBackwardOptions& options);
 

@@ -26,6 +26,7 @@
 #include "trainer/distributed.h"
 #include "trainer/evaluate.h"
 #include "trainer/expert_parallel.h"
+#include "trainer/grad_reducer.h"
 #include "trainer/metrics.h"
 #include "trainer/optim.h"
 #include "trainer/train_step.h"
@@ -160,7 +161,7 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   // the optimizer: replicated AdamW (zero_stage 0) or its ZeRO-1 sharding (trainer/zero.h)
   // (zero_stage 1 with ep_size > 1 is refused by validate_config)
   const bool zero = cfg.distributed.zero_stage == 1;
-  std::unique_ptr<torch::optim::AdamW> optimizer;
+  std::unique_ptr<FusedAdamW> optimizer;
   std::unique_ptr<ZeroAdamW> zero_opt;
   if (zero) {
     std::vector<std::pair<std::string, torch::Tensor>> named;
@@ -210,6 +211,11 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   const bool bf16_autocast = tc.dtype == "bf16" && device.is_cuda();
   const int64_t tokens_per_step = tc.global_batch * tc.seq_len;
   std::vector<torch::Tensor> params = model->parameters();
+  // replicated data parallel: gradients averaged during the backward (trainer/grad_reducer.h);
+  // ZeRO-1 reduce-scatters and expert parallelism reduces per group after it
+  std::unique_ptr<GradReducer> reducer;
+  if (world > 1 && !zero && !ep.enabled() && cfg.distributed.overlap_grad_reduce)
+    reducer = std::make_unique<GradReducer>(params, pg);
 
   if (main_rank)
     std::cerr << fmt::format("train: {} steps × {} sequences × {} tokens ({} micro-steps of {}{}), {} on {}; metrics → {}\n",
@@ -258,17 +264,17 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
     fb.bf16_autocast = bf16_autocast;
     fb.mtp_weight = mtp_weight;
     fb.poison_loss = inject.at("nan_loss", step + 1);
+    fb.poison_grad = inject.at("nan_grad", step + 1);
+    fb.reducer = reducer.get();
     StepLosses sums = forward_backward(
         model, balancer, [&](int64_t m) { return loader.micro_batch(step, m, rank, world); }, fb);
     // data parallel: sum the losses and the expert counts, average the gradients, so every
     // rank takes the same decisions, the same bias update and the same optimizer step
     all_reduce_losses(pg, sums);
     pg.all_reduce(balancer.mutable_counts(), ReduceOp::kSum);
-    // (test-only: a NaN gradient before the reduction reaches every rank through it)
-    if (inject.at("nan_grad", step + 1) && params[0].grad().defined()) params[0].grad().fill_(NAN);
     if (zero)
       zero_opt->reduce_gradients();  // reduce-scatter: this rank's shard of the averaged gradient
-    else
+    else if (!reducer)
       ep.reduce_gradients();  // replicated: average over all ranks; experts: over their EDP group
     const std::vector<double> means = sums.means(accum * world);
     const double lm_loss = means[0], aux = means[1], seq_aux = means[2], z = means[3];
@@ -278,8 +284,11 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
 
     // clip; never step the optimizer or the biases on non-finite values
     const double max_norm = cfg.optim.grad_clip > 0.0 ? cfg.optim.grad_clip : std::numeric_limits<double>::infinity();
-    const double grad_norm = zero ? zero_opt->clip_grad_norm(max_norm)  // global: the shards' squares all-reduced
-                                  : ep.clip_grad_norm(max_norm);        // global: each expert shard once
+    // replicated: the norm on the device, the clipping folded into the fused AdamW step
+    const torch::Tensor replicated_norm = zero || ep.enabled() ? torch::Tensor() : moetrain::grad_norm(params);
+    const double grad_norm = zero          ? zero_opt->clip_grad_norm(max_norm)  // global: the shards' squares all-reduced
+                             : ep.enabled() ? ep.clip_grad_norm(max_norm)        // global: each expert shard once
+                                            : replicated_norm.item<double>();
     const std::vector<double> maxvio_layers = balancer.maxvio_per_layer();
     torch::Tensor expert_load = balancer.counts().clone();
     if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
@@ -290,10 +299,12 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
         throw std::runtime_error(fmt::format("stopping at step {}: non-finite loss or gradients", step + 1));
     } else {
       consecutive_skips = 0;
-      if (zero)
+      if (zero) {
         zero_opt->step();  // the shard's AdamW, then all-gather of the parameters
-      else
+      } else {
+        if (replicated_norm.defined() && std::isfinite(max_norm)) optimizer->clip_next_step(replicated_norm, max_norm);
         optimizer->step();
+      }
       balancer.after_step(step + 1, (step + 1) * tokens_per_step);
     }
     const bool loss_spike = spikes.observe(loss);  // a warning only (Megatron's spiky-loss check)
