@@ -39,7 +39,26 @@ struct AllToAllRows : torch::autograd::Function<AllToAllRows> {
   }
 };
 
+// Rows gathered by a permutation: forward x[index], backward grad[inverse] (a gather again,
+// not index_select's scatter-add into zeros). x: [M, ...], index / inverse: [M] int64.
+struct PermuteRows : torch::autograd::Function<PermuteRows> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& index, const torch::Tensor& inverse) {
+    ctx->saved_data["inverse"] = inverse;
+    return x.index_select(0, index);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const torch::Tensor& g = grads[0];
+    return {g.defined() ? g.index_select(0, ctx->saved_data["inverse"].toTensor()) : torch::Tensor(), torch::Tensor(),
+            torch::Tensor()};
+  }
+};
+
 // The c10d dispatcher: an all-to-all of the counts, then of the rows, inside the EP group.
+// Host syncs: one read of the [2, ep, E_local] send / receive counts per dispatch (c10d's
+// all-to-all takes host split sizes); the counts exchange, the regroup indices and both
+// directions of the backward stay on the rows' device.
 class C10dExpertDispatcher : public ExpertDispatcher {
  public:
   explicit C10dExpertDispatcher(ProcessGroup& group) : group_(group) {}
@@ -48,25 +67,30 @@ class C10dExpertDispatcher : public ExpertDispatcher {
 
   ExpertDispatch dispatch(const torch::Tensor& rows, const torch::Tensor& counts) override {
     const int64_t n = size(), e_local = counts.size(0) / n;
-    const torch::Tensor c = counts.to(torch::kCPU, torch::kLong).contiguous().view({n, e_local});  // [dest, e]
-    // recv_counts[s, e]: rows of local expert e that source s sends (split sizes first)
+    const torch::Tensor send_counts = counts.to(torch::kLong).reshape({n, e_local});  // [dest, e], on the device
+    // recv_counts[s, e]: rows of local expert e that source s sends; one all-to-all of e_local
+    // counts per rank, on the counts' device (NCCL: the GPU; Gloo stages CUDA through the host)
     const std::vector<int64_t> equal(static_cast<size_t>(n), e_local);
-    const torch::Tensor recv_counts = group_.all_to_all(c.flatten(), equal, equal).view({n, e_local});
+    const torch::Tensor recv_counts = group_.all_to_all(send_counts.flatten(), equal, equal).view({n, e_local});
+    // the one host read: the split sizes of the rows' all-to-all, both directions at once
+    const torch::Tensor host = torch::stack({send_counts, recv_counts}).sum(2).to(torch::kCPU).contiguous();  // [2, n]
+    const int64_t* h = host.data_ptr<int64_t>();
     ExpertDispatch d;
-    const torch::Tensor send = c.sum(1), recv = recv_counts.sum(1);
-    d.send_splits.assign(send.data_ptr<int64_t>(), send.data_ptr<int64_t>() + n);
-    d.recv_splits.assign(recv.data_ptr<int64_t>(), recv.data_ptr<int64_t>() + n);
+    d.send_splits.assign(h, h + n);
+    d.recv_splits.assign(h + n, h + 2 * n);
+    int64_t m_local = 0;
+    for (int64_t r : d.recv_splits) m_local += r;
     const torch::Tensor received = ep_all_to_all(group_, rows, d.send_splits, d.recv_splits);  // source-major
-    // regroup source-major rows (s, e) into local-expert-major (e, s), stable within a source
-    const torch::Tensor labels = torch::arange(e_local, torch::kLong).repeat({n}).repeat_interleave(recv_counts.flatten());
-    d.regroup = torch::argsort(labels, /*stable=*/true).to(rows.device());
-    d.rows = received.index_select(0, d.regroup);
-    d.counts = recv_counts.sum(0).to(counts.device());
+    const EpRegroup g = ep_regroup(recv_counts, m_local);
+    d.regroup = g.regroup;
+    d.restore = g.restore;
+    d.rows = PermuteRows::apply(received, d.regroup, d.restore);  // local-expert-major
+    d.counts = recv_counts.sum(0);                                // [E_local], on the device
     return d;
   }
 
   torch::Tensor combine(const torch::Tensor& out, const ExpertDispatch& d) override {
-    const torch::Tensor source_major = out.index_select(0, torch::argsort(d.regroup));
+    const torch::Tensor source_major = PermuteRows::apply(out, d.restore, d.regroup);
     return ep_all_to_all(group_, source_major, /*send_splits=*/d.recv_splits, /*recv_splits=*/d.send_splits);
   }
 
@@ -79,6 +103,23 @@ class C10dExpertDispatcher : public ExpertDispatcher {
 torch::Tensor ep_all_to_all(ProcessGroup& group, const torch::Tensor& x, const std::vector<int64_t>& send_splits,
                             const std::vector<int64_t>& recv_splits) {
   return AllToAllRows::apply(x, &group, send_splits, recv_splits);
+}
+
+EpRegroup ep_regroup(const torch::Tensor& recv_counts, int64_t total) {
+  const int64_t n = recv_counts.size(0), e_local = recv_counts.size(1);
+  const torch::Tensor c = recv_counts.to(torch::kLong).contiguous();  // [S, E] block sizes, source-major
+  const torch::Tensor ct = c.t().contiguous();                        // [E, S] the same, expert-major
+  // exclusive prefix sums: where block (s, e) starts among the received rows and among the local rows
+  const torch::Tensor src_start = (c.flatten().cumsum(0) - c.flatten()).view({n, e_local});    // [S, E]
+  const torch::Tensor dst_start = (ct.flatten().cumsum(0) - ct.flatten()).view({e_local, n});  // [E, S]
+  // row k of block (s, e) is received row src_start + k and local row dst_start + k: each
+  // index is arange plus its block's shift, repeated over the block (output_size given: no sync)
+  const torch::Tensor iota = torch::arange(total, c.options());
+  const torch::Tensor shift = dst_start.t() - src_start;  // [S, E]
+  EpRegroup g;
+  g.regroup = iota - shift.t().flatten().repeat_interleave(ct.flatten(), /*dim=*/0, /*output_size=*/total);
+  g.restore = iota + shift.flatten().repeat_interleave(c.flatten(), /*dim=*/0, /*output_size=*/total);
+  return g;
 }
 
 bool ep_is_expert_param(const std::string& name) {
