@@ -185,28 +185,59 @@ void ExpertParallel::reduce_gradients() {
   for (auto& p : experts_)
     if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
   edp_->average_gradients(experts_);  // sum / (W / ep) ...
-  for (auto& p : experts_) p.grad().div_(static_cast<double>(ep_size_));  // ... / ep = sum / W
+  std::vector<torch::Tensor> grads;
+  for (auto& p : experts_) grads.push_back(p.grad());
+  at::_foreach_div_(grads, static_cast<double>(ep_size_));  // ... / ep = sum / W
+}
+
+namespace {
+
+// The defined gradients of `params`.
+std::vector<torch::Tensor> grads_of(const std::vector<torch::Tensor>& params) {
+  std::vector<torch::Tensor> grads;
+  for (const auto& p : params)
+    if (p.grad().defined()) grads.push_back(p.grad().detach());
+  return grads;
+}
+
+// Sum of the squared gradient norms, a 0-dim fp64 tensor on `device`, no host sync: one
+// multi-tensor norm kernel (fp32 accumulation as optim.h's grad_norm, fp64 for fp64
+// gradients), the per-tensor norms' squares summed in fp64 (a few hundred numbers).
+torch::Tensor squared_norm(const std::vector<torch::Tensor>& params, torch::Device device) {
+  const std::vector<torch::Tensor> grads = grads_of(params);
+  if (grads.empty()) return torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
+  bool fp64 = false;
+  for (const auto& g : grads) fp64 = fp64 || g.scalar_type() == torch::kDouble;
+  const std::vector<torch::Tensor> norms = at::_foreach_norm(grads, 2, fp64 ? torch::kDouble : torch::kFloat);
+  return torch::stack(norms).to(torch::kDouble).square().sum().to(device);
+}
+
+}  // namespace
+
+torch::Tensor ExpertParallel::grad_norm() {
+  const torch::Device device = dense_.empty() ? torch::Device(torch::kCPU) : dense_.front().device();
+  torch::Tensor sq = squared_norm(dense_, device);  // replicated ones once
+  if (enabled()) {
+    torch::Tensor expert_sq = squared_norm(experts_, device);
+    ep_->all_reduce(expert_sq, ReduceOp::kSum);  // every expert shard once (in place on the device under NCCL)
+    sq = sq + expert_sq;
+  }
+  return sq.sqrt();
 }
 
 double ExpertParallel::clip_grad_norm(double max_norm) {
-  std::vector<torch::Tensor> all = dense_;
-  all.insert(all.end(), experts_.begin(), experts_.end());
-  if (!enabled()) return torch::nn::utils::clip_grad_norm_(all, max_norm);
-  // squared norms: replicated ones once, the expert shards summed over the EP group
-  auto sq = [](const std::vector<torch::Tensor>& ps) {
-    torch::Tensor s = torch::zeros({}, torch::kFloat64);
-    for (const auto& p : ps)
-      if (p.grad().defined()) s += p.grad().detach().to(torch::kFloat64).pow(2).sum().to(torch::kCPU);
-    return s;
-  };
-  torch::Tensor expert_sq = sq(experts_);
-  ep_->all_reduce(expert_sq, ReduceOp::kSum);
-  const double norm = std::sqrt((sq(dense_) + expert_sq).item<double>());
+  if (!enabled()) {
+    std::vector<torch::Tensor> all = dense_;
+    all.insert(all.end(), experts_.begin(), experts_.end());
+    return torch::nn::utils::clip_grad_norm_(all, max_norm);
+  }
+  const double norm = grad_norm().item<double>();  // the one host read
   const double coef = max_norm / (norm + 1e-6);
   if (coef < 1.0) {
     torch::NoGradGuard no_grad;
-    for (auto& p : all)
-      if (p.grad().defined()) p.grad().mul_(coef);
+    std::vector<torch::Tensor> grads = grads_of(dense_), expert = grads_of(experts_);
+    grads.insert(grads.end(), expert.begin(), expert.end());
+    at::_foreach_mul_(grads, coef);
   }
   return norm;
 }

@@ -21,7 +21,9 @@
 // Host syncs: each MoE layer's dispatch exchanges its [ep, E/ep] counts with one all-to-all on
 // the rows' device and reads the send / receive split sizes once (c10d's all-to-all of the
 // rows takes them on the host, as in torchtitan and Megatron); the regrouping of the received
-// rows by local expert, combine and the backward read nothing.
+// rows by local expert, combine and the backward read nothing. grad_norm() stays on the
+// device; clip_grad_norm() reads the norm once. (reduce_gradients: ProcessGroup::
+// average_gradients reads which gradients exist, once per group.)
 //
 // Group-limited routing (model.n_group, topk_group) maps onto EP ranks: with n_group a
 // multiple of ep_size, expert group g lives on rank g / (n_group / ep_size), so each token
@@ -90,7 +92,12 @@ class ExpertParallel {
   void broadcast_model(Transformer& model);
   // Replicated gradients averaged over the world, expert ones summed over EDP / W.
   void reduce_gradients();
+  // The global gradient norm (replicated parameters once, each expert shard once), a 0-dim
+  // fp64 tensor on the parameters' device, no host read: for FusedAdamW::clip_next_step.
+  // With EP a collective: every rank of the EP group calls it.
+  torch::Tensor grad_norm();
   // clip_grad_norm_ over all parameters with the global norm (each expert once); returns it.
+  // With EP: grad_norm(), one host read, gradients scaled in place when it exceeds max_norm.
   double clip_grad_norm(double max_norm);
 
   // Saves a checkpoint (every rank calls it): rank 0 prepares the temporary directory,
