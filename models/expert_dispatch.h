@@ -26,6 +26,7 @@ struct ExpertDispatch {
   std::vector<int64_t> send_splits;  // rows this process sent to each shard
   std::vector<int64_t> recv_splits;  // rows it received from each shard
   torch::Tensor regroup;             // [M_local] int64: received row (source-major) of each local row
+  torch::Tensor restore;             // [M_local] int64: its inverse, local row of each received row
 };
 
 class ExpertDispatcher {

@@ -38,4 +38,6 @@ endif()
 if(MOETRAIN_GLOO_INCLUDE)
   add_unit_test(test_ep)  # label unit (run alone: ctest -R "^Ep")
   add_dependencies(test_ep moetrain)
+  # The dispatch's device-side regroup permutation and round trip (ctest -R "^EpRegroup|^EpDispatch").
+  add_unit_test(test_ep_dispatch)
 endif()

@@ -39,7 +39,26 @@ struct AllToAllRows : torch::autograd::Function<AllToAllRows> {
   }
 };
 
+// Rows gathered by a permutation: forward x[index], backward grad[inverse] (a gather again,
+// not index_select's scatter-add into zeros). x: [M, ...], index / inverse: [M] int64.
+struct PermuteRows : torch::autograd::Function<PermuteRows> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& index, const torch::Tensor& inverse) {
+    ctx->saved_data["inverse"] = inverse;
+    return x.index_select(0, index);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const torch::Tensor& g = grads[0];
+    return {g.defined() ? g.index_select(0, ctx->saved_data["inverse"].toTensor()) : torch::Tensor(), torch::Tensor(),
+            torch::Tensor()};
+  }
+};
+
 // The c10d dispatcher: an all-to-all of the counts, then of the rows, inside the EP group.
+// Host syncs: one read of the [2, ep, E_local] send / receive counts per dispatch (c10d's
+// all-to-all takes host split sizes); the counts exchange, the regroup indices and both
+// directions of the backward stay on the rows' device.
 class C10dExpertDispatcher : public ExpertDispatcher {
  public:
   explicit C10dExpertDispatcher(ProcessGroup& group) : group_(group) {}
@@ -48,25 +67,30 @@ class C10dExpertDispatcher : public ExpertDispatcher {
 
   ExpertDispatch dispatch(const torch::Tensor& rows, const torch::Tensor& counts) override {
     const int64_t n = size(), e_local = counts.size(0) / n;
-    const torch::Tensor c = counts.to(torch::kCPU, torch::kLong).contiguous().view({n, e_local});  // [dest, e]
-    // recv_counts[s, e]: rows of local expert e that source s sends (split sizes first)
+    const torch::Tensor send_counts = counts.to(torch::kLong).reshape({n, e_local});  // [dest, e], on the device
+    // recv_counts[s, e]: rows of local expert e that source s sends; one all-to-all of e_local
+    // counts per rank, on the counts' device (NCCL: the GPU; Gloo stages CUDA through the host)
     const std::vector<int64_t> equal(static_cast<size_t>(n), e_local);
-    const torch::Tensor recv_counts = group_.all_to_all(c.flatten(), equal, equal).view({n, e_local});
+    const torch::Tensor recv_counts = group_.all_to_all(send_counts.flatten(), equal, equal).view({n, e_local});
+    // the one host read: the split sizes of the rows' all-to-all, both directions at once
+    const torch::Tensor host = torch::stack({send_counts, recv_counts}).sum(2).to(torch::kCPU).contiguous();  // [2, n]
+    const int64_t* h = host.data_ptr<int64_t>();
     ExpertDispatch d;
-    const torch::Tensor send = c.sum(1), recv = recv_counts.sum(1);
-    d.send_splits.assign(send.data_ptr<int64_t>(), send.data_ptr<int64_t>() + n);
-    d.recv_splits.assign(recv.data_ptr<int64_t>(), recv.data_ptr<int64_t>() + n);
+    d.send_splits.assign(h, h + n);
+    d.recv_splits.assign(h + n, h + 2 * n);
+    int64_t m_local = 0;
+    for (int64_t r : d.recv_splits) m_local += r;
     const torch::Tensor received = ep_all_to_all(group_, rows, d.send_splits, d.recv_splits);  // source-major
-    // regroup source-major rows (s, e) into local-expert-major (e, s), stable within a source
-    const torch::Tensor labels = torch::arange(e_local, torch::kLong).repeat({n}).repeat_interleave(recv_counts.flatten());
-    d.regroup = torch::argsort(labels, /*stable=*/true).to(rows.device());
-    d.rows = received.index_select(0, d.regroup);
-    d.counts = recv_counts.sum(0).to(counts.device());
+    const EpRegroup g = ep_regroup(recv_counts, m_local);
+    d.regroup = g.regroup;
+    d.restore = g.restore;
+    d.rows = PermuteRows::apply(received, d.regroup, d.restore);  // local-expert-major
+    d.counts = recv_counts.sum(0);                                // [E_local], on the device
     return d;
   }
 
   torch::Tensor combine(const torch::Tensor& out, const ExpertDispatch& d) override {
-    const torch::Tensor source_major = out.index_select(0, torch::argsort(d.regroup));
+    const torch::Tensor source_major = PermuteRows::apply(out, d.restore, d.regroup);
     return ep_all_to_all(group_, source_major, /*send_splits=*/d.recv_splits, /*recv_splits=*/d.send_splits);
   }
 
@@ -79,6 +103,23 @@ class C10dExpertDispatcher : public ExpertDispatcher {
 torch::Tensor ep_all_to_all(ProcessGroup& group, const torch::Tensor& x, const std::vector<int64_t>& send_splits,
                             const std::vector<int64_t>& recv_splits) {
   return AllToAllRows::apply(x, &group, send_splits, recv_splits);
+}
+
+EpRegroup ep_regroup(const torch::Tensor& recv_counts, int64_t total) {
+  const int64_t n = recv_counts.size(0), e_local = recv_counts.size(1);
+  const torch::Tensor c = recv_counts.to(torch::kLong).contiguous();  // [S, E] block sizes, source-major
+  const torch::Tensor ct = c.t().contiguous();                        // [E, S] the same, expert-major
+  // exclusive prefix sums: where block (s, e) starts among the received rows and among the local rows
+  const torch::Tensor src_start = (c.flatten().cumsum(0) - c.flatten()).view({n, e_local});    // [S, E]
+  const torch::Tensor dst_start = (ct.flatten().cumsum(0) - ct.flatten()).view({e_local, n});  // [E, S]
+  // row k of block (s, e) is received row src_start + k and local row dst_start + k: each
+  // index is arange plus its block's shift, repeated over the block (output_size given: no sync)
+  const torch::Tensor iota = torch::arange(total, c.options());
+  const torch::Tensor shift = dst_start.t() - src_start;  // [S, E]
+  EpRegroup g;
+  g.regroup = iota - shift.t().flatten().repeat_interleave(ct.flatten(), /*dim=*/0, /*output_size=*/total);
+  g.restore = iota + shift.flatten().repeat_interleave(c.flatten(), /*dim=*/0, /*output_size=*/total);
+  return g;
 }
 
 bool ep_is_expert_param(const std::string& name) {
@@ -144,28 +185,59 @@ void ExpertParallel::reduce_gradients() {
   for (auto& p : experts_)
     if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
   edp_->average_gradients(experts_);  // sum / (W / ep) ...
-  for (auto& p : experts_) p.grad().div_(static_cast<double>(ep_size_));  // ... / ep = sum / W
+  std::vector<torch::Tensor> grads;
+  for (auto& p : experts_) grads.push_back(p.grad());
+  at::_foreach_div_(grads, static_cast<double>(ep_size_));  // ... / ep = sum / W
+}
+
+namespace {
+
+// The defined gradients of `params`.
+std::vector<torch::Tensor> grads_of(const std::vector<torch::Tensor>& params) {
+  std::vector<torch::Tensor> grads;
+  for (const auto& p : params)
+    if (p.grad().defined()) grads.push_back(p.grad().detach());
+  return grads;
+}
+
+// Sum of the squared gradient norms, a 0-dim fp64 tensor on `device`, no host sync: one
+// multi-tensor norm kernel (fp32 accumulation as optim.h's grad_norm, fp64 for fp64
+// gradients), the per-tensor norms' squares summed in fp64 (a few hundred numbers).
+torch::Tensor squared_norm(const std::vector<torch::Tensor>& params, torch::Device device) {
+  const std::vector<torch::Tensor> grads = grads_of(params);
+  if (grads.empty()) return torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
+  bool fp64 = false;
+  for (const auto& g : grads) fp64 = fp64 || g.scalar_type() == torch::kDouble;
+  const std::vector<torch::Tensor> norms = at::_foreach_norm(grads, 2, fp64 ? torch::kDouble : torch::kFloat);
+  return torch::stack(norms).to(torch::kDouble).square().sum().to(device);
+}
+
+}  // namespace
+
+torch::Tensor ExpertParallel::grad_norm() {
+  const torch::Device device = dense_.empty() ? torch::Device(torch::kCPU) : dense_.front().device();
+  torch::Tensor sq = squared_norm(dense_, device);  // replicated ones once
+  if (enabled()) {
+    torch::Tensor expert_sq = squared_norm(experts_, device);
+    ep_->all_reduce(expert_sq, ReduceOp::kSum);  // every expert shard once (in place on the device under NCCL)
+    sq = sq + expert_sq;
+  }
+  return sq.sqrt();
 }
 
 double ExpertParallel::clip_grad_norm(double max_norm) {
-  std::vector<torch::Tensor> all = dense_;
-  all.insert(all.end(), experts_.begin(), experts_.end());
-  if (!enabled()) return torch::nn::utils::clip_grad_norm_(all, max_norm);
-  // squared norms: replicated ones once, the expert shards summed over the EP group
-  auto sq = [](const std::vector<torch::Tensor>& ps) {
-    torch::Tensor s = torch::zeros({}, torch::kFloat64);
-    for (const auto& p : ps)
-      if (p.grad().defined()) s += p.grad().detach().to(torch::kFloat64).pow(2).sum().to(torch::kCPU);
-    return s;
-  };
-  torch::Tensor expert_sq = sq(experts_);
-  ep_->all_reduce(expert_sq, ReduceOp::kSum);
-  const double norm = std::sqrt((sq(dense_) + expert_sq).item<double>());
+  if (!enabled()) {
+    std::vector<torch::Tensor> all = dense_;
+    all.insert(all.end(), experts_.begin(), experts_.end());
+    return torch::nn::utils::clip_grad_norm_(all, max_norm);
+  }
+  const double norm = grad_norm().item<double>();  // the one host read
   const double coef = max_norm / (norm + 1e-6);
   if (coef < 1.0) {
     torch::NoGradGuard no_grad;
-    for (auto& p : all)
-      if (p.grad().defined()) p.grad().mul_(coef);
+    std::vector<torch::Tensor> grads = grads_of(dense_), expert = grads_of(experts_);
+    grads.insert(grads.end(), expert.begin(), expert.end());
+    at::_foreach_mul_(grads, coef);
   }
   return norm;
 }

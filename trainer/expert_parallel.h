@@ -1,4 +1,4 @@
-// defines: ExpertParallel, ep_all_to_all, ep_is_expert_param — expert parallelism
+// defines: ExpertParallel, ep_all_to_all, ep_regroup, ep_is_expert_param — expert parallelism
 // (distributed.ep_size) over c10d: the routed experts of every MoE layer are sharded
 // over ep_size ranks, rows travel to their expert's rank and back by all-to-all.
 //
@@ -17,6 +17,13 @@
 // gives the single-process gradient, as averaging the replicated ones over W does.
 // Expert gradients are always defined (zeros when no row came), as a single process's
 // stacked expert tensors are. The clipping norm counts every expert once.
+//
+// Host syncs: each MoE layer's dispatch exchanges its [ep, E/ep] counts with one all-to-all on
+// the rows' device and reads the send / receive split sizes once (c10d's all-to-all of the
+// rows takes them on the host, as in torchtitan and Megatron); the regrouping of the received
+// rows by local expert, combine and the backward read nothing. grad_norm() stays on the
+// device; clip_grad_norm() reads the norm once. (reduce_gradients: ProcessGroup::
+// average_gradients reads which gradients exist, once per group.)
 //
 // Group-limited routing (model.n_group, topk_group) maps onto EP ranks: with n_group a
 // multiple of ep_size, expert group g lives on rank g / (n_group / ep_size), so each token
@@ -47,6 +54,16 @@ namespace moetrain {
 torch::Tensor ep_all_to_all(ProcessGroup& group, const torch::Tensor& x, const std::vector<int64_t>& send_splits,
                             const std::vector<int64_t>& recv_splits);
 
+// The regrouping of received rows: recv_counts [S, E_local] int64 (on any device), rows of
+// local expert e from source s; the rows arrive source-major (s, then e), the local experts
+// take them expert-major (e, then s), each block in arrival order; total = recv_counts.sum(),
+// known on the host. Computed on recv_counts' device without a sync or a sort.
+struct EpRegroup {
+  torch::Tensor regroup;  // [total] int64: the received row of each expert-major row
+  torch::Tensor restore;  // [total] int64: its inverse, the expert-major row of each received row
+};
+EpRegroup ep_regroup(const torch::Tensor& recv_counts, int64_t total);
+
 // layers.{i}.ffn.experts.w1 / w2 / w3 and the MTP modules' (the stacked routed experts).
 bool ep_is_expert_param(const std::string& name);
 
@@ -75,7 +92,12 @@ class ExpertParallel {
   void broadcast_model(Transformer& model);
   // Replicated gradients averaged over the world, expert ones summed over EDP / W.
   void reduce_gradients();
+  // The global gradient norm (replicated parameters once, each expert shard once), a 0-dim
+  // fp64 tensor on the parameters' device, no host read: for FusedAdamW::clip_next_step.
+  // With EP a collective: every rank of the EP group calls it.
+  torch::Tensor grad_norm();
   // clip_grad_norm_ over all parameters with the global norm (each expert once); returns it.
+  // With EP: grad_norm(), one host read, gradients scaled in place when it exceeds max_norm.
   double clip_grad_norm(double max_norm);
 
   // Saves a checkpoint (every rank calls it): rank 0 prepares the temporary directory,
