@@ -196,11 +196,10 @@ int cmd_bench(int argc, char** argv) {
       set_lr(*optimizer, cfg.optim.lr);
     }
     Balancer balancer(cfg.balance, cfg.model, model->routers());
-    std::vector<torch::Tensor> params = model->parameters();
     // replicated data parallel: gradients averaged during the backward, as the trainer does
     std::unique_ptr<GradReducer> reducer;
-    if (world > 1 && !zero && !ep.enabled() && cfg.distributed.overlap_grad_reduce)
-      reducer = std::make_unique<GradReducer>(params, pg);
+    if (world > 1 && !zero && cfg.distributed.overlap_grad_reduce)
+      reducer = std::make_unique<GradReducer>(ep.replicated_params(), pg);
 
     // A few distinct synthetic global batches on the device, used in turn.
     const int64_t accum = tc.global_batch / (tc.micro_batch * world);  // micro-steps per rank
@@ -241,14 +240,13 @@ int cmd_bench(int argc, char** argv) {
         zero_opt->reduce_gradients();
         zero_opt->clip_grad_norm(clip);
         zero_opt->step();
-      } else if (ep.enabled()) {  // the trainer's path: expert gradients over EDP, global clip norm
-        ep.reduce_gradients();
-        ep.clip_grad_norm(clip);
-        optimizer->step();
-      } else {
-        if (!reducer) pg.average_gradients(params);  // (else averaged during the backward)
-        // the norm on the device, the clipping inside the fused update (no host sync)
-        const torch::Tensor norm = grad_norm(params);
+      } else {  // the trainer's path (without its one host read of the norm, for logging)
+        if (reducer)
+          ep.reduce_expert_gradients();  // the replicated ones were averaged during the backward
+        else
+          ep.reduce_gradients();
+        // the global norm on the device (each expert shard once), the clipping inside the fused update
+        const torch::Tensor norm = ep.grad_norm();
         if (std::isfinite(clip)) optimizer->clip_next_step(norm, clip);
         optimizer->step();
       }

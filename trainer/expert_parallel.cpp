@@ -181,6 +181,10 @@ void ExpertParallel::broadcast_model(Transformer& model) {
 
 void ExpertParallel::reduce_gradients() {
   world_.average_gradients(dense_);
+  reduce_expert_gradients();
+}
+
+void ExpertParallel::reduce_expert_gradients() {
   if (!enabled()) return;
   for (auto& p : experts_)
     if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
@@ -223,23 +227,6 @@ torch::Tensor ExpertParallel::grad_norm() {
     sq = sq + expert_sq;
   }
   return sq.sqrt();
-}
-
-double ExpertParallel::clip_grad_norm(double max_norm) {
-  if (!enabled()) {
-    std::vector<torch::Tensor> all = dense_;
-    all.insert(all.end(), experts_.begin(), experts_.end());
-    return torch::nn::utils::clip_grad_norm_(all, max_norm);
-  }
-  const double norm = grad_norm().item<double>();  // the one host read
-  const double coef = max_norm / (norm + 1e-6);
-  if (coef < 1.0) {
-    torch::NoGradGuard no_grad;
-    std::vector<torch::Tensor> grads = grads_of(dense_), expert = grads_of(experts_);
-    grads.insert(grads.end(), expert.begin(), expert.end());
-    at::_foreach_mul_(grads, coef);
-  }
-  return norm;
 }
 
 std::string ExpertParallel::save_checkpoint(const ExperimentConfig& cfg, Transformer& model,

@@ -22,8 +22,10 @@
 // the rows' device and reads the send / receive split sizes once (c10d's all-to-all of the
 // rows takes them on the host, as in torchtitan and Megatron); the regrouping of the received
 // rows by local expert, combine and the backward read nothing. grad_norm() stays on the
-// device; clip_grad_norm() reads the norm once. (reduce_gradients: ProcessGroup::
-// average_gradients reads which gradients exist, once per group.)
+// device (the trainer reads it once, for logging and the non-finite check). The replicated
+// gradients are averaged by a GradReducer during the backward (trainer/grad_reducer.h; one
+// flag all-reduce), the expert ones by ProcessGroup::average_gradients over the EDP group
+// after it (reads which gradients exist: one more).
 //
 // Group-limited routing (model.n_group, topk_group) maps onto EP ranks: with n_group a
 // multiple of ep_size, expert group g lives on rank g / (n_group / ep_size), so each token
@@ -92,13 +94,15 @@ class ExpertParallel {
   void broadcast_model(Transformer& model);
   // Replicated gradients averaged over the world, expert ones summed over EDP / W.
   void reduce_gradients();
+  // Only the expert part (no-op without EP): for when a GradReducer over replicated_params()
+  // averaged the rest during the backward.
+  void reduce_expert_gradients();
+  // The parameters every rank holds (all of them without EP), in registration order.
+  const std::vector<torch::Tensor>& replicated_params() const { return dense_; }
   // The global gradient norm (replicated parameters once, each expert shard once), a 0-dim
   // fp64 tensor on the parameters' device, no host read: for FusedAdamW::clip_next_step.
   // With EP a collective: every rank of the EP group calls it.
   torch::Tensor grad_norm();
-  // clip_grad_norm_ over all parameters with the global norm (each expert once); returns it.
-  // With EP: grad_norm(), one host read, gradients scaled in place when it exceeds max_norm.
-  double clip_grad_norm(double max_norm);
 
   // Saves a checkpoint (every rank calls it): rank 0 prepares the temporary directory,
   // the first EDP replica of each shard writes its expert files into it, rank 0 writes the

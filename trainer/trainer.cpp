@@ -210,12 +210,11 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   const int64_t accum = loader.accumulation_steps(world);
   const bool bf16_autocast = tc.dtype == "bf16" && device.is_cuda();
   const int64_t tokens_per_step = tc.global_batch * tc.seq_len;
-  std::vector<torch::Tensor> params = model->parameters();
-  // replicated data parallel: gradients averaged during the backward (trainer/grad_reducer.h);
-  // ZeRO-1 reduce-scatters and expert parallelism reduces per group after it
+  // data parallel: the replicated gradients averaged during the backward (trainer/grad_reducer.h);
+  // ZeRO-1 reduce-scatters after it, expert gradients are reduced over their EDP group after it
   std::unique_ptr<GradReducer> reducer;
-  if (world > 1 && !zero && !ep.enabled() && cfg.distributed.overlap_grad_reduce)
-    reducer = std::make_unique<GradReducer>(params, pg);
+  if (world > 1 && !zero && cfg.distributed.overlap_grad_reduce)
+    reducer = std::make_unique<GradReducer>(ep.replicated_params(), pg);
 
   if (main_rank)
     std::cerr << fmt::format("train: {} steps × {} sequences × {} tokens ({} micro-steps of {}{}), {} on {}; metrics → {}\n",
@@ -274,7 +273,9 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
     pg.all_reduce(balancer.mutable_counts(), ReduceOp::kSum);
     if (zero)
       zero_opt->reduce_gradients();  // reduce-scatter: this rank's shard of the averaged gradient
-    else if (!reducer)
+    else if (reducer)
+      ep.reduce_expert_gradients();  // replicated ones: averaged during the backward
+    else
       ep.reduce_gradients();  // replicated: average over all ranks; experts: over their EDP group
     const std::vector<double> means = sums.means(accum * world);
     const double lm_loss = means[0], aux = means[1], seq_aux = means[2], z = means[3];
@@ -284,11 +285,11 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
 
     // clip; never step the optimizer or the biases on non-finite values
     const double max_norm = cfg.optim.grad_clip > 0.0 ? cfg.optim.grad_clip : std::numeric_limits<double>::infinity();
-    // replicated: the norm on the device, the clipping folded into the fused AdamW step
-    const torch::Tensor replicated_norm = zero || ep.enabled() ? torch::Tensor() : moetrain::grad_norm(params);
-    const double grad_norm = zero          ? zero_opt->clip_grad_norm(max_norm)  // global: the shards' squares all-reduced
-                             : ep.enabled() ? ep.clip_grad_norm(max_norm)        // global: each expert shard once
-                                            : replicated_norm.item<double>();
+    // replicated optimizer: the global norm on the device (each expert shard once), read once;
+    // the clipping folded into the fused AdamW step
+    const torch::Tensor norm = zero ? torch::Tensor() : ep.grad_norm();
+    const double grad_norm = zero ? zero_opt->clip_grad_norm(max_norm)  // global: the shards' squares all-reduced
+                                  : norm.item<double>();
     const std::vector<double> maxvio_layers = balancer.maxvio_per_layer();
     torch::Tensor expert_load = balancer.counts().clone();
     if (!std::isfinite(loss) || !std::isfinite(grad_norm)) {
@@ -302,7 +303,7 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
       if (zero) {
         zero_opt->step();  // the shard's AdamW, then all-gather of the parameters
       } else {
-        if (replicated_norm.defined() && std::isfinite(max_norm)) optimizer->clip_next_step(replicated_norm, max_norm);
+        if (std::isfinite(max_norm)) optimizer->clip_next_step(norm, max_norm);
         optimizer->step();
       }
       balancer.after_step(step + 1, (step + 1) * tokens_per_step);
