@@ -79,13 +79,13 @@ fi
 if has dist; then
   n=$(nvidia-smi -L | wc -l)
   {
-    "$MT" bench "$CONFIG" --steps 10 --warmup 3 2>&1 | grep -E "median step|^\{"
+    "$MT" bench "$CONFIG" --steps 8 --warmup 3 2>&1 | grep -E "median step|^\{"
     # replicated (overlapped all-reduce, then the reference after the backward), ZeRO-1, EP
     for v in "zero_stage=0" "overlap_grad_reduce=false" "zero_stage=1" "ep_size=$n"; do
-      "$MT" launch --nproc "$n" -- bench "$CONFIG" --steps 10 --warmup 3 --set train.global_batch=$((8 * n)) \
+      "$MT" launch --nproc "$n" -- bench "$CONFIG" --steps 8 --warmup 3 --set train.global_batch=$((8 * n)) \
         --set distributed.backend=nccl --set distributed.$v 2>&1 | grep -E "median step|^\{|rror"
     done
-    [ -n "${CKPT:-}" ] && "$MT" bench "$CONFIG" --steps 10 --warmup 3 --set train.activation_checkpointing=full 2>&1 | grep -E "median step|^\{"
+    [ -n "${CKPT:-}" ] && "$MT" bench "$CONFIG" --steps 8 --warmup 3 --set train.activation_checkpointing=full 2>&1 | grep -E "median step|^\{"
   } >"$OUT/dist.log" 2>&1
   stamp dist
 fi
