@@ -2,7 +2,8 @@
 // during the backward equal ProcessGroup::average_gradients of the same gradients, over
 // several buckets and two dtypes, with gradient accumulation, a parameter with a gradient on
 // one rank only (zeros elsewhere) and one on none (stays undefined), a second accumulation
-// after the bucket started (redone in finish), gradients zeroed in place, several steps.
+// before its bucket started, gradients zeroed in place, several steps; a second accumulation
+// after the bucket started is refused with an error.
 #include <gtest/gtest.h>
 
 #include <vector>
@@ -39,8 +40,8 @@ struct Net {
     if (rank == 0) l = l + (params[kOnly0] * k).sum();
     return l;
   }
-  // An extra loss on w2 only, for a second accumulation in the same step.
-  torch::Tensor extra(int64_t rank) const { return params[kW2].sum() * static_cast<double>(rank + 2); }
+  // An extra loss on `param` only, for a second accumulation in the same step.
+  torch::Tensor extra(int64_t rank, int param) const { return params[param].sum() * static_cast<double>(rank + 2); }
   void zero_grad(bool in_place) {
     for (auto& p : params) {
       if (!p.grad().defined()) continue;
@@ -54,7 +55,7 @@ struct Net {
 
 struct Case {
   int64_t accum;
-  bool second_accumulation;  // another backward into w2 after the last micro-step's
+  bool second_accumulation;  // another backward into only0 (its bucket starts in finish) after the last micro-step's
   bool zero_in_place;
 };
 
@@ -74,14 +75,12 @@ void check(const Case& c) {
         ref.loss(rank, m + step).backward();
       }
       if (c.second_accumulation) {
-        fast.extra(rank).backward();
-        ref.extra(rank).backward();
+        fast.extra(rank, kOnly0).backward();
+        ref.extra(rank, kOnly0).backward();
       }
       reducer.finish();
       pg.average_gradients(ref.params);
-      if (!c.second_accumulation) {
-        EXPECT_GT(reducer.overlapped_buckets(), 0) << "nothing started during the backward";
-      }
+      EXPECT_GT(reducer.overlapped_buckets(), 0) << "nothing started during the backward";
       for (size_t i = 0; i < ref.params.size(); ++i) {
         const torch::Tensor a = fast.params[i].grad(), b = ref.params[i].grad();
         ASSERT_EQ(a.defined(), b.defined()) << "param " << i;
@@ -98,7 +97,24 @@ void check(const Case& c) {
 
 TEST(GradReducer, EqualsAverageGradients) { check({1, false, false}); }
 TEST(GradReducer, AccumulationAndZeroingInPlace) { check({3, false, true}); }
-TEST(GradReducer, SecondAccumulationAfterTheBucketStarted) { check({2, true, false}); }
+TEST(GradReducer, SecondAccumulationBeforeTheBucketStarted) { check({2, true, false}); }
+
+TEST(GradReducer, SecondAccumulationAfterTheBucketStartedIsRefused) {
+  std::vector<std::string> what(2);
+  const std::string errors = run_ranks(2, [&](int64_t rank, ProcessGroup& pg) {
+    Net net;
+    GradReducer reducer(net.params, pg, /*bucket_bytes=*/64);
+    reducer.prepare();
+    net.loss(rank, 0).backward();  // w2's bucket starts
+    try {
+      net.extra(rank, kW2).backward();
+    } catch (const std::exception& e) {
+      what[static_cast<size_t>(rank)] = e.what();
+    }
+  });
+  EXPECT_EQ(errors, "");
+  for (const auto& w : what) EXPECT_NE(w.find("accumulated again after its bucket's all-reduce started"), std::string::npos) << w;
+}
 
 TEST(GradReducer, SingleProcessIsANoOp) {
   ProcessGroup pg(DistEnv{}, "gloo", std::chrono::seconds(1));

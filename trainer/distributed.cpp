@@ -188,18 +188,22 @@ void ProcessGroup::all_reduce(const std::vector<torch::Tensor>& tensors, ReduceO
   }
 }
 
-PendingCollective ProcessGroup::all_reduce_async(const torch::Tensor& tensor) {
+PendingCollective ProcessGroup::all_reduce_mean_async(const std::vector<torch::Tensor>& tensors) {
   PendingCollective pending;
-  if (!impl_) return pending;
-  c10d::AllreduceOptions ao;
-  ao.reduceOp = c10d::ReduceOp::SUM;
-  torch::Tensor staged = impl_->stage(tensor);
-  std::vector<at::Tensor> v{staged};
-  c10::intrusive_ptr<c10d::Work> work = impl_->backend->allreduce(v, ao);
+  if (!impl_ || tensors.empty()) return pending;
+  for (const auto& t : tensors)
+    TORCH_CHECK(t.device() == impl_->device && t.is_contiguous() && t.scalar_type() == tensors.front().scalar_type(),
+                "all_reduce_mean_async: tensors must be contiguous, of one dtype, on ", impl_->device);
+  const bool nccl = impl_->kind == "nccl";
+  c10d::AllreduceCoalescedOptions ao;
+  ao.reduceOp = nccl ? c10d::ReduceOp::AVG : c10d::ReduceOp::SUM;  // Gloo has no AVG
+  std::vector<at::Tensor> v = tensors;
+  c10::intrusive_ptr<c10d::Work> work = impl_->backend->allreduce_coalesced(v, ao);
   pending.state_ = std::make_unique<PendingCollective::State>();
-  pending.state_->wait = [impl = impl_.get(), work, staged, tensor] {
+  pending.state_->wait = [impl = impl_.get(), work, v, nccl, world = env_.world_size] {
     impl->wait(work, "all_reduce");
-    if (!staged.is_same(tensor)) tensor.copy_(staged);
+    if (!nccl)
+      for (const auto& t : v) t.div_(static_cast<double>(world));
   };
   return pending;
 }
@@ -325,7 +329,7 @@ ProcessGroup::ProcessGroup(const DistEnv& env, const std::string& backend, std::
       env.world_size, backend));
 }
 void ProcessGroup::all_reduce(const std::vector<torch::Tensor>&, ReduceOp) {}
-PendingCollective ProcessGroup::all_reduce_async(const torch::Tensor&) { return {}; }
+PendingCollective ProcessGroup::all_reduce_mean_async(const std::vector<torch::Tensor>&) { return {}; }
 void ProcessGroup::broadcast(const std::vector<torch::Tensor>&, int64_t) {}
 void ProcessGroup::barrier() {}
 void ProcessGroup::reduce_scatter(const torch::Tensor& shard, const torch::Tensor& full) { shard.copy_(full.reshape(-1)); }

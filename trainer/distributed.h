@@ -93,9 +93,11 @@ class ProcessGroup {
   // non-CPU tensors are staged through host memory for Gloo).
   void all_reduce(const std::vector<torch::Tensor>& tensors, ReduceOp op = ReduceOp::kSum);
   void all_reduce(const torch::Tensor& tensor, ReduceOp op = ReduceOp::kSum) { all_reduce(std::vector{tensor}, op); }
-  // Starts a SUM all-reduce of `tensor` in place and returns at once (the backward pass goes on
-  // while it runs: trainer/grad_reducer.h). `tensor` must stay alive and untouched until wait().
-  PendingCollective all_reduce_async(const torch::Tensor& tensor);
+  // Starts averaging `tensors` (contiguous, one dtype, on the backend's device) over the ranks
+  // in place and returns at once (the backward goes on while it runs: trainer/grad_reducer.h);
+  // they must stay alive and untouched until wait(). NCCL: one grouped call with ncclAvg (no
+  // pass of ours over the data); Gloo: one coalesced SUM, divided by the world size at wait().
+  PendingCollective all_reduce_mean_async(const std::vector<torch::Tensor>& tensors);
   // Every rank's tensors become root's.
   void broadcast(const std::vector<torch::Tensor>& tensors, int64_t root = 0);
   void barrier();

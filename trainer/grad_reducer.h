@@ -1,26 +1,24 @@
 // defines: GradReducer — data-parallel gradient averaging overlapped with the backward pass
 // (what DDP's Reducer does, torch/csrc/distributed/c10d/reducer.cpp, cut to moetrain's needs).
 //
-// The parameters are packed, in reverse registration order (about the order in which the
-// backward produces their gradients), into flat buckets of one dtype of about bucket_bytes.
-// Armed for the last backward of a step (prepare()), a hook that runs after each parameter's
-// gradient accumulation copies the gradient, divided by the world size, into its bucket;
-// when a bucket is complete its all-reduce starts while the backward goes on. Buckets start
-// in index order, the same on every rank, as collectives on one group must. finish() starts
-// what is left, waits, and points every .grad at its slice of the averaged bucket.
+// The parameters are grouped, in reverse registration order (about the order in which the
+// backward produces their gradients), into buckets of one dtype of about bucket_bytes of
+// gradients. Armed for the last backward of a step (prepare()), a hook that runs after each
+// parameter's gradient accumulation marks it ready; when every gradient of a bucket is ready,
+// one grouped all-reduce averages them in place (ProcessGroup::all_reduce_mean_async: NCCL's
+// AVG over the gradient tensors themselves: no copy into a flat buffer, no division pass, no
+// memory beyond the gradients) while the backward goes on. Buckets start in index order, the
+// same on every rank, as collectives on one group must. finish() starts the rest and waits.
 //
 // The result equals ProcessGroup::average_gradients: a gradient missing on some ranks (an
 // expert no token reached there) counts as zeros there; one missing on every rank stays
 // undefined (AdamW skips it), as in a single process. Deciding that is finish()'s one host
 // sync: a MAX all-reduce of "had a gradient" flags, after every bucket started.
-// A gradient that accumulates again after its bucket started (a second accumulation in the
-// same backward, e.g. a nested backward of reentrant checkpointing touching a parameter also
-// used outside it) marks the bucket, which finish() reduces again, so the result stays exact.
-//
-// Memory: the buckets are one more copy of the gradients while the backward runs (DDP's
-// default, gradient_as_bucket_view=False); after finish() the gradients ARE bucket slices.
-// Zeroing the gradients by setting them to none (Module::zero_grad's default) frees the
-// step's own gradient tensors; zeroing in place works too (prepare() unties them first).
+// A gradient that would accumulate again after its bucket started (a parameter used both
+// inside and outside a nested backward, e.g. reentrant checkpointing of a module it is
+// shared with) is refused with an error, as DDP refuses it: its all-reduce reads that very
+// tensor. No moetrain model does this; distributed.overlap_grad_reduce: false reduces after
+// the backward instead.
 #pragma once
 
 #include <cstdint>
@@ -55,25 +53,22 @@ class GradReducer {
 
  private:
   struct Hook;
-  struct Slot {  // one parameter's place in its bucket
+  struct Slot {  // one parameter
     torch::Tensor param;
     size_t bucket = 0;
-    int64_t offset = 0, numel = 0;
-    bool ready = false;  // its gradient was copied in during this step's armed backward
+    bool ready = false;   // its gradient is complete (the armed backward accumulated it)
+    bool filled = false;  // no gradient on this rank: zeros stand in for the all-reduce
   };
   struct Bucket {
     std::vector<size_t> slots;
-    torch::ScalarType dtype;
-    int64_t numel = 0;
-    torch::Tensor flat;  // [numel], allocated at the first prepare()
+    int64_t bytes = 0;
     size_t pending = 0;  // slots not ready yet
-    bool started = false, dirty = false;
+    bool started = false;
     PendingCollective work;
   };
 
-  void on_gradient(size_t slot, const torch::Tensor& param);  // the hook's body
-  void copy_in(Slot& s);                                       // the gradient / world → its bucket slice
-  void start_ready_buckets();                                  // in order, while complete
+  void on_gradient(size_t slot);  // the hook's body
+  void start_ready_buckets();     // in order, while complete
   void start(Bucket& b);
 
   ProcessGroup& pg_;
