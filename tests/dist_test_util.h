@@ -1,5 +1,5 @@
 // defines: free_port, run_ranks, write_sentence_corpus, launch_tiny_sets, debug_cli,
-// train_records — the fixtures of the multi-rank tests: ranks as threads of one test process
+// train_records, LaunchedTraining — the fixtures of the multi-rank tests: ranks as threads of one test process
 // over Gloo (collective-level tests of data, expert and optimizer parallelism), and whole
 // runs of a tiny model through `moetrain launch` / torchrun compared with one process.
 #pragma once
@@ -13,14 +13,17 @@
 #include <vector>
 
 #include <fmt/format.h>
+#include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <nlohmann/json.hpp>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "data/prepare.h"
 #include "test_paths.h"
 #include "test_util.h"
 #include "trainer/distributed.h"
+#include "trainer/experiment_config.h"
 
 namespace moetrain::testing {
 
@@ -107,5 +110,25 @@ inline std::vector<nlohmann::json> train_records(const std::string& path) {
   }
   return out;
 }
+
+// A test with a temporary directory holding the sentence corpus, prepared as `sets` say
+// (prepare()), and `moetrain launch --nproc N -- train` runs with one thread per rank.
+class LaunchedTraining : public ::testing::Test {
+ protected:
+  void prepare(const std::vector<std::string>& sets) {
+    write_sentence_corpus(dir_);
+    ExperimentConfig cfg = load_experiment_config(debug_config_path(), sets);
+    PrepareOptions opt;
+    opt.progress = false;
+    prepare_data(cfg.data, cfg.model.vocab_size, opt);
+  }
+  // env: VAR=value assignments before the command; args: appended to the train arguments.
+  RunResult launch(int nproc, const std::vector<std::string>& sets, const std::string& args = "",
+                   const std::string& env = "") {
+    return run_capture(fmt::format("OMP_NUM_THREADS=1 {} {} launch --nproc {} -- train{}{}", env, MOETRAIN_BINARY, nproc,
+                                   debug_cli(sets), args));
+  }
+  TempDir dir_;
+};
 
 }  // namespace moetrain::testing

@@ -11,9 +11,6 @@
 #include <fstream>
 
 #include <fmt/format.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include <thread>
 
@@ -39,21 +36,9 @@ using moetrain::testing::write_sentence_corpus;
 
 namespace {
 
-class Dist : public ::testing::Test {
+class Dist : public moetrain::testing::LaunchedTraining {
  protected:
-  void SetUp() override {
-    write_sentence_corpus(dir_);
-    ExperimentConfig cfg = load_experiment_config(debug_config_path(), launch_tiny_sets(dir_, "prep", 8));
-    PrepareOptions opt;
-    opt.progress = false;
-    prepare_data(cfg.data, cfg.model.vocab_size, opt);
-  }
-  // `moetrain launch --nproc N -- train ...` with one thread per rank.
-  moetrain::testing::RunResult launch(int nproc, const std::vector<std::string>& sets, const std::string& env = "") {
-    return run_capture(fmt::format("OMP_NUM_THREADS=1 {} {} launch --nproc {} -- train{}", env, MOETRAIN_BINARY, nproc,
-                                   debug_cli(sets)));
-  }
-  TempDir dir_;
+  void SetUp() override { prepare(launch_tiny_sets(dir_, "prep", 8)); }
 };
 
 // The same global batch split over ranks instead of micro-steps is the same optimization:
@@ -112,7 +97,7 @@ TEST_F(Dist, FourRanksTrainLikeOneProcess) {
 
 TEST_F(Dist, DyingRankFailsTheLaunchPromptly) {
   auto t0 = std::chrono::steady_clock::now();
-  auto r = launch(2, launch_tiny_sets(dir_, "die", 200), "MOETRAIN_TEST_INJECT=exit@1:3");
+  auto r = launch(2, launch_tiny_sets(dir_, "die", 200), "", "MOETRAIN_TEST_INJECT=exit@1:3");
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_NE(r.exit_code, 0) << r.output;
   EXPECT_LT(s, 40.0) << r.output;
@@ -127,7 +112,7 @@ TEST_F(Dist, SignalOnOneRankStopsAllThenResumeMatches) {
   constexpr int kSteps = 6;
   ExperimentConfig cfg = load_experiment_config(debug_config_path(), launch_tiny_sets(dir_, "single", kSteps));
   train(cfg);
-  auto r = launch(2, launch_tiny_sets(dir_, "dp", kSteps), "MOETRAIN_TEST_INJECT=sigterm@1:3");
+  auto r = launch(2, launch_tiny_sets(dir_, "dp", kSteps), "", "MOETRAIN_TEST_INJECT=sigterm@1:3");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("stopped by signal at step 3"), std::string::npos) << r.output;
   EXPECT_TRUE(std::filesystem::exists(dir_.file("dp/ckpt/step-00000003/MANIFEST"))) << r.output;

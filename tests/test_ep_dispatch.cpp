@@ -9,15 +9,14 @@
 #include <thread>
 
 #include <fmt/format.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
+#include "dist_test_util.h"
 #include "models/moe.h"
 #include "models/transformer.h"
 #include "trainer/expert_parallel.h"
 
 using namespace moetrain;
+using moetrain::testing::run_ranks;
 
 namespace {
 
@@ -55,59 +54,11 @@ TEST(EpRegroup, EqualsStableSortOfLocalExpertLabels) {
 
 namespace {
 
-int free_port() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
-  return ntohs(a.sin_port);
-}
-
-// Runs fn(rank, world group) on `world` threads, one Gloo rank each; returns the errors.
-std::string run_ranks(int64_t world, const std::function<void(int64_t, ProcessGroup&)>& fn) {
-  const int port = free_port();
-  std::vector<std::string> errors(static_cast<size_t>(world));
-  auto rank_main = [&](int64_t rank) {
-    try {
-      DistEnv env;
-      env.rank = rank;
-      env.world_size = world;
-      env.master_port = port;
-      ProcessGroup pg(env, "gloo", std::chrono::seconds(30));
-      fn(rank, pg);
-    } catch (const std::exception& e) {
-      errors[static_cast<size_t>(rank)] = fmt::format("rank {}: {}\n", rank, e.what());
-    }
-  };
-  std::vector<std::thread> threads;
-  for (int64_t r = 1; r < world; ++r) threads.emplace_back(rank_main, r);
-  rank_main(0);
-  for (auto& t : threads) t.join();
-  std::string all;
-  for (const auto& e : errors) all += e;
-  return all;
-}
-
+// test_util.h's tiny MoE model with n_experts routed experts and no shared one.
 ModelConfig tiny_model(int64_t n_experts) {
-  ModelConfig cfg;
-  cfg.vocab_size = 64;
-  cfg.hidden_size = 16;
-  cfg.num_hidden_layers = 2;
-  cfg.num_attention_heads = 2;
-  cfg.intermediate_size = 32;
-  cfg.moe_intermediate_size = 8;
-  cfg.kv_lora_rank = 8;
-  cfg.qk_nope_head_dim = 8;
-  cfg.qk_rope_head_dim = 8;
-  cfg.v_head_dim = 8;
+  ModelConfig cfg = moetrain::testing::tiny_moe_config(/*vocab_size=*/64, /*mtp_depth=*/0, /*init_std=*/0.02);
   cfg.n_routed_experts = n_experts;
   cfg.n_shared_experts = 0;
-  cfg.num_experts_per_tok = 2;
-  cfg.num_nextn_predict_layers = 0;
   return cfg;
 }
 

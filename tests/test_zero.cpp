@@ -11,10 +11,7 @@
 #include <thread>
 
 #include <fmt/format.h>
-#include <netinet/in.h>
 #include <nlohmann/json.hpp>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include "data/prepare.h"
 #include "test_paths.h"
@@ -245,20 +242,9 @@ void expect_same_training(const std::vector<nlohmann::json>& one, const std::vec
   std::cerr << "max relative loss difference " << max_rel << "\n";
 }
 
-class Zero : public ::testing::Test {
+class Zero : public moetrain::testing::LaunchedTraining {
  protected:
-  void SetUp() override {
-    write_sentence_corpus(dir_);
-    ExperimentConfig cfg = load_experiment_config(debug_config_path(), tiny_sets(dir_, "prep", 8, 0));
-    PrepareOptions opt;
-    opt.progress = false;
-    prepare_data(cfg.data, cfg.model.vocab_size, opt);
-  }
-  moetrain::testing::RunResult launch(int nproc, const std::vector<std::string>& sets, const std::string& extra = "") {
-    return run_capture(fmt::format("OMP_NUM_THREADS=1 {} launch --nproc {} -- train{}{}", MOETRAIN_BINARY, nproc,
-                                   debug_cli(sets), extra));
-  }
-  TempDir dir_;
+  void SetUp() override { prepare(tiny_sets(dir_, "prep", 8, 0)); }
 };
 
 TEST_F(Zero, TwoAndFourRanksTrainLikeOneProcess) {
