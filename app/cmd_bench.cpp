@@ -199,7 +199,7 @@ int cmd_bench(int argc, char** argv) {
     // replicated data parallel: gradients averaged during the backward, as the trainer does
     std::unique_ptr<GradReducer> reducer;
     if (world > 1 && !zero && cfg.distributed.overlap_grad_reduce)
-      reducer = std::make_unique<GradReducer>(ep.replicated_params(), pg);
+      reducer = std::make_unique<GradReducer>(ep.replicated_params(), pg, cfg.distributed.bucket_mb << 20);
 
     // A few distinct synthetic global batches on the device, used in turn.
     const int64_t accum = tc.global_batch / (tc.micro_batch * world);  // micro-steps per rank
@@ -306,6 +306,7 @@ int cmd_bench(int argc, char** argv) {
                         {"world_size", world},
                         {"zero_stage", cfg.distributed.zero_stage},
                         {"overlap_grad_reduce", reducer != nullptr},
+                        {"bucket_mb", cfg.distributed.bucket_mb},
                         {"activation_checkpointing", tc.activation_checkpointing},
                         {"tokens_per_s_per_gpu", tokens_per_s / static_cast<double>(world)},
                         {"step_ms", ms},

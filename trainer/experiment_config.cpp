@@ -159,6 +159,7 @@ void visit_config(V& v, ExperimentConfig& c) {
     s.integer("timeout_s", d.timeout_s, 1);
     s.integer("zero_stage", d.zero_stage, 0, 1);
     s.boolean("overlap_grad_reduce", d.overlap_grad_reduce);
+    s.integer("bucket_mb", d.bucket_mb, 1);
   });
 }
 

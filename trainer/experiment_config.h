@@ -88,6 +88,7 @@ struct DistributedConfig {
   // Replicated data parallel: all-reduce gradient buckets during the backward (trainer/grad_reducer.h)
   // rather than after it (false: ProcessGroup::average_gradients, the reference twin).
   bool overlap_grad_reduce = true;
+  int64_t bucket_mb = 25;  // gradient bucket size of that all-reduce, MiB (DDP's bucket_cap_mb)
 };
 
 struct ExperimentConfig {

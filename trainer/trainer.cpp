@@ -214,7 +214,7 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   // ZeRO-1 reduce-scatters after it, expert gradients are reduced over their EDP group after it
   std::unique_ptr<GradReducer> reducer;
   if (world > 1 && !zero && cfg.distributed.overlap_grad_reduce)
-    reducer = std::make_unique<GradReducer>(ep.replicated_params(), pg);
+    reducer = std::make_unique<GradReducer>(ep.replicated_params(), pg, cfg.distributed.bucket_mb << 20);
 
   if (main_rank)
     std::cerr << fmt::format("train: {} steps × {} sequences × {} tokens ({} micro-steps of {}{}), {} on {}; metrics → {}\n",
