@@ -184,17 +184,13 @@ int cmd_bench(int argc, char** argv) {
     model->to(device);
     // replicated FusedAdamW, or ZeRO-1 (distributed.zero_stage: 1) as the trainer builds it
     const bool zero = cfg.distributed.zero_stage == 1;
-    std::unique_ptr<FusedAdamW> optimizer;
-    std::unique_ptr<ZeroAdamW> zero_opt;
-    if (zero) {
-      std::vector<std::pair<std::string, torch::Tensor>> named;
-      for (const auto& p : model->named_parameters()) named.emplace_back(p.key(), p.value());
-      zero_opt = std::make_unique<ZeroAdamW>(named, cfg.optim, pg);
+    ModelOptimizer built = build_model_optimizer(*model, cfg, pg);
+    std::unique_ptr<FusedAdamW> optimizer = std::move(built.replicated);
+    std::unique_ptr<ZeroAdamW> zero_opt = std::move(built.zero);
+    if (zero)
       zero_opt->set_lr(cfg.optim.lr);
-    } else {
-      optimizer = build_optimizer(*model, cfg.optim);
+    else
       set_lr(*optimizer, cfg.optim.lr);
-    }
     Balancer balancer(cfg.balance, cfg.model, model->routers());
     // replicated data parallel: gradients averaged during the backward, as the trainer does
     std::unique_ptr<GradReducer> reducer;

@@ -161,15 +161,9 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   // the optimizer: replicated AdamW (zero_stage 0) or its ZeRO-1 sharding (trainer/zero.h)
   // (zero_stage 1 with ep_size > 1 is refused by validate_config)
   const bool zero = cfg.distributed.zero_stage == 1;
-  std::unique_ptr<FusedAdamW> optimizer;
-  std::unique_ptr<ZeroAdamW> zero_opt;
-  if (zero) {
-    std::vector<std::pair<std::string, torch::Tensor>> named;
-    for (const auto& p : model->named_parameters()) named.emplace_back(p.key(), p.value());
-    zero_opt = std::make_unique<ZeroAdamW>(named, cfg.optim, pg);
-  } else {
-    optimizer = build_optimizer(*model, cfg.optim);
-  }
+  ModelOptimizer built = build_model_optimizer(*model, cfg, pg);
+  std::unique_ptr<FusedAdamW> optimizer = std::move(built.replicated);
+  std::unique_ptr<ZeroAdamW> zero_opt = std::move(built.zero);
   Balancer balancer(cfg.balance, cfg.model, model->routers());
   TrainResult result;
   int64_t consecutive_skips = 0;

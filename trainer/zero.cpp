@@ -314,4 +314,16 @@ void ZeroAdamW::load(const OptimizerPieces& pieces, const std::string& where) {
   }
 }
 
+ModelOptimizer build_model_optimizer(torch::nn::Module& model, const ExperimentConfig& cfg, ProcessGroup& pg) {
+  ModelOptimizer o;
+  if (cfg.distributed.zero_stage == 1) {
+    std::vector<std::pair<std::string, torch::Tensor>> named;
+    for (const auto& p : model.named_parameters()) named.emplace_back(p.key(), p.value());
+    o.zero = std::make_unique<ZeroAdamW>(named, cfg.optim, pg);
+  } else {
+    o.replicated = build_optimizer(model, cfg.optim);
+  }
+  return o;
+}
+
 }  // namespace moetrain

@@ -30,6 +30,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -38,6 +39,7 @@
 
 #include "trainer/distributed.h"
 #include "trainer/experiment_config.h"
+#include "trainer/optim.h"
 
 namespace moetrain {
 
@@ -118,5 +120,14 @@ class ZeroAdamW {
   std::vector<int64_t> steps_;
   std::vector<Space> spaces_;
 };
+
+// The optimizer distributed.zero_stage asks for, as `train` and `bench` build it: the
+// replicated FusedAdamW over `model` (stage 0) or ZeroAdamW over its named parameters,
+// sharded over `pg` (stage 1). Exactly one is set.
+struct ModelOptimizer {
+  std::unique_ptr<FusedAdamW> replicated;
+  std::unique_ptr<ZeroAdamW> zero;
+};
+ModelOptimizer build_model_optimizer(torch::nn::Module& model, const ExperimentConfig& cfg, ProcessGroup& pg);
 
 }  // namespace moetrain
