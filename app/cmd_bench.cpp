@@ -32,6 +32,7 @@
 #include "trainer/distributed.h"
 #include "trainer/experiment_config.h"
 #include "trainer/expert_parallel.h"
+#include "trainer/master_weights.h"
 #include "trainer/optim.h"
 #include "trainer/train_step.h"
 #include "trainer/zero.h"
@@ -85,6 +86,8 @@ nlohmann::json bench_moe_layer(const ExperimentConfig& cfg, const torch::Device&
   const ModelConfig& m = cfg.model;
   MoE moe(m);
   moe->to(device);
+  // train.param_dtype bf16: the matrices stored in bf16, as the trainer holds them (no optimizer here)
+  if (cfg.train.param_dtype == "bf16") cast_params_to_bf16(bf16_weight_params(*moe));
   const int64_t tokens = cfg.train.micro_batch * cfg.train.seq_len;
   auto x = torch::randn({cfg.train.micro_batch, cfg.train.seq_len, m.hidden_size}, torch::TensorOptions(device))
                .requires_grad_(true);
@@ -112,6 +115,7 @@ nlohmann::json bench_moe_layer(const ExperimentConfig& cfg, const torch::Device&
           {"moe_layer_ms_min", *std::min_element(ms.begin(), ms.end())},
           {"n_routed_experts", m.n_routed_experts},
           {"top_k", m.num_experts_per_tok},
+          {"param_dtype", cfg.train.param_dtype},
           {"tokens", tokens},
           {"peak_mem_gb", peak_memory_gb(device)},
           {"device", device_name(device)}};
@@ -185,8 +189,9 @@ int cmd_bench(int argc, char** argv) {
     // replicated FusedAdamW, or ZeRO-1 (distributed.zero_stage: 1) as the trainer builds it
     const bool zero = cfg.distributed.zero_stage == 1;
     ModelOptimizer built = build_model_optimizer(*model, cfg, pg);
-    std::unique_ptr<FusedAdamW> optimizer = std::move(built.replicated);
-    std::unique_ptr<ZeroAdamW> zero_opt = std::move(built.zero);
+    built.use_bf16_weights(*model);  // train.param_dtype bf16: bf16 matrices, fp32 masters
+    FusedAdamW* optimizer = built.replicated.get();
+    ZeroAdamW* zero_opt = built.zero.get();
     if (zero)
       zero_opt->set_lr(cfg.optim.lr);
     else
@@ -216,7 +221,7 @@ int cmd_bench(int argc, char** argv) {
       std::cerr << fmt::format(
           "bench: {} on {} ({}) × {} ranks, {} warmup + {} timed steps of {} × {} tokens ({} micro-steps per rank), {}\n",
           args.pos(0), tc.device, name, world, warmup, steps, tc.global_batch, tc.seq_len, accum,
-          fb.bf16_autocast ? "bf16 autocast" : "fp32");
+          fb.bf16_autocast ? (tc.param_dtype == "bf16" ? "bf16 weights (fp32 masters)" : "bf16 autocast") : "fp32");
     const double clip = cfg.optim.grad_clip > 0.0 ? cfg.optim.grad_clip : std::numeric_limits<double>::infinity();
     int64_t step_index = 0;
     StepLosses sums;
@@ -244,7 +249,7 @@ int cmd_bench(int argc, char** argv) {
         // the global norm on the device (each expert shard once), the clipping inside the fused update
         const torch::Tensor norm = ep.grad_norm();
         if (std::isfinite(clip)) optimizer->clip_next_step(norm, clip);
-        optimizer->step();
+        built.step_replicated();
       }
       ++step_index;
       balancer.after_step(step_index, step_index * tokens_per_step);
@@ -304,6 +309,7 @@ int cmd_bench(int argc, char** argv) {
                         {"overlap_grad_reduce", reducer != nullptr},
                         {"bucket_mb", cfg.distributed.bucket_mb},
                         {"activation_checkpointing", tc.activation_checkpointing},
+                        {"param_dtype", tc.param_dtype},
                         {"tokens_per_s_per_gpu", tokens_per_s / static_cast<double>(world)},
                         {"step_ms", ms},
                         {"step_ms_min", *std::min_element(step_ms.begin(), step_ms.end())},

@@ -44,11 +44,15 @@ int cmd_params(int argc, char** argv) {
     const ModelConfig& m = cfg.model;
     ParamCounts p = count_params(m, cfg.train.seq_len);
 
-    // Memory per rank. Master weights, gradients and both Adam moments are fp32
-    // (bf16 autocast casts on the fly); activations follow the compute dtype.
+    // Memory per rank. train.param_dtype fp32: weights (the masters), gradients and both Adam
+    // moments are fp32 (bf16 autocast casts on the fly). bf16: weights and gradients are bf16
+    // and the optimizer holds fp32 masters (the ~0.1 % of 1-D norm weights, fp32 in fact, are
+    // counted as matrices). Activations follow the compute dtype.
+    const bool bf16_weights = cfg.train.param_dtype == "bf16";
     const double all_params = static_cast<double>(p.total + p.mtp);
-    const double weights = 4.0 * all_params + 4.0 * static_cast<double>(p.router_bias);
-    const double grads = 4.0 * all_params;
+    const double weight_bytes = bf16_weights ? 2.0 : 4.0;
+    const double weights = weight_bytes * all_params + 4.0 * static_cast<double>(p.router_bias);
+    const double grads = weight_bytes * all_params;
     int64_t world = 1;
     try {
       size_t used = 0;
@@ -57,9 +61,11 @@ int cmd_params(int argc, char** argv) {
     } catch (const std::exception&) {
       throw UsageError(fmt::format("--world-size: expected a positive integer, got '{}'", args.get("world-size")));
     }
-    // ZeRO-1 (trainer/zero.h): the moments of ceil(params / world) elements per rank
+    // ZeRO-1 (trainer/zero.h): the moments (and masters) of ceil(params / world) elements per rank
     const bool zero = cfg.distributed.zero_stage == 1;
-    const double adam = 8.0 * (zero ? std::ceil(all_params / static_cast<double>(world)) : all_params);
+    const double held = zero ? std::ceil(all_params / static_cast<double>(world)) : all_params;
+    const double adam = 8.0 * held;
+    const double masters = bf16_weights ? 4.0 * held : 0.0;
     const double act_bytes = (cfg.train.dtype == "bf16" ? 2.0 : 4.0) * activation_elements_per_token(m) *
                              static_cast<double>(cfg.train.micro_batch * cfg.train.seq_len);
 
@@ -75,8 +81,10 @@ int cmd_params(int argc, char** argv) {
                           {"seq_len", cfg.train.seq_len}};
       if (args.has("memory"))
         j["memory_bytes"] = {{"weights", weights}, {"grads", grads}, {"optimizer", adam},
-                             {"activations", act_bytes}, {"total", weights + grads + adam + act_bytes},
-                             {"world_size", world}, {"zero_stage", cfg.distributed.zero_stage}};
+                             {"masters", masters}, {"activations", act_bytes},
+                             {"total", weights + grads + adam + masters + act_bytes},
+                             {"world_size", world}, {"zero_stage", cfg.distributed.zero_stage},
+                             {"param_dtype", cfg.train.param_dtype}};
       std::cout << j.dump(2) << "\n";
       return 0;
     }
@@ -95,12 +103,13 @@ int cmd_params(int argc, char** argv) {
     if (args.has("memory")) {
       std::cout << fmt::format("\nmemory per rank (micro_batch {} × seq_len {}, {}):\n", cfg.train.micro_batch,
                                cfg.train.seq_len, cfg.train.dtype);
-      std::cout << fmt::format("  {:<20} {:>12}\n", "weights (fp32)", gib(weights));
-      std::cout << fmt::format("  {:<20} {:>12}\n", "gradients (fp32)", gib(grads));
-      std::cout << fmt::format("  {:<20} {:>12}{}\n", "optimizer (Adam)", gib(adam),
-                               zero ? fmt::format("  (ZeRO-1: ÷ {} ranks)", world) : "");
+      const std::string zero_note = zero ? fmt::format("  (ZeRO-1: ÷ {} ranks)", world) : "";
+      std::cout << fmt::format("  {:<20} {:>12}\n", fmt::format("weights ({})", cfg.train.param_dtype), gib(weights));
+      std::cout << fmt::format("  {:<20} {:>12}\n", fmt::format("gradients ({})", cfg.train.param_dtype), gib(grads));
+      if (bf16_weights) std::cout << fmt::format("  {:<20} {:>12}{}\n", "masters (fp32)", gib(masters), zero_note);
+      std::cout << fmt::format("  {:<20} {:>12}{}\n", "optimizer (Adam)", gib(adam), zero_note);
       std::cout << fmt::format("  {:<20} {:>12}  (estimate)\n", "activations", gib(act_bytes));
-      std::cout << fmt::format("  {:<20} {:>12}\n", "total", gib(weights + grads + adam + act_bytes));
+      std::cout << fmt::format("  {:<20} {:>12}\n", "total", gib(weights + grads + adam + masters + act_bytes));
     }
     return 0;
   });

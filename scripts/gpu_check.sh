@@ -13,6 +13,9 @@
 #   curve    bf16 CUDA vs fp32 CPU loss curves of configs/tiny.yaml, 200 steps
 #            (needs data_cache/linux-docs-sp4096 carried over)
 # TRACE=1: the profile phase also saves a gzipped Chrome trace (trace.json.gz).
+# SETS="--set train.param_dtype=bf16 ...": extra config overrides for every bench, profile,
+# scaling and dist run. SKIP_HF=1: the bench phase runs moetrain only. DIST_VARIANTS: the
+# distributed.* settings the dist phase launches (default: the four below).
 # Logs and JSON go to ${OUT:-.}/.
 # Usage: [PHASES="tests bench"] bash scripts/gpu_check.sh [BENCH_CONFIG]   (default configs/bench-1b.yaml)
 set -uo pipefail
@@ -23,6 +26,7 @@ CONFIG=${1:-$ROOT/configs/bench-1b.yaml}
 PHASES=${PHASES:-tests bench profile}
 MT=$BUILD/app/moetrain
 export NCCL_NVLS_ENABLE=0
+read -ra SETS_ARR <<<"${SETS:-}"
 has() { [[ " $PHASES " == *" $1 "* ]]; }
 stamp() { echo "== $1 $(( $(date +%s) - t0 )) s"; }
 nvidia-smi -L
@@ -56,22 +60,22 @@ if has curve; then  # CPU fp32 in the background while the GPU works
   curve cuda-bf16 cuda bf16 || tail -5 "$OUT/curve-cuda-bf16.log"
 fi
 if has bench; then
-  python3 "$ROOT/scripts/bench_vs_hf.py" "$CONFIG" --moetrain "$MT" --steps 12 --warmup 3 \
-    --out "$OUT/bench.json" >"$OUT/bench.log" 2>&1 || tail -20 "$OUT/bench.log"
+  python3 "$ROOT/scripts/bench_vs_hf.py" "$CONFIG" --moetrain "$MT" --steps 12 --warmup 3 "${SETS_ARR[@]}" \
+    ${SKIP_HF:+--skip-hf} --out "$OUT/bench.json" >"$OUT/bench.log" 2>&1 || tail -20 "$OUT/bench.log"
   stamp bench
 fi
 if has profile; then
   trace=()
   [ -n "${TRACE:-}" ] && trace=(--trace /tmp/moetrain-trace.json)
-  "$MT" bench "$CONFIG" --steps 2 --warmup 2 --profile 1 "${trace[@]}" >"$OUT/profile.log" 2>&1 || tail -20 "$OUT/profile.log"
+  "$MT" bench "$CONFIG" --steps 2 --warmup 2 --profile 1 "${trace[@]}" "${SETS_ARR[@]}" >"$OUT/profile.log" 2>&1 || tail -20 "$OUT/profile.log"
   [ -n "${TRACE:-}" ] && gzip -c /tmp/moetrain-trace.json >"$OUT/trace.json.gz"
   stamp profile
 fi
 if has scaling; then
   for e in 64 256; do
-    "$MT" bench "$CONFIG" --moe-layer --steps 20 --warmup 5 --set model.n_routed_experts=$e \
+    "$MT" bench "$CONFIG" --moe-layer --steps 20 --warmup 5 --set model.n_routed_experts=$e "${SETS_ARR[@]}" \
       >"$OUT/moe-layer-$e.log" 2>&1 || tail -5 "$OUT/moe-layer-$e.log"
-    "$MT" bench "$CONFIG" --steps 8 --warmup 3 --set model.n_routed_experts=$e \
+    "$MT" bench "$CONFIG" --steps 8 --warmup 3 --set model.n_routed_experts=$e "${SETS_ARR[@]}" \
       >"$OUT/step-experts-$e.log" 2>&1 || tail -5 "$OUT/step-experts-$e.log"
   done
   stamp scaling
@@ -79,11 +83,11 @@ fi
 if has dist; then
   n=$(nvidia-smi -L | wc -l)
   {
-    "$MT" bench "$CONFIG" --steps 8 --warmup 3 2>&1 | grep -E "median step|^\{"
+    "$MT" bench "$CONFIG" --steps 8 --warmup 3 "${SETS_ARR[@]}" 2>&1 | grep -E "median step|^\{"
     # replicated (overlapped all-reduce, then the reference after the backward), ZeRO-1, EP
-    for v in "zero_stage=0" "overlap_grad_reduce=false" "zero_stage=1" "ep_size=$n"; do
+    for v in ${DIST_VARIANTS:-zero_stage=0 overlap_grad_reduce=false zero_stage=1 ep_size=$n}; do
       "$MT" launch --nproc "$n" -- bench "$CONFIG" --steps 8 --warmup 3 --set train.global_batch=$((8 * n)) \
-        --set distributed.backend=nccl --set distributed.$v 2>&1 | grep -E "median step|^\{|rror"
+        --set distributed.backend=nccl --set distributed.$v "${SETS_ARR[@]}" 2>&1 | grep -E "median step|^\{|rror"
     done
     [ -n "${CKPT:-}" ] && "$MT" bench "$CONFIG" --steps 8 --warmup 3 --set train.activation_checkpointing=full 2>&1 | grep -E "median step|^\{"
   } >"$OUT/dist.log" 2>&1

@@ -6,6 +6,8 @@ add_unit_test(test_kernels)
 add_unit_test(test_kernels_cuda LABELS cuda)
 add_unit_test(test_balance)
 add_unit_test(test_optim)
+# train.param_dtype bf16: fp32 masters in the optimizer (trainer/master_weights.h)
+add_unit_test(test_master_weights)
 add_unit_test(test_trainer)
 
 # libFuzzer over the safetensors header parser for a fixed budget (clang only).

@@ -87,6 +87,26 @@ TEST(Cli, ParamsMemoryZeroDividesTheOptimizerByWorldSize) {
   EXPECT_EQ(run_capture(bin() + " params " + cfg("bench-1b") + " --memory --world-size 0").exit_code, 2);
 }
 
+// train.param_dtype bf16: weights and gradients take half the bytes, the fp32 masters move to
+// the optimizer, and ZeRO-1 divides the masters by the world size along with the moments.
+TEST(Cli, ParamsMemoryBf16WeightsShardTheMasters) {
+  auto mem = [](const std::string& extra) {
+    auto r = run_capture(bin() + " params " + cfg("bench-1b") + " --json --memory --set train.dtype=bf16" + extra);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return nlohmann::json::parse(r.output)["memory_bytes"];
+  };
+  const auto fp32 = mem(""), bf16 = mem(" --set train.param_dtype=bf16"),
+             zero4 = mem(" --set train.param_dtype=bf16 --world-size 4 --set distributed.zero_stage=1");
+  EXPECT_EQ(fp32["masters"].get<double>(), 0.0);
+  EXPECT_NEAR(bf16["grads"].get<double>(), fp32["grads"].get<double>() / 2, 1.0);
+  EXPECT_NEAR(bf16["masters"].get<double>(), 2 * bf16["grads"].get<double>(), 1.0);
+  EXPECT_NEAR(zero4["masters"].get<double>(), bf16["masters"].get<double>() / 4, 4.0);
+  EXPECT_EQ(zero4["weights"], bf16["weights"]);
+  auto r = run_capture(bin() + " params " + cfg("bench-1b") +
+                       " --memory --set train.dtype=bf16 --set train.param_dtype=bf16 --world-size 4 --set distributed.zero_stage=1");
+  EXPECT_NE(r.output.find("masters (fp32)"), std::string::npos) << r.output;
+}
+
 }  // namespace
 
 namespace {

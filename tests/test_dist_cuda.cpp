@@ -1,8 +1,13 @@
 // Data parallelism over NCCL on ≥ 2 GPUs (label cuda; skipped with fewer): `moetrain launch
 // --nproc 2 -- train` on train.device cuda with distributed.backend nccl (replicated AdamW and
 // ZeRO-1) trains what one GPU trains: fp32 losses to float rounding (GPU reductions are
-// not bitwise reproducible across batch splits), bf16-autocast losses to bf16 rounding.
+// not bitwise reproducible across batch splits), bf16-autocast losses to bf16 rounding, bf16
+// weights with fp32 masters (train.param_dtype bf16, "bf16w" below) to bf16 rounding.
+// On one GPU: bf16 weights train like bf16 autocast over fp32 weights, and their checkpoints
+// hold the fp32 masters, from which a stopped run resumes.
 #include <gtest/gtest.h>
+
+#include "io/safetensors.h"
 
 #include <cmath>
 #include <fstream>
@@ -25,13 +30,25 @@ using moetrain::testing::write_sentence_corpus;
 
 namespace {
 
-// The tiny launched model (tests/dist_test_util.h) on CUDA, 6 steps.
+// The tiny launched model (tests/dist_test_util.h) on CUDA, 6 steps; dtype fp32, bf16 or
+// bf16w (bf16 autocast with bf16 weights: train.param_dtype bf16).
 std::vector<std::string> tiny_cuda_sets(const TempDir& dir, const std::string& run, const std::string& dtype,
                                         int zero_stage) {
   std::vector<std::string> sets = launch_tiny_sets(dir, run, 6);
-  sets.insert(sets.end(), {"train.device=cuda", "train.dtype=" + dtype, "distributed.backend=auto",
-                        "distributed.timeout_s=120", "distributed.zero_stage=" + std::to_string(zero_stage)});
+  const bool bf16w = dtype == "bf16w";
+  sets.insert(sets.end(), {"train.device=cuda", "train.dtype=" + std::string(bf16w ? "bf16" : dtype),
+                           std::string("train.param_dtype=") + (bf16w ? "bf16" : "fp32"), "distributed.backend=auto",
+                           "distributed.timeout_s=120", "distributed.zero_stage=" + std::to_string(zero_stage)});
   return sets;
+}
+
+void prepare_tiny(const TempDir& dir) {
+  write_sentence_corpus(dir);
+  ExperimentConfig cfg = load_experiment_config(std::string(MOETRAIN_SOURCE_DIR) + "/configs/debug.yaml",
+                                                tiny_cuda_sets(dir, "prep", "fp32", 0));
+  PrepareOptions opt;
+  opt.progress = false;
+  prepare_data(cfg.data, cfg.model.vocab_size, opt);
 }
 
 std::vector<double> losses(const std::string& path) {
@@ -49,15 +66,8 @@ TEST(DistCuda, TwoGpusOverNcclTrainLikeOne) {
     GTEST_SKIP() << "needs 2 CUDA devices, " << (torch::cuda::is_available() ? torch::cuda::device_count() : 0)
                  << " visible";
   TempDir dir;
-  write_sentence_corpus(dir);
-  {
-    ExperimentConfig cfg = load_experiment_config(std::string(MOETRAIN_SOURCE_DIR) + "/configs/debug.yaml",
-                                                  tiny_cuda_sets(dir, "prep", "fp32", 0));
-    PrepareOptions opt;
-    opt.progress = false;
-    prepare_data(cfg.data, cfg.model.vocab_size, opt);
-  }
-  for (const std::string dtype : {"fp32", "bf16"}) {
+  prepare_tiny(dir);
+  for (const std::string dtype : {"fp32", "bf16", "bf16w"}) {
     const double tol = dtype == "fp32" ? 1e-4 : 2e-2;  // relative
     const std::string one = "one_" + dtype;
     auto r = run_capture(fmt::format("CUDA_VISIBLE_DEVICES=0 {} train{}", MOETRAIN_BINARY,
@@ -77,6 +87,35 @@ TEST(DistCuda, TwoGpusOverNcclTrainLikeOne) {
         EXPECT_NEAR(got[s], ref[s], tol * std::abs(ref[s])) << dtype << " zero_stage " << zero << " step " << s + 1;
     }
   }
+}
+
+TEST(Bf16WeightsCuda, TrainLikeAutocastAndResumeFromFp32Masters) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  TempDir dir;
+  prepare_tiny(dir);
+  auto train = [&](const std::string& run, const std::string& dtype, const std::string& prefix = "",
+                   const std::string& extra = "") {
+    auto r = run_capture(fmt::format("{}CUDA_VISIBLE_DEVICES=0 {} train{}{}", prefix, MOETRAIN_BINARY,
+                                     debug_cli(tiny_cuda_sets(dir, run, dtype, 0)), extra));
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return losses(dir.file(run + "/metrics.jsonl"));
+  };
+  const auto autocast = train("autocast", "bf16"), weights = train("weights", "bf16w");
+  ASSERT_EQ(autocast.size(), 6u);
+  ASSERT_EQ(weights.size(), 6u);
+  for (size_t s = 0; s < 6; ++s) EXPECT_NEAR(weights[s], autocast[s], 3e-2 * autocast[s]) << "step " << s + 1;
+  EXPECT_LT(weights.back(), weights.front()) << "it learns";
+
+  // stopped by SIGTERM after step 3 (checkpoint), then resumed to step 6
+  train("resumed", "bf16w", "MOETRAIN_TEST_INJECT=sigterm:3 ");
+  const auto resumed = train("resumed", "bf16w", "", " --resume auto");
+  ASSERT_EQ(resumed.size(), 6u);
+  for (size_t s = 0; s < 6; ++s) EXPECT_NEAR(resumed[s], weights[s], 2e-3 * weights[s]) << "step " << s + 1;
+  // the checkpoint holds fp32 masters: off the bf16 grid
+  const SafetensorsFile f = read_safetensors(dir.file("resumed/ckpt/step-00000003/model.safetensors"));
+  const torch::Tensor w = f.at("head.weight");
+  EXPECT_EQ(w.scalar_type(), torch::kFloat);
+  EXPECT_FALSE(torch::equal(w, w.to(torch::kBFloat16).to(torch::kFloat))) << "bf16-rounded weights were saved";
 }
 
 }  // namespace

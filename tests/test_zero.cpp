@@ -20,6 +20,7 @@
 #include "trainer/checkpoint.h"
 #include "trainer/distributed.h"
 #include "trainer/experiment_config.h"
+#include "trainer/master_weights.h"
 #include "trainer/optim.h"
 #include "trainer/trainer.h"
 #include "trainer/zero.h"
@@ -203,6 +204,73 @@ TEST(ZeroAdamW, TwoRanksStepLikeReplicatedAdamW) {
   }
   // 35 + 5 + 33 + 4 + 6 = 83 elements: S = 42 per rank, 3 buffers (grad, exp_avg, exp_avg_sq)
   EXPECT_EQ(state_bytes[0], 3 * 42 * 4);
+}
+
+// train.param_dtype bf16: the matrices' fp32 masters sharded with the moments, bf16 gradients
+// reduce-scattered, bf16 weights all-gathered — against the replicated MasterWeights fed the
+// bf16 sum of the two ranks' gradients (what the reduce-scatter computes), halved.
+TEST(ZeroAdamW, Bf16WeightsShardTheMastersLikeReplicatedMasters) {
+  constexpr int kSteps = 4;
+  const double kClip = 1.5;
+  auto ref = toy_params();
+  torch::nn::Module holder;
+  for (auto& [n, p] : ref) holder.register_parameter(n, p);
+  auto adamw = build_optimizer(holder, toy_optim());
+  MasterWeights ref_masters(bf16_weight_params(holder));  // w1, w2, sometimes
+  for (int s = 0; s < kSteps; ++s) {
+    adamw->zero_grad();
+    std::vector<torch::Tensor> ps;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      torch::Tensor& p = ref[i].second;
+      ps.push_back(p);
+      if (ref[i].first == "unused") continue;
+      const auto dtype = p.scalar_type();
+      torch::Tensor g = toy_grad(p, 0, i, s).to(dtype);
+      if (ref[i].first != "sometimes") g = g + toy_grad(p, 1, i, s).to(dtype);  // rank 1 has none: zeros
+      p.mutable_grad() = g / 2.0;  // exact in bf16 too
+    }
+    adamw->clip_next_step(grad_norm(ps), kClip);
+    ref_masters.step(*adamw);
+  }
+
+  std::vector<std::vector<torch::Tensor>> full(2), bf16(2);
+  std::vector<int64_t> state_bytes(2);
+  const std::string errors = run_ranks(2, [&](int64_t, ProcessGroup& pg) {
+    const int64_t rank = pg.rank();
+    auto mine = toy_params();
+    ZeroAdamW opt(mine, toy_optim(), pg, /*bf16_weights=*/true);
+    opt.use_bf16_params();
+    for (int s = 0; s < kSteps; ++s) {
+      for (size_t i = 0; i < mine.size(); ++i) {
+        torch::Tensor& p = mine[i].second;
+        if (mine[i].first == "unused" || (mine[i].first == "sometimes" && rank == 1)) continue;
+        p.mutable_grad() = toy_grad(p, rank, static_cast<int64_t>(i), s).to(p.scalar_type());
+      }
+      opt.reduce_gradients();
+      opt.clip_grad_norm(kClip);
+      opt.step();
+    }
+    for (const auto& [n, p] : mine) bf16[static_cast<size_t>(rank)].push_back(p.detach().clone());
+    const auto swap = opt.expose_masters();
+    for (const auto& [n, p] : mine) full[static_cast<size_t>(rank)].push_back(p.detach().clone());
+    state_bytes[static_cast<size_t>(rank)] = opt.state_bytes();
+  });
+  ASSERT_EQ(errors, "");
+  const std::vector<size_t> matrices = {0, 2, 4};
+  for (int rank = 0; rank < 2; ++rank) {
+    for (size_t k = 0; k < matrices.size(); ++k) {
+      const size_t i = matrices[k];
+      EXPECT_EQ(bf16[rank][i].scalar_type(), torch::kBFloat16) << ref[i].first;
+      EXPECT_EQ(full[rank][i].scalar_type(), torch::kFloat) << ref[i].first << ": exposed as the fp32 master";
+      EXPECT_TRUE(torch::allclose(full[rank][i], ref_masters.masters()[k], 1e-5, 1e-6)) << ref[i].first << " rank " << rank;
+      EXPECT_TRUE(torch::equal(bf16[rank][i], full[rank][i].to(torch::kBFloat16))) << ref[i].first;
+    }
+    EXPECT_TRUE(torch::allclose(full[rank][1], ref[1].second.detach(), 1e-5, 1e-6)) << "the fp32 norm";
+    EXPECT_TRUE(torch::equal(full[rank][3], ref[3].second.detach())) << "an unused parameter is not decayed";
+  }
+  // matrices 35 + 33 + 6 = 74 elements: S = 37 per rank, 4 buffers (grad, exp_avg, exp_avg_sq,
+  // master); norms 5 + 4 = 9: S = 5, 3 buffers
+  EXPECT_EQ(state_bytes[0], (4 * 37 + 3 * 5) * 4);
 }
 
 // --- training through `moetrain launch` --------------------------------------------------------

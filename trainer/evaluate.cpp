@@ -1,11 +1,14 @@
 #include "trainer/evaluate.h"
 
+#include "models/autocast.h"
 #include "trainer/balance.h"
 
 namespace moetrain {
 
 EvalResult evaluate(Transformer& model, const DataLoader& loader, const ExperimentConfig& cfg, torch::Device device) {
   torch::NoGradGuard no_grad;
+  // bf16 weights (train.param_dtype bf16) only run under autocast; fp32 ones are evaluated in fp32
+  Bf16AutocastGuard autocast(cfg.train.param_dtype == "bf16" && device.is_cuda());
   const int64_t accum = loader.accumulation_steps(1);
   const int64_t n_moe = cfg.model.num_moe_layers();
   torch::Tensor counts = torch::zeros({n_moe, cfg.model.n_routed_experts}, torch::kInt64);

@@ -121,6 +121,7 @@ void visit_config(V& v, ExperimentConfig& c) {
     s.integer("seed", t.seed, 0);
     s.choice("device", t.device, {"cpu", "cuda"});
     s.choice("dtype", t.dtype, {"fp32", "bf16"});
+    s.choice("param_dtype", t.param_dtype, {"fp32", "bf16"});
     s.choice("activation_checkpointing", t.activation_checkpointing, {"none", "full"});
     s.integer("eval_every", t.eval_every, 0);
     s.integer("eval_batches", t.eval_batches, 1);
@@ -568,6 +569,8 @@ std::vector<std::pair<std::string, std::string>> validate_config(const Experimen
        fmt::format("seq_len ({}) must be <= model.max_position_embeddings ({})", t.seq_len, m.max_position_embeddings));
   rule(!(t.dtype == "bf16" && t.device == "cpu"), "train.dtype",
        "bf16 autocast is for device cuda; CPU training runs in fp32");
+  rule(!(t.param_dtype == "bf16" && t.dtype != "bf16"), "train.param_dtype",
+       "bf16 weights need bf16 compute: set train.dtype: bf16 (device cuda)");
   rule(t.seq_len > m.num_nextn_predict_layers, "train.seq_len",
        fmt::format("multi-token prediction needs seq_len ({}) > model.num_nextn_predict_layers ({})", t.seq_len,
                    m.num_nextn_predict_layers));

@@ -54,6 +54,10 @@ struct TrainConfig {
   int64_t seed = 1234;
   std::string device = "cpu";  // cpu | cuda
   std::string dtype = "fp32";  // fp32 | bf16 (autocast, fp32 master weights; CUDA)
+  // fp32 | bf16: how the model stores its weight matrices (every trainable parameter with
+  // ≥ 2 dims). bf16: the optimizer keeps their fp32 masters (trainer/master_weights.h, sharded
+  // under ZeRO-1) and their gradients are bf16 (accumulated and reduced in bf16); needs dtype bf16.
+  std::string param_dtype = "fp32";
   // none | full: recompute every decoder layer in the backward (models/checkpointing.h)
   std::string activation_checkpointing = "none";
   int64_t eval_every = 100;    // 0: only at the end

@@ -90,7 +90,10 @@ torch::Tensor grad_norm(const std::vector<torch::Tensor>& params) {
   for (const auto& p : params)
     if (p.grad().defined()) grads.push_back(p.grad());
   if (grads.empty()) return torch::zeros({}, torch::kFloat);
-  const std::vector<torch::Tensor> norms = at::_foreach_norm(grads, 2);  // per tensor, fp32
+  bool fp64 = false;
+  for (const auto& g : grads) fp64 = fp64 || g.scalar_type() == torch::kDouble;
+  // per tensor, accumulated and returned in fp32 (bf16 gradients included)
+  const std::vector<torch::Tensor> norms = at::_foreach_norm(grads, 2, fp64 ? torch::kDouble : torch::kFloat);
   return torch::stack(norms).to(torch::kFloat).norm();
 }
 

@@ -19,6 +19,7 @@
 #include "data/progress.h"
 #include "data/tokenizer.h"
 #include "io/hf.h"
+#include "models/autocast.h"
 #include "models/lm_loss.h"
 #include "models/transformer.h"
 #include "trainer/balance.h"
@@ -162,8 +163,8 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   // (zero_stage 1 with ep_size > 1 is refused by validate_config)
   const bool zero = cfg.distributed.zero_stage == 1;
   ModelOptimizer built = build_model_optimizer(*model, cfg, pg);
-  std::unique_ptr<FusedAdamW> optimizer = std::move(built.replicated);
-  std::unique_ptr<ZeroAdamW> zero_opt = std::move(built.zero);
+  FusedAdamW* optimizer = built.replicated.get();
+  ZeroAdamW* zero_opt = built.zero.get();
   Balancer balancer(cfg.balance, cfg.model, model->routers());
   TrainResult result;
   int64_t consecutive_skips = 0;
@@ -181,9 +182,13 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
     spikes.restore(st.recent_losses);
   }
   ep.broadcast_model(model);  // identical starting points, whatever the init or checkpoint
+  // train.param_dtype bf16: the matrices become bf16, their fp32 masters go to the optimizer
+  // (trainer/master_weights.h) — after the resume, which loads fp32 weights
+  built.use_bf16_weights(*model);
   int64_t last_saved_step = result.resumed_step;
   auto save_now = [&](int64_t steps_done) {
     TrainingState st{steps_done, loader.state(), result.skipped_steps, consecutive_skips, spikes.recent()};
+    const auto fp32_weights = built.expose_fp32_weights();  // checkpoints hold the fp32 masters
     if (zero) {  // every rank writes its optimizer shard; rank 0 the rest and the commit
       std::string path = save_checkpoint(cfg, model, *zero_opt, st, pg);
       if (main_rank) result.last_checkpoint = path;
@@ -298,7 +303,7 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
         zero_opt->step();  // the shard's AdamW, then all-gather of the parameters
       } else {
         if (std::isfinite(max_norm)) optimizer->clip_next_step(norm, max_norm);
-        optimizer->step();
+        built.step_replicated();
       }
       balancer.after_step(step + 1, (step + 1) * tokens_per_step);
     }
@@ -362,6 +367,7 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
     Batch prompt_batch = loader.val_rows(0, 0, 1);
     auto prompt_t = prompt_batch.inputs[0].slice(0, 0, std::min<int64_t>(16, tc.seq_len));
     std::vector<int64_t> prompt(prompt_t.data_ptr<int64_t>(), prompt_t.data_ptr<int64_t>() + prompt_t.numel());
+    Bf16AutocastGuard autocast(tc.param_dtype == "bf16" && device.is_cuda());  // as evaluate()
     std::vector<int64_t> ids = greedy_sample(model, prompt, 48, tc.seq_len, device);
     if (main_rank) std::cerr << "sample: " << tokenizer->decode(prompt) << "⟨" << tokenizer->decode({ids.begin() + static_cast<long>(prompt.size()), ids.end()})
               << "⟩\n";

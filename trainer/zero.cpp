@@ -148,21 +148,24 @@ torch::Tensor OptimizerPieces::assemble(const std::string& name, int which, int6
 // --- the optimizer -----------------------------------------------------------------------
 
 ZeroAdamW::ZeroAdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named, const OptimConfig& cfg,
-                     ProcessGroup& pg)
+                     ProcessGroup& pg, bool bf16_weights)
     : pg_(pg), lr_(cfg.lr), cfg_(cfg) {
-  std::map<c10::ScalarType, std::vector<int64_t>> by_dtype;  // map order: the same on every rank
+  // (dtype, a weight matrix to be cast to bf16) → parameters; map order: the same on every rank
+  std::map<std::pair<c10::ScalarType, bool>, std::vector<int64_t>> by_dtype;
   for (const auto& [name, p] : named) {
     if (!p.requires_grad()) continue;
-    by_dtype[p.scalar_type()].push_back(static_cast<int64_t>(params_.size()));
+    const bool matrix = bf16_weights && p.is_floating_point() && p.dim() >= 2;  // as bf16_weight_params
+    by_dtype[{p.scalar_type(), matrix}].push_back(static_cast<int64_t>(params_.size()));
     names_.push_back(name);
     params_.push_back(p);
     decay_.push_back(weight_decayed(p));
   }
   active_.assign(params_.size(), false);
   steps_.assign(params_.size(), 0);
-  for (auto& [dtype, ids] : by_dtype) {
+  for (auto& [key, ids] : by_dtype) {
     Space s;
     s.params = ids;
+    s.matrices = key.second;
     std::vector<int64_t> numels;
     for (int64_t i : ids) numels.push_back(params_[static_cast<size_t>(i)].numel());
     s.layout = zero_shard_layout(numels, pg.world_size());
@@ -177,8 +180,42 @@ ZeroAdamW::ZeroAdamW(const std::vector<std::pair<std::string, torch::Tensor>>& n
 
 int64_t ZeroAdamW::state_bytes() const {
   int64_t b = 0;
-  for (const auto& s : spaces_) b += s.grad.nbytes() + s.exp_avg.nbytes() + s.exp_avg_sq.nbytes();
+  for (const auto& s : spaces_)
+    b += s.grad.nbytes() + s.exp_avg.nbytes() + s.exp_avg_sq.nbytes() + (s.master.defined() ? s.master.nbytes() : 0);
   return b;
+}
+
+void ZeroAdamW::use_bf16_params() {
+  torch::NoGradGuard no_grad;
+  for (auto& s : spaces_) {
+    if (!s.matrices || s.master.defined()) continue;
+    TORCH_CHECK(s.grad.scalar_type() == torch::kFloat, "ZeroAdamW::use_bf16_params: the masters come from fp32 parameters");
+    s.master = torch::zeros({s.layout.shard_numel}, s.grad.options());
+    std::vector<torch::Tensor> ps;
+    for (const auto& f : s.mine) {
+      const torch::Tensor& p = params_[static_cast<size_t>(s.params[static_cast<size_t>(f.param)])];
+      s.master.slice(0, f.shard_offset, f.shard_offset + (f.end - f.begin)).copy_(p.detach().view(-1).slice(0, f.begin, f.end));
+    }
+    for (int64_t i : s.params) ps.push_back(params_[static_cast<size_t>(i)]);
+    cast_params_to_bf16(ps);
+  }
+}
+
+std::unique_ptr<ParamSwap> ZeroAdamW::expose_masters() {
+  torch::NoGradGuard no_grad;
+  std::vector<torch::Tensor> params, full_values;
+  for (auto& s : spaces_) {
+    if (!s.master.defined()) continue;
+    torch::Tensor full = torch::empty({s.layout.shard_numel * s.layout.world}, s.master.options());
+    pg_.all_gather(full, s.master);
+    for (size_t k = 0; k < s.params.size(); ++k) {
+      const torch::Tensor& p = params_[static_cast<size_t>(s.params[k])];
+      params.push_back(p);
+      full_values.push_back(full.slice(0, s.layout.offsets[k], s.layout.offsets[k] + s.layout.numels[k]).view(p.sizes()));
+    }
+  }
+  if (params.empty()) return nullptr;
+  return std::make_unique<ParamSwap>(params, full_values);
 }
 
 void ZeroAdamW::reduce_gradients() {
@@ -190,15 +227,22 @@ void ZeroAdamW::reduce_gradients() {
   pg_.all_reduce(has, ReduceOp::kMax);
   for (size_t i = 0; i < params_.size(); ++i) active_[i] = h[i] != 0;
   for (auto& s : spaces_) {
-    // the full flat gradient (zeros for missing gradients and the padding), summed into shards
-    torch::Tensor full = torch::zeros({s.layout.shard_numel * s.layout.world}, s.grad.options());
+    // the full flat gradient (zeros for missing gradients and the padding), summed into
+    // shards, in the parameters' dtype (bf16 weights: half the bytes), averaged in fp32
+    torch::Tensor full = torch::zeros({s.layout.shard_numel * s.layout.world}, s.grad.options().dtype(s.comm_dtype()));
     for (size_t k = 0; k < s.params.size(); ++k) {
       torch::Tensor& p = params_[static_cast<size_t>(s.params[k])];
       if (!p.grad().defined()) continue;
       full.slice(0, s.layout.offsets[k], s.layout.offsets[k] + s.layout.numels[k]).copy_(p.grad().reshape(-1));
       p.mutable_grad() = torch::Tensor();  // the shard is all this rank keeps
     }
-    pg_.reduce_scatter(s.grad, full);
+    if (s.comm_dtype() == s.grad.scalar_type()) {
+      pg_.reduce_scatter(s.grad, full);
+    } else {
+      torch::Tensor summed = torch::empty({s.layout.shard_numel}, full.options());
+      pg_.reduce_scatter(summed, full);
+      s.grad.copy_(summed);
+    }
     s.grad.div_(static_cast<double>(pg_.world_size()));
   }
 }
@@ -233,7 +277,8 @@ void ZeroAdamW::step() {
         const size_t i = static_cast<size_t>(s.params[static_cast<size_t>(f.param)]);
         if (!active_[i] || decay_[i] != (decay == 1)) continue;
         const int64_t n = f.end - f.begin;
-        ps.push_back(params_[i].detach().view(-1).slice(0, f.begin, f.end));
+        ps.push_back(s.master.defined() ? s.master.slice(0, f.shard_offset, f.shard_offset + n)
+                                        : params_[i].detach().view(-1).slice(0, f.begin, f.end));
         gs.push_back(s.grad.slice(0, f.shard_offset, f.shard_offset + n));
         ms.push_back(s.exp_avg.slice(0, f.shard_offset, f.shard_offset + n));
         vs.push_back(s.exp_avg_sq.slice(0, f.shard_offset, f.shard_offset + n));
@@ -260,13 +305,20 @@ void ZeroAdamW::step() {
         ps[k].addcdiv_(ms[k], denom, -lr_ / bc1);
       }
     }
-    // all-gather: every rank's updated fragments → every parameter
-    torch::Tensor shard = torch::zeros({s.layout.shard_numel}, s.grad.options());
-    for (const auto& f : s.mine) {
-      const torch::Tensor& p = params_[static_cast<size_t>(s.params[static_cast<size_t>(f.param)])];
-      shard.slice(0, f.shard_offset, f.shard_offset + (f.end - f.begin)).copy_(p.detach().view(-1).slice(0, f.begin, f.end));
+    // all-gather: every rank's updated fragments → every parameter (bf16 weights: the
+    // masters' bf16 rounding)
+    const auto comm = s.grad.options().dtype(s.comm_dtype());
+    torch::Tensor shard;
+    if (s.master.defined()) {
+      shard = s.master.to(s.comm_dtype());
+    } else {
+      shard = torch::zeros({s.layout.shard_numel}, comm);
+      for (const auto& f : s.mine) {
+        const torch::Tensor& p = params_[static_cast<size_t>(s.params[static_cast<size_t>(f.param)])];
+        shard.slice(0, f.shard_offset, f.shard_offset + (f.end - f.begin)).copy_(p.detach().view(-1).slice(0, f.begin, f.end));
+      }
     }
-    torch::Tensor full = torch::empty({s.layout.shard_numel * s.layout.world}, s.grad.options());
+    torch::Tensor full = torch::empty({s.layout.shard_numel * s.layout.world}, comm);
     pg_.all_gather(full, shard);
     for (size_t k = 0; k < s.params.size(); ++k) {
       torch::Tensor p = params_[static_cast<size_t>(s.params[k])].detach();
@@ -295,6 +347,8 @@ std::vector<std::pair<std::string, torch::Tensor>> ZeroAdamW::shard_tensors() co
 
 void ZeroAdamW::load(const OptimizerPieces& pieces, const std::string& where) {
   torch::NoGradGuard no_grad;
+  for (const auto& s : spaces_)
+    TORCH_CHECK(!s.master.defined(), "ZeroAdamW::load: load before use_bf16_params (the masters come from the loaded weights)");
   for (size_t i = 0; i < params_.size(); ++i) {
     auto it = pieces.steps.find(names_[i]);
     steps_[i] = it == pieces.steps.end() ? 0 : it->second;
@@ -316,14 +370,35 @@ void ZeroAdamW::load(const OptimizerPieces& pieces, const std::string& where) {
 
 ModelOptimizer build_model_optimizer(torch::nn::Module& model, const ExperimentConfig& cfg, ProcessGroup& pg) {
   ModelOptimizer o;
+  o.bf16_weights = cfg.train.param_dtype == "bf16";
   if (cfg.distributed.zero_stage == 1) {
     std::vector<std::pair<std::string, torch::Tensor>> named;
     for (const auto& p : model.named_parameters()) named.emplace_back(p.key(), p.value());
-    o.zero = std::make_unique<ZeroAdamW>(named, cfg.optim, pg);
+    o.zero = std::make_unique<ZeroAdamW>(named, cfg.optim, pg, o.bf16_weights);
   } else {
     o.replicated = build_optimizer(model, cfg.optim);
   }
   return o;
+}
+
+void ModelOptimizer::use_bf16_weights(torch::nn::Module& model) {
+  if (!bf16_weights) return;
+  if (zero)
+    zero->use_bf16_params();
+  else if (!masters)
+    masters = std::make_unique<MasterWeights>(bf16_weight_params(model));
+}
+
+void ModelOptimizer::step_replicated() {
+  if (masters)
+    masters->step(*replicated);
+  else
+    replicated->step();
+}
+
+std::unique_ptr<ParamSwap> ModelOptimizer::expose_fp32_weights() {
+  if (zero) return zero->expose_masters();
+  return masters ? masters->expose() : nullptr;
 }
 
 }  // namespace moetrain

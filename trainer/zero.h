@@ -3,8 +3,10 @@
 // sharded AdamW DeepSeek-V3 trained with: every rank keeps the AdamW moments of 1/DP of the
 // parameters only.
 //
-// Our parameters are fp32 master weights (bf16 autocast casts on the fly), so the
-// flat space is the parameters of one dtype concatenated in registration order,
+// With train.param_dtype fp32 the parameters are fp32 master weights (bf16 autocast casts
+// on the fly) and only the moments are sharded; with bf16 the weight matrices are bf16 and
+// their fp32 masters are sharded too (use_bf16_params). A flat space is the parameters of
+// one dtype (the bf16 matrices apart) concatenated in registration order,
 // padded to world · S and cut into `world` equal shards of S elements; rank r owns
 // [r·S, (r+1)·S). A parameter may straddle shards: each rank holds fragments (element
 // ranges of flattened parameters). One optimizer step:
@@ -39,6 +41,7 @@
 
 #include "trainer/distributed.h"
 #include "trainer/experiment_config.h"
+#include "trainer/master_weights.h"
 #include "trainer/optim.h"
 
 namespace moetrain {
@@ -85,7 +88,19 @@ OptimizerPieces read_optimizer_pieces(const std::string& ckpt_dir);
 class ZeroAdamW {
  public:
   // named: the trainable parameters in registration order, identical on every rank.
-  ZeroAdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named, const OptimConfig& cfg, ProcessGroup& pg);
+  // bf16_weights (train.param_dtype bf16): the weight matrices (bf16_weight_params) get a space
+  // of their own, ready for use_bf16_params.
+  ZeroAdamW(const std::vector<std::pair<std::string, torch::Tensor>>& named, const OptimConfig& cfg, ProcessGroup& pg,
+            bool bf16_weights = false);
+
+  // train.param_dtype bf16, after any resume: this rank's shard of the weight matrices'
+  // current (fp32) values becomes their master shard, then the parameters are cast to bf16.
+  // From then on their gradients are reduce-scattered in bf16, AdamW updates the fp32 master
+  // shard, and the all-gather sends bf16: per-rank fp32 weights fall as 1/DP with the moments.
+  void use_bf16_params();
+  // Collective: the parameters hold full fp32 weights (the masters all-gathered) while the
+  // result lives, for checkpoint saves; null without bf16 parameters.
+  std::unique_ptr<ParamSwap> expose_masters();
 
   void set_lr(double lr) { lr_ = lr; }
   double lr() const { return lr_; }
@@ -94,7 +109,7 @@ class ZeroAdamW {
   double clip_grad_norm(double max_norm);
   void step();
 
-  // Bytes of optimizer state on this rank (moments + gradient shard).
+  // Bytes of optimizer state on this rank (moments + gradient shard + master shard).
   int64_t state_bytes() const;
   // This rank's shard as checkpoint tensors (CPU), see above.
   std::vector<std::pair<std::string, torch::Tensor>> shard_tensors() const;
@@ -104,11 +119,15 @@ class ZeroAdamW {
   const std::vector<int64_t>& steps() const { return steps_; }
 
  private:
-  struct Space {  // one dtype
+  struct Space {  // one dtype (and, with bf16 weights, the matrices apart from the rest)
     std::vector<int64_t> params;  // indices into params_
     ZeroShardLayout layout;
     std::vector<ZeroFragment> mine;  // fragment.param indexes `params`
     torch::Tensor grad, exp_avg, exp_avg_sq;  // [S] each
+    bool matrices = false;  // bf16_weights: this space holds the weight matrices
+    torch::Tensor master;   // [S] fp32 after use_bf16_params (the params are bf16 then)
+    // the dtype of the reduce-scatter and all-gather: the params' own
+    torch::ScalarType comm_dtype() const { return master.defined() ? torch::kBFloat16 : grad.scalar_type(); }
   };
   ProcessGroup& pg_;
   double lr_;
@@ -124,9 +143,20 @@ class ZeroAdamW {
 // The optimizer distributed.zero_stage asks for, as `train` and `bench` build it: the
 // replicated FusedAdamW over `model` (stage 0) or ZeroAdamW over its named parameters,
 // sharded over `pg` (stage 1). Exactly one is set.
+// With train.param_dtype bf16, use_bf16_weights (after any resume) makes the model's matrices
+// bf16 with their fp32 masters in the optimizer (trainer/master_weights.h).
 struct ModelOptimizer {
   std::unique_ptr<FusedAdamW> replicated;
   std::unique_ptr<ZeroAdamW> zero;
+  std::unique_ptr<MasterWeights> masters;  // bf16 weights with the replicated optimizer
+  bool bf16_weights = false;               // train.param_dtype bf16
+
+  void use_bf16_weights(torch::nn::Module& model);
+  // The replicated optimizer's step (on the masters when the weights are bf16).
+  void step_replicated();
+  // The parameters hold fp32 weights while the result lives (checkpoint saves; collective
+  // under ZeRO-1); null when they are fp32 already.
+  std::unique_ptr<ParamSwap> expose_fp32_weights();
 };
 ModelOptimizer build_model_optimizer(torch::nn::Module& model, const ExperimentConfig& cfg, ProcessGroup& pg);
 

@@ -1,0 +1,159 @@
+// train.param_dtype bf16 (trainer/master_weights.h) on the CPU: ParamSwap keeps the
+// parameters' identity; MasterWeights steps exactly like AdamW on fp32 copies fed the same
+// (bf16) gradients, clipping included, and leaves the params the bf16 rounding of the
+// masters; a checkpoint saved inside expose() holds the fp32 masters and loads back into an
+// fp32 model exactly. (The ZeRO-1 sharding of the masters: tests/test_zero.cpp; whole bf16
+// runs on a GPU: tests/test_dist_cuda.cpp.)
+#include <gtest/gtest.h>
+
+#include <torch/torch.h>
+
+#include "io/safetensors.h"
+#include "models/transformer.h"
+#include "test_paths.h"
+#include "test_util.h"
+#include "trainer/checkpoint.h"
+#include "trainer/experiment_config.h"
+#include "trainer/master_weights.h"
+#include "trainer/optim.h"
+
+using namespace moetrain;
+using moetrain::testing::TempDir;
+
+namespace {
+
+// Two matrices and a norm, as the model has them; fp32 until MasterWeights casts them.
+struct Toy : torch::nn::Module {
+  Toy() {
+    torch::manual_seed(5);
+    w1 = register_parameter("w1", torch::randn({7, 5}));
+    norm = register_parameter("norm", torch::randn({5}));
+    w2 = register_parameter("w2", torch::randn({3, 11}));
+  }
+  torch::Tensor w1, norm, w2;
+};
+
+OptimConfig toy_optim() {
+  OptimConfig o;
+  o.lr = 0.05;
+  o.weight_decay = 0.1;
+  o.betas = {0.9, 0.95};
+  return o;
+}
+
+torch::Tensor toy_grad(const torch::Tensor& p, int64_t i, int64_t s) {
+  return torch::cos(torch::arange(p.numel(), torch::kFloat) * (0.2 + 0.1 * static_cast<double>(i)) + static_cast<double>(s))
+      .view(p.sizes());
+}
+
+TEST(ParamSwap, SwapsDataKeepsIdentityAndRestores) {
+  Toy toy;
+  const auto* impl = toy.w1.unsafeGetTensorImpl();
+  const torch::Tensor before = toy.w1.detach().clone();
+  const torch::Tensor other = torch::full({7, 5}, 2.0, torch::kDouble);
+  {
+    ParamSwap swap({toy.w1}, {other});
+    EXPECT_EQ(toy.w1.unsafeGetTensorImpl(), impl);
+    EXPECT_EQ(toy.w1.scalar_type(), torch::kDouble);
+    EXPECT_TRUE(torch::equal(toy.w1.detach(), other));
+    EXPECT_TRUE(toy.w1.requires_grad());
+  }
+  EXPECT_EQ(toy.w1.scalar_type(), torch::kFloat);
+  EXPECT_TRUE(torch::equal(toy.w1.detach(), before));
+  EXPECT_THROW(ParamSwap({toy.w1}, {torch::zeros({5, 7})}), c10::Error);
+}
+
+TEST(MasterWeights, CastsMatricesOnlyAndKeepsTheirFp32Values) {
+  Toy toy;
+  const torch::Tensor w1 = toy.w1.detach().clone(), norm = toy.norm.detach().clone();
+  MasterWeights masters(bf16_weight_params(toy));
+  EXPECT_EQ(toy.w1.scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(toy.w2.scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(toy.norm.scalar_type(), torch::kFloat) << "1-D norm weights stay fp32";
+  ASSERT_EQ(masters.masters().size(), 2u);
+  EXPECT_TRUE(torch::equal(masters.masters()[0], w1));
+  EXPECT_TRUE(torch::equal(toy.w1.detach(), w1.to(torch::kBFloat16)));
+  EXPECT_TRUE(torch::equal(toy.norm.detach(), norm));
+  EXPECT_EQ(masters.bytes(), (7 * 5 + 3 * 11) * 4);
+}
+
+// The twin: torch AdamW (build_optimizer's groups) on fp32 copies, given the bf16 gradients
+// upcast, clipped by the same global norm.
+TEST(MasterWeights, StepsLikeAdamWOnFp32Copies) {
+  constexpr double kClip = 2.0;
+  Toy toy, ref;  // same seed: same values
+  MasterWeights masters(bf16_weight_params(toy));
+  auto opt = build_optimizer(toy, toy_optim());
+  auto ref_opt = build_optimizer(ref, toy_optim());
+  std::vector<torch::Tensor> ps = toy.parameters(), rs = ref.parameters();
+  for (int s = 0; s < 5; ++s) {
+    opt->zero_grad();
+    ref_opt->zero_grad();
+    for (size_t i = 0; i < ps.size(); ++i) {
+      if (s == 0 && i == 2) continue;  // w2 has no gradient in the first step: no state, no decay
+      const torch::Tensor g = toy_grad(ps[i], static_cast<int64_t>(i), s).to(ps[i].scalar_type()).clone();
+      ps[i].mutable_grad() = g;
+      rs[i].mutable_grad() = g.to(torch::kFloat).clone();  // the CPU clip divides in place
+    }
+    opt->clip_next_step(grad_norm(ps), kClip);  // the norm of the bf16 gradients, fp32-accumulated
+    ref_opt->clip_next_step(grad_norm(rs), kClip);
+    masters.step(*opt);
+    ref_opt->step();
+    EXPECT_FALSE(toy.w1.grad().defined()) << "the bf16 gradients are freed by the step";
+  }
+  EXPECT_TRUE(torch::allclose(masters.masters()[0], ref.w1.detach(), 1e-6, 1e-7));
+  EXPECT_TRUE(torch::allclose(masters.masters()[1], ref.w2.detach(), 1e-6, 1e-7));
+  EXPECT_TRUE(torch::allclose(toy.norm.detach(), ref.norm.detach(), 1e-6, 1e-7));
+  EXPECT_TRUE(torch::equal(toy.w1.detach(), masters.masters()[0].to(torch::kBFloat16)));
+  EXPECT_TRUE(torch::equal(toy.w2.detach(), masters.masters()[1].to(torch::kBFloat16)));
+  EXPECT_EQ(toy.w1.scalar_type(), torch::kBFloat16);
+  // the optimizer state is fp32 and keyed by the model's own parameters
+  const auto& st = static_cast<torch::optim::AdamWParamState&>(*opt->state().at(toy.w1.unsafeGetTensorImpl()));
+  EXPECT_EQ(st.exp_avg().scalar_type(), torch::kFloat);
+  EXPECT_EQ(st.step(), 5);
+}
+
+// A save inside expose() writes the fp32 masters; an fp32 model resumes them exactly, and
+// casting again gives back the bf16 parameters.
+TEST(MasterWeights, CheckpointHoldsTheMastersAndResumesThem) {
+  TempDir dir;
+  ExperimentConfig cfg = load_experiment_config(std::string(MOETRAIN_SOURCE_DIR) + "/configs/debug.yaml",
+                                                {"checkpoint.dir=" + dir.file("ckpt"), "train.device=cpu"});
+  Transformer model(cfg.model);
+  auto opt = build_optimizer(*model, cfg.optim);
+  MasterWeights masters(bf16_weight_params(*model));
+  const std::vector<torch::Tensor> params = bf16_weight_params(*model);
+  // one step so the masters are off the bf16 grid and the optimizer has state
+  for (auto p : model->parameters()) p.mutable_grad() = torch::ones_like(p) * 1e-3;
+  masters.step(*opt);
+  std::string path;
+  TrainingState state;
+  state.step = 1;
+  {
+    const auto swap = masters.expose();
+    path = save_checkpoint(cfg, model, *opt, state);
+  }
+  EXPECT_EQ(params[0].scalar_type(), torch::kBFloat16) << "the swap ends with the save";
+  const SafetensorsFile f = read_safetensors(path + "/model.safetensors");
+  const auto named = model->named_parameters();
+  size_t k = 0;
+  for (const auto& item : named) {
+    if (item.value().dim() < 2) continue;
+    const torch::Tensor& saved = f.at(item.key());
+    EXPECT_EQ(saved.scalar_type(), torch::kFloat) << item.key();
+    EXPECT_TRUE(torch::equal(saved, masters.masters()[k])) << item.key();
+    ++k;
+  }
+  ASSERT_EQ(k, masters.masters().size());
+
+  Transformer resumed(cfg.model);
+  auto resumed_opt = build_optimizer(*resumed, cfg.optim);
+  load_checkpoint(path, cfg, resumed, *resumed_opt);
+  MasterWeights resumed_masters(bf16_weight_params(*resumed));
+  for (size_t i = 0; i < masters.masters().size(); ++i)
+    EXPECT_TRUE(torch::equal(resumed_masters.masters()[i], masters.masters()[i])) << i;
+  const std::vector<torch::Tensor> again = bf16_weight_params(*resumed);
+  for (size_t i = 0; i < params.size(); ++i) EXPECT_TRUE(torch::equal(again[i].detach(), params[i].detach())) << i;
+}
+
+}  // namespace

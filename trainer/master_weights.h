@@ -1,0 +1,72 @@
+// defines: ParamSwap, bf16_weight_params, MasterWeights — train.param_dtype: bf16, the model
+// storing its weight matrices in bf16 while the optimizer updates fp32 master copies
+// (Megatron's --bf16 with its main params, DeepSeek-V3's FP32 master weights).
+//
+// Why: under autocast over fp32 weights every forward casts each matrix to bf16 and every
+// backward casts its bf16 gradient back to fp32, both per micro-step and growing with the
+// expert count; data parallelism then reduces 4-byte gradients. With bf16 matrices the
+// forward and backward run on them directly, gradients are bf16 (half the bytes to reduce),
+// and the casts move to the optimizer step (once per step). ZeRO-1 shards the masters
+// (trainer/zero.h), so per-rank fp32 weights fall as 1/DP too.
+//
+// Which parameters: the trainable ones with ≥ 2 dims (embeddings, projections, expert
+// stacks: all but ~0.1 % of the weights). Norm weights (1-D) stay fp32 — they are their own
+// masters, and the fused RMSNorm kernel reads fp32 weights.
+//
+// The optimizer itself is unchanged: for the step the parameters' storage is swapped
+// (Tensor::set_data: same TensorImpl, so the AdamW state keyed by it, autograd hooks and
+// every module reference stay valid) to the fp32 masters with the gradients upcast, AdamW
+// steps them, and the parameters get the bf16 rounding of the new masters. Checkpoint saves
+// run inside the same swap, so model.safetensors holds the fp32 masters and a resume (which
+// happens before the cast) is exact.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include <torch/torch.h>
+
+namespace moetrain {
+
+// For a scope, `params[i]` holds the data of `with[i]` (same shape; any dtype); the previous
+// data comes back on destruction. Gradients are left alone.
+class ParamSwap {
+ public:
+  ParamSwap(std::vector<torch::Tensor> params, const std::vector<torch::Tensor>& with);
+  ~ParamSwap();
+  ParamSwap(const ParamSwap&) = delete;
+  ParamSwap& operator=(const ParamSwap&) = delete;
+
+ private:
+  std::vector<torch::Tensor> params_, saved_;
+};
+
+// The parameters param_dtype: bf16 stores in bf16: trainable, floating, ≥ 2 dims; in
+// registration order.
+std::vector<torch::Tensor> bf16_weight_params(torch::nn::Module& model);
+
+// Replaces each parameter's data by its bf16 rounding (a no-op for bf16 ones).
+void cast_params_to_bf16(const std::vector<torch::Tensor>& params);
+
+// The replicated optimizer's masters (zero_stage 0): a full fp32 copy of each parameter.
+class MasterWeights {
+ public:
+  // Copies `params`' current (fp32) values as the masters, then casts the params to bf16.
+  explicit MasterWeights(std::vector<torch::Tensor> params);
+
+  // optimizer.step() on the masters: the params hold the masters and fp32 copies of their
+  // gradients during it (a clip set by clip_next_step applies to those), then each param
+  // gets the bf16 rounding of its updated master. The params' gradients are freed.
+  void step(torch::optim::Optimizer& optimizer);
+
+  // The params hold their fp32 masters while the result lives (checkpoint saves).
+  std::unique_ptr<ParamSwap> expose() const { return std::make_unique<ParamSwap>(params_, masters_); }
+
+  const std::vector<torch::Tensor>& masters() const { return masters_; }
+  int64_t bytes() const;
+
+ private:
+  std::vector<torch::Tensor> params_, masters_;
+};
+
+}  // namespace moetrain
