@@ -95,7 +95,7 @@ TEST(Cli, ParamsMemoryBf16WeightsShardTheMasters) {
     EXPECT_EQ(r.exit_code, 0) << r.output;
     return nlohmann::json::parse(r.output)["memory_bytes"];
   };
-  const auto fp32 = mem(""), bf16 = mem(" --set train.param_dtype=bf16"),
+  const auto fp32 = mem(" --set train.param_dtype=fp32"), bf16 = mem(" --set train.param_dtype=bf16"),
              zero4 = mem(" --set train.param_dtype=bf16 --world-size 4 --set distributed.zero_stage=1");
   EXPECT_EQ(fp32["masters"].get<double>(), 0.0);
   EXPECT_NEAR(bf16["grads"].get<double>(), fp32["grads"].get<double>() / 2, 1.0);
