@@ -1,5 +1,14 @@
 #include "trainer/master_weights.h"
 
+#include <cmath>
+#include <cstring>
+#include <unordered_map>
+
+#ifdef MOETRAIN_WITH_CUDA
+#include "models/kernels/launch.h"
+#include "models/kernels/master_adamw_kernels.h"
+#endif
+
 namespace moetrain {
 
 ParamSwap::ParamSwap(std::vector<torch::Tensor> params, const std::vector<torch::Tensor>& with)
@@ -30,6 +39,88 @@ void cast_params_to_bf16(const std::vector<torch::Tensor>& params) {
     if (p.scalar_type() != torch::kBFloat16) const_cast<torch::Tensor&>(p).set_data(p.data().to(torch::kBFloat16));
 }
 
+bool MasterWeights::fused_step(FusedAdamW& optimizer) {
+#ifdef MOETRAIN_WITH_CUDA
+  constexpr int64_t kChunk = 65536;  // elements per block (a multiple of 4)
+  std::unordered_map<const c10::TensorImpl*, size_t> index;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (!params_[i].is_cuda() || params_[i].scalar_type() != torch::kBFloat16 || !params_[i].is_contiguous()) return false;
+    index[params_[i].unsafeGetTensorImpl()] = i;
+  }
+  if (params_.empty()) return false;
+  const auto& first = static_cast<const torch::optim::AdamWOptions&>(optimizer.param_groups().at(0).options());
+  for (const auto& group : optimizer.param_groups()) {  // the kernel takes one β1, β2, ε
+    const auto& o = static_cast<const torch::optim::AdamWOptions&>(group.options());
+    if (o.amsgrad() || o.betas() != first.betas() || o.eps() != first.eps()) return false;
+  }
+  const auto [beta1, beta2] = first.betas();
+  std::vector<kernels::MasterAdamWTensor> table;
+  std::vector<torch::Tensor> grads;  // contiguous bf16 gradients, alive until the launch
+  int64_t chunks = 0;
+  for (auto& group : optimizer.param_groups()) {
+    const auto& o = static_cast<const torch::optim::AdamWOptions&>(group.options());
+    for (auto& p : group.params()) {
+      auto it = index.find(p.unsafeGetTensorImpl());
+      if (it == index.end() || !p.grad().defined()) continue;
+      torch::Tensor& master = masters_[it->second];
+      auto& slot = optimizer.state()[p.unsafeGetTensorImpl()];
+      if (!slot) {  // as AdamW::step initialises it (fp32, like the master)
+        auto st = std::make_unique<torch::optim::AdamWParamState>();
+        st->step(0);
+        st->exp_avg(torch::zeros_like(master));
+        st->exp_avg_sq(torch::zeros_like(master));
+        slot = std::move(st);
+      }
+      auto& st = static_cast<torch::optim::AdamWParamState&>(*slot);
+      TORCH_CHECK(st.exp_avg().is_contiguous() && st.exp_avg().scalar_type() == torch::kFloat &&
+                      st.exp_avg_sq().is_contiguous() && st.exp_avg_sq().scalar_type() == torch::kFloat,
+                  "MasterWeights: the AdamW moments must be contiguous fp32");
+      st.step(st.step() + 1);
+      const double t = static_cast<double>(st.step());
+      grads.push_back(p.grad().to(torch::kBFloat16).contiguous());
+      kernels::MasterAdamWTensor e{};
+      e.master = master.data_ptr<float>();
+      e.grad = grads.back().data_ptr();
+      e.exp_avg = st.exp_avg().data_ptr<float>();
+      e.exp_avg_sq = st.exp_avg_sq().data_ptr<float>();
+      e.param = p.data_ptr();
+      e.numel = p.numel();
+      e.first_chunk = chunks;
+      e.decay = static_cast<float>(1.0 - o.lr() * o.weight_decay());
+      e.step_size = static_cast<float>(o.lr() / (1.0 - std::pow(beta1, t)));
+      e.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, t)));
+      const auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+      e.vec = e.numel % 4 == 0 && aligned(e.master) && aligned(e.grad) && aligned(e.exp_avg) && aligned(e.exp_avg_sq) &&
+              aligned(e.param);
+      table.push_back(e);
+      chunks += (e.numel + kChunk - 1) / kChunk;
+    }
+  }
+  const torch::Device device = params_[0].device();
+  if (!table.empty()) {
+    // the table through pinned memory: an asynchronous copy, no host sync
+    const int64_t bytes = static_cast<int64_t>(table.size() * sizeof(kernels::MasterAdamWTensor));
+    torch::Tensor host = torch::empty({bytes}, torch::TensorOptions().dtype(torch::kUInt8).pinned_memory(true));
+    std::memcpy(host.data_ptr(), table.data(), static_cast<size_t>(bytes));
+    const torch::Tensor dev = host.to(device, /*non_blocking=*/true);
+    torch::Tensor scale = optimizer.pending_grad_scale();
+    if (scale.defined()) scale = scale.to(device, torch::kFloat).contiguous();
+    kernels::check_kernel_launch(
+        kernels::launch_master_adamw(reinterpret_cast<const kernels::MasterAdamWTensor*>(dev.data_ptr()),
+                                     static_cast<int>(table.size()), chunks, kChunk, static_cast<float>(beta1),
+                                     static_cast<float>(beta2), static_cast<float>(first.eps()),
+                                     scale.defined() ? scale.data_ptr<float>() : nullptr, kernels::current_stream_of(dev)),
+        "master AdamW");
+  }
+  for (auto& p : params_) p.mutable_grad() = torch::Tensor();
+  optimizer.step();  // the fp32 parameters (norms), same clip; consumes it
+  return true;
+#else
+  (void)optimizer;
+  return false;
+#endif
+}
+
 MasterWeights::MasterWeights(std::vector<torch::Tensor> params) : params_(std::move(params)) {
   torch::NoGradGuard no_grad;
   masters_.reserve(params_.size());
@@ -47,8 +138,9 @@ int64_t MasterWeights::bytes() const {
   return b;
 }
 
-void MasterWeights::step(torch::optim::Optimizer& optimizer) {
+void MasterWeights::step(FusedAdamW& optimizer, bool fused) {
   torch::NoGradGuard no_grad;
+  if (fused && fused_step(optimizer)) return;
   // fp32 gradients, each bf16 one freed as soon as it is upcast (peak: +2 bytes a parameter)
   std::vector<torch::Tensor> grads32(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) {

@@ -26,6 +26,8 @@
 
 #include <torch/torch.h>
 
+#include "trainer/optim.h"
+
 namespace moetrain {
 
 // For a scope, `params[i]` holds the data of `with[i]` (same shape; any dtype); the previous
@@ -54,10 +56,14 @@ class MasterWeights {
   // Copies `params`' current (fp32) values as the masters, then casts the params to bf16.
   explicit MasterWeights(std::vector<torch::Tensor> params);
 
-  // optimizer.step() on the masters: the params hold the masters and fp32 copies of their
-  // gradients during it (a clip set by clip_next_step applies to those), then each param
-  // gets the bf16 rounding of its updated master. The params' gradients are freed.
-  void step(torch::optim::Optimizer& optimizer);
+  // The optimizer step on the masters (a clip set by clip_next_step applies), then each
+  // param gets the bf16 rounding of its updated master; the params' gradients are freed.
+  // fused (CUDA): one kernel over every master (models/kernels/master_adamw_kernels.h) reads
+  // the bf16 gradients, updates master and moments (the optimizer's own AdamW state) and
+  // writes the bf16 weights; the rest of the optimizer's parameters (fp32 norms) take its
+  // step. The reference twin (CPU, or fused = false): the params hold the masters and fp32
+  // copies of their gradients while optimizer.step() runs.
+  void step(FusedAdamW& optimizer, bool fused = true);
 
   // The params hold their fp32 masters while the result lives (checkpoint saves).
   std::unique_ptr<ParamSwap> expose() const { return std::make_unique<ParamSwap>(params_, masters_); }
@@ -66,6 +72,9 @@ class MasterWeights {
   int64_t bytes() const;
 
  private:
+  // The fused step; false (nothing done) where it does not apply.
+  bool fused_step(FusedAdamW& optimizer);
+
   std::vector<torch::Tensor> params_, masters_;
 };
 

@@ -29,8 +29,8 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
   for (const auto& group : param_groups()) {
     const auto& opt = static_cast<const torch::optim::AdamWOptions&>(group.options());
     if (opt.amsgrad()) fused = false;
-    for (const auto& p : group.params())
-      if (!p.is_cuda() || p.scalar_type() != torch::kFloat) fused = false;
+    for (const auto& p : group.params())  // (parameters without a gradient are not stepped)
+      if (p.grad().defined() && (!p.is_cuda() || p.scalar_type() != torch::kFloat)) fused = false;
   }
   if (!fused) {  // the reference
     if (grad_scale_.defined()) {

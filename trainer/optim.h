@@ -26,6 +26,8 @@ class FusedAdamW : public torch::optim::AdamW {
   // clipping — inside the fused kernel (its grad_scale) on CUDA, by an in-place division first
   // on the CPU reference path. total_norm: a 0-dim tensor (grad_norm below).
   void clip_next_step(const torch::Tensor& total_norm, double max_norm);
+  // The divisor of the pending clip (0-dim fp32), undefined when none; step() consumes it.
+  const torch::Tensor& pending_grad_scale() const { return grad_scale_; }
 
  private:
   torch::Tensor grad_scale_;  // defined while a clip is pending

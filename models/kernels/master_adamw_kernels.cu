@@ -1,0 +1,81 @@
+// The fused master-weight AdamW step: one block per chunk of one parameter (found by a binary
+// search over the tensors' first chunks), fp32 math, the bf16 weight written from the new
+// master in the same pass.
+#include "models/kernels/master_adamw_kernels.h"
+
+#include "models/kernels/cuda_common.cuh"
+
+namespace moetrain::kernels {
+
+namespace {
+
+constexpr int kThreads = 512;
+
+struct Moments {
+  float m, v;
+};
+
+// AdamW on one element; returns the new master (m, v updated in place).
+__device__ __forceinline__ float adamw(float master, float g, Moments& s, const MasterAdamWTensor& t, float b1,
+                                       float b2, float eps) {
+  master *= t.decay;
+  s.m = b1 * s.m + (1.0f - b1) * g;
+  s.v = b2 * s.v + (1.0f - b2) * g * g;
+  const float denom = sqrtf(s.v) / t.bc2_sqrt + eps;
+  return master - t.step_size * s.m / denom;
+}
+
+__global__ void master_adamw_kernel(const MasterAdamWTensor* __restrict__ tensors, int n_tensors, int64_t chunk,
+                                    float b1, float b2, float eps, const float* __restrict__ grad_scale) {
+  const int64_t c = blockIdx.x;
+  int lo = 0, hi = n_tensors - 1;  // the last tensor whose first chunk is ≤ c
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (tensors[mid].first_chunk <= c) lo = mid;
+    else hi = mid - 1;
+  }
+  const MasterAdamWTensor t = tensors[lo];
+  const int64_t begin = (c - t.first_chunk) * chunk;
+  const int64_t end = begin + chunk < t.numel ? begin + chunk : t.numel;
+  const float scale = grad_scale ? *grad_scale : 1.0f;
+  const auto* grad = static_cast<const __nv_bfloat16*>(t.grad);
+  auto* param = static_cast<__nv_bfloat16*>(t.param);
+  int64_t i = begin + threadIdx.x * 4;
+  if (t.vec) {  // begin and chunk are multiples of 4: so is every i
+    for (; i + 3 < end; i += kThreads * 4) {
+      const Float4 g = load4(grad + i), p = load4(t.master + i), m = load4(t.exp_avg + i), v = load4(t.exp_avg_sq + i);
+      Float4 np, nm, nv;
+      for (int j = 0; j < 4; ++j) {
+        Moments s{m.v[j], v.v[j]};
+        np.v[j] = adamw(p.v[j], g.v[j] / scale, s, t, b1, b2, eps);
+        nm.v[j] = s.m;
+        nv.v[j] = s.v;
+      }
+      store4(t.master + i, np);
+      store4(t.exp_avg + i, nm);
+      store4(t.exp_avg_sq + i, nv);
+      store4(param + i, np);
+    }
+    return;
+  }
+  for (int64_t k = begin + threadIdx.x; k < end; k += kThreads) {
+    Moments s{t.exp_avg[k], t.exp_avg_sq[k]};
+    const float np = adamw(t.master[k], to_float(grad[k]) / scale, s, t, b1, b2, eps);
+    t.master[k] = np;
+    t.exp_avg[k] = s.m;
+    t.exp_avg_sq[k] = s.v;
+    param[k] = from_float<__nv_bfloat16>(np);
+  }
+}
+
+}  // namespace
+
+int launch_master_adamw(const MasterAdamWTensor* tensors, int n_tensors, int64_t n_chunks, int64_t chunk, float beta1,
+                        float beta2, float eps, const float* grad_scale, void* stream) {
+  if (n_tensors == 0 || n_chunks == 0) return 0;
+  master_adamw_kernel<<<static_cast<unsigned>(n_chunks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      tensors, n_tensors, chunk, beta1, beta2, eps, grad_scale);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace moetrain::kernels

@@ -1,0 +1,34 @@
+// defines: MasterAdamWTensor, launch_master_adamw — the raw CUDA launcher of the fused
+// master-weight AdamW step (train.param_dtype bf16, trainer/master_weights.h): per element one
+// read of the bf16 gradient, fp32 master and both fp32 moments, one write of the master, the
+// moments and the bf16 weight — 28 bytes instead of the ≈ 40 of upcast + _fused_adamw_ +
+// downcast. No torch headers (nvcc compiles it quickly).
+#pragma once
+
+#include <cstdint>
+
+namespace moetrain::kernels {
+
+// One parameter's buffers (device pointers, contiguous, `numel` elements each) and its step
+// constants, computed on the host in double: PyTorch's fused AdamW (ADAMW mode) arithmetic.
+struct MasterAdamWTensor {
+  float* master;
+  const void* grad;  // bf16
+  float* exp_avg;
+  float* exp_avg_sq;
+  void* param;       // bf16: the rounding of the updated master
+  int64_t numel;
+  int64_t first_chunk;  // chunks of the tensors before this one
+  float decay;          // 1 − lr·weight_decay (decoupled decay)
+  float step_size;      // lr / (1 − β1^t)
+  float bc2_sqrt;       // sqrt(1 − β2^t)
+  int vec;              // every pointer 16-byte aligned and numel % 4 == 0: four elements per access
+};
+
+// tensors: a device array of n_tensors entries, ordered by first_chunk; n_chunks chunks of
+// `chunk` elements in all (one block each). grad_scale: a device fp32 scalar dividing every
+// gradient (the clip factor), or null. Returns a cudaError_t as int (0 = success).
+int launch_master_adamw(const MasterAdamWTensor* tensors, int n_tensors, int64_t n_chunks, int64_t chunk, float beta1,
+                        float beta2, float eps, const float* grad_scale, void* stream);
+
+}  // namespace moetrain::kernels
