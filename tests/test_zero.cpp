@@ -144,6 +144,29 @@ OptimConfig toy_optim() {
   return o;
 }
 
+// Rank `rank`'s gradients at step s in each parameter's dtype ("unused" never has one,
+// "sometimes" only on rank 0).
+void set_toy_grads(std::vector<std::pair<std::string, torch::Tensor>>& params, int64_t rank, int64_t s) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    auto& [name, p] = params[i];
+    if (name == "unused" || (name == "sometimes" && rank == 1)) continue;
+    p.mutable_grad() = toy_grad(p, rank, static_cast<int64_t>(i), s).to(p.scalar_type());
+  }
+}
+
+// The reference's gradients: the two ranks' average as the reduction computes it (summed in
+// each parameter's dtype, zeros where rank 1 has none, halved: exact in bf16 too).
+void set_toy_mean_grads(std::vector<std::pair<std::string, torch::Tensor>>& params, int64_t s) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    auto& [name, p] = params[i];
+    if (name == "unused") continue;
+    const auto dtype = p.scalar_type();
+    torch::Tensor g = toy_grad(p, 0, static_cast<int64_t>(i), s).to(dtype);
+    if (name != "sometimes") g = g + toy_grad(p, 1, static_cast<int64_t>(i), s).to(dtype);
+    p.mutable_grad() = g / 2.0;
+  }
+}
+
 TEST(ZeroAdamW, TwoRanksStepLikeReplicatedAdamW) {
   constexpr int kSteps = 4;
   const double kClip = 1.5;
@@ -155,16 +178,8 @@ TEST(ZeroAdamW, TwoRanksStepLikeReplicatedAdamW) {
   std::vector<double> ref_norms;
   for (int s = 0; s < kSteps; ++s) {
     adamw->zero_grad();
-    std::vector<torch::Tensor> ps;
-    for (size_t i = 0; i < ref.size(); ++i) {
-      torch::Tensor& p = ref[i].second;
-      ps.push_back(p);
-      if (ref[i].first == "unused") continue;
-      torch::Tensor g = toy_grad(p, 0, i, s);
-      if (ref[i].first != "sometimes") g = g + toy_grad(p, 1, i, s);  // rank 1 has none: zeros
-      p.mutable_grad() = g / 2.0;
-    }
-    ref_norms.push_back(torch::nn::utils::clip_grad_norm_(ps, kClip));
+    set_toy_mean_grads(ref, s);
+    ref_norms.push_back(torch::nn::utils::clip_grad_norm_(holder.parameters(), kClip));
     adamw->step();
   }
 
@@ -178,11 +193,7 @@ TEST(ZeroAdamW, TwoRanksStepLikeReplicatedAdamW) {
     mine = toy_params();
     ZeroAdamW opt(mine, toy_optim(), pg);
     for (int s = 0; s < kSteps; ++s) {
-      for (size_t i = 0; i < mine.size(); ++i) {
-        torch::Tensor& p = mine[i].second;
-        if (mine[i].first == "unused" || (mine[i].first == "sometimes" && rank == 1)) continue;
-        p.mutable_grad() = toy_grad(p, rank, static_cast<int64_t>(i), s);
-      }
+      set_toy_grads(mine, rank, s);
       opt.reduce_gradients();
       norms[static_cast<size_t>(rank)].push_back(opt.clip_grad_norm(kClip));
       opt.step();
@@ -219,17 +230,8 @@ TEST(ZeroAdamW, Bf16WeightsShardTheMastersLikeReplicatedMasters) {
   MasterWeights ref_masters(bf16_weight_params(holder));  // w1, w2, sometimes
   for (int s = 0; s < kSteps; ++s) {
     adamw->zero_grad();
-    std::vector<torch::Tensor> ps;
-    for (size_t i = 0; i < ref.size(); ++i) {
-      torch::Tensor& p = ref[i].second;
-      ps.push_back(p);
-      if (ref[i].first == "unused") continue;
-      const auto dtype = p.scalar_type();
-      torch::Tensor g = toy_grad(p, 0, i, s).to(dtype);
-      if (ref[i].first != "sometimes") g = g + toy_grad(p, 1, i, s).to(dtype);  // rank 1 has none: zeros
-      p.mutable_grad() = g / 2.0;  // exact in bf16 too
-    }
-    adamw->clip_next_step(grad_norm(ps), kClip);
+    set_toy_mean_grads(ref, s);
+    adamw->clip_next_step(grad_norm(holder.parameters()), kClip);
     ref_masters.step(*adamw);
   }
 
@@ -241,11 +243,7 @@ TEST(ZeroAdamW, Bf16WeightsShardTheMastersLikeReplicatedMasters) {
     ZeroAdamW opt(mine, toy_optim(), pg, /*bf16_weights=*/true);
     opt.use_bf16_params();
     for (int s = 0; s < kSteps; ++s) {
-      for (size_t i = 0; i < mine.size(); ++i) {
-        torch::Tensor& p = mine[i].second;
-        if (mine[i].first == "unused" || (mine[i].first == "sometimes" && rank == 1)) continue;
-        p.mutable_grad() = toy_grad(p, rank, static_cast<int64_t>(i), s).to(p.scalar_type());
-      }
+      set_toy_grads(mine, rank, s);
       opt.reduce_gradients();
       opt.clip_grad_norm(kClip);
       opt.step();
