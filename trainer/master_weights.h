@@ -13,12 +13,13 @@
 // stacks: all but ~0.1 % of the weights). Norm weights (1-D) stay fp32 — they are their own
 // masters, and the fused RMSNorm kernel reads fp32 weights.
 //
-// The optimizer itself is unchanged: for the step the parameters' storage is swapped
-// (Tensor::set_data: same TensorImpl, so the AdamW state keyed by it, autograd hooks and
-// every module reference stay valid) to the fp32 masters with the gradients upcast, AdamW
-// steps them, and the parameters get the bf16 rounding of the new masters. Checkpoint saves
-// run inside the same swap, so model.safetensors holds the fp32 masters and a resume (which
-// happens before the cast) is exact.
+// The optimizer's state is unchanged (AdamW's, keyed by the model's parameters). On CUDA one
+// fused kernel steps every master from its bf16 gradient and writes the bf16 weight; the
+// reference twin swaps the parameters' storage (Tensor::set_data: same TensorImpl, so the
+// AdamW state, autograd hooks and every module reference stay valid) to the fp32 masters
+// with the gradients upcast, lets AdamW step them, and rounds the new masters to bf16.
+// Checkpoint saves run inside the same swap, so model.safetensors holds the fp32 masters and
+// a resume (which happens before the cast) is exact.
 #pragma once
 
 #include <memory>
