@@ -50,12 +50,25 @@ const Json* find_key(const Json& j, const char* key) {
   return it == j.end() ? nullptr : &*it;
 }
 
-int64_t get_int(const Json& j, const char* key, const std::string& where, int64_t min_value) {
+// The value of `key`, which must exist and pass `is` (an nlohmann type test; `expected`
+// names the type for the error).
+template <class T>
+T get_checked(const Json& j, const char* key, const std::string& where, bool (Json::*is)() const noexcept,
+              const char* expected) {
   const Json* v = find_key(j, key);
   if (!v) config_error(where, std::string("missing key '") + key + "'");
-  if (!v->is_number_integer())
-    config_error(where, std::string("'") + key + "' must be an integer, got " + v->dump());
-  int64_t x = v->get<int64_t>();
+  if (!(v->*is)()) config_error(where, std::string("'") + key + "' must be " + expected + ", got " + v->dump());
+  return v->get<T>();
+}
+
+// Absent or null (HF's None): the fallback.
+bool absent(const Json& j, const char* key) {
+  const Json* v = find_key(j, key);
+  return !v || v->is_null();
+}
+
+int64_t get_int(const Json& j, const char* key, const std::string& where, int64_t min_value) {
+  const int64_t x = get_checked<int64_t>(j, key, where, &Json::is_number_integer, "an integer");
   if (x < min_value)
     config_error(where, std::string("'") + key + "' must be >= " + std::to_string(min_value) +
                             ", got " + std::to_string(x));
@@ -64,43 +77,24 @@ int64_t get_int(const Json& j, const char* key, const std::string& where, int64_
 
 int64_t get_int_or(const Json& j, const char* key, const std::string& where, int64_t min_value,
                    int64_t fallback) {
-  const Json* v = find_key(j, key);
-  if (!v || v->is_null()) return fallback;
-  return get_int(j, key, where, min_value);
+  return absent(j, key) ? fallback : get_int(j, key, where, min_value);
 }
 
 double get_number(const Json& j, const char* key, const std::string& where) {
-  const Json* v = find_key(j, key);
-  if (!v) config_error(where, std::string("missing key '") + key + "'");
-  if (!v->is_number()) config_error(where, std::string("'") + key + "' must be a number, got " + v->dump());
-  return v->get<double>();
+  return get_checked<double>(j, key, where, &Json::is_number, "a number");
 }
 
 double get_number_or(const Json& j, const char* key, const std::string& where, double fallback) {
-  const Json* v = find_key(j, key);
-  if (!v || v->is_null()) return fallback;
-  return get_number(j, key, where);
-}
-
-bool get_bool(const Json& j, const char* key, const std::string& where) {
-  const Json* v = find_key(j, key);
-  if (!v) config_error(where, std::string("missing key '") + key + "'");
-  if (!v->is_boolean()) config_error(where, std::string("'") + key + "' must be true or false, got " + v->dump());
-  return v->get<bool>();
+  return absent(j, key) ? fallback : get_number(j, key, where);
 }
 
 bool get_bool_or(const Json& j, const char* key, const std::string& where, bool fallback) {
-  const Json* v = find_key(j, key);
-  if (!v || v->is_null()) return fallback;
-  return get_bool(j, key, where);
+  return absent(j, key) ? fallback : get_checked<bool>(j, key, where, &Json::is_boolean, "true or false");
 }
 
 std::string get_string_or(const Json& j, const char* key, const std::string& where,
                           const std::string& fallback) {
-  const Json* v = find_key(j, key);
-  if (!v || v->is_null()) return fallback;
-  if (!v->is_string()) config_error(where, std::string("'") + key + "' must be a string, got " + v->dump());
-  return v->get<std::string>();
+  return absent(j, key) ? fallback : get_checked<std::string>(j, key, where, &Json::is_string, "a string");
 }
 
 // RoPE: `rope_parameters` (transformers 5) or legacy `rope_theta` + `rope_scaling`,
@@ -213,7 +207,7 @@ ModelConfig hf_config_from_json(const Json& j, const std::string& where) {
   cfg.n_group = get_int(j, "n_group", where, 1);
   cfg.topk_group = get_int(j, "topk_group", where, 1);
   cfg.routed_scaling_factor = get_number(j, "routed_scaling_factor", where);
-  cfg.norm_topk_prob = get_bool(j, "norm_topk_prob", where);
+  cfg.norm_topk_prob = get_checked<bool>(j, "norm_topk_prob", where, &Json::is_boolean, "true or false");
   cfg.first_k_dense_replace = get_int(j, "first_k_dense_replace", where, 0);
   cfg.num_nextn_predict_layers = get_int_or(j, "num_nextn_predict_layers", where, 0, 0);
   cfg.scoring_func = ScoringFunc::kSigmoid;
