@@ -116,6 +116,47 @@ TEST(GradReducer, SecondAccumulationAfterTheBucketStartedIsRefused) {
   for (const auto& w : what) EXPECT_NE(w.find("accumulated again after its bucket's all-reduce started"), std::string::npos) << w;
 }
 
+// bf16 weights with fp32 norms, in miniature: fp64 "norms" between fp32 "matrices", the
+// norms in one bucket from the last layer to the first (layer 0's unused: its gradient is
+// missing, so that bucket completes only in finish()). Each matrix bucket must still start
+// during the backward — buckets start in the order of their last gradient, not of creation.
+TEST(GradReducer, ASparseDtypeBucketDoesNotHoldBackTheOthers) {
+  const std::string errors = run_ranks(2, [&](int64_t rank, ProcessGroup& pg) {
+    auto make = [] {
+      std::vector<torch::Tensor> p;
+      for (int l = 0; l < 3; ++l) {
+        p.push_back(torch::full({3}, 0.5 + l, torch::kFloat64).requires_grad_());               // norm l (24 bytes)
+        p.push_back(torch::linspace(-1.0 + l, 1.0, 16).view({4, 4}).requires_grad_());  // matrix l (64 bytes)
+      }
+      return p;
+    };
+    auto loss = [&](const std::vector<torch::Tensor>& p) {
+      torch::Tensor h = torch::linspace(-1.0, 1.0 + static_cast<double>(rank), 8).view({2, 4});
+      for (int l = 0; l < 3; ++l) {
+        h = torch::tanh(h.matmul(p[2 * l + 1]));
+        if (l > 0) h = h * p[2 * l].sum().to(torch::kFloat);  // norm 0 unused
+      }
+      return h.pow(2).sum();
+    };
+    std::vector<torch::Tensor> fast = make(), ref = make();
+    GradReducer reducer(fast, pg, /*bucket_bytes=*/100);  // a matrix per bucket, the norms in one
+    ASSERT_EQ(reducer.bucket_count(), 4);
+    reducer.prepare();
+    loss(fast).backward();
+    loss(ref).backward();
+    reducer.finish();
+    pg.average_gradients(ref);
+    EXPECT_EQ(reducer.overlapped_buckets(), 3) << "the matrices' buckets waited for the norms'";
+    for (size_t i = 0; i < ref.size(); ++i) {
+      ASSERT_EQ(fast[i].grad().defined(), ref[i].grad().defined()) << i;
+      if (fast[i].grad().defined()) {
+        EXPECT_TRUE(torch::allclose(fast[i].grad(), ref[i].grad(), 1e-6, 1e-7)) << i;
+      }
+    }
+  });
+  EXPECT_EQ(errors, "");
+}
+
 TEST(GradReducer, SingleProcessIsANoOp) {
   ProcessGroup pg(DistEnv{}, "gloo", std::chrono::seconds(1));
   Net net;

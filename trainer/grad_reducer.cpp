@@ -1,5 +1,6 @@
 #include "trainer/grad_reducer.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 #include <fmt/format.h>
@@ -42,6 +43,19 @@ GradReducer::GradReducer(const std::vector<torch::Tensor>& params, ProcessGroup&
     s.bucket = static_cast<size_t>(open);
     slots_.push_back(std::move(s));
   }
+  // Start order: by each bucket's last gradient in the backward (its highest slot). Index
+  // order alone would let a bucket of a sparse dtype (the fp32 norm weights among bf16
+  // matrices: one bucket from the last layer to the first) hold back every bucket after it
+  // until the backward ends. The same on every rank: it depends on the parameters only.
+  std::vector<size_t> order(buckets_.size());
+  for (size_t b = 0; b < order.size(); ++b) order[b] = b;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return buckets_[a].slots.back() < buckets_[b].slots.back(); });
+  std::vector<Bucket> sorted;
+  for (size_t b : order) sorted.push_back(std::move(buckets_[b]));
+  buckets_ = std::move(sorted);
+  for (size_t b = 0; b < buckets_.size(); ++b)
+    for (size_t slot : buckets_[b].slots) slots_[slot].bucket = b;
   for (size_t i = 0; i < slots_.size(); ++i)
     torch::autograd::impl::set_post_acc_grad_hooks(slots_[i].param, std::make_unique<Hook>(this, i));
 }

@@ -7,8 +7,10 @@
 // parameter's gradient accumulation marks it ready; when every gradient of a bucket is ready,
 // one grouped all-reduce averages them in place (ProcessGroup::all_reduce_mean_async: NCCL's
 // AVG over the gradient tensors themselves: no copy into a flat buffer, no division pass, no
-// memory beyond the gradients) while the backward goes on. Buckets start in index order, the
-// same on every rank, as collectives on one group must. finish() starts the rest and waits.
+// memory beyond the gradients) while the backward goes on. Buckets start in the order of
+// their last gradient (so a bucket of one dtype spanning the whole model, like the fp32
+// norm weights among bf16 matrices, does not hold back the others), the same on every rank,
+// as collectives on one group must. finish() starts the rest and waits.
 //
 // The result equals ProcessGroup::average_gradients: a gradient missing on some ranks (an
 // expert no token reached there) counts as zeros there; one missing on every rank stays
