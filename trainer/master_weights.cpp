@@ -29,7 +29,7 @@ ParamSwap::~ParamSwap() {
 std::vector<torch::Tensor> bf16_weight_params(torch::nn::Module& model) {
   std::vector<torch::Tensor> out;
   for (const auto& p : model.parameters())
-    if (p.requires_grad() && p.is_floating_point() && p.dim() >= 2) out.push_back(p);
+    if (stored_in_bf16(p)) out.push_back(p);
   return out;
 }
 

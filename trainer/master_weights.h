@@ -44,8 +44,11 @@ class ParamSwap {
   std::vector<torch::Tensor> params_, saved_;
 };
 
-// The parameters param_dtype: bf16 stores in bf16: trainable, floating, ≥ 2 dims; in
-// registration order.
+// Whether param_dtype: bf16 stores `p` in bf16: trainable, floating, ≥ 2 dims (the one rule
+// for the replicated masters and ZeRO-1's spaces).
+inline bool stored_in_bf16(const torch::Tensor& p) { return p.requires_grad() && p.is_floating_point() && p.dim() >= 2; }
+
+// Those parameters of `model`, in registration order.
 std::vector<torch::Tensor> bf16_weight_params(torch::nn::Module& model);
 
 // Replaces each parameter's data by its bf16 rounding (a no-op for bf16 ones).

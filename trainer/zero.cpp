@@ -154,7 +154,7 @@ ZeroAdamW::ZeroAdamW(const std::vector<std::pair<std::string, torch::Tensor>>& n
   std::map<std::pair<c10::ScalarType, bool>, std::vector<int64_t>> by_dtype;
   for (const auto& [name, p] : named) {
     if (!p.requires_grad()) continue;
-    const bool matrix = bf16_weights && p.is_floating_point() && p.dim() >= 2;  // as bf16_weight_params
+    const bool matrix = bf16_weights && stored_in_bf16(p);
     by_dtype[{p.scalar_type(), matrix}].push_back(static_cast<int64_t>(params_.size()));
     names_.push_back(name);
     params_.push_back(p);
@@ -185,17 +185,21 @@ int64_t ZeroAdamW::state_bytes() const {
   return b;
 }
 
+void ZeroAdamW::copy_fragments(const Space& s, torch::Tensor& shard) const {
+  for (const auto& f : s.mine) {
+    const torch::Tensor& p = params_[static_cast<size_t>(s.params[static_cast<size_t>(f.param)])];
+    shard.slice(0, f.shard_offset, f.shard_offset + (f.end - f.begin)).copy_(p.detach().view(-1).slice(0, f.begin, f.end));
+  }
+}
+
 void ZeroAdamW::use_bf16_params() {
   torch::NoGradGuard no_grad;
   for (auto& s : spaces_) {
     if (!s.matrices || s.master.defined()) continue;
     TORCH_CHECK(s.grad.scalar_type() == torch::kFloat, "ZeroAdamW::use_bf16_params: the masters come from fp32 parameters");
     s.master = torch::zeros({s.layout.shard_numel}, s.grad.options());
+    copy_fragments(s, s.master);
     std::vector<torch::Tensor> ps;
-    for (const auto& f : s.mine) {
-      const torch::Tensor& p = params_[static_cast<size_t>(s.params[static_cast<size_t>(f.param)])];
-      s.master.slice(0, f.shard_offset, f.shard_offset + (f.end - f.begin)).copy_(p.detach().view(-1).slice(0, f.begin, f.end));
-    }
     for (int64_t i : s.params) ps.push_back(params_[static_cast<size_t>(i)]);
     cast_params_to_bf16(ps);
   }
@@ -313,10 +317,7 @@ void ZeroAdamW::step() {
       shard = s.master.to(s.comm_dtype());
     } else {
       shard = torch::zeros({s.layout.shard_numel}, comm);
-      for (const auto& f : s.mine) {
-        const torch::Tensor& p = params_[static_cast<size_t>(s.params[static_cast<size_t>(f.param)])];
-        shard.slice(0, f.shard_offset, f.shard_offset + (f.end - f.begin)).copy_(p.detach().view(-1).slice(0, f.begin, f.end));
-      }
+      copy_fragments(s, shard);
     }
     torch::Tensor full = torch::empty({s.layout.shard_numel * s.layout.world}, comm);
     pg_.all_gather(full, shard);

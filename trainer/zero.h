@@ -129,6 +129,9 @@ class ZeroAdamW {
     // the dtype of the reduce-scatter and all-gather: the params' own
     torch::ScalarType comm_dtype() const { return master.defined() ? torch::kBFloat16 : grad.scalar_type(); }
   };
+  // This rank's fragments of the parameters' current values into `shard` ([S], any dtype).
+  void copy_fragments(const Space& s, torch::Tensor& shard) const;
+
   ProcessGroup& pg_;
   double lr_;
   OptimConfig cfg_;
