@@ -118,7 +118,9 @@ TEST(ZeroCollectives, ReduceScatterAndAllGather) {
   EXPECT_TRUE(torch::equal(s, torch::arange(3, torch::kFloat)));
 }
 
-// Parameters of a toy model: 2-D (decayed) and 1-D (not), sizes that straddle shards.
+// Parameters of a toy model: 2-D (decayed) and 1-D (not), sizes that straddle shards. It
+// seeds the global generator: call it before run_ranks, never from the rank threads (they
+// would race on the generator and draw different values).
 std::vector<std::pair<std::string, torch::Tensor>> toy_params() {
   torch::manual_seed(3);
   return {{"w1", torch::randn({7, 5}).requires_grad_()},
@@ -187,10 +189,10 @@ TEST(ZeroAdamW, TwoRanksStepLikeReplicatedAdamW) {
   std::vector<std::vector<double>> norms(2);
   std::vector<std::vector<int64_t>> steps(2);
   std::vector<int64_t> state_bytes(2);
+  for (auto& p : params) p = toy_params();
   const std::string errors = run_ranks(2, [&](int64_t, ProcessGroup& pg) {
     const int64_t rank = pg.rank();
     auto& mine = params[static_cast<size_t>(rank)];
-    mine = toy_params();
     ZeroAdamW opt(mine, toy_optim(), pg);
     for (int s = 0; s < kSteps; ++s) {
       set_toy_grads(mine, rank, s);
@@ -237,9 +239,10 @@ TEST(ZeroAdamW, Bf16WeightsShardTheMastersLikeReplicatedMasters) {
 
   std::vector<std::vector<torch::Tensor>> full(2), bf16(2);
   std::vector<int64_t> state_bytes(2);
+  std::vector<std::vector<std::pair<std::string, torch::Tensor>>> params = {toy_params(), toy_params()};
   const std::string errors = run_ranks(2, [&](int64_t, ProcessGroup& pg) {
     const int64_t rank = pg.rank();
-    auto mine = toy_params();
+    auto& mine = params[static_cast<size_t>(rank)];
     ZeroAdamW opt(mine, toy_optim(), pg, /*bf16_weights=*/true);
     opt.use_bf16_params();
     for (int s = 0; s < kSteps; ++s) {
