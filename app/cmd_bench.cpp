@@ -78,34 +78,68 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
+// Prints the profile of n profiled iterations ("steps" or "layer passes") to stderr, kernels by
+// GPU time, and returns it as JSON for the bench's result line.
+nlohmann::json report_profile(const StepProfile& p, int64_t n_profiled, const std::string& what) {
+  const double n = static_cast<double>(n_profiled);
+  std::cerr << fmt::format("profile of {} {}: wall {:.2f} ms each, GPU busy {:.2f} ms each ({:.0f} %), {:.0f} host "
+                           "syncs each, {:.0f} kernel launches each\n",
+                           n_profiled, what, p.wall_ms / n, p.gpu_busy_ms / n, 100.0 * p.gpu_busy_ms / p.wall_ms,
+                           static_cast<double>(p.host_syncs) / n, static_cast<double>(p.launches) / n);
+  std::cerr << fmt::format("{:>9} {:>6} {:>7}  {}\n", "ms each", "% GPU", "calls", "kernel");
+  nlohmann::json top = nlohmann::json::array();
+  for (size_t k = 0; k < p.kernels.size() && k < 25; ++k) {
+    const KernelTime& kt = p.kernels[k];
+    std::cerr << fmt::format("{:>9.3f} {:>6.1f} {:>7.0f}  {}\n", kt.total_ms / n, 100.0 * kt.total_ms / p.gpu_busy_ms,
+                             static_cast<double>(kt.calls) / n, kt.name.substr(0, 110));
+    top.push_back({{"name", kt.name}, {"ms_per_step", kt.total_ms / n}, {"calls_per_step", kt.calls / n}});
+  }
+  return {{"steps", n_profiled},
+          {"wall_ms_per_step", p.wall_ms / n},
+          {"gpu_busy_ms_per_step", p.gpu_busy_ms / n},
+          {"host_syncs_per_step", p.host_syncs / n},
+          {"launches_per_step", p.launches / n},
+          {"top_kernels", top}};
+}
+
 // --moe-layer: forward + backward of one MoE layer of the config (router, permutation,
 // routed and shared experts) on random hidden states of one micro-batch, median of `steps`.
+// The input is bf16 under bf16 autocast, as the layer's RMSNorm hands it over in the model.
 // A fresh router routes nearly uniformly, so every expert gets ≈ N·K/E rows.
 nlohmann::json bench_moe_layer(const ExperimentConfig& cfg, const torch::Device& device, bool bf16, int64_t steps,
-                               int64_t warmup) {
+                               int64_t warmup, int64_t profile_n, const std::string& trace) {
   const ModelConfig& m = cfg.model;
   MoE moe(m);
   moe->to(device);
   // train.param_dtype bf16: the matrices stored in bf16, as the trainer holds them (no optimizer here)
   if (cfg.train.param_dtype == "bf16") cast_params_to_bf16(bf16_weight_params(*moe));
   const int64_t tokens = cfg.train.micro_batch * cfg.train.seq_len;
-  auto x = torch::randn({cfg.train.micro_batch, cfg.train.seq_len, m.hidden_size}, torch::TensorOptions(device))
+  auto x = torch::randn({cfg.train.micro_batch, cfg.train.seq_len, m.hidden_size},
+                        torch::TensorOptions(device).dtype(bf16 ? torch::kBFloat16 : torch::kFloat))
                .requires_grad_(true);
   auto grad_y = torch::randn_like(x);
-  std::vector<double> ms;
-  for (int64_t i = 0; i < warmup + steps; ++i) {
+  auto pass = [&] {
     for (auto& p : moe->parameters()) p.mutable_grad() = torch::Tensor();
     x.mutable_grad() = torch::Tensor();
-    sync(device);
-    const auto t0 = Clock::now();
     torch::Tensor y;
     {
       Bf16AutocastGuard autocast(bf16);
       y = moe(x).y;
     }
     y.backward(grad_y.to(y.scalar_type()));
+  };
+  std::vector<double> ms;
+  for (int64_t i = 0; i < warmup + steps; ++i) {
+    sync(device);
+    const auto t0 = Clock::now();
+    pass();
     sync(device);
     if (i >= warmup) ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+  }
+  nlohmann::json profile = nullptr;
+  if (profile_n > 0) {
+    if (!device.is_cuda()) throw UsageError("moetrain bench: --profile needs train.device cuda");
+    profile = report_profile(profile_steps(pass, profile_n, trace), profile_n, "layer passes");
   }
   const double med = median(ms);
   std::cout << fmt::format("{}: MoE layer forward + backward {:.2f} ms ({} routed experts, top-{}, {} shared, {} tokens)\n",
@@ -118,7 +152,8 @@ nlohmann::json bench_moe_layer(const ExperimentConfig& cfg, const torch::Device&
           {"param_dtype", cfg.train.param_dtype},
           {"tokens", tokens},
           {"peak_mem_gb", peak_memory_gb(device)},
-          {"device", device_name(device)}};
+          {"device", device_name(device)},
+          {"profile", profile}};
 }
 
 }  // namespace
@@ -176,7 +211,8 @@ int cmd_bench(int argc, char** argv) {
     const uint64_t seed = std::stoull(args.get("seed"));
     torch::manual_seed(seed);
     if (args.has("moe-layer")) {
-      std::cout << bench_moe_layer(cfg, device, tc.dtype == "bf16" && device.is_cuda(), steps, warmup).dump() << "\n";
+      std::cout << bench_moe_layer(cfg, device, tc.dtype == "bf16" && device.is_cuda(), steps, warmup,
+                                   std::stoll(args.get("profile")), args.get("trace")).dump() << "\n";
       return 0;
     }
     Transformer model(cfg.model);
@@ -278,25 +314,7 @@ int cmd_bench(int argc, char** argv) {
       if (!device.is_cuda()) throw UsageError("moetrain bench: --profile needs train.device cuda");
       const StepProfile p = profile_steps(train_step, profile_steps_n, pg.is_main() ? args.get("trace") : "");
       if (!pg.is_main()) return 0;
-      const double n = static_cast<double>(profile_steps_n);
-      std::cerr << fmt::format("profile of {} steps: wall {:.1f} ms/step, GPU busy {:.1f} ms/step ({:.0f} %), {:.0f} host "
-                               "syncs/step, {:.0f} kernel launches/step\n",
-                               profile_steps_n, p.wall_ms / n, p.gpu_busy_ms / n, 100.0 * p.gpu_busy_ms / p.wall_ms,
-                               static_cast<double>(p.host_syncs) / n, static_cast<double>(p.launches) / n);
-      std::cerr << fmt::format("{:>9} {:>6} {:>7}  {}\n", "ms/step", "% GPU", "calls", "kernel");
-      nlohmann::json top = nlohmann::json::array();
-      for (size_t k = 0; k < p.kernels.size() && k < 25; ++k) {
-        const KernelTime& kt = p.kernels[k];
-        std::cerr << fmt::format("{:>9.2f} {:>6.1f} {:>7.0f}  {}\n", kt.total_ms / n, 100.0 * kt.total_ms / p.gpu_busy_ms,
-                                 static_cast<double>(kt.calls) / n, kt.name.substr(0, 110));
-        top.push_back({{"name", kt.name}, {"ms_per_step", kt.total_ms / n}, {"calls_per_step", kt.calls / n}});
-      }
-      profile = {{"steps", profile_steps_n},
-                 {"wall_ms_per_step", p.wall_ms / n},
-                 {"gpu_busy_ms_per_step", p.gpu_busy_ms / n},
-                 {"host_syncs_per_step", p.host_syncs / n},
-                 {"launches_per_step", p.launches / n},
-                 {"top_kernels", top}};
+      profile = report_profile(p, profile_steps_n, "steps");
     }
 
     if (!pg.is_main()) return 0;

@@ -5,8 +5,8 @@
 #   cuda     only the tests labelled cuda (the GPU paths against their references)
 #   bench    moetrain bench beside transformers (scripts/bench_vs_hf.py) -> bench.json
 #   profile  a one-step Kineto profile of moetrain bench
-#   scaling  expert scaling (issue 9): one MoE layer fwd+bwd and the whole step at 64 vs 256
-#            routed experts, same top-k (the 256-expert step needs ~75 GB: an H200)
+#   scaling  expert scaling (issue 9): one MoE layer fwd+bwd (median of 50, then a 5-pass kernel
+#            profile) and the whole step at 64 vs 256 routed experts, same top-k (the 256-expert step needs ~75 GB: an H200)
 #   dist     data parallel over all visible GPUs (NCCL, 8 sequences per GPU) against one GPU: the
 #            replicated optimizer with the overlapped and the after-backward gradient all-reduce,
 #            ZeRO-1, expert parallel (ep_size = GPUs); CKPT=1 adds activation checkpointing on one GPU
@@ -73,7 +73,7 @@ if has profile; then
 fi
 if has scaling; then
   for e in 64 256; do
-    "$MT" bench "$CONFIG" --moe-layer --steps 20 --warmup 5 --set model.n_routed_experts=$e "${SETS_ARR[@]}" \
+    "$MT" bench "$CONFIG" --moe-layer --steps 50 --warmup 5 --profile 5 --set model.n_routed_experts=$e "${SETS_ARR[@]}" \
       >"$OUT/moe-layer-$e.log" 2>&1 || tail -5 "$OUT/moe-layer-$e.log"
     "$MT" bench "$CONFIG" --steps 8 --warmup 3 --set model.n_routed_experts=$e "${SETS_ARR[@]}" \
       >"$OUT/step-experts-$e.log" 2>&1 || tail -5 "$OUT/step-experts-$e.log"
@@ -101,6 +101,7 @@ if has curve; then
 fi
 echo "== summary"
 has profile && grep -A28 "^profile of" "$OUT/profile.log" | cut -c1-150
+has scaling && for e in 64 256; do grep -A16 "^profile of" "$OUT/moe-layer-$e.log" | cut -c1-130; done
 has scaling && grep -h -E "MoE layer|median step" "$OUT"/moe-layer-*.log "$OUT"/step-experts-*.log
 has curve && cat "$OUT/curve.md"
 has dist && grep -E "median step|rror" "$OUT/dist.log"
