@@ -6,6 +6,8 @@
 // overrides Module::to so that a blanket model.to(kBFloat16) leaves it fp32.
 #pragma once
 
+#include <utility>
+
 #include <torch/torch.h>
 
 #include "models/model_config.h"
@@ -24,6 +26,15 @@ struct RoutingStats {
   // MTP depth k routes T-k tokens per sequence, which the per-sequence aux loss needs.
   int64_t seq_len = 0;
 };
+
+// x [N, D] · weight [E, D]^T -> logits [N, E] in fp32 (fp64 for fp64 inputs). Under CUDA bf16
+// autocast: bf16 GEMMs with an fp32 output (no fp32 copy of x); elsewhere fp32 matmuls.
+torch::Tensor router_logits(const torch::Tensor& x, const torch::Tensor& weight);
+
+// The selection's reference twin (plain ATen; router_select_fused is the CUDA kernel):
+// scores [N, E] + bias [E] -> {topk_idx [N, K] by biased score (group-limited), counts [E]}.
+std::pair<torch::Tensor, torch::Tensor> router_select_reference(const torch::Tensor& scores, const torch::Tensor& bias,
+                                                                int64_t top_k, int64_t n_group, int64_t topk_group);
 
 struct RouterImpl : torch::nn::Module {
   explicit RouterImpl(const ModelConfig& cfg);

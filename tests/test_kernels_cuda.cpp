@@ -2,16 +2,20 @@
 // runs only where a GPU is visible).
 #include <gtest/gtest.h>
 
+#include <limits>
+
 #include <torch/torch.h>
 
 #include <ATen/autocast_mode.h>
 
 #include "models/kernels/mla_rope.h"
 #include "models/kernels/rms_norm_fused.h"
+#include "models/kernels/router_select.h"
 #include "models/kernels/swiglu.h"
 #include "models/moe.h"
 #include "models/rms_norm.h"
 #include "models/rope.h"
+#include "models/router.h"
 
 using namespace moetrain;
 
@@ -203,5 +207,82 @@ TEST(KernelsCuda, MlaRopeMatchesReference) {
     // k_rope's gradient sums over heads: compare to its scale
     const auto g = latent.grad().to(torch::kFloat), g_ref = latent_ref.grad().to(torch::kFloat);
     EXPECT_LT((g - g_ref).abs().max().item<double>() / g_ref.abs().max().item<double>(), 4 * tol) << dtype;
+  }
+}
+
+TEST(KernelsCuda, RouterSelectMatchesReference) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  ASSERT_TRUE(fused_kernels_available()) << "built without MOETRAIN_CUDA";
+  struct Case {
+    int64_t E, K, n_group, topk_group;
+  };
+  // 72: a partly filled last column of lanes; 32 groups of one (top-1 group scores); 512: the limit
+  for (const Case c : {Case{64, 6, 1, 1}, Case{256, 8, 8, 4}, Case{72, 6, 1, 1}, Case{160, 6, 32, 8},
+                       Case{32, 4, 32, 8}, Case{512, 16, 16, 3}, Case{256, 1, 4, 1}}) {
+    torch::manual_seed(3);
+    auto opts = torch::TensorOptions().device(torch::kCUDA);
+    const int64_t N = 1031;
+    // continuous fp32 values: no ties, so the choice (and its order) is unique
+    auto scores = torch::rand({N, c.E}, opts);
+    auto bias = 0.1 * torch::randn({c.E}, opts);
+    ASSERT_TRUE(router_select_kernel_ok(scores, c.K, c.n_group));
+    const auto [idx, counts] = router_select_fused(scores, bias, c.K, c.n_group, c.topk_group);
+    const auto [idx_ref, counts_ref] = router_select_reference(scores, bias, c.K, c.n_group, c.topk_group);
+    EXPECT_TRUE(torch::equal(idx, idx_ref)) << "E " << c.E << " K " << c.K << " groups " << c.n_group;
+    EXPECT_TRUE(torch::equal(counts, counts_ref)) << "E " << c.E;
+  }
+}
+
+TEST(KernelsCuda, RouterSelectOnBf16TiesIsAValidTopK) {
+  // bf16 scores tie often; any tied choice is a correct top-k, so check the definition:
+  // K distinct experts whose biased scores are >= every unchosen one, counts = their histogram.
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  torch::manual_seed(4);
+  auto opts = torch::TensorOptions().device(torch::kCUDA);
+  const int64_t N = 4096, E = 256, K = 6;
+  auto scores = torch::sigmoid(torch::randn({N, E}, opts)).to(torch::kBFloat16);
+  auto bias = torch::zeros({E}, opts);
+  const auto [idx, counts] = router_select_fused(scores, bias, K, 1, 1);
+  const auto choice = scores.to(torch::kFloat);
+  const auto chosen = choice.gather(1, idx);                                       // [N, K]
+  const auto unchosen = choice.scatter(1, idx, -std::numeric_limits<float>::infinity());
+  EXPECT_TRUE((std::get<0>(chosen.min(1)) >= std::get<0>(unchosen.max(1))).all().item<bool>());
+  EXPECT_TRUE((std::get<0>(idx.sort(1)).diff(1, 1) > 0).all().item<bool>());      // distinct
+  EXPECT_TRUE(torch::equal(counts, torch::bincount(idx.flatten(), {}, E)));
+  EXPECT_TRUE((chosen.diff(1, 1) <= 0).all().item<bool>());                        // descending
+}
+
+TEST(KernelsCuda, RouterLogitsUnderAutocastAreFp32) {
+  // bf16 operands, fp32 output: the logits match the fp64 product of the bf16-rounded operands
+  // to fp32 accumulation; the gradients to bf16 rounding.
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  torch::manual_seed(5);
+  auto opts = torch::TensorOptions().device(torch::kCUDA);
+  for (auto w_dtype : {torch::kFloat32, torch::kBFloat16}) {
+    auto x = torch::randn({2048, 256}, opts).to(torch::kBFloat16).requires_grad_(true);
+    auto w = (0.05 * torch::randn({64, 256}, opts)).to(w_dtype).requires_grad_(true);
+    torch::Tensor logits;
+    {
+      at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+      at::autocast::set_autocast_enabled(at::kCUDA, true);
+      logits = router_logits(x, w);
+      at::autocast::set_autocast_enabled(at::kCUDA, false);
+      at::autocast::clear_cache();
+    }
+    ASSERT_EQ(logits.scalar_type(), torch::kFloat);
+    auto x64 = x.detach().to(torch::kDouble).requires_grad_(true);
+    auto w64 = w.detach().to(torch::kBFloat16).to(torch::kDouble).requires_grad_(true);
+    auto ref = torch::matmul(x64, w64.t());
+    EXPECT_LT(max_rel_err(logits, ref, 1e-3), 1e-4) << w_dtype;
+    auto g = torch::randn_like(logits);
+    logits.backward(g);
+    ref.backward(g.to(torch::kDouble));
+    ASSERT_EQ(x.grad().scalar_type(), torch::kBFloat16);
+    ASSERT_EQ(w.grad().scalar_type(), w_dtype);
+    const auto rel = [](const torch::Tensor& a, const torch::Tensor& b) {
+      return ((a.to(torch::kDouble) - b).norm() / b.norm()).item<double>();
+    };
+    EXPECT_LT(rel(x.grad(), x64.grad()), 1e-2) << w_dtype;
+    EXPECT_LT(rel(w.grad(), w64.grad()), 1e-2) << w_dtype;
   }
 }
