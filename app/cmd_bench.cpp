@@ -29,6 +29,7 @@
 #include "models/params.h"
 #include "models/transformer.h"
 #include "trainer/balance.h"
+#include "trainer/cuda_graph.h"
 #include "trainer/distributed.h"
 #include "trainer/experiment_config.h"
 #include "trainer/expert_parallel.h"
@@ -261,17 +262,35 @@ int cmd_bench(int argc, char** argv) {
     const double clip = cfg.optim.grad_clip > 0.0 ? cfg.optim.grad_clip : std::numeric_limits<double>::infinity();
     int64_t step_index = 0;
     StepLosses sums;
-    auto train_step = [&] {  // one optimizer step, as `moetrain train` takes it
-      const torch::Tensor& tokens = batches[static_cast<size_t>(step_index % 4)];
-      model->zero_grad();
-      fb.mtp_weight = mtp_loss_weight_at(tc, step_index);
-      sums = forward_backward(
+    auto fb_over = [&](const torch::Tensor& tokens) {  // forward + backward over these rows
+      return forward_backward(
           model, balancer,
           [&](int64_t m) {
             torch::Tensor rows = tokens.narrow(0, m * tc.micro_batch, tc.micro_batch);
             return Batch{rows.narrow(1, 0, tc.seq_len), rows.narrow(1, 1, tc.seq_len)};
           },
           fb);
+    };
+    // train.cuda_graph: the forward + backward captured once over a fixed token buffer
+    std::unique_ptr<CapturedForwardBackward> graph;
+    torch::Tensor graph_tokens;
+    if (tc.cuda_graph) {
+      if (world > 1) throw UsageError("moetrain bench: train.cuda_graph runs one process");
+      graph_tokens = torch::empty_like(batches[0]);
+      fb.mtp_weight = mtp_loss_weight_at(tc, 0);  // constant (config rule)
+      graph = std::make_unique<CapturedForwardBackward>([&] { return fb_over(graph_tokens); }, model->parameters(),
+                                                        [&] { balancer.discard_step(); });
+    }
+    auto train_step = [&] {  // one optimizer step, as `moetrain train` takes it
+      const torch::Tensor& tokens = batches[static_cast<size_t>(step_index % 4)];
+      if (graph) {
+        graph_tokens.copy_(tokens);
+        sums = graph->run();
+      } else {
+        model->zero_grad();
+        fb.mtp_weight = mtp_loss_weight_at(tc, step_index);
+        sums = fb_over(tokens);
+      }
       pg.all_reduce(balancer.mutable_counts(), ReduceOp::kSum);
       if (zero) {  // reduce-scatter, global norm over the shards, shard update, all-gather
         zero_opt->reduce_gradients();
@@ -328,6 +347,7 @@ int cmd_bench(int argc, char** argv) {
                         {"bucket_mb", cfg.distributed.bucket_mb},
                         {"activation_checkpointing", tc.activation_checkpointing},
                         {"param_dtype", tc.param_dtype},
+                        {"cuda_graph", tc.cuda_graph},
                         {"tokens_per_s_per_gpu", tokens_per_s / static_cast<double>(world)},
                         {"step_ms", ms},
                         {"step_ms_min", *std::min_element(step_ms.begin(), step_ms.end())},

@@ -86,6 +86,9 @@ const BadCase kBadCases[] = {
     {"yaml_syntax", {{"main.yaml", "train:\n  steps: [1, 2\n"}}, {}, {"main.yaml:", "YAML syntax error"}},
     {"alias", {{"main.yaml", "train: &t\n  steps: 3\noptim: *t\n"}}, {}, {"anchors (&name) are not supported"}},
     {"bf16_on_cpu", {{"main.yaml", "train:\n  dtype: bf16\n"}}, {}, {"train.dtype: bf16 autocast is for device cuda"}},
+    {"cuda_graph_on_cpu", {{"main.yaml", "train:\n  cuda_graph: true\n"}}, {}, {"train.cuda_graph: CUDA graphs need train.device: cuda"}},
+    {"cuda_graph_zero", {{"main.yaml", "train:\n  device: cuda\n  cuda_graph: true\ndistributed:\n  zero_stage: 1\n"}}, {},
+     {"train.cuda_graph: CUDA graphs are for one process with the replicated optimizer"}},
 };
 
 class MalformedConfig : public ::testing::TestWithParam<BadCase> {};

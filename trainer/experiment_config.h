@@ -60,6 +60,9 @@ struct TrainConfig {
   std::string param_dtype = "fp32";
   // none | full: recompute every decoder layer in the backward (models/checkpointing.h)
   std::string activation_checkpointing = "none";
+  // Capture the step's forward + backward as one CUDA graph and replay it (trainer/cuda_graph.h):
+  // device cuda, one process, a constant MTP weight.
+  bool cuda_graph = false;
   int64_t eval_every = 100;    // 0: only at the end
   int64_t eval_batches = 8;
   double mtp_loss_weight = 0.3;  // λ of the MTP loss (eq. 25); with num_nextn_predict_layers > 0

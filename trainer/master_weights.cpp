@@ -54,6 +54,8 @@ bool MasterWeights::fused_step(FusedAdamW& optimizer) {
     if (o.amsgrad() || o.betas() != first.betas() || o.eps() != first.eps()) return false;
   }
   const auto [beta1, beta2] = first.betas();
+  std::vector<torch::Tensor> kept;  // the params' gradients, given back after the step
+  for (const auto& p : params_) kept.push_back(p.grad());
   std::vector<kernels::MasterAdamWTensor> table;
   std::vector<torch::Tensor> grads;  // contiguous bf16 gradients, alive until the launch
   int64_t chunks = 0;
@@ -112,8 +114,11 @@ bool MasterWeights::fused_step(FusedAdamW& optimizer) {
                                      scale.defined() ? scale.data_ptr<float>() : nullptr, kernels::current_stream_of(dev)),
         "master AdamW");
   }
+  // the fp32 parameters (norms) take the optimizer's own step, same clip (it consumes it);
+  // the bf16 ones are hidden from it for that step and keep their gradients afterwards
   for (auto& p : params_) p.mutable_grad() = torch::Tensor();
-  optimizer.step();  // the fp32 parameters (norms), same clip; consumes it
+  optimizer.step();
+  for (size_t i = 0; i < params_.size(); ++i) params_[i].mutable_grad() = kept[i];
   return true;
 #else
   (void)optimizer;
@@ -141,11 +146,12 @@ int64_t MasterWeights::bytes() const {
 void MasterWeights::step(FusedAdamW& optimizer, bool fused) {
   torch::NoGradGuard no_grad;
   if (fused && fused_step(optimizer)) return;
-  // fp32 gradients, each bf16 one freed as soon as it is upcast (peak: +2 bytes a parameter)
-  std::vector<torch::Tensor> grads32(params_.size());
+  // fp32 copies of the gradients (peak: +4 bytes a parameter)
+  std::vector<torch::Tensor> kept(params_.size()), grads32(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) {
-    if (!params_[i].grad().defined()) continue;
-    grads32[i] = params_[i].grad().to(torch::kFloat);
+    kept[i] = params_[i].grad();
+    if (!kept[i].defined()) continue;
+    grads32[i] = kept[i].to(torch::kFloat);
     params_[i].mutable_grad() = torch::Tensor();
   }
   {
@@ -155,7 +161,10 @@ void MasterWeights::step(FusedAdamW& optimizer, bool fused) {
     optimizer.step();
     for (auto& p : params_) p.mutable_grad() = torch::Tensor();
   }
-  for (size_t i = 0; i < params_.size(); ++i) params_[i].data().copy_(masters_[i]);
+  for (size_t i = 0; i < params_.size(); ++i) {
+    params_[i].data().copy_(masters_[i]);
+    params_[i].mutable_grad() = kept[i];
+  }
 }
 
 }  // namespace moetrain

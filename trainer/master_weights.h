@@ -61,7 +61,8 @@ class MasterWeights {
   explicit MasterWeights(std::vector<torch::Tensor> params);
 
   // The optimizer step on the masters (a clip set by clip_next_step applies), then each
-  // param gets the bf16 rounding of its updated master; the params' gradients are freed.
+  // param gets the bf16 rounding of its updated master; the params keep their gradients (as
+  // FusedAdamW leaves them: a captured backward, trainer/cuda_graph.h, writes them again).
   // fused (CUDA): one kernel over every master (models/kernels/master_adamw_kernels.h) reads
   // the bf16 gradients, updates master and moments (the optimizer's own AdamW state) and
   // writes the bf16 weights; the rest of the optimizer's parameters (fp32 norms) take its

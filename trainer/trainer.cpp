@@ -24,6 +24,7 @@
 #include "models/transformer.h"
 #include "trainer/balance.h"
 #include "trainer/checkpoint.h"
+#include "trainer/cuda_graph.h"
 #include "trainer/distributed.h"
 #include "trainer/evaluate.h"
 #include "trainer/expert_parallel.h"
@@ -241,6 +242,29 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
                              result.val_ppl, result.maxvio_global);
   };
 
+  // train.cuda_graph: the forward + backward over fixed token buffers, captured at the first
+  // step and replayed after (trainer/cuda_graph.h); the fault injections of the loss and the
+  // gradients need the eager step.
+  std::unique_ptr<CapturedForwardBackward> graph;
+  torch::Tensor graph_inputs, graph_targets;  // [accum, micro_batch, seq_len] int64 on the device
+  if (tc.cuda_graph) {
+    if (world > 1) throw std::runtime_error("train.cuda_graph: CUDA graphs are for one process (world size 1)");
+    const auto opts = torch::TensorOptions().dtype(torch::kLong).device(device);
+    graph_inputs = torch::empty({accum, tc.micro_batch, tc.seq_len}, opts);
+    graph_targets = torch::empty({accum, tc.micro_batch, tc.seq_len}, opts);
+    ForwardBackwardOptions fb;
+    fb.accum = accum;
+    fb.seq_len = tc.seq_len;
+    fb.bf16_autocast = bf16_autocast;
+    fb.mtp_weight = mtp_loss_weight_at(tc, 0);  // constant (config rule)
+    graph = std::make_unique<CapturedForwardBackward>(
+        [&, fb] {
+          return forward_backward(
+              model, balancer, [&](int64_t m) { return Batch{graph_inputs[m], graph_targets[m]}; }, fb);
+        },
+        model->parameters(), [&] { balancer.discard_step(); });
+  }
+
   // ================================ TRAINING SECTION BEGIN ================================
   for (int64_t step = loader.state().step; step < tc.steps; ++step) {
     if (inject.at("sigterm", step + 1)) std::raise(SIGTERM);
@@ -251,21 +275,31 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
       model->zero_grad();
     } else {
       set_lr(*optimizer, lr);
-      optimizer->zero_grad();
+      if (!graph) optimizer->zero_grad();  // a captured backward rewrites the gradients
     }
 
     // forward + backward over the micro-steps of this global batch
     const double mtp_weight = mtp_loss_weight_at(tc, step);
-    ForwardBackwardOptions fb;
-    fb.accum = accum;
-    fb.seq_len = tc.seq_len;
-    fb.bf16_autocast = bf16_autocast;
-    fb.mtp_weight = mtp_weight;
-    fb.poison_loss = inject.at("nan_loss", step + 1);
-    fb.poison_grad = inject.at("nan_grad", step + 1);
-    fb.reducer = reducer.get();
-    StepLosses sums = forward_backward(
-        model, balancer, [&](int64_t m) { return loader.micro_batch(step, m, rank, world); }, fb);
+    StepLosses sums;
+    if (graph) {
+      for (int64_t m = 0; m < accum; ++m) {
+        const Batch b = loader.micro_batch(step, m, rank, world);
+        graph_inputs[m].copy_(b.inputs);
+        graph_targets[m].copy_(b.targets);
+      }
+      sums = graph->run();
+    } else {
+      ForwardBackwardOptions fb;
+      fb.accum = accum;
+      fb.seq_len = tc.seq_len;
+      fb.bf16_autocast = bf16_autocast;
+      fb.mtp_weight = mtp_weight;
+      fb.poison_loss = inject.at("nan_loss", step + 1);
+      fb.poison_grad = inject.at("nan_grad", step + 1);
+      fb.reducer = reducer.get();
+      sums = forward_backward(
+          model, balancer, [&](int64_t m) { return loader.micro_batch(step, m, rank, world); }, fb);
+    }
     // data parallel: sum the losses and the expert counts, average the gradients, so every
     // rank takes the same decisions, the same bias update and the same optimizer step
     all_reduce_losses(pg, sums);

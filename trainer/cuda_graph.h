@@ -1,0 +1,58 @@
+// defines: CapturedForwardBackward — the training step's forward + backward captured once as a
+// CUDA graph and replayed every step (train.cuda_graph): one graph launch instead of ≈ 2,000
+// kernel launches, so the GPU never waits on the host between kernels.
+//
+// What makes a step capturable: static shapes (dropless routing keeps its sizes on the
+// device), no host reads inside it, inputs read from fixed device buffers (the caller copies
+// each step's tokens into them before run()), and gradients that stay attached to their
+// parameters between steps: the captured backward writes them (in the graph's memory pool)
+// on every replay, so nothing may set them to None (no zero_grad; MasterWeights keeps them).
+// The optimizer step runs eagerly after the replay (its step counts and learning rate change
+// every step). Single process only: the data-parallel reducers' hooks are not captured.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "trainer/train_step.h"
+
+namespace moetrain {
+
+class CapturedForwardBackward {
+ public:
+  // fb: one eager forward + backward (the trainer's forward_backward over fixed buffers);
+  // params: the parameters whose gradients it writes; after_warmup: undoes what the warm-up
+  // passes left behind (the balancer's expert counts) before the capture.
+  CapturedForwardBackward(std::function<StepLosses()> fb, std::vector<torch::Tensor> params,
+                          std::function<void()> after_warmup);
+  ~CapturedForwardBackward();
+  CapturedForwardBackward(const CapturedForwardBackward&) = delete;
+  CapturedForwardBackward& operator=(const CapturedForwardBackward&) = delete;
+
+  // The first call warms up on a side stream (cuBLAS workspaces, lazy kernel setup; the
+  // parameters' gradients set to None before each pass) and captures the graph; every call
+  // then replays it on the current stream. The returned sums are the graph's own output
+  // tensors: read them before the next run().
+  StepLosses run();
+
+  bool captured() const;
+
+  static constexpr int kWarmupPasses = 2;
+
+ private:
+  struct State;
+  void drop_grads();
+
+  std::function<StepLosses()> fb_;
+  std::vector<torch::Tensor> params_;
+  std::function<void()> after_warmup_;
+  std::unique_ptr<State> state_;
+};
+
+// Whether this build can capture CUDA graphs (MOETRAIN_WITH_CUDA).
+bool cuda_graphs_available();
+
+}  // namespace moetrain
