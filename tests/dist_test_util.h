@@ -1,4 +1,4 @@
-// defines: free_port, run_ranks, write_sentence_corpus, launch_tiny_sets, debug_cli,
+// defines: listening_port, run_ranks, write_sentence_corpus, launch_tiny_sets, debug_cli,
 // train_records, LaunchedTraining — the fixtures of the multi-rank tests: ranks as threads of one test process
 // over Gloo (collective-level tests of data, expert and optimizer parallelism), and whole
 // runs of a tiny model through `moetrain launch` / torchrun compared with one process.
@@ -10,6 +10,7 @@
 #include <functional>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <fmt/format.h>
@@ -27,23 +28,25 @@
 
 namespace moetrain::testing {
 
-// A TCP port free on the loopback interface now (the kernel's pick).
-inline int free_port() {
+// A socket listening on a loopback port of the kernel's pick, for rank 0's store to take over
+// (DistEnv::master_listen_fd): the port stays taken from the pick on. Returns {fd, port}.
+inline std::pair<int, int> listening_port() {
   int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in a{};
   a.sin_family = AF_INET;
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   socklen_t len = sizeof(a);
   bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  listen(fd, 128);
   getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
-  return ntohs(a.sin_port);
+  return {fd, ntohs(a.sin_port)};
 }
 
 // Runs fn(rank, world group) on `world` threads, one Gloo rank each; returns their errors
 // ("rank R: what" lines), empty when every rank finished.
 inline std::string run_ranks(int64_t world, const std::function<void(int64_t, ProcessGroup&)>& fn) {
-  const int port = free_port();
+  const std::pair<int, int> listening = listening_port();  // rank 0's store owns (and closes) the socket
+  const int listen_fd = listening.first, port = listening.second;
   std::vector<std::string> errors(static_cast<size_t>(world));
   auto rank_main = [&](int64_t rank) {
     try {
@@ -51,6 +54,7 @@ inline std::string run_ranks(int64_t world, const std::function<void(int64_t, Pr
       env.rank = rank;
       env.world_size = world;
       env.master_port = port;
+      if (rank == 0) env.master_listen_fd = listen_fd;
       ProcessGroup pg(env, "gloo", std::chrono::seconds(30));
       fn(rank, pg);
     } catch (const std::exception& e) {

@@ -27,7 +27,7 @@
 using namespace moetrain;
 using moetrain::testing::debug_cli;
 using moetrain::testing::debug_config_path;
-using moetrain::testing::free_port;
+using moetrain::testing::listening_port;
 using moetrain::testing::launch_tiny_sets;
 using moetrain::testing::run_capture;
 using moetrain::testing::TempDir;
@@ -171,7 +171,8 @@ TEST(DistEnv, LaunchUsage) {
 // Two ranks as two threads of this process: bucketed averaging over several buckets and
 // dtypes, gradients missing on one rank (zeros there) or on both (stay missing), MAX, broadcast.
 TEST(DistGroup, AverageGradientsAllReduceBroadcast) {
-  const int port = free_port();
+  const std::pair<int, int> listening = listening_port();
+  const int listen_fd = listening.first, port = listening.second;
   std::vector<std::vector<torch::Tensor>> params(2);
   std::vector<torch::Tensor> maxed(2), bcast(2);
   auto rank_main = [&](int64_t rank) {
@@ -179,6 +180,7 @@ TEST(DistGroup, AverageGradientsAllReduceBroadcast) {
     env.rank = rank;
     env.world_size = 2;
     env.master_port = port;
+    if (rank == 0) env.master_listen_fd = listen_fd;
     ProcessGroup pg(env, "gloo", std::chrono::seconds(30));
     const double r = static_cast<double>(rank);
     auto& p = params[static_cast<size_t>(rank)];

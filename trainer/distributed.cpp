@@ -150,6 +150,7 @@ ProcessGroup::ProcessGroup(const DistEnv& env, const std::string& backend, std::
     c10d::TCPStoreOptions so;
     so.port = static_cast<std::uint16_t>(env.master_port);
     so.isServer = env.rank == 0 && !env.agent_store;
+    if (so.isServer && env.master_listen_fd >= 0) so.masterListenFd = env.master_listen_fd;
     so.numWorkers = static_cast<std::size_t>(env.world_size);
     so.waitWorkers = true;
     so.timeout = timeout;

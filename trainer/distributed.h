@@ -43,6 +43,10 @@ struct DistEnv {
   // prefix per restart (TORCHELASTIC_RESTART_COUNT) so a restarted job never reads stale keys.
   bool agent_store = false;
   int64_t restart_count = 0;
+  // A socket already listening on master_port that rank 0's store takes over (-1: rank 0 binds
+  // master_port itself). In-process tests hold their port this way from the moment they pick
+  // it, so no other test's store or connection can take it in between.
+  int master_listen_fd = -1;
 
   // Reads the torchrun variables; unset ones keep the single-process defaults.
   // Throws DistError on a malformed or inconsistent value (WORLD_SIZE=abc, RANK >= WORLD_SIZE).
