@@ -14,7 +14,9 @@
 #            (needs data_cache/linux-docs-sp4096 carried over)
 # TRACE=1: the profile phase also saves a gzipped Chrome trace (trace.json.gz).
 # SETS="--set train.param_dtype=bf16 ...": extra config overrides for every bench, profile,
-# scaling and dist run. SKIP_HF=1: the bench phase runs moetrain only. DIST_VARIANTS: the
+# scaling and dist run. GRAPH=1 (default): the one-process bench, profile and scaling runs
+# capture the step as a CUDA graph (train.cuda_graph; GRAPH=0: eager). CURVE_SETS: extra
+# overrides of the CUDA curve run. SKIP_HF=1: the bench phase runs moetrain only. DIST_VARIANTS: the
 # distributed.* settings the dist phase launches (default: the four below).
 # Logs and JSON go to ${OUT:-.}/.
 # Usage: [PHASES="tests bench"] bash scripts/gpu_check.sh [BENCH_CONFIG]   (default configs/bench-1b.yaml)
@@ -27,6 +29,8 @@ PHASES=${PHASES:-tests bench profile}
 MT=$BUILD/app/moetrain
 export NCCL_NVLS_ENABLE=0
 read -ra SETS_ARR <<<"${SETS:-}"
+ONE=()  # one-process runs only
+[ "${GRAPH:-1}" = 1 ] && ONE=(--set train.cuda_graph=true)
 has() { [[ " $PHASES " == *" $1 "* ]]; }
 stamp() { echo "== $1 $(( $(date +%s) - t0 )) s"; }
 nvidia-smi -L
@@ -50,24 +54,25 @@ if has cuda; then
   stamp cuda-tests
 fi
 if has curve; then  # CPU fp32 in the background while the GPU works
-  curve() {  # NAME DEVICE DTYPE
+  curve() {  # NAME DEVICE DTYPE [--set KEY=VALUE ...]
     "$MT" train "$ROOT/configs/tiny.yaml" --set train.steps=200 --set logging.every=1 --set train.eval_every=1000 \
       --set train.device="$2" --set train.dtype="$3" --set logging.dir="$OUT/curve-$1" \
-      --set checkpoint.dir="/tmp/curve-$1-ckpt" --set checkpoint.every=1000 >"$OUT/curve-$1.log" 2>&1
+      --set checkpoint.dir="/tmp/curve-$1-ckpt" --set checkpoint.every=1000 "${@:4}" >"$OUT/curve-$1.log" 2>&1
   }
   curve cpu-fp32 cpu fp32 &
   curve_pid=$!
-  curve cuda-bf16 cuda bf16 || tail -5 "$OUT/curve-cuda-bf16.log"
+  read -ra CURVE_SETS_ARR <<<"${CURVE_SETS:-}"
+  curve cuda-bf16 cuda bf16 "${CURVE_SETS_ARR[@]}" || tail -5 "$OUT/curve-cuda-bf16.log"
 fi
 if has bench; then
-  python3 "$ROOT/scripts/bench_vs_hf.py" "$CONFIG" --moetrain "$MT" --steps 12 --warmup 3 "${SETS_ARR[@]}" \
+  python3 "$ROOT/scripts/bench_vs_hf.py" "$CONFIG" --moetrain "$MT" --steps 12 --warmup 3 "${SETS_ARR[@]}" "${ONE[@]}" \
     ${SKIP_HF:+--skip-hf} --out "$OUT/bench.json" >"$OUT/bench.log" 2>&1 || tail -20 "$OUT/bench.log"
   stamp bench
 fi
 if has profile; then
   trace=()
   [ -n "${TRACE:-}" ] && trace=(--trace /tmp/moetrain-trace.json)
-  "$MT" bench "$CONFIG" --steps 2 --warmup 2 --profile 1 "${trace[@]}" "${SETS_ARR[@]}" >"$OUT/profile.log" 2>&1 || tail -20 "$OUT/profile.log"
+  "$MT" bench "$CONFIG" --steps 2 --warmup 2 --profile 1 "${trace[@]}" "${SETS_ARR[@]}" "${ONE[@]}" >"$OUT/profile.log" 2>&1 || tail -20 "$OUT/profile.log"
   [ -n "${TRACE:-}" ] && gzip -c /tmp/moetrain-trace.json >"$OUT/trace.json.gz"
   stamp profile
 fi
@@ -75,7 +80,7 @@ if has scaling; then
   for e in 64 256; do
     "$MT" bench "$CONFIG" --moe-layer --steps 50 --warmup 5 --profile 5 --set model.n_routed_experts=$e "${SETS_ARR[@]}" \
       >"$OUT/moe-layer-$e.log" 2>&1 || tail -5 "$OUT/moe-layer-$e.log"
-    "$MT" bench "$CONFIG" --steps 8 --warmup 3 --set model.n_routed_experts=$e "${SETS_ARR[@]}" \
+    "$MT" bench "$CONFIG" --steps 8 --warmup 3 --set model.n_routed_experts=$e "${SETS_ARR[@]}" "${ONE[@]}" \
       >"$OUT/step-experts-$e.log" 2>&1 || tail -5 "$OUT/step-experts-$e.log"
   done
   stamp scaling
@@ -83,7 +88,7 @@ fi
 if has dist; then
   n=$(nvidia-smi -L | wc -l)
   {
-    "$MT" bench "$CONFIG" --steps 8 --warmup 3 "${SETS_ARR[@]}" 2>&1 | grep -E "median step|^\{"
+    "$MT" bench "$CONFIG" --steps 8 --warmup 3 "${SETS_ARR[@]}" 2>&1 | grep -E "median step|^\{"  # eager, as the ranks
     # replicated (overlapped all-reduce, then the reference after the backward), ZeRO-1, EP
     for v in ${DIST_VARIANTS:-zero_stage=0 overlap_grad_reduce=false zero_stage=1 ep_size=$n}; do
       "$MT" launch --nproc "$n" -- bench "$CONFIG" --steps 8 --warmup 3 --set train.global_batch=$((8 * n)) \
