@@ -5,6 +5,7 @@
 #ifdef MOETRAIN_WITH_CUDA
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
@@ -62,6 +63,9 @@ StepLosses CapturedForwardBackward::run() {
       }
       if (after_warmup_) after_warmup_();
       drop_grads();  // the captured backward allocates the gradients in the graph's pool
+      // The warm-up's activations are cached blocks of the side stream that the graph's private
+      // pool cannot reuse: give them back first (else the step holds its activations twice).
+      c10::cuda::CUDACachingAllocator::emptyCache();
       state_->graph.capture_begin();
       state_->sums = fb_();
       state_->graph.capture_end();
