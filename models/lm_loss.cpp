@@ -3,6 +3,8 @@
 #include <algorithm>
 
 #include "models/autocast.h"
+#include "models/kernels/cross_entropy.h"
+#include "models/kernels/swiglu.h"  // fused_kernels_available
 
 namespace moetrain {
 
@@ -39,15 +41,29 @@ struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossE
     const auto mm = matmul_dtype(hidden);
     const torch::Tensor h_mm = hidden.to(mm), w_mm = weight.to(mm);
     torch::Tensor loss_sum = torch::zeros({}, hidden.options().dtype(acc));
+    // The fused kernels (fp32 logits on CUDA) write each row's loss and logsumexp; the
+    // backward reuses the logsumexp. Elsewhere ATen's cross_entropy, the reference twin.
+    const bool fused = hidden.is_cuda() && acc == torch::kFloat && fused_kernels_available();
+    torch::Tensor row_loss, lse;  // [N] fp32 (fused)
+    if (fused) {
+      row_loss = torch::empty({N}, hidden.options().dtype(torch::kFloat));
+      lse = torch::empty({N}, hidden.options().dtype(torch::kFloat));
+    }
     for (int64_t start = 0; start < N; start += chunk) {
       const int64_t n = std::min(chunk, N - start);
       const torch::Tensor logits = mm_in(h_mm.narrow(0, start, n), w_mm.t(), acc);  // [n, V]
-      loss_sum += torch::nn::functional::cross_entropy(
-          logits, targets.narrow(0, start, n),
-          torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum).ignore_index(ignore_index));
+      if (fused) {
+        torch::Tensor loss_rows = row_loss.narrow(0, start, n), lse_rows = lse.narrow(0, start, n);
+        cross_entropy_rows_fused(logits, targets.narrow(0, start, n), ignore_index, loss_rows, lse_rows);
+      } else {
+        loss_sum += torch::nn::functional::cross_entropy(
+            logits, targets.narrow(0, start, n),
+            torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum).ignore_index(ignore_index));
+      }
     }
+    if (fused) loss_sum = row_loss.sum();
     const torch::Tensor n_valid = (targets != ignore_index).sum().clamp_min(1).to(acc);
-    ctx->save_for_backward({hidden, weight, targets, n_valid});
+    ctx->save_for_backward({hidden, weight, targets, n_valid, fused ? lse : torch::Tensor()});
     ctx->saved_data["chunk"] = chunk;
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["matmul_dtype"] = static_cast<int64_t>(mm);
@@ -57,6 +73,7 @@ struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossE
   static tensor_list backward(AutogradContext* ctx, tensor_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
     const torch::Tensor &hidden = saved[0], &weight = saved[1], &targets = saved[2], &n_valid = saved[3];
+    const torch::Tensor& lse = saved[4];  // defined: the forward took the fused kernels
     const int64_t chunk = ctx->saved_data["chunk"].toInt();
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
     const int64_t N = hidden.size(0);
@@ -71,19 +88,27 @@ struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossE
       const int64_t n = std::min(chunk, N - start);
       const torch::Tensor h = h_mm.narrow(0, start, n);
       const torch::Tensor t = targets.narrow(0, start, n);
-      const torch::Tensor valid = t != ignore_index;
       // d(row loss)/d(logits) = softmax - onehot(target); zero for ignored rows.
-      torch::Tensor g = torch::softmax(mm_in(h, w_mm.t(), acc), -1);  // [n, V]
-      g.scatter_add_(1, t.clamp_min(0).unsqueeze(1), -torch::ones({n, 1}, g.options()));
-      g = g * (valid.unsqueeze(1).to(acc) * scale);
-      const torch::Tensor g_low = g.to(mm);
+      torch::Tensor g_low;  // [n, V] in the matmul dtype
+      if (lse.defined()) {
+        g_low = cross_entropy_grad_fused(mm_in(h, w_mm.t(), acc), lse.narrow(0, start, n), t, scale, ignore_index, mm);
+      } else {
+        const torch::Tensor valid = t != ignore_index;
+        torch::Tensor g = torch::softmax(mm_in(h, w_mm.t(), acc), -1);  // [n, V]
+        g.scatter_add_(1, t.clamp_min(0).unsqueeze(1), -torch::ones({n, 1}, g.options()));
+        g = g * (valid.unsqueeze(1).to(acc) * scale);
+        g_low = g.to(mm);
+      }
       torch::Tensor grad_rows = grad_hidden.narrow(0, start, n);  // [n, D]
       if (grad_rows.scalar_type() == mm) {
         at::mm_out(grad_rows, g_low, w_mm);  // straight into the gradient
       } else {
         grad_rows.copy_(torch::matmul(g_low, w_mm));
       }
-      grad_weight += mm_in(g_low.t(), h, acc);  // [V, D]
+      if (g_low.is_cuda() && g_low.scalar_type() == torch::kBFloat16 && acc == torch::kFloat)
+        at::addmm_out(grad_weight, grad_weight, g_low.t(), h, acc);  // += in the GEMM (fp32 out, β = 1)
+      else
+        grad_weight += mm_in(g_low.t(), h, acc);  // [V, D]
     }
     return {grad_hidden, grad_weight.to(weight.scalar_type()), torch::Tensor(), torch::Tensor(),
             torch::Tensor()};
@@ -98,7 +123,7 @@ torch::Tensor chunked_cross_entropy(const torch::Tensor& hidden, const torch::Te
               "chunked_cross_entropy: hidden [N, D] and targets [N] expected, got ", hidden.sizes(), " and ",
               targets.sizes());
   const int64_t chunk = chunk_tokens > 0 ? chunk_tokens : std::max<int64_t>(hidden.size(0), 1);
-  return ChunkedLinearCrossEntropy::apply(hidden, weight, targets.to(torch::kLong), chunk, ignore_index);
+  return ChunkedLinearCrossEntropy::apply(hidden, weight, targets.to(torch::kLong).contiguous(), chunk, ignore_index);
 }
 
 }  // namespace moetrain

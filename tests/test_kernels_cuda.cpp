@@ -8,6 +8,7 @@
 
 #include <ATen/autocast_mode.h>
 
+#include "models/kernels/cross_entropy.h"
 #include "models/kernels/mla_rope.h"
 #include "models/kernels/rms_norm_fused.h"
 #include "models/kernels/router_select.h"
@@ -285,5 +286,37 @@ TEST(KernelsCuda, RouterLogitsUnderAutocastAreFp32) {
     ASSERT_EQ(w.grad().scalar_type(), w_dtype);
     EXPECT_LT(rel(x.grad(), x64.grad()), 1e-2) << w_dtype;
     EXPECT_LT(rel(w.grad(), w64.grad()), 1e-2) << w_dtype;
+  }
+}
+
+TEST(KernelsCuda, CrossEntropyMatchesReference) {
+  // per-row loss and logsumexp against ATen, the gradient against softmax − onehot, both ways
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  ASSERT_TRUE(fused_kernels_available()) << "built without MOETRAIN_CUDA";
+  auto opts = torch::TensorOptions().device(torch::kCUDA);
+  for (int64_t V : {1000, 1001}) {  // 1001: the one-column path
+    torch::manual_seed(6);
+    const int64_t n = 257, ignore = -100;
+    auto logits = 4.0 * torch::randn({n, V}, opts);
+    auto targets = torch::randint(V, {n}, opts.dtype(torch::kLong));
+    targets.index_put_({torch::arange(0, n, 7, opts.dtype(torch::kLong))}, ignore);
+    torch::Tensor loss = torch::empty({n}, opts), lse = torch::empty({n}, opts);
+    cross_entropy_rows_fused(logits, targets, ignore, loss, lse);
+    const auto ref_loss = torch::nn::functional::cross_entropy(
+        logits, targets, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone).ignore_index(ignore));
+    EXPECT_LT((loss - ref_loss).abs().max().item<double>(), 1e-5) << V;
+    EXPECT_LT((lse - torch::logsumexp(logits, 1)).abs().max().item<double>(), 1e-5) << V;
+
+    auto scale = torch::full({}, 0.37, opts);
+    const auto valid = (targets != ignore).unsqueeze(1).to(torch::kFloat);
+    auto ref = torch::softmax(logits, 1);
+    ref.scatter_add_(1, targets.clamp_min(0).unsqueeze(1), -torch::ones({n, 1}, opts));
+    ref = ref * valid * scale;
+    for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+      const auto g = cross_entropy_grad_fused(logits, lse, targets, scale, ignore, dtype);
+      ASSERT_EQ(g.scalar_type(), dtype);
+      const double tol = dtype == torch::kFloat32 ? 1e-6 : 4e-3;  // absolute; |g| <= 0.37
+      EXPECT_LT((g.to(torch::kFloat) - ref).abs().max().item<double>(), tol) << V << " " << dtype;
+    }
   }
 }

@@ -1,0 +1,132 @@
+// The LM head's cross-entropy fused over each row of fp32 logits: the forward reads a row once
+// (online max and sum of exponentials) and writes its loss and logsumexp; the backward reads it
+// once more and writes the logits' gradient straight in the GEMM's dtype. ATen's path makes
+// five passes over the [n, V] fp32 chunk (log_softmax and its write, softmax, the one-hot
+// scatter, the scaling, the bf16 cast).
+#include "models/kernels/cross_entropy_kernels.h"
+
+#include <cmath>
+
+#include "models/kernels/cuda_common.cuh"
+
+namespace moetrain::kernels {
+
+namespace {
+
+constexpr int kThreads = 512;
+
+// (max, sum of exp(x − max)) pairs: merge b into a.
+__device__ __forceinline__ void merge(float& m, float& s, float om, float os) {
+  if (om == -INFINITY) return;
+  if (m == -INFINITY) {
+    m = om;
+    s = os;
+    return;
+  }
+  const float mm = fmaxf(m, om);
+  s = s * expf(m - mm) + os * expf(om - mm);
+  m = mm;
+}
+
+__device__ __forceinline__ void add_one(float& m, float& s, float x) {
+  if (x > m) {
+    s = (m == -INFINITY ? 0.0f : s * expf(m - x)) + 1.0f;
+    m = x;
+  } else {
+    s += expf(x - m);
+  }
+}
+
+__global__ void cross_entropy_forward_kernel(const float* __restrict__ logits, const int64_t* __restrict__ targets,
+                                             int64_t V, int64_t ignore_index, bool vec, float* __restrict__ loss,
+                                             float* __restrict__ lse) {
+  const int64_t row = blockIdx.x;
+  const float* x = logits + row * V;
+  float m = -INFINITY, s = 0.0f;
+  if (vec) {
+    for (int64_t c = 4 * static_cast<int64_t>(threadIdx.x); c < V; c += 4 * kThreads) {
+      const float4 v = *reinterpret_cast<const float4*>(x + c);
+      add_one(m, s, v.x);
+      add_one(m, s, v.y);
+      add_one(m, s, v.z);
+      add_one(m, s, v.w);
+    }
+  } else {
+    for (int64_t c = threadIdx.x; c < V; c += kThreads) add_one(m, s, x[c]);
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    const float om = __shfl_xor_sync(0xffffffffu, m, off), os = __shfl_xor_sync(0xffffffffu, s, off);
+    merge(m, s, om, os);
+  }
+  __shared__ float sm[kThreads / 32], ss[kThreads / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    sm[warp] = m;
+    ss[warp] = s;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    m = lane < kThreads / 32 ? sm[lane] : -INFINITY;
+    s = lane < kThreads / 32 ? ss[lane] : 0.0f;
+    for (int off = 16; off > 0; off >>= 1) {
+      const float om = __shfl_xor_sync(0xffffffffu, m, off), os = __shfl_xor_sync(0xffffffffu, s, off);
+      merge(m, s, om, os);
+    }
+    if (lane == 0) {
+      const float l = m + logf(s);
+      const int64_t t = targets[row];
+      lse[row] = l;
+      loss[row] = t == ignore_index ? 0.0f : (t < 0 || t >= V ? NAN : l - x[t]);
+    }
+  }
+}
+
+template <class T>
+__global__ void cross_entropy_backward_kernel(const float* __restrict__ logits, const float* __restrict__ lse,
+                                              const int64_t* __restrict__ targets, const float* __restrict__ scale,
+                                              int64_t V, int64_t ignore_index, bool vec, T* __restrict__ grad) {
+  const int64_t row = blockIdx.x;
+  const float* x = logits + row * V;
+  T* g = grad + row * V;
+  const int64_t t = targets[row];
+  const float k = t == ignore_index ? 0.0f : scale[0];
+  const float l = lse[row];
+  if (vec) {
+    for (int64_t c = 4 * static_cast<int64_t>(threadIdx.x); c < V; c += 4 * kThreads) {
+      const float4 v = *reinterpret_cast<const float4*>(x + c);
+      Float4 o{{__expf(v.x - l), __expf(v.y - l), __expf(v.z - l), __expf(v.w - l)}};
+      for (int j = 0; j < 4; ++j) o.v[j] = (o.v[j] - (c + j == t ? 1.0f : 0.0f)) * k;
+      store4(g + c, o);
+    }
+  } else {
+    for (int64_t c = threadIdx.x; c < V; c += kThreads)
+      g[c] = from_float<T>((__expf(x[c] - l) - (c == t ? 1.0f : 0.0f)) * k);
+  }
+}
+
+bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+}  // namespace
+
+int launch_cross_entropy_forward(const float* logits, const int64_t* targets, int64_t n, int64_t V,
+                                 int64_t ignore_index, float* loss, float* lse, void* stream) {
+  if (n == 0) return 0;
+  const bool vec = V % 4 == 0 && aligned(logits, 16);
+  cross_entropy_forward_kernel<<<n, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(logits, targets, V, ignore_index,
+                                                                                     vec, loss, lse);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_cross_entropy_backward(const float* logits, const float* lse, const int64_t* targets, const float* scale,
+                                  int64_t n, int64_t V, int64_t ignore_index, void* grad, int grad_dtype, void* stream) {
+  if (n == 0) return 0;
+  auto s = static_cast<cudaStream_t>(stream);
+  MOETRAIN_DISPATCH_DTYPE(grad_dtype, T, {
+    const bool vec = V % 4 == 0 && aligned(logits, 16) && aligned(grad, 4 * static_cast<int>(sizeof(T)));
+    cross_entropy_backward_kernel<T><<<n, kThreads, 0, s>>>(logits, lse, targets, scale, V, ignore_index, vec,
+                                                            static_cast<T*>(grad));
+  })
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace moetrain::kernels
