@@ -2,6 +2,7 @@
 // runs only where a GPU is visible).
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <limits>
 
 #include <torch/torch.h>
@@ -12,11 +13,13 @@
 #include "models/kernels/mla_rope.h"
 #include "models/kernels/rms_norm_fused.h"
 #include "models/kernels/router_select.h"
+#include "models/kernels/sum_squares.h"
 #include "models/kernels/swiglu.h"
 #include "models/moe.h"
 #include "models/rms_norm.h"
 #include "models/rope.h"
 #include "models/router.h"
+#include "trainer/optim.h"
 
 using namespace moetrain;
 
@@ -319,4 +322,31 @@ TEST(KernelsCuda, CrossEntropyMatchesReference) {
       EXPECT_LT((g.to(torch::kFloat) - ref).abs().max().item<double>(), tol) << V << " " << dtype;
     }
   }
+}
+
+TEST(KernelsCuda, GradNormKernelMatchesForeachNorm) {
+  // mixed bf16 / fp32 gradients, sizes off the 4-element and 64K-chunk grids, a sliced (offset) one
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  ASSERT_TRUE(fused_kernels_available()) << "built without MOETRAIN_CUDA";
+  torch::manual_seed(7);
+  auto opts = torch::TensorOptions().device(torch::kCUDA);
+  std::vector<torch::Tensor> params;
+  for (int64_t n : {1, 3, 4, 1000, 65536, 65537, 200003}) {
+    for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+      auto p = torch::zeros({n}, opts.dtype(dtype)).requires_grad_(true);
+      p.mutable_grad() = torch::randn({n}, opts).to(dtype);
+      params.push_back(p);
+    }
+  }
+  auto sliced = torch::zeros({9}, opts).requires_grad_(true);
+  sliced.mutable_grad() = torch::randn({10}, opts).narrow(0, 1, 9);  // contiguous, not 16-byte aligned
+  params.push_back(sliced);
+  std::vector<torch::Tensor> grads;
+  for (const auto& p : params) grads.push_back(p.grad());
+  ASSERT_TRUE(sum_of_squares_kernel_ok(grads));
+  const double got = grad_norm(params).item<double>(), want = grad_norm_reference(grads).item<double>();
+  EXPECT_NEAR(got, want, 1e-5 * want);
+  double exact = 0.0;
+  for (const auto& g : grads) exact += g.to(torch::kDouble).pow(2).sum().item<double>();
+  EXPECT_NEAR(got, std::sqrt(exact), 1e-5 * std::sqrt(exact));
 }

@@ -101,10 +101,8 @@ bool MasterWeights::fused_step(FusedAdamW& optimizer) {
   const torch::Device device = params_[0].device();
   if (!table.empty()) {
     // the table through pinned memory: an asynchronous copy, no host sync
-    const int64_t bytes = static_cast<int64_t>(table.size() * sizeof(kernels::MasterAdamWTensor));
-    torch::Tensor host = torch::empty({bytes}, torch::TensorOptions().dtype(torch::kUInt8).pinned_memory(true));
-    std::memcpy(host.data_ptr(), table.data(), static_cast<size_t>(bytes));
-    const torch::Tensor dev = host.to(device, /*non_blocking=*/true);
+    const torch::Tensor dev =
+        kernels::upload_table(table.data(), table.size() * sizeof(kernels::MasterAdamWTensor), device);
     torch::Tensor scale = optimizer.pending_grad_scale();
     if (scale.defined()) scale = scale.to(device, torch::kFloat).contiguous();
     kernels::check_kernel_launch(

@@ -1,5 +1,7 @@
 #include "trainer/optim.h"
 
+#include "models/kernels/sum_squares.h"
+
 #include <cmath>
 #include <optional>
 
@@ -90,21 +92,18 @@ torch::Tensor grad_norm(const std::vector<torch::Tensor>& params) {
   for (const auto& p : params)
     if (p.grad().defined()) grads.push_back(p.grad());
   if (grads.empty()) return torch::zeros({}, torch::kFloat);
+  // CUDA fp32/bf16 gradients: one kernel over all of them (ATen's _foreach_norm with an fp32
+  // result for bf16 gradients takes one reduction kernel per tensor).
+  if (sum_of_squares_kernel_ok(grads)) return sum_of_squares_fused(grads).sqrt();
+  return grad_norm_reference(grads);
+}
+
+torch::Tensor grad_norm_reference(const std::vector<torch::Tensor>& grads) {
+  if (grads.empty()) return torch::zeros({}, torch::kFloat);
   bool fp64 = false;
   for (const auto& g : grads) fp64 = fp64 || g.scalar_type() == torch::kDouble;
-  const auto acc = fp64 ? torch::kDouble : torch::kFloat;
-  // Per tensor, accumulated and returned in fp32 (bf16 gradients included), one _foreach_norm
-  // per gradient dtype: a list of one dtype takes the multi-tensor kernel; a mixed list (bf16
-  // matrices + fp32 norms) falls back to one reduction kernel per tensor.
-  std::vector<torch::Tensor> norms;
-  for (const auto dtype : {torch::kBFloat16, torch::kHalf, torch::kFloat, torch::kDouble}) {
-    std::vector<torch::Tensor> same;
-    for (const auto& g : grads)
-      if (g.scalar_type() == dtype) same.push_back(g);
-    if (same.empty()) continue;
-    for (auto& n : at::_foreach_norm(same, 2, acc)) norms.push_back(n);
-  }
-  TORCH_CHECK(norms.size() == grads.size(), "grad_norm: unsupported gradient dtype");
+  // per tensor, accumulated and returned in fp32 (bf16 gradients included)
+  const std::vector<torch::Tensor> norms = at::_foreach_norm(grads, 2, fp64 ? torch::kDouble : torch::kFloat);
   return torch::stack(norms).to(torch::kFloat).norm();
 }
 

@@ -37,6 +37,10 @@ class FusedAdamW : public torch::optim::AdamW {
 // fp32 tensor on their device: one multi-tensor norm kernel, no host sync.
 torch::Tensor grad_norm(const std::vector<torch::Tensor>& params);
 
+// The reference twin of grad_norm's CUDA kernel: _foreach_norm per gradient (fp32 results,
+// fp64 for fp64 gradients), then the norm of the norms. grads: the gradients themselves.
+torch::Tensor grad_norm_reference(const std::vector<torch::Tensor>& grads);
+
 // The decay / no-decay rule: weight decay on ≥2-D weights only (norms are 1-D).
 inline bool weight_decayed(const torch::Tensor& p) { return p.dim() >= 2; }
 

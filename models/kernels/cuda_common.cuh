@@ -79,6 +79,19 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Multi-tensor kernels give one block to each chunk of each tensor: the entry (ordered by its
+// first_chunk field) that chunk c belongs to, by binary search.
+template <class Entry>
+__device__ __forceinline__ int entry_of_chunk(const Entry* __restrict__ entries, int n_entries, int64_t c) {
+  int lo = 0, hi = n_entries - 1;  // the last entry whose first chunk is ≤ c
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (entries[mid].first_chunk <= c) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
 // Blocks for a grid-stride loop over n items, block items per block, capped at `cap`.
 inline int grid_for(int64_t n, int block, int64_t cap = 65535) {
   int64_t blocks = (n + block - 1) / block;

@@ -28,13 +28,7 @@ __device__ __forceinline__ float adamw(float master, float g, Moments& s, const 
 __global__ void master_adamw_kernel(const MasterAdamWTensor* __restrict__ tensors, int n_tensors, int64_t chunk,
                                     float b1, float b2, float eps, const float* __restrict__ grad_scale) {
   const int64_t c = blockIdx.x;
-  int lo = 0, hi = n_tensors - 1;  // the last tensor whose first chunk is ≤ c
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (tensors[mid].first_chunk <= c) lo = mid;
-    else hi = mid - 1;
-  }
-  const MasterAdamWTensor t = tensors[lo];
+  const MasterAdamWTensor t = tensors[entry_of_chunk(tensors, n_tensors, c)];
   const int64_t begin = (c - t.first_chunk) * chunk;
   const int64_t end = begin + chunk < t.numel ? begin + chunk : t.numel;
   const float scale = grad_scale ? *grad_scale : 1.0f;
