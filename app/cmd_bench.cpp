@@ -266,34 +266,40 @@ int cmd_bench(int argc, char** argv) {
     const double clip = cfg.optim.grad_clip > 0.0 ? cfg.optim.grad_clip : std::numeric_limits<double>::infinity();
     int64_t step_index = 0;
     StepLosses sums;
-    auto fb_over = [&](const torch::Tensor& tokens) {  // forward + backward over these rows
+    auto fb_over = [&](const torch::Tensor& tokens, const ForwardBackwardOptions& options) {  // over these rows
       return forward_backward(
           model, balancer,
           [&](int64_t m) {
             torch::Tensor rows = tokens.narrow(0, m * tc.micro_batch, tc.micro_batch);
             return Batch{rows.narrow(1, 0, tc.seq_len), rows.narrow(1, 1, tc.seq_len)};
           },
-          fb);
+          options);
     };
     // train.cuda_graph: the forward + backward captured once over a fixed token buffer
     std::unique_ptr<CapturedForwardBackward> graph;
-    torch::Tensor graph_tokens;
+    torch::Tensor graph_tokens, graph_mtp_weight;
     if (tc.cuda_graph) {
       if (world > 1) throw UsageError("moetrain bench: train.cuda_graph runs one process");
       graph_tokens = torch::empty_like(batches[0]);
-      fb.mtp_weight = mtp_loss_weight_at(tc, 0);  // constant (config rule)
-      graph = std::make_unique<CapturedForwardBackward>([&] { return fb_over(graph_tokens); }, model->parameters(),
-                                                        [&] { balancer.discard_step(); });
+      graph_mtp_weight = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat).device(device));
+      graph = std::make_unique<CapturedForwardBackward>(
+          [&] {
+            ForwardBackwardOptions captured = fb;
+            captured.mtp_weight_device = graph_mtp_weight;
+            return fb_over(graph_tokens, captured);
+          },
+          model->parameters(), [&] { balancer.discard_step(); });
     }
     auto train_step = [&] {  // one optimizer step, as `moetrain train` takes it
       const torch::Tensor& tokens = batches[static_cast<size_t>(step_index % 4)];
+      fb.mtp_weight = mtp_loss_weight_at(tc, step_index);
       if (graph) {
         graph_tokens.copy_(tokens);
+        graph_mtp_weight.fill_(fb.mtp_weight);
         sums = graph->run();
       } else {
         model->zero_grad();
-        fb.mtp_weight = mtp_loss_weight_at(tc, step_index);
-        sums = fb_over(tokens);
+        sums = fb_over(tokens, fb);
       }
       pg.all_reduce(balancer.mutable_counts(), ReduceOp::kSum);
       if (zero) {  // reduce-scatter, global norm over the shards, shard update, all-gather

@@ -120,13 +120,15 @@ TEST(Bf16WeightsCuda, TrainLikeAutocastAndResumeFromFp32Masters) {
 
 TEST(CudaGraphCuda, CapturedStepTrainsLikeEagerAndResumes) {
   // train.cuda_graph: the forward + backward of 4 micro-steps captured at the first step and
-  // replayed; the same losses as the eager step (the same kernels), also after a resume.
+  // replayed; the same losses as the eager step (the same kernels), also after a resume. With an
+  // MTP module whose λ switches at step 3 (the graph reads λ from the device).
   ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
   TempDir dir;
   prepare_tiny(dir);
   auto train = [&](const std::string& run, bool graph, const std::string& prefix = "", const std::string& extra = "") {
     std::vector<std::string> sets = tiny_cuda_sets(dir, run, "bf16w", 0);
-    sets.push_back(std::string("train.cuda_graph=") + (graph ? "true" : "false"));
+    sets.insert(sets.end(), {std::string("train.cuda_graph=") + (graph ? "true" : "false"),
+                             "model.num_nextn_predict_layers=1", "train.mtp_loss_weight_switch_step=3"});
     auto r = run_capture(fmt::format("{}CUDA_VISIBLE_DEVICES=0 {} train{}{}", prefix, MOETRAIN_BINARY, debug_cli(sets),
                                      extra));
     EXPECT_EQ(r.exit_code, 0) << r.output;

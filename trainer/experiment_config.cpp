@@ -573,8 +573,6 @@ std::vector<std::pair<std::string, std::string>> validate_config(const Experimen
   rule(!(t.param_dtype == "bf16" && t.dtype != "bf16"), "train.param_dtype",
        "bf16 weights need bf16 compute: set train.dtype: bf16 (device cuda)");
   rule(!(t.cuda_graph && t.device != "cuda"), "train.cuda_graph", "CUDA graphs need train.device: cuda");
-  rule(!(t.cuda_graph && m.num_nextn_predict_layers > 0 && t.mtp_loss_weight_switch_step), "train.cuda_graph",
-       "a captured step has a constant MTP weight: unset train.mtp_loss_weight_switch_step");
   rule(!(t.cuda_graph && (c.distributed.ep_size > 1 || c.distributed.zero_stage > 0)), "train.cuda_graph",
        "CUDA graphs are for one process with the replicated optimizer: set distributed.ep_size 1, zero_stage 0");
   rule(t.seq_len > m.num_nextn_predict_layers, "train.seq_len",

@@ -61,7 +61,7 @@ struct TrainConfig {
   // none | full: recompute every decoder layer in the backward (models/checkpointing.h)
   std::string activation_checkpointing = "none";
   // Capture the step's forward + backward as one CUDA graph and replay it (trainer/cuda_graph.h):
-  // device cuda, one process, a constant MTP weight.
+  // device cuda, one process, the replicated optimizer.
   bool cuda_graph = false;
   int64_t eval_every = 100;    // 0: only at the end
   int64_t eval_batches = 8;

@@ -35,7 +35,8 @@ StepLosses forward_backward(Transformer& model, Balancer& balancer, const std::f
       loss = lm + bl.total();
       if (!out.mtp_hidden.empty()) {  // eq. 25: λ · mean over depths of L^k_MTP
         mtp = torch::stack(mtp_head_losses(model, out, targets, kLossChunkTokens)).mean();
-        loss = loss + options.mtp_weight * mtp;
+        loss = options.mtp_weight_device.defined() ? loss + options.mtp_weight_device * mtp
+                                                   : loss + options.mtp_weight * mtp;
       }
       loss = loss / static_cast<double>(options.accum);
     }

@@ -32,6 +32,9 @@ struct ForwardBackwardOptions {
   int64_t seq_len = 0;         // for the sequence-wise balance loss
   bool bf16_autocast = false;  // CUDA: bf16 matmuls over fp32 master weights
   double mtp_weight = 0.0;     // λ of the MTP loss this step (train.mtp_loss_weight, scheduled)
+  // When defined (a 0-dim fp32 tensor on the device), λ is read from it instead: a captured
+  // step (trainer/cuda_graph.h) keeps the schedule by refilling it before each replay.
+  torch::Tensor mtp_weight_device;
   bool poison_loss = false;    // test-only fault injection: the LM loss becomes NaN before backward
   bool poison_grad = false;    // test-only: the first parameter's gradient becomes NaN (before any reduction)
   // Data parallel: averages the gradients over the ranks during the last micro-step's

@@ -242,11 +242,12 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
                              result.val_ppl, result.maxvio_global);
   };
 
-  // train.cuda_graph: the forward + backward over fixed token buffers, captured at the first
-  // step and replayed after (trainer/cuda_graph.h); the fault injections of the loss and the
-  // gradients need the eager step.
+  // train.cuda_graph: the forward + backward over fixed token buffers (and a device λ), captured
+  // at the first step and replayed after (trainer/cuda_graph.h); the fault injections of the
+  // loss and the gradients need the eager step.
   std::unique_ptr<CapturedForwardBackward> graph;
   torch::Tensor graph_inputs, graph_targets;  // [accum, micro_batch, seq_len] int64 on the device
+  torch::Tensor graph_mtp_weight;             // λ of the step, refilled before each replay
   if (tc.cuda_graph) {
     if (world > 1) throw std::runtime_error("train.cuda_graph: CUDA graphs are for one process (world size 1)");
     const auto opts = torch::TensorOptions().dtype(torch::kLong).device(device);
@@ -256,7 +257,8 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
     fb.accum = accum;
     fb.seq_len = tc.seq_len;
     fb.bf16_autocast = bf16_autocast;
-    fb.mtp_weight = mtp_loss_weight_at(tc, 0);  // constant (config rule)
+    graph_mtp_weight = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat).device(device));
+    fb.mtp_weight_device = graph_mtp_weight;
     graph = std::make_unique<CapturedForwardBackward>(
         [&, fb] {
           return forward_backward(
@@ -287,6 +289,7 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
         graph_inputs[m].copy_(b.inputs);
         graph_targets[m].copy_(b.targets);
       }
+      graph_mtp_weight.fill_(mtp_weight);
       sums = graph->run();
     } else {
       ForwardBackwardOptions fb;
