@@ -10,6 +10,7 @@
 #include <cmath>
 #include <iostream>
 #include <limits>
+#include <numeric>
 #include <optional>
 
 #include <fmt/format.h>
@@ -85,7 +86,7 @@ double median(std::vector<double> v) {
 
 // Prints the profile of n profiled iterations ("steps" or "layer passes") to stderr, kernels by
 // GPU time, and returns it as JSON for the bench's result line.
-nlohmann::json report_profile(const StepProfile& p, int64_t n_profiled, const std::string& what) {
+nlohmann::json report_profile(const StepProfile& p, int64_t n_profiled, const std::string& what, size_t rows) {
   const double n = static_cast<double>(n_profiled);
   std::cerr << fmt::format("profile of {} {}: wall {:.2f} ms each, GPU busy {:.2f} ms each ({:.0f} %), {:.0f} host "
                            "syncs each, {:.0f} kernel launches each\n",
@@ -93,7 +94,7 @@ nlohmann::json report_profile(const StepProfile& p, int64_t n_profiled, const st
                            static_cast<double>(p.host_syncs) / n, static_cast<double>(p.launches) / n);
   std::cerr << fmt::format("{:>9} {:>6} {:>7}  {}\n", "ms each", "% GPU", "calls", "kernel");
   nlohmann::json top = nlohmann::json::array();
-  for (size_t k = 0; k < p.kernels.size() && k < 25; ++k) {
+  for (size_t k = 0; k < p.kernels.size() && k < rows; ++k) {
     const KernelTime& kt = p.kernels[k];
     std::cerr << fmt::format("{:>9.3f} {:>6.1f} {:>7.0f}  {}\n", kt.total_ms / n, 100.0 * kt.total_ms / p.gpu_busy_ms,
                              static_cast<double>(kt.calls) / n, kt.name.substr(0, 110));
@@ -112,7 +113,7 @@ nlohmann::json report_profile(const StepProfile& p, int64_t n_profiled, const st
 // The input is bf16 under bf16 autocast, as the layer's RMSNorm hands it over in the model.
 // A fresh router routes nearly uniformly, so every expert gets ≈ N·K/E rows.
 nlohmann::json bench_moe_layer(const ExperimentConfig& cfg, const torch::Device& device, bool bf16, int64_t steps,
-                               int64_t warmup, int64_t profile_n, const std::string& trace) {
+                               int64_t warmup, int64_t profile_n, size_t profile_rows, const std::string& trace) {
   const ModelConfig& m = cfg.model;
   MoE moe(m);
   moe->to(device);
@@ -144,7 +145,7 @@ nlohmann::json bench_moe_layer(const ExperimentConfig& cfg, const torch::Device&
   nlohmann::json profile = nullptr;
   if (profile_n > 0) {
     if (!device.is_cuda()) throw UsageError("moetrain bench: --profile needs train.device cuda");
-    profile = report_profile(profile_steps(pass, profile_n, trace), profile_n, "layer passes");
+    profile = report_profile(profile_steps(pass, profile_n, trace), profile_n, "layer passes", profile_rows);
   }
   const double med = median(ms);
   std::cout << fmt::format("{}: MoE layer forward + backward {:.2f} ms ({} routed experts, top-{}, {} shared, {} tokens)\n",
@@ -179,6 +180,7 @@ int cmd_bench(int argc, char** argv) {
   args.option("peak-tflops", "X", "the card's measured bf16 matmul rate for MFU (default: a table by GPU name)");
   args.option("seed", "N", "seed of the synthetic tokens and the initial weights", "1234");
   args.option("profile", "N", "after timing, profile N more steps (CUDA): GPU time by kernel, syncs, launches", "0");
+  args.option("profile-rows", "N", "with --profile: how many kernels the table lists, by GPU time", "25");
   args.option("trace", "FILE", "with --profile: also save a Chrome trace (chrome://tracing, Perfetto)");
   args.flag("moe-layer", "time one MoE layer's forward + backward (one micro-batch) instead of whole steps");
   args.allow_set();
@@ -215,9 +217,10 @@ int cmd_bench(int argc, char** argv) {
 
     const uint64_t seed = std::stoull(args.get("seed"));
     torch::manual_seed(seed);
+    const auto profile_rows = static_cast<size_t>(std::stoull(args.get("profile-rows")));
     if (args.has("moe-layer")) {
       std::cout << bench_moe_layer(cfg, device, tc.dtype == "bf16" && device.is_cuda(), steps, warmup,
-                                   std::stoll(args.get("profile")), args.get("trace")).dump() << "\n";
+                                   std::stoll(args.get("profile")), profile_rows, args.get("trace")).dump() << "\n";
       return 0;
     }
     Transformer model(cfg.model);
@@ -266,6 +269,7 @@ int cmd_bench(int argc, char** argv) {
     const double clip = cfg.optim.grad_clip > 0.0 ? cfg.optim.grad_clip : std::numeric_limits<double>::infinity();
     int64_t step_index = 0;
     StepLosses sums;
+    torch::Tensor last_counts;  // [L_moe, E] the last step's expert loads (a device copy: no sync)
     auto fb_over = [&](const torch::Tensor& tokens, const ForwardBackwardOptions& options) {  // over these rows
       return forward_backward(
           model, balancer,
@@ -317,6 +321,7 @@ int cmd_bench(int argc, char** argv) {
         built.step_replicated();
       }
       ++step_index;
+      last_counts = balancer.counts().clone();
       balancer.after_step(step_index, step_index * tokens_per_step);
     };
     std::vector<double> step_ms;
@@ -343,11 +348,19 @@ int cmd_bench(int argc, char** argv) {
       if (!device.is_cuda()) throw UsageError("moetrain bench: --profile needs train.device cuda");
       const StepProfile p = profile_steps(train_step, profile_steps_n, pg.is_main() ? args.get("trace") : "");
       if (!pg.is_main()) return 0;
-      profile = report_profile(p, profile_steps_n, "steps");
+      profile = report_profile(p, profile_steps_n, "steps", profile_rows);
     }
 
     if (!pg.is_main()) return 0;
     const double ms = median(step_ms);
+    // How balanced the routing was: the grouped GEMMs' weight gradients slow down on a skewed one.
+    std::vector<double> maxvio;
+    if (last_counts.defined() && last_counts.numel() > 0) {
+      const torch::Tensor host = last_counts.to(torch::kCPU);
+      for (int64_t l = 0; l < host.size(0); ++l) maxvio.push_back(max_violation(host[l]));
+    }
+    const double maxvio_mean = maxvio.empty() ? 0.0 : std::accumulate(maxvio.begin(), maxvio.end(), 0.0) / maxvio.size();
+    const double maxvio_max = maxvio.empty() ? 0.0 : *std::max_element(maxvio.begin(), maxvio.end());
     const double tokens_per_s = static_cast<double>(tokens_per_step) / (ms / 1e3);
     const double tflops = pc.flops_per_token * tokens_per_s / 1e12 / static_cast<double>(world);  // per GPU
     nlohmann::json j = {{"tokens_per_s", tokens_per_s},
@@ -374,13 +387,14 @@ int cmd_bench(int argc, char** argv) {
                         {"steps", steps},
                         {"warmup", warmup},
                         {"loss", last_loss},
+                        {"maxvio_layers", maxvio},
                         {"profile", profile}};
     std::cout << fmt::format("{}{}: median step {:.1f} ms, {:.0f} tokens/s, {:.1f} TFLOP/s{}, MFU {}, peak memory {:.1f} GB "
-                             "({:.1f} GB reserved)\n",
+                             "({:.1f} GB reserved), MaxVio of the last step {:.2f} mean / {:.2f} max over MoE layers\n",
                              name, world > 1 ? fmt::format(" × {}", world) : "", ms, tokens_per_s, tflops,
                              world > 1 ? " per GPU" : "",
                              peak ? fmt::format("{:.1f} %", 100.0 * tflops / *peak) : "n/a", j["peak_mem_gb"].get<double>(),
-                             j["peak_reserved_gb"].get<double>());
+                             j["peak_reserved_gb"].get<double>(), maxvio_mean, maxvio_max);
     std::cout << j.dump() << "\n";
     return 0;
   });

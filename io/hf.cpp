@@ -35,9 +35,11 @@ bool is_router_bias(const std::string& name) { return ends_with(name, ".ffn.gate
 
 // Stacked routed experts [E, ...], split per expert on the HF side.
 bool is_stacked_experts(const std::string& name) {
-  return ends_with(name, ".ffn.experts.w1") || ends_with(name, ".ffn.experts.w2") ||
-         ends_with(name, ".ffn.experts.w3");
+  return ends_with(name, ".ffn.experts.w13") || ends_with(name, ".ffn.experts.w2");
 }
+
+// HF tensors per expert row of a stacked tensor: w13's rows are gate_proj ‖ up_proj.
+int64_t expert_parts(const std::string& name) { return ends_with(name, ".ffn.experts.w13") ? 2 : 1; }
 
 // ---- config.json ---------------------------------------------------------------
 
@@ -335,14 +337,21 @@ const NamePair kLayerNames[] = {
     {"mlp.shared_experts.gate_proj.weight", "ffn.shared_experts.w1.weight"},
     {"mlp.shared_experts.up_proj.weight", "ffn.shared_experts.w3.weight"},
     {"mlp.shared_experts.down_proj.weight", "ffn.shared_experts.w2.weight"},
-    {"mlp.experts.down_proj", "ffn.experts.w2"},  // fused [E, D, I] == moetrain's w2
+    {"mlp.experts.gate_up_proj", "ffn.experts.w13"},  // fused [E, 2I, D], gate rows first == moetrain's w13
+    {"mlp.experts.down_proj", "ffn.experts.w2"},      // fused [E, D, I] == moetrain's w2
 };
 
-// Per-expert names: "mlp.experts.{j}." + hf  <->  "ffn.experts." + moetrain, row j.
-const NamePair kExpertNames[] = {
-    {"gate_proj.weight", "w1"},
-    {"up_proj.weight", "w3"},
-    {"down_proj.weight", "w2"},
+// Per-expert names: "mlp.experts.{j}." + hf  <->  "ffn.experts." + moetrain, row j; part k of
+// w13's row: its rows [k·I, (k+1)·I) (-1: the whole row).
+struct ExpertName {
+  const char* hf;
+  const char* moetrain;
+  int64_t part;
+};
+const ExpertName kExpertNames[] = {
+    {"gate_proj.weight", "w13", 0},
+    {"up_proj.weight", "w13", 1},
+    {"down_proj.weight", "w2", -1},
 };
 
 const NamePair kTopNames[] = {
@@ -392,21 +401,16 @@ bool parse_layer_local(const std::string& rest, const std::string& prefix, HfTar
       return true;
     }
   }
-  if (rest == "mlp.experts.gate_up_proj") {
-    t->kind = HfTarget::Kind::kFusedGateUp;
-    t->name = prefix + "ffn.experts.w1";
-    t->name2 = prefix + "ffn.experts.w3";
-    return true;
-  }
   static const std::string kExperts = "mlp.experts.";
   if (!starts_with(rest, kExperts)) return false;
   size_t epos = kExperts.size();
   if (!parse_index(rest, &epos, &t->expert)) return false;
   const std::string leaf = rest.substr(epos);
-  for (const NamePair& p : kExpertNames) {
+  for (const ExpertName& p : kExpertNames) {
     if (leaf == p.hf) {
       t->kind = HfTarget::Kind::kExpert;
       t->name = prefix + "ffn.experts." + p.moetrain;
+      t->part = p.part;
       return true;
     }
   }
@@ -415,17 +419,19 @@ bool parse_layer_local(const std::string& rest, const std::string& prefix, HfTar
 
 // moetrain layer-local name (after "layers.{i}." or "mtp.{k}.block.") -> HF layer-local
 // name, or "" when it is not one.
-std::string layer_local_hf(const std::string& rest, int64_t expert, const std::function<void(const std::string&)>& fail) {
+std::string layer_local_hf(const std::string& rest, int64_t expert, int64_t part,
+                           const std::function<void(const std::string&)>& fail) {
   static const std::string kExperts = "ffn.experts.";
   if (starts_with(rest, kExperts)) {
     const std::string leaf = rest.substr(kExperts.size());
-    for (const NamePair& p : kExpertNames) {
-      if (leaf == p.moetrain) {
-        if (expert < 0) fail("stacked experts need an expert index");
-        return "mlp.experts." + std::to_string(expert) + "." + p.hf;
-      }
+    bool known = false;
+    for (const ExpertName& p : kExpertNames) {
+      if (leaf != p.moetrain) continue;
+      known = true;
+      if (expert < 0) fail("stacked experts need an expert index");
+      if (part == p.part) return "mlp.experts." + std::to_string(expert) + "." + p.hf;
     }
-    fail("unknown expert tensor");
+    fail(known ? "w13 needs part 0 (gate) or 1 (up); w2 none" : "unknown expert tensor");
   }
   for (const NamePair& p : kLayerNames) {
     if (rest == p.moetrain) {
@@ -479,7 +485,7 @@ bool hf_parse_name(const std::string& hf_name, HfTarget* out, int64_t num_hidden
   return true;
 }
 
-std::string hf_name_for(const std::string& moetrain_name, int64_t expert, int64_t num_hidden_layers) {
+std::string hf_name_for(const std::string& moetrain_name, int64_t expert, int64_t num_hidden_layers, int64_t part) {
   auto fail = [&](const std::string& why) {
     throw std::invalid_argument("hf_name_for('" + moetrain_name + "'): " + why);
   };
@@ -505,7 +511,7 @@ std::string hf_name_for(const std::string& moetrain_name, int64_t expert, int64_
     }
     static const std::string kBlock = "block.";
     if (starts_with(rest, kBlock)) {
-      const std::string hf = layer_local_hf(rest.substr(kBlock.size()), expert, fail);
+      const std::string hf = layer_local_hf(rest.substr(kBlock.size()), expert, part, fail);
       if (!hf.empty()) return prefix + hf;
     }
     fail("not in the HF name contract (docs/model-contract.md)");
@@ -515,7 +521,7 @@ std::string hf_name_for(const std::string& moetrain_name, int64_t expert, int64_
   size_t pos = kLayers.size();
   int64_t layer = -1;
   if (!parse_index(moetrain_name, &pos, &layer)) fail("bad layer index");
-  const std::string hf = layer_local_hf(moetrain_name.substr(pos), expert, fail);
+  const std::string hf = layer_local_hf(moetrain_name.substr(pos), expert, part, fail);
   if (hf.empty()) fail("not in the HF name contract (docs/model-contract.md)");
   return "model.layers." + std::to_string(layer) + "." + hf;
 }
@@ -540,8 +546,7 @@ bool is_float_dtype(StDtype d) {
 struct Planned {
   std::string hf_name;
   HfTarget target;
-  torch::Tensor dest;   // kWhole / kExpert: the module tensor; kFusedGateUp: w1
-  torch::Tensor dest2;  // kFusedGateUp: w3
+  torch::Tensor dest;  // the module tensor
 };
 
 struct ShardPlan {
@@ -605,13 +610,24 @@ struct Coverage {
   bool has(const std::string& key) const { return filled_by.count(key) > 0; }
 };
 
-std::string expert_key(const std::string& name, int64_t e) { return name + "#" + std::to_string(e); }
+// The coverage key of expert e's part of a stacked tensor (part -1: its whole row).
+std::string expert_key(const std::string& name, int64_t e, int64_t part = -1) {
+  return name + "#" + std::to_string(e) + (part < 0 ? "" : "." + std::to_string(part));
+}
+
+// Every coverage key of expert e of stacked `name`.
+std::vector<std::string> expert_keys(const std::string& name, int64_t e) {
+  if (expert_parts(name) == 1) return {expert_key(name, e)};
+  std::vector<std::string> keys;
+  for (int64_t k = 0; k < expert_parts(name); ++k) keys.push_back(expert_key(name, e, k));
+  return keys;
+}
 
 // Checks one HF tensor's header against its destination and records what it fills.
 Planned plan_tensor(const StTensorInfo& info, const HfTarget& t, const std::string& at,
                     const std::map<std::string, torch::Tensor>& dests, Coverage* cov) {
   const std::string& hf = info.name;
-  Planned p{hf, t, dests.at(t.name), {}};
+  Planned p{hf, t, dests.at(t.name)};
   const torch::Tensor& d = p.dest;
   if (!is_float_dtype(info.dtype))
     throw std::runtime_error("load_hf_weights: " + at + " has dtype " + st_dtype_name(info.dtype) +
@@ -621,8 +637,9 @@ Planned plan_tensor(const StTensorInfo& info, const HfTarget& t, const std::stri
     case HfTarget::Kind::kWhole:
       expected = d.sizes().vec();
       cov->mark(t.name, hf);
-      if (is_stacked_experts(t.name))  // fused down_proj: every expert row of w2
-        for (int64_t e = 0; e < d.size(0); ++e) cov->mark(expert_key(t.name, e), hf);
+      if (is_stacked_experts(t.name))  // fused gate_up_proj / down_proj: every expert row
+        for (int64_t e = 0; e < d.size(0); ++e)
+          for (const std::string& key : expert_keys(t.name, e)) cov->mark(key, hf);
       break;
     case HfTarget::Kind::kExpert:
       if (d.dim() != 3)
@@ -631,27 +648,14 @@ Planned plan_tensor(const StTensorInfo& info, const HfTarget& t, const std::stri
         throw std::runtime_error("load_hf_weights: " + at + ": expert index " + std::to_string(t.expert) +
                                  " out of range (the model has " + std::to_string(d.size(0)) + " routed experts)");
       expected = d.sizes().slice(1).vec();
-      cov->mark(expert_key(t.name, t.expert), hf);
+      if ((t.part >= 0) != (expert_parts(t.name) > 1))
+        throw std::runtime_error("load_hf_weights: " + at + " does not fit moetrain '" + t.name + "'");
+      if (t.part >= 0) expected[0] /= expert_parts(t.name);  // gate or up: half of w13's rows
+      cov->mark(expert_key(t.name, t.expert, t.part), hf);
       break;
     case HfTarget::Kind::kSharedCopy:  // compared with the main tensor after loading
       expected = d.sizes().vec();
       break;
-    case HfTarget::Kind::kFusedGateUp: {
-      auto it2 = dests.find(t.name2);
-      if (it2 == dests.end())
-        throw std::runtime_error("load_hf_weights: " + at + " maps to moetrain '" + t.name2 +
-                                 "', which the model does not have");
-      p.dest2 = it2->second;
-      if (d.dim() != 3 || !p.dest2.sizes().equals(d.sizes()))
-        throw std::runtime_error("load_hf_weights: moetrain '" + t.name + "' / '" + t.name2 +
-                                 "' are not stacked [E, I, D] tensors of one shape");
-      expected = {d.size(0), 2 * d.size(1), d.size(2)};
-      for (int64_t e = 0; e < d.size(0); ++e) {
-        cov->mark(expert_key(t.name, e), hf);
-        cov->mark(expert_key(t.name2, e), hf);
-      }
-      break;
-    }
   }
   if (info.shape != expected)
     throw std::runtime_error("load_hf_weights: " + at + " has shape " + shape_str(info.shape) + ", expected " +
@@ -673,10 +677,14 @@ void check_all_filled(const std::string& dir, const torch::nn::Module& model,
     if (cov.has(name)) continue;
     if (skip_mtp && starts_with(name, "mtp.")) continue;
     if (is_stacked_experts(name)) {
+      const int64_t parts = expert_parts(name);
       for (int64_t e = 0; e < kv.second.size(0); ++e)
-        if (!cov.has(expert_key(name, e)))
-          missing.push_back("'" + hf_name_for(name, e, num_hidden_layers) + "' (moetrain '" + name + "' expert " + std::to_string(e) +
-                            ")");
+        for (int64_t k = 0; k < parts; ++k) {
+          const int64_t part = parts > 1 ? k : -1;
+          if (!cov.has(expert_key(name, e, part)))
+            missing.push_back("'" + hf_name_for(name, e, num_hidden_layers, part) + "' (moetrain '" + name +
+                              "' expert " + std::to_string(e) + ")");
+        }
       continue;
     }
     std::string hf;
@@ -699,17 +707,17 @@ void copy_tensor(const Planned& p, const torch::Tensor& src) {
     case HfTarget::Kind::kWhole:
       p.dest.copy_(src);
       break;
-    case HfTarget::Kind::kExpert:
-      p.dest.select(0, p.target.expert).copy_(src);
-      break;
-    case HfTarget::Kind::kSharedCopy:  // nothing to copy: moetrain shares the main tensor
-      break;
-    case HfTarget::Kind::kFusedGateUp: {
-      const int64_t inter = p.dest.size(1);
-      p.dest.copy_(src.narrow(1, 0, inter));
-      p.dest2.copy_(src.narrow(1, inter, inter));
+    case HfTarget::Kind::kExpert: {
+      torch::Tensor row = p.dest.select(0, p.target.expert);
+      if (p.target.part >= 0) {  // gate or up: its half of w13's rows
+        const int64_t rows = row.size(0) / expert_parts(p.target.name);
+        row = row.narrow(0, p.target.part * rows, rows);
+      }
+      row.copy_(src);
       break;
     }
+    case HfTarget::Kind::kSharedCopy:  // nothing to copy: moetrain shares the main tensor
+      break;
   }
 }
 
@@ -841,7 +849,16 @@ std::vector<std::pair<std::string, torch::Tensor>> hf_state_dict(const torch::nn
       out.emplace_back(hf_name_for(name, -1, L), t.detach());
       return;
     }
-    for (int64_t e = 0; e < t.size(0); ++e) out.emplace_back(hf_name_for(name, e, L), t.detach().select(0, e));
+    const int64_t parts = expert_parts(name);
+    for (int64_t e = 0; e < t.size(0); ++e) {
+      const torch::Tensor row = t.detach().select(0, e);
+      if (parts == 1) {
+        out.emplace_back(hf_name_for(name, e, L), row);
+        continue;
+      }
+      const int64_t rows = row.size(0) / parts;  // w13: gate_proj, then up_proj
+      for (int64_t k = 0; k < parts; ++k) out.emplace_back(hf_name_for(name, e, L, k), row.narrow(0, k * rows, rows));
+    }
   };
   for (const auto& item : model.named_parameters(true)) add(item.key(), item.value());
   for (const auto& item : model.named_buffers(true)) {

@@ -10,7 +10,8 @@
 // the default); with save_original_format=False it writes its in-memory fused form
 // (`mlp.experts.gate_up_proj` [E, 2I, D], gate rows first, and
 // `mlp.experts.down_proj` [E, D, I]). The loader accepts both; moetrain stacks
-// experts as `layers.{i}.ffn.experts.w1/w3` [E, I, D] and `w2` [E, D, I].
+// experts as `layers.{i}.ffn.experts.w13` [E, 2I, D] (gate rows first: the same
+// layout as gate_up_proj) and `w2` [E, D, I].
 #pragma once
 
 #include <cstdint>
@@ -49,15 +50,14 @@ nlohmann::json hf_config_to_json(const ModelConfig& cfg);
 struct HfTarget {
   enum class Kind {
     kWhole,        // the whole moetrain tensor `name`
-    kExpert,       // row `expert` of the stacked [E, ...] tensor `name`
-    kFusedGateUp,  // [E, 2I, D]: rows [0, I) -> `name` (w1), [I, 2I) -> `name2` (w3)
+    kExpert,       // row `expert` of the stacked [E, ...] tensor `name` (part of it for w13)
     kSharedCopy,   // an MTP layer's copy of the shared `name` (embed.weight / head.weight)
   };
   Kind kind = Kind::kWhole;
   std::string name;
-  std::string name2;    // kFusedGateUp only
   int64_t layer = -1;   // the HF layer index; -1 for embed / norm / head
   int64_t expert = -1;  // kExpert only
+  int64_t part = -1;    // kExpert of w13: 0 = gate_proj (rows [0, I)), 1 = up_proj ([I, 2I))
 };
 
 // Maps an HF DeepseekV3 tensor name onto moetrain's. Returns false when the name
@@ -69,11 +69,13 @@ struct HfTarget {
 // `embed_tokens.weight` / `shared_head.head.weight` to kSharedCopy of
 // `embed.weight` / `head.weight`. With L < 0 every layer is a decoder layer.
 bool hf_parse_name(const std::string& hf_name, HfTarget* out, int64_t num_hidden_layers = -1);
-// moetrain name -> HF name. The stacked experts (`layers.{i}.ffn.experts.w1|w2|w3`,
-// `mtp.{k}.block.ffn.experts.*`) need `expert` >= 0 and give the per-expert name;
-// every other name needs expert == -1. `mtp.{k}.*` names need num_hidden_layers.
-// Throws std::invalid_argument for names outside the contract.
-std::string hf_name_for(const std::string& moetrain_name, int64_t expert = -1, int64_t num_hidden_layers = -1);
+// moetrain name -> HF name. The stacked experts (`layers.{i}.ffn.experts.w13|w2`,
+// `mtp.{k}.block.ffn.experts.*`) need `expert` >= 0 and give the per-expert name,
+// w13 with `part` 0 (gate_proj) or 1 (up_proj); every other name needs expert == -1.
+// `mtp.{k}.*` names need num_hidden_layers. Throws std::invalid_argument for names
+// outside the contract.
+std::string hf_name_for(const std::string& moetrain_name, int64_t expert = -1, int64_t num_hidden_layers = -1,
+                        int64_t part = -1);
 
 // Loads `dir`/model.safetensors, or the shards of `dir`/model.safetensors.index.json,
 // into `model` (a Transformer built from `cfg`): every HF tensor onto the module's

@@ -11,22 +11,22 @@ namespace moetrain {
 
 GroupedExpertsImpl::GroupedExpertsImpl(int64_t n_experts, int64_t dim, int64_t inter, double init_std)
     : n_experts(n_experts), dim(dim), inter(inter) {
-  w1 = register_parameter("w1", torch::empty({n_experts, inter, dim}));
+  w13 = register_parameter("w13", torch::empty({n_experts, 2 * inter, dim}));
   w2 = register_parameter("w2", torch::empty({n_experts, dim, inter}));
-  w3 = register_parameter("w3", torch::empty({n_experts, inter, dim}));
   torch::NoGradGuard no_grad;
-  for (auto* w : {&w1, &w2, &w3}) w->normal_(0.0, init_std);
+  for (auto* w : {&w13, &w2}) w->normal_(0.0, init_std);
 }
 
 bool GroupedExpertsImpl::uses_grouped_mm(const torch::Tensor& x) const {
   // at::_grouped_mm (CUTLASS, sm90+) wants bf16 operands whose rows are 16-byte aligned.
   if (!x.is_cuda() || dim % 8 != 0 || inter % 8 != 0) return false;
-  return cuda_bf16_autocast(x) || (x.scalar_type() == torch::kBFloat16 && w1.scalar_type() == torch::kBFloat16);
+  return cuda_bf16_autocast(x) || (x.scalar_type() == torch::kBFloat16 && w13.scalar_type() == torch::kBFloat16);
 }
 
 torch::Tensor GroupedExpertsImpl::expert_forward(int64_t e, const torch::Tensor& x) {
-  const torch::Tensor h = torch::silu(torch::matmul(x, w1[e].t())) * torch::matmul(x, w3[e].t());  // [n, I]
-  return torch::matmul(h, w2[e].t());                                                               // [n, D]
+  // The textbook form, plain ATen: the twin of forward's grouped path and its packed kernel.
+  const torch::Tensor h = torch::silu(torch::matmul(x, gate_weight()[e].t())) * torch::matmul(x, up_weight()[e].t());  // [n, I]
+  return torch::matmul(h, w2[e].t());  // [n, D]
 }
 
 torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& x, const torch::Tensor& counts) {
@@ -35,9 +35,8 @@ torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& x, const torch::T
     const torch::Tensor offs = counts.cumsum(0).to(torch::kInt);
     auto bf16 = [](const torch::Tensor& t) { return t.to(torch::kBFloat16); };  // differentiable; no-op if bf16
     const torch::Tensor xc = bf16(x).contiguous();
-    const torch::Tensor h = swiglu_fused(at::_grouped_mm(xc, bf16(w1).transpose(-2, -1), offs),
-                                         at::_grouped_mm(xc, bf16(w3).transpose(-2, -1), offs));  // [M, I]
-    return at::_grouped_mm(h, bf16(w2).transpose(-2, -1), offs);                    // [M, D]
+    const torch::Tensor h = swiglu_packed(at::_grouped_mm(xc, bf16(w13).transpose(-2, -1), offs));  // [M, 2I] -> [M, I]
+    return at::_grouped_mm(h, bf16(w2).transpose(-2, -1), offs);                                   // [M, D]
   }
   // Portable path: one slice per expert. Reads the counts on the host.
   const torch::Tensor host_counts = counts.to(torch::kCPU, torch::kLong);

@@ -1,9 +1,12 @@
 // defines: GroupedExperts, moe_experts_reference — DeepSeekMoE's routed SwiGLU
-// experts stored as stacked 3-D parameters (one tensor per projection, so the
-// optimizer sees 3 tensors, not 3·E), run as grouped GEMMs over expert-sorted
-// rows, plus the slow per-expert loop that the tests hold the fast path to.
+// experts stored as stacked 3-D parameters (the optimizer sees 2 tensors, not 3·E),
+// run as grouped GEMMs over expert-sorted rows, plus the slow per-expert loop that
+// the tests hold the fast path to.
 //
-// Expert j computes w2[j] @ (silu(w1[j] @ x) * (w3[j] @ x)).
+// Expert j computes w2[j] @ (silu(w1[j] @ x) * (w3[j] @ x)), with the gate w1[j] and the
+// up projection w3[j] stacked as w13[j] = [w1[j]; w3[j]] (Megatron's fc1, transformers 5's
+// in-memory gate_up_proj): one GEMM of twice the width each way, and the backward needs
+// no [rows, D] add of the two input gradients (bench/NOTES.md 21).
 #pragma once
 
 #include <torch/torch.h>
@@ -26,10 +29,13 @@ struct GroupedExpertsImpl : torch::nn::Module {
   // Whether forward takes the at::_grouped_mm path for this input (and the autocast state).
   bool uses_grouped_mm(const torch::Tensor& x) const;
 
+  // Expert e's gate (w1) and up projection (w3), views into w13: [E, I, D]
+  torch::Tensor gate_weight() const { return w13.narrow(1, 0, inter); }
+  torch::Tensor up_weight() const { return w13.narrow(1, inter, inter); }
+
   int64_t n_experts, dim, inter;
-  torch::Tensor w1;  // [E, I, D] gate
-  torch::Tensor w2;  // [E, D, I] down
-  torch::Tensor w3;  // [E, I, D] up
+  torch::Tensor w13;  // [E, 2I, D]: rows [0, I) gate (w1), [I, 2I) up (w3)
+  torch::Tensor w2;   // [E, D, I] down
 };
 TORCH_MODULE(GroupedExperts);
 

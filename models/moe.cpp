@@ -73,7 +73,7 @@ void MoEImpl::shard_experts(std::shared_ptr<ExpertDispatcher> d) {
   TORCH_CHECK(experts->n_experts % n == 0, "MoE: ", experts->n_experts, " experts do not split into ", n, " shards");
   {  // set_data keeps the registered parameters (and consumes no random numbers)
     torch::NoGradGuard no_grad;
-    for (auto* w : {&experts->w1, &experts->w2, &experts->w3}) w->set_data(w->narrow(0, first, e).clone());
+    for (auto* w : {&experts->w13, &experts->w2}) w->set_data(w->narrow(0, first, e).clone());
   }
   experts->n_experts = e;
   dispatcher = std::move(d);

@@ -67,7 +67,7 @@ struct MoEImpl : torch::nn::Module {
   void shard_experts(std::shared_ptr<ExpertDispatcher> d);
 
   Router gate{nullptr};             // weight [E, D], bias [E] fp32 buffer
-  GroupedExperts experts{nullptr};  // w1/w3 [E, I, D], w2 [E, D, I] (E/ep_size of them when sharded)
+  GroupedExperts experts{nullptr};  // w13 [E, 2I, D], w2 [E, D, I] (E/ep_size of them when sharded)
   SwiGLU shared_experts{nullptr};   // width n_shared·I; absent when n_shared_experts == 0
   std::shared_ptr<ExpertDispatcher> dispatcher = std::make_shared<LocalExpertDispatcher>();
 };

@@ -12,7 +12,8 @@
 #            ZeRO-1, expert parallel (ep_size = GPUs); CKPT=1 adds activation checkpointing on one GPU
 #   curve    bf16 CUDA vs fp32 CPU loss curves of configs/tiny.yaml, 200 steps
 #            (needs data_cache/linux-docs-sp4096 carried over)
-# TRACE=1: the profile phase also saves a gzipped Chrome trace (trace.json.gz).
+# TRACE=1: the profile phase also saves a gzipped Chrome trace (trace.json.gz). PROFILE_ROWS: how
+# many kernels its table lists (25).
 # SETS="--set train.param_dtype=bf16 ...": extra config overrides for every bench, profile,
 # scaling and dist run. GRAPH=1 (default): the one-process bench, profile and scaling runs
 # capture the step as a CUDA graph (train.cuda_graph; GRAPH=0: eager). CURVE_SETS: extra
@@ -72,7 +73,7 @@ fi
 if has profile; then
   trace=()
   [ -n "${TRACE:-}" ] && trace=(--trace /tmp/moetrain-trace.json)
-  "$MT" bench "$CONFIG" --steps 2 --warmup 2 --profile 1 "${trace[@]}" "${SETS_ARR[@]}" "${ONE[@]}" >"$OUT/profile.log" 2>&1 || tail -20 "$OUT/profile.log"
+  "$MT" bench "$CONFIG" --steps 2 --warmup 2 --profile 1 --profile-rows "${PROFILE_ROWS:-25}" "${trace[@]}" "${SETS_ARR[@]}" "${ONE[@]}" >"$OUT/profile.log" 2>&1 || tail -20 "$OUT/profile.log"
   [ -n "${TRACE:-}" ] && gzip -c /tmp/moetrain-trace.json >"$OUT/trace.json.gz"
   stamp profile
 fi
@@ -105,7 +106,7 @@ if has curve; then
   stamp curve
 fi
 echo "== summary"
-has profile && grep -A28 "^profile of" "$OUT/profile.log" | cut -c1-150
+has profile && grep -A$(( ${PROFILE_ROWS:-25} + 3 )) "^profile of" "$OUT/profile.log" | cut -c1-150
 has scaling && for e in 64 256; do grep -A16 "^profile of" "$OUT/moe-layer-$e.log" | cut -c1-130; done
 has scaling && grep -h -E "MoE layer|median step" "$OUT"/moe-layer-*.log "$OUT"/step-experts-*.log
 has curve && cat "$OUT/curve.md"

@@ -161,7 +161,7 @@ void expect_sharded_model_matches(int64_t world, int64_t ep) {
       ASSERT_TRUE(p.value().grad().defined()) << p.key();
       EXPECT_LT(max_diff(p.value().grad(), want), 1e-12) << "rank " << r << " " << p.key();
     }
-    EXPECT_EQ(n_expert_params, 3 * 2) << "w1, w2, w3 of the MoE layer and of the MTP block";
+    EXPECT_EQ(n_expert_params, 2 * 2) << "w13, w2 of the MoE layer and of the MTP block";
   }
 }
 
@@ -260,7 +260,7 @@ TEST_F(EpTrain, Ep2TrainsLikeOneProcessAndReshardsOnResume) {
   for (const char* f : {"experts-00000-00004.safetensors", "experts-00004-00008.safetensors",
                         "optimizer-experts-00000-00004.safetensors", "optimizer-experts-00004-00008.safetensors"})
     EXPECT_NE(listed.find(f), std::string::npos) << f << " in\n" << listed;
-  EXPECT_FALSE(read_safetensors(ckpt + "/model.safetensors").contains("layers.1.ffn.experts.w1"));
+  EXPECT_FALSE(read_safetensors(ckpt + "/model.safetensors").contains("layers.1.ffn.experts.w13"));
 
   // ep 2 -> ep 1 (one process)
   ExperimentConfig cfg1 = load_experiment_config(debug_config_path(), tiny_sets(dir_, "ep1", kSteps, 1));

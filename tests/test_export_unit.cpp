@@ -63,7 +63,10 @@ TEST_F(Fixture, WritesHfLayout) {
   SafetensorsFile f = read_safetensors((out / "model.safetensors").string());
   EXPECT_EQ(f.metadata.at("format"), "pt");
   EXPECT_TRUE(torch::equal(f.at("model.layers.1.mlp.experts.5.gate_proj.weight"),
-                           model->named_parameters()["layers.1.ffn.experts.w1"][5]));
+                           model->named_parameters()["layers.1.ffn.experts.w13"][5].narrow(0, 0, cfg.moe_intermediate_size)));
+  EXPECT_TRUE(torch::equal(f.at("model.layers.1.mlp.experts.5.up_proj.weight"),
+                           model->named_parameters()["layers.1.ffn.experts.w13"][5].narrow(0, cfg.moe_intermediate_size,
+                                                                                            cfg.moe_intermediate_size)));
   EXPECT_TRUE(torch::equal(f.at("model.layers.2.mlp.gate.e_score_correction_bias"),
                            model->named_buffers()["layers.2.ffn.gate.bias"]));
   EXPECT_TRUE(f.contains("lm_head.weight"));

@@ -279,10 +279,12 @@ TEST(HfNames, ContractBothWays) {
   EXPECT_EQ(hf_name_for("head.weight"), "lm_head.weight");
   EXPECT_EQ(hf_name_for("layers.2.attn.wkv_a.weight"), "model.layers.2.self_attn.kv_a_proj_with_mqa.weight");
   EXPECT_EQ(hf_name_for("layers.1.ffn.gate.bias"), "model.layers.1.mlp.gate.e_score_correction_bias");
-  EXPECT_EQ(hf_name_for("layers.1.ffn.experts.w1", 3), "model.layers.1.mlp.experts.3.gate_proj.weight");
-  EXPECT_EQ(hf_name_for("layers.1.ffn.experts.w3", 0), "model.layers.1.mlp.experts.0.up_proj.weight");
+  EXPECT_EQ(hf_name_for("layers.1.ffn.experts.w13", 3, -1, 0), "model.layers.1.mlp.experts.3.gate_proj.weight");
+  EXPECT_EQ(hf_name_for("layers.1.ffn.experts.w13", 0, -1, 1), "model.layers.1.mlp.experts.0.up_proj.weight");
   EXPECT_EQ(hf_name_for("layers.1.ffn.experts.w2", 7), "model.layers.1.mlp.experts.7.down_proj.weight");
-  expect_throw_with([] { hf_name_for("layers.1.ffn.experts.w1"); }, "expert index");
+  expect_throw_with([] { hf_name_for("layers.1.ffn.experts.w13"); }, "expert index");
+  expect_throw_with([] { hf_name_for("layers.1.ffn.experts.w13", 3); }, "part 0 (gate) or 1 (up)");
+  expect_throw_with([] { hf_name_for("layers.1.ffn.experts.w2", 3, -1, 0); }, "part 0 (gate) or 1 (up)");
   expect_throw_with([] { hf_name_for("layers.1.attn.rope.cos"); }, "not in the HF name contract");
 
   for (int64_t q : {0, 8}) {
@@ -293,7 +295,7 @@ TEST(HfNames, ContractBothWays) {
       HfTarget t;
       ASSERT_TRUE(hf_parse_name(kv.first, &t)) << kv.first;
       EXPECT_TRUE(seen.insert(kv.first).second) << kv.first;
-      EXPECT_EQ(hf_name_for(t.name, t.expert), kv.first);
+      EXPECT_EQ(hf_name_for(t.name, t.expert, -1, t.part), kv.first);
     }
     // embed, norm, head; per layer 7 (q_lora) or 5 attention tensors and 2 norms;
     // one dense layer of 3; two MoE layers of gate, bias, 3 shared, 3 per expert.
@@ -303,9 +305,13 @@ TEST(HfNames, ContractBothWays) {
   }
   HfTarget t;
   EXPECT_TRUE(hf_parse_name("model.layers.1.mlp.experts.gate_up_proj", &t));
-  EXPECT_EQ(t.kind, HfTarget::Kind::kFusedGateUp);
-  EXPECT_EQ(t.name, "layers.1.ffn.experts.w1");
-  EXPECT_EQ(t.name2, "layers.1.ffn.experts.w3");
+  EXPECT_EQ(t.kind, HfTarget::Kind::kWhole);  // transformers 5's in-memory layout is moetrain's
+  EXPECT_EQ(t.name, "layers.1.ffn.experts.w13");
+  EXPECT_TRUE(hf_parse_name("model.layers.1.mlp.experts.4.up_proj.weight", &t));
+  EXPECT_EQ(t.kind, HfTarget::Kind::kExpert);
+  EXPECT_EQ(t.name, "layers.1.ffn.experts.w13");
+  EXPECT_EQ(t.expert, 4);
+  EXPECT_EQ(t.part, 1);
   for (const char* bad : {"model.layers.01.input_layernorm.weight", "model.layers.1.mlp.experts.+1.up_proj.weight",
                           "model.rotary_emb.inv_freq", "model.layers.1.self_attn.rotary_emb.inv_freq",
                           "model.layers.1.mlp.experts.1.gate_proj.weight_scale_inv", "model.layers..norm.weight"})
@@ -337,8 +343,8 @@ TEST(HfLoader, FusedExpertLayout) {
   for (int64_t i = 1; i < 3; ++i) {
     auto& ex = *a->layer(i).moe->experts;
     const std::string p = "model.layers." + std::to_string(i) + ".mlp.experts.";
-    tensors.emplace_back(p + "gate_up_proj", torch::cat({ex.w1, ex.w3}, 1).detach().clone());  // [E, 2I, D]
-    tensors.emplace_back(p + "down_proj", ex.w2.detach().clone());                            // [E, D, I]
+    tensors.emplace_back(p + "gate_up_proj", ex.w13.detach().clone());  // [E, 2I, D], gate rows first
+    tensors.emplace_back(p + "down_proj", ex.w2.detach().clone());      // [E, D, I]
   }
   write_single(dir.path(), tensors);
   load_hf_weights(dir.path(), *b, cfg);
@@ -415,7 +421,7 @@ TEST(HfLoader, RejectionsNameTheTensorAndLeaveTheModelUntouched) {
   Tensors no_bias = without(good, "model.layers.2.mlp.gate.e_score_correction_bias");
   const std::vector<Case> cases = {
       {without(good, "model.layers.1.mlp.experts.3.up_proj.weight"),
-       {"lacks 1 tensor", "'model.layers.1.mlp.experts.3.up_proj.weight'", "layers.1.ffn.experts.w3' expert 3"}},
+       {"lacks 1 tensor", "'model.layers.1.mlp.experts.3.up_proj.weight'", "layers.1.ffn.experts.w13' expert 3"}},
       {without(good, "lm_head.weight"), {"'lm_head.weight' (moetrain 'head.weight')"}},
       {no_bias, {"model.layers.2.mlp.gate.e_score_correction_bias"}},
       {unknown, {"unknown tensor 'model.layers.0.self_attn.rotary_emb.inv_freq'"}},
@@ -515,8 +521,9 @@ TEST(HfMtp, NamesBothWays) {
   EXPECT_EQ(t.layer, 61);
   ASSERT_TRUE(hf_parse_name("model.layers.61.mlp.experts.7.up_proj.weight", &t, 61));
   EXPECT_EQ(t.kind, HfTarget::Kind::kExpert);
-  EXPECT_EQ(t.name, "mtp.0.block.ffn.experts.w3");
+  EXPECT_EQ(t.name, "mtp.0.block.ffn.experts.w13");
   EXPECT_EQ(t.expert, 7);
+  EXPECT_EQ(t.part, 1);
   ASSERT_TRUE(hf_parse_name("model.layers.61.embed_tokens.weight", &t, 61));
   EXPECT_EQ(t.kind, HfTarget::Kind::kSharedCopy);
   EXPECT_EQ(t.name, "embed.weight");
@@ -537,7 +544,7 @@ TEST(HfMtp, NamesBothWays) {
     ASSERT_TRUE(hf_parse_name(kv.first, &t, 3)) << kv.first;
     EXPECT_TRUE(seen.insert(kv.first).second) << kv.first;
     if (t.kind != HfTarget::Kind::kSharedCopy) {
-      EXPECT_EQ(hf_name_for(t.name, t.expert, 3), kv.first);
+      EXPECT_EQ(hf_name_for(t.name, t.expert, 3, t.part), kv.first);
     }
   }
   for (const char* name : {"model.layers.3.enorm.weight", "model.layers.4.eh_proj.weight",

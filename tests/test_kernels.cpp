@@ -30,6 +30,23 @@ TEST(KernelsCpu, SwigluReferenceGradcheck) {
   EXPECT_TRUE(torch::allclose(grads[1], expect_u, 1e-12, 1e-12));
 }
 
+TEST(KernelsCpu, SwigluPackedIsSwigluOfTheTwoHalves) {
+  torch::manual_seed(0);
+  auto gu = torch::randn({3, 4, 10}, torch::kFloat64).requires_grad_(true);
+  auto out = swiglu_packed(gu);  // CPU: the reference
+  ASSERT_EQ(out.sizes(), (std::vector<int64_t>{3, 4, 5}));
+  auto g = gu.detach().narrow(-1, 0, 5).clone().requires_grad_(true);
+  auto u = gu.detach().narrow(-1, 5, 5).clone().requires_grad_(true);
+  auto ref = swiglu_reference(g, u);
+  EXPECT_TRUE(torch::equal(out, ref));
+  auto go = torch::randn_like(ref);
+  out.backward(go);
+  ref.backward(go);
+  EXPECT_TRUE(torch::equal(gu.grad().narrow(-1, 0, 5), g.grad()));
+  EXPECT_TRUE(torch::equal(gu.grad().narrow(-1, 5, 5), u.grad()));
+  EXPECT_THROW(swiglu_packed(torch::randn({2, 7})), c10::Error);  // odd: no gate ‖ up split
+}
+
 TEST(KernelsCpu, RmsNormFallbackEqualsReferenceAndModule) {
   torch::manual_seed(0);
   auto x = torch::randn({4, 5, 32});

@@ -57,6 +57,28 @@ TEST(KernelsCuda, SwigluMatchesReference) {
   }
 }
 
+TEST(KernelsCuda, SwigluPackedMatchesReference) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  // F = 256: four columns per access; F = 257: one (odd width, unaligned up half)
+  for (int64_t f : {256, 257}) {
+    for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+      torch::manual_seed(0);
+      auto opts = torch::TensorOptions().device(torch::kCUDA).dtype(dtype);
+      auto gu = torch::randn({3, 343, 2 * f}, opts).requires_grad_(true);
+      auto gu32 = gu.detach().to(torch::kFloat32).requires_grad_(true);
+      auto out = swiglu_packed(gu);
+      auto ref = swiglu_packed_reference(gu32);
+      ASSERT_EQ(out.sizes(), ref.sizes());
+      const double tol = dtype == torch::kFloat32 ? 1e-5 : 1.0 / 128;
+      EXPECT_LT(max_rel_err(out, ref, 1e-3), tol) << dtype << " F " << f;
+      auto go = torch::randn_like(ref).to(dtype);
+      out.backward(go);
+      ref.backward(go.to(torch::kFloat32));
+      EXPECT_LT(max_rel_err(gu.grad(), gu32.grad(), 1e-2), 2 * tol) << dtype << " F " << f;
+    }
+  }
+}
+
 namespace {
 
 // fp64 reference of RMSNorm on the same (possibly bf16) inputs, with its gradients.

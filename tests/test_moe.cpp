@@ -67,7 +67,7 @@ TEST_F(MoETest, GroupedMatchesLoopOutputsAndGradients) {
   const torch::Tensor x = torch::randn({N, cfg.hidden_size}, torch::kDouble).requires_grad_(true);
   const torch::Tensor probe = torch::randn({N, cfg.hidden_size}, torch::kDouble);
   GroupedExpertsImpl& ex = *moe->experts;
-  const std::vector<torch::Tensor> wrt = {x, ex.w1, ex.w2, ex.w3, moe->gate->weight};
+  const std::vector<torch::Tensor> wrt = {x, ex.w13, ex.w2, moe->gate->weight};
 
   const RoutingStats r = moe->gate(x);
   ASSERT_EQ(r.counts[5].item<int64_t>(), 0);
@@ -81,7 +81,7 @@ TEST_F(MoETest, GroupedMatchesLoopOutputsAndGradients) {
   const auto g_ref = torch::autograd::grad({(y_ref * probe).sum()}, wrt);
 
   EXPECT_LT(max_diff(y, y_ref), 1e-12);
-  const char* names[] = {"x", "w1", "w2", "w3", "gate.weight"};
+  const char* names[] = {"x", "w13", "w2", "gate.weight"};
   for (size_t i = 0; i < wrt.size(); ++i) {
     ASSERT_TRUE(g[i].defined() && g_ref[i].defined()) << names[i];
     EXPECT_LT(max_diff(g[i], g_ref[i]), 1e-12) << names[i];
@@ -110,8 +110,7 @@ TEST_F(MoETest, ModuleOutputIsRoutedPlusShared) {
   EXPECT_EQ(out.routing.counts.sum().item<int64_t>(), 10 * cfg.num_experts_per_tok);
 
   const auto names = moe->named_parameters();
-  EXPECT_EQ(names["experts.w1"].sizes().vec(), (std::vector<int64_t>{8, 12, 16}));
-  EXPECT_EQ(names["experts.w3"].sizes().vec(), (std::vector<int64_t>{8, 12, 16}));
+  EXPECT_EQ(names["experts.w13"].sizes().vec(), (std::vector<int64_t>{8, 24, 16}));
   EXPECT_EQ(names["experts.w2"].sizes().vec(), (std::vector<int64_t>{8, 16, 12}));
   EXPECT_EQ(names["shared_experts.w1.weight"].sizes().vec(), (std::vector<int64_t>{24, 16}));
   EXPECT_EQ(names["shared_experts.w2.weight"].sizes().vec(), (std::vector<int64_t>{16, 24}));

@@ -153,7 +153,7 @@ TEST_F(MtpTest, NamesCountsAndRoutingOrder) {
     EXPECT_EQ(params[p + "eh_proj.weight"].sizes().vec(), (std::vector<int64_t>{32, 64}));
     EXPECT_EQ(params[p + "norm.weight"].sizes().vec(), std::vector<int64_t>{32});
     EXPECT_TRUE(params.contains(p + "block.attn.wkv_a.weight"));
-    EXPECT_TRUE(params.contains(p + "block.ffn.experts.w1"));  // layer index L + k >= first_k_dense_replace: MoE
+    EXPECT_TRUE(params.contains(p + "block.ffn.experts.w13"));  // layer index L + k >= first_k_dense_replace: MoE
   }
   int64_t total = 0;
   for (const auto& p : model->parameters()) total += p.numel();

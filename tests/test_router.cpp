@@ -209,7 +209,7 @@ TEST_F(RouterTest, BiasStaysFp32UnderModuleCasts) {
   const torch::Tensor before = moe->gate->bias.clone();
   moe->to(torch::kBFloat16);
   EXPECT_EQ(moe->gate->weight.scalar_type(), torch::kBFloat16);
-  EXPECT_EQ(moe->experts->w1.scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(moe->experts->w13.scalar_type(), torch::kBFloat16);
   EXPECT_EQ(moe->gate->bias.scalar_type(), torch::kFloat);
   EXPECT_TRUE(torch::equal(moe->gate->bias, before));
   moe->to(torch::kCPU, torch::kDouble);

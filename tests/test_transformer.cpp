@@ -60,8 +60,7 @@ Shapes contract_shapes(const ModelConfig& c) {
     s[p + "attn.wo.weight"] = {D, H * c.v_head_dim};
     if (c.is_moe_layer(i)) {
       s[p + "ffn.gate.weight"] = {E, D};
-      s[p + "ffn.experts.w1"] = {E, I, D};
-      s[p + "ffn.experts.w3"] = {E, I, D};
+      s[p + "ffn.experts.w13"] = {E, 2 * I, D};
       s[p + "ffn.experts.w2"] = {E, D, I};
       if (S > 0) {
         s[p + "ffn.shared_experts.w1.weight"] = {S, D};

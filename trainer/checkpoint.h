@@ -17,7 +17,7 @@
 //   config.yaml            config_to_yaml of the run
 //   MANIFEST               "<fnv1a64 hex> <size> <file>" per file above (expert shards included)
 // Expert parallelism (trainer/expert_parallel.h) moves the routed-expert tensors
-// (*.experts.w1/w2/w3) and their AdamW state out of model / optimizer.safetensors into one
+// (*.experts.w13/w2) and their AdamW state out of model / optimizer.safetensors into one
 // file pair per shard, named by the global expert range [A, B) they hold:
 //   experts-AAAAA-BBBBB.safetensors            the shard's rows of every expert tensor
 //   optimizer-experts-AAAAA-BBBBB.safetensors  exp_avg.<name>, exp_avg_sq.<name>, step.<name>

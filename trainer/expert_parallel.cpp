@@ -125,7 +125,7 @@ EpRegroup ep_regroup(const torch::Tensor& recv_counts, int64_t total) {
 }
 
 bool ep_is_expert_param(const std::string& name) {
-  for (const char* w : {".experts.w1", ".experts.w2", ".experts.w3"}) {
+  for (const char* w : {".experts.w13", ".experts.w2"}) {
     const size_t n = std::char_traits<char>::length(w);
     if (name.size() >= n && name.compare(name.size() - n, n, w) == 0) return true;
   }

@@ -66,7 +66,7 @@ struct EpRegroup {
 };
 EpRegroup ep_regroup(const torch::Tensor& recv_counts, int64_t total);
 
-// layers.{i}.ffn.experts.w1 / w2 / w3 and the MTP modules' (the stacked routed experts).
+// layers.{i}.ffn.experts.w13 / w2 and the MTP modules' (the stacked routed experts).
 bool ep_is_expert_param(const std::string& name);
 
 class ExpertParallel {

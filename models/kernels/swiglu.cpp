@@ -1,5 +1,7 @@
 #include "models/kernels/swiglu.h"
 
+#include <vector>
+
 #include <fmt/format.h>
 
 #ifdef MOETRAIN_WITH_CUDA
@@ -11,6 +13,11 @@ namespace moetrain {
 
 torch::Tensor swiglu_reference(const torch::Tensor& gate, const torch::Tensor& up) {
   return torch::silu(gate) * up;
+}
+
+torch::Tensor swiglu_packed_reference(const torch::Tensor& gu) {
+  const int64_t f = gu.size(-1) / 2;
+  return swiglu_reference(gu.narrow(-1, 0, f), gu.narrow(-1, f, f));
 }
 
 bool fused_kernels_available() {
@@ -53,8 +60,43 @@ struct SwiGLUFunction : torch::autograd::Function<SwiGLUFunction> {
   }
 };
 
+struct SwiGLUPackedFunction : torch::autograd::Function<SwiGLUPackedFunction> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& gu) {
+    ctx->save_for_backward({gu});
+    const int64_t f = gu.size(-1) / 2, rows = gu.numel() / gu.size(-1);
+    std::vector<int64_t> shape = gu.sizes().vec();
+    shape.back() = f;
+    torch::Tensor out = torch::empty(shape, gu.options());
+    check_kernel_launch(kernels::launch_swiglu_packed_forward(gu.data_ptr(), out.data_ptr(), rows, f,
+                                                              kernel_dtype_code(gu), current_stream_of(gu)),
+                        "swiglu packed forward");
+    return out;
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const torch::Tensor gu = ctx->get_saved_variables()[0];
+    const int64_t f = gu.size(-1) / 2, rows = gu.numel() / gu.size(-1);
+    torch::Tensor grad_out = grads[0].to(gu.scalar_type()).contiguous();
+    torch::Tensor grad_gu = torch::empty_like(gu);
+    check_kernel_launch(kernels::launch_swiglu_packed_backward(gu.data_ptr(), grad_out.data_ptr(), grad_gu.data_ptr(),
+                                                               rows, f, kernel_dtype_code(gu), current_stream_of(gu)),
+                        "swiglu packed backward");
+    return {grad_gu};
+  }
+};
+
 }  // namespace
 #endif
+
+torch::Tensor swiglu_packed(const torch::Tensor& gu) {
+  TORCH_CHECK(gu.dim() >= 1 && gu.size(-1) % 2 == 0, "swiglu_packed: the last dimension (gate ‖ up) must be even, got ",
+              gu.sizes());
+#ifdef MOETRAIN_WITH_CUDA
+  if (gu.is_cuda() && (gu.scalar_type() == torch::kFloat32 || gu.scalar_type() == torch::kBFloat16))
+    return SwiGLUPackedFunction::apply(gu.contiguous());
+#endif
+  return swiglu_packed_reference(gu);
+}
 
 torch::Tensor swiglu_fused(const torch::Tensor& gate, const torch::Tensor& up) {
 #ifdef MOETRAIN_WITH_CUDA

@@ -1,5 +1,7 @@
-// defines: swiglu_reference, swiglu_fused, fused_kernels_available — the SwiGLU
-// activation silu(gate) * up. swiglu_fused runs the CUDA kernel
+// defines: swiglu_reference, swiglu_fused, swiglu_packed_reference, swiglu_packed,
+// fused_kernels_available — the SwiGLU activation silu(gate) * up, from two tensors or
+// from one whose last dimension packs gate ‖ up (the output of one GEMM against the
+// stacked [w1; w3], which spares the backward an add of the two input gradients). swiglu_fused runs the CUDA kernel
 // (swiglu_kernels.cu) for contiguous fp32/bf16 CUDA tensors and falls back to the
 // ATen reference everywhere else, so CPU builds and CPU tensors never need it.
 #pragma once
@@ -13,6 +15,13 @@ torch::Tensor swiglu_reference(const torch::Tensor& gate, const torch::Tensor& u
 
 // Same value and gradients as swiglu_reference; one fused kernel each way on CUDA.
 torch::Tensor swiglu_fused(const torch::Tensor& gate, const torch::Tensor& up);
+
+// gu: [..., 2F] = gate ‖ up on the last dimension -> silu(gu[..., :F]) * gu[..., F:]: [..., F]
+torch::Tensor swiglu_packed_reference(const torch::Tensor& gu);
+
+// Same value and gradients as swiglu_packed_reference; on CUDA one kernel each way, and the
+// backward writes the gradient of gu as one tensor.
+torch::Tensor swiglu_packed(const torch::Tensor& gu);
 
 // True when this build compiled the CUDA kernels (MOETRAIN_WITH_CUDA).
 bool fused_kernels_available();

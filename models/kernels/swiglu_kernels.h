@@ -1,4 +1,5 @@
-// defines: launch_swiglu_forward, launch_swiglu_backward — raw CUDA launchers of
+// defines: launch_swiglu_forward, launch_swiglu_backward, launch_swiglu_packed_forward,
+// launch_swiglu_packed_backward — raw CUDA launchers of
 // the fused SwiGLU activation out = silu(gate) * up (no torch headers, so nvcc
 // compiles them quickly). Called only from models/kernels/swiglu.cpp.
 #pragma once
@@ -12,5 +13,9 @@ namespace moetrain::kernels {
 int launch_swiglu_forward(const void* gate, const void* up, void* out, int64_t n, int dtype, void* stream);
 int launch_swiglu_backward(const void* gate, const void* up, const void* grad_out, void* grad_gate, void* grad_up,
                            int64_t n, int dtype, void* stream);
+// Packed: gu [rows, 2·cols] = gate ‖ up per row; out, grad_out [rows, cols]; grad_gu like gu.
+int launch_swiglu_packed_forward(const void* gu, void* out, int64_t rows, int64_t cols, int dtype, void* stream);
+int launch_swiglu_packed_backward(const void* gu, const void* grad_out, void* grad_gu, int64_t rows, int64_t cols,
+                                  int dtype, void* stream);
 
 }  // namespace moetrain::kernels
