@@ -28,23 +28,25 @@ torch::Tensor moe_permute(const torch::Tensor& x, const ExpertPermutation& perm)
 }
 
 torch::Tensor moe_unpermute(const torch::Tensor& y, const ExpertPermutation& perm,
-                            const torch::Tensor& topk_weight, int64_t n_tokens) {
+                            const torch::Tensor& topk_weight, int64_t n_tokens, const torch::Tensor& base) {
   if (perm.inv.defined() && moe_unpermute_kernel_ok(y, topk_weight) && topk_weight.size(0) == n_tokens)
-    return moe_unpermute_fused(y, perm.inv, topk_weight);
-  return moe_unpermute_reference(y, perm, topk_weight, n_tokens);
+    return moe_unpermute_fused(y, perm.inv, topk_weight, base);
+  return moe_unpermute_reference(y, perm, topk_weight, n_tokens, base);
 }
 
 torch::Tensor moe_unpermute_reference(const torch::Tensor& y, const ExpertPermutation& perm,
-                                      const torch::Tensor& topk_weight, int64_t n_tokens) {
+                                      const torch::Tensor& topk_weight, int64_t n_tokens, const torch::Tensor& base) {
   const auto acc = topk_weight.scalar_type();
   const torch::Tensor w = topk_weight.flatten().index_select(0, perm.order).unsqueeze(1);  // [N·K, 1]
-  const torch::Tensor out = torch::zeros({n_tokens, y.size(1)}, y.options().dtype(acc));
-  return out.index_add(0, perm.token_idx, y.to(acc) * w).to(y.scalar_type());  // [N, D]
+  const torch::Tensor zeros = torch::zeros({n_tokens, y.size(1)}, y.options().dtype(acc));
+  const torch::Tensor out = zeros.index_add(0, perm.token_idx, y.to(acc) * w).to(y.scalar_type());  // [N, D]
+  return base.defined() ? out + base : out;
 }
 
 torch::Tensor moe_routed_experts(GroupedExpertsImpl& experts, const torch::Tensor& x,
                                  const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
-                                 const torch::Tensor& counts, ExpertDispatcher* dispatcher) {
+                                 const torch::Tensor& counts, ExpertDispatcher* dispatcher,
+                                 const torch::Tensor& base) {
   const ExpertPermutation perm = moe_sort_by_expert(topk_idx, counts);
   const torch::Tensor rows = moe_permute(x, perm);        // [N·K, D]
   torch::Tensor out;
@@ -54,7 +56,7 @@ torch::Tensor moe_routed_experts(GroupedExpertsImpl& experts, const torch::Tenso
   } else {
     out = experts.forward(rows, counts);  // [N·K, D]
   }
-  return moe_unpermute(out, perm, topk_weight, x.size(0));
+  return moe_unpermute(out, perm, topk_weight, x.size(0), base);
 }
 
 MoEImpl::MoEImpl(const ModelConfig& cfg) {
@@ -84,9 +86,10 @@ MoEOutput MoEImpl::forward(const torch::Tensor& x) {
   MoEOutput out;
   out.routing = gate(flat);
   if (x.dim() == 3) out.routing.seq_len = x.size(1);
-  torch::Tensor y = moe_routed_experts(*experts, flat, out.routing.topk_idx, out.routing.topk_weight,
-                                       out.routing.counts, dispatcher.get());
-  if (shared_experts) y = y + shared_experts(flat);
+  // the shared experts' output rides into the routed sum's kernel (no separate [N, D] add)
+  const torch::Tensor shared = shared_experts ? shared_experts(flat) : torch::Tensor();
+  const torch::Tensor y = moe_routed_experts(*experts, flat, out.routing.topk_idx, out.routing.topk_weight,
+                                             out.routing.counts, dispatcher.get(), shared);
   out.y = y.view(x.sizes());
   return out;
 }

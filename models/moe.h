@@ -37,18 +37,22 @@ ExpertPermutation moe_sort_by_expert(const torch::Tensor& topk_idx, const torch:
 torch::Tensor moe_permute(const torch::Tensor& x, const ExpertPermutation& perm);
 torch::Tensor moe_permute_reference(const torch::Tensor& x, const ExpertPermutation& perm);
 // y: [N·K, D] expert outputs in expert order, topk_weight: [N, K] -> [N, D]:
-// out[n] = sum_k topk_weight[n, k] · y[row of (n, k)], accumulated in topk_weight's
-// dtype (fp32) and returned in y's dtype. CUDA: the fused gather kernel; elsewhere
-// moe_unpermute_reference (an fp32 index_add), its twin.
+// out[n] = base[n] + sum_k topk_weight[n, k] · y[row of (n, k)], the sum accumulated in
+// topk_weight's dtype (fp32) and returned in y's dtype; base (undefined: none) is the shared
+// experts' output. CUDA: the fused gather kernel, which adds the base inside its fp32 sum;
+// elsewhere moe_unpermute_reference (an fp32 index_add, then + base), its twin.
 torch::Tensor moe_unpermute(const torch::Tensor& y, const ExpertPermutation& perm,
-                            const torch::Tensor& topk_weight, int64_t n_tokens);
+                            const torch::Tensor& topk_weight, int64_t n_tokens, const torch::Tensor& base = {});
 torch::Tensor moe_unpermute_reference(const torch::Tensor& y, const ExpertPermutation& perm,
-                                      const torch::Tensor& topk_weight, int64_t n_tokens);
-// The routed experts' sum: x: [N, D], topk_idx / topk_weight: [N, K], counts: [E] -> [N, D].
-// With a dispatcher, `experts` holds only its shard and the rows travel (null: all local).
+                                      const torch::Tensor& topk_weight, int64_t n_tokens,
+                                      const torch::Tensor& base = {});
+// The routed experts' sum plus `base` (undefined: none): x: [N, D], topk_idx / topk_weight:
+// [N, K], counts: [E] -> [N, D]. With a dispatcher, `experts` holds only its shard and the
+// rows travel (null: all local).
 torch::Tensor moe_routed_experts(GroupedExpertsImpl& experts, const torch::Tensor& x,
                                  const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
-                                 const torch::Tensor& counts, ExpertDispatcher* dispatcher = nullptr);
+                                 const torch::Tensor& counts, ExpertDispatcher* dispatcher = nullptr,
+                                 const torch::Tensor& base = {});
 
 struct MoEOutput {
   torch::Tensor y;       // [B, T, D]

@@ -1,5 +1,6 @@
 // defines: SwiGLU — the gated MLP w2(silu(w1 x) * w3 x), used for the dense FFN
-// of the first `first_k_dense_replace` layers and for the shared experts.
+// of the first `first_k_dense_replace` layers and for the shared experts. w1 and w3
+// stay separate parameters (HF's gate_proj / up_proj) and are stacked per call.
 #pragma once
 
 #include <torch/torch.h>

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include "models/moe.h"
+#include "models/swiglu.h"
 
 using namespace moetrain;
 
@@ -116,6 +117,23 @@ TEST_F(MoETest, ModuleOutputIsRoutedPlusShared) {
   EXPECT_EQ(names["shared_experts.w2.weight"].sizes().vec(), (std::vector<int64_t>{16, 24}));
   EXPECT_EQ(names["gate.weight"].sizes().vec(), (std::vector<int64_t>{8, 16}));
   EXPECT_TRUE(moe->named_buffers().contains("gate.bias"));
+}
+
+TEST_F(MoETest, SwiGLUStacksGateAndUpIntoOneGemm) {
+  // The module runs x @ [w1; w3]ᵀ and the packed activation; the textbook form is the twin.
+  torch::manual_seed(3);
+  SwiGLU mlp(16, 24, 0.1);
+  mlp->to(torch::kDouble);
+  const torch::Tensor x = torch::randn({2, 5, 16}, torch::kDouble).requires_grad_(true);
+  const torch::Tensor probe = torch::randn({2, 5, 16}, torch::kDouble);
+  const std::vector<torch::Tensor> wrt = {x, mlp->w1->weight, mlp->w2->weight, mlp->w3->weight};
+  const torch::Tensor y = mlp(x);
+  const auto g = torch::autograd::grad({(y * probe).sum()}, wrt);
+  const torch::Tensor y_ref = torch::linear(
+      torch::silu(torch::linear(x, mlp->w1->weight)) * torch::linear(x, mlp->w3->weight), mlp->w2->weight);
+  const auto g_ref = torch::autograd::grad({(y_ref * probe).sum()}, wrt);
+  EXPECT_LT(max_diff(y, y_ref), 1e-12);
+  for (size_t i = 0; i < wrt.size(); ++i) EXPECT_LT(max_diff(g[i], g_ref[i]), 1e-12) << i;
 }
 
 TEST_F(MoETest, NoSharedExperts) {

@@ -53,15 +53,18 @@ struct PermuteFunction : torch::autograd::Function<PermuteFunction> {
 };
 
 struct UnpermuteFunction : torch::autograd::Function<UnpermuteFunction> {
+  // base: undefined, or [N, D] in y's dtype (its gradient is grad_out itself)
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& y,
-                               const torch::Tensor& topk_weight, const torch::Tensor& inv) {
+                               const torch::Tensor& topk_weight, const torch::Tensor& inv, const torch::Tensor& base) {
     const int64_t n = topk_weight.size(0), top_k = topk_weight.size(1), dim = y.size(1);
     torch::Tensor out = torch::empty({n, dim}, y.options());
-    check_kernel_launch(kernels::launch_moe_unpermute_forward(y.data_ptr(), topk_weight.data_ptr<float>(),
-                                                              inv.data_ptr<int64_t>(), out.data_ptr(), n, top_k, dim,
-                                                              kernel_dtype_code(y), current_stream_of(y)),
+    check_kernel_launch(kernels::launch_moe_unpermute_forward(
+                            y.data_ptr(), topk_weight.data_ptr<float>(), inv.data_ptr<int64_t>(),
+                            base.defined() ? base.data_ptr() : nullptr, out.data_ptr(), n, top_k, dim,
+                            kernel_dtype_code(y), current_stream_of(y)),
                         "moe_unpermute forward");
     ctx->save_for_backward({y, topk_weight, inv});
+    ctx->saved_data["has_base"] = base.defined();
     return out;
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
@@ -77,7 +80,7 @@ struct UnpermuteFunction : torch::autograd::Function<UnpermuteFunction> {
                                                                grad_y.data_ptr(), grad_w.data_ptr<float>(), n, top_k,
                                                                dim, kernel_dtype_code(y), current_stream_of(y)),
                         "moe_unpermute backward");
-    return {grad_y, grad_w, torch::Tensor()};
+    return {grad_y, grad_w, torch::Tensor(), ctx->saved_data["has_base"].toBool() ? grads[0] : torch::Tensor()};
   }
 };
 
@@ -109,12 +112,17 @@ torch::Tensor moe_permute_fused(const torch::Tensor& x, const torch::Tensor& inv
 }
 
 torch::Tensor moe_unpermute_fused(const torch::Tensor& y, const torch::Tensor& inv,
-                                  const torch::Tensor& topk_weight) {
+                                  const torch::Tensor& topk_weight, const torch::Tensor& base) {
 #ifdef MOETRAIN_WITH_CUDA
-  if (moe_unpermute_kernel_ok(y, topk_weight))
-    return UnpermuteFunction::apply(y.contiguous(), topk_weight.contiguous(), inv.contiguous());
+  if (moe_unpermute_kernel_ok(y, topk_weight)) {
+    const bool base_ok = !base.defined() || (base.dim() == 2 && base.size(0) == topk_weight.size(0) &&
+                                             base.size(1) == y.size(1) && base.device() == y.device());
+    TORCH_CHECK(base_ok, "moe_unpermute_fused: base must be [N, D] on y's device, got ", base.sizes());
+    const torch::Tensor b = base.defined() ? base.to(y.scalar_type()).contiguous() : base;
+    return UnpermuteFunction::apply(y.contiguous(), topk_weight.contiguous(), inv.contiguous(), b);
+  }
 #endif
-  (void)inv;
+  (void)inv, (void)base;
   throw std::invalid_argument("moe_unpermute_fused: needs fp32/bf16 CUDA rows, fp32 gates and a CUDA build");
 }
 

@@ -15,9 +15,11 @@ torch::Tensor moe_inverse_order(const torch::Tensor& order);
 torch::Tensor moe_permute_fused(const torch::Tensor& x, const torch::Tensor& inv, int64_t top_k,
                                 torch::ScalarType rows_dtype);
 
-// y: [N·K, D] fp32/bf16 CUDA, inv: [N·K], topk_weight: [N, K] fp32
-// -> [N, D] in y's dtype: out[n] = Σ_k topk_weight[n, k] · y[inv[n·K + k]] (fp32 sums)
-torch::Tensor moe_unpermute_fused(const torch::Tensor& y, const torch::Tensor& inv, const torch::Tensor& topk_weight);
+// y: [N·K, D] fp32/bf16 CUDA, inv: [N·K], topk_weight: [N, K] fp32, base: undefined or [N, D]
+// -> [N, D] in y's dtype: out[n] = base[n] + Σ_k topk_weight[n, k] · y[inv[n·K + k]] (fp32 sums;
+// the base is the shared experts' output, added here instead of by a separate pass)
+torch::Tensor moe_unpermute_fused(const torch::Tensor& y, const torch::Tensor& inv, const torch::Tensor& topk_weight,
+                                  const torch::Tensor& base = {});
 
 // Whether the fused kernels take these operands (CUDA build, CUDA tensors, fp32/bf16, fp32 gates).
 bool moe_permute_kernel_ok(const torch::Tensor& x);

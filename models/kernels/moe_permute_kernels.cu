@@ -50,12 +50,12 @@ __global__ void permute_backward_kernel(const TR* __restrict__ grad_rows, const 
 
 template <class T>
 __global__ void unpermute_forward_kernel(const T* __restrict__ y, const float* __restrict__ weight,
-                                         const int64_t* __restrict__ inv, T* __restrict__ out, int64_t n_tokens,
-                                         int64_t k, int64_t dim, bool vec) {
+                                         const int64_t* __restrict__ inv, const T* __restrict__ base,
+                                         T* __restrict__ out, int64_t n_tokens, int64_t k, int64_t dim, bool vec) {
   const WarpIndex w = warp_index();
   for (int64_t n = w.first; n < n_tokens; n += w.stride) {
     for_columns(dim, w.lane, vec, [&](int64_t c, int m) {
-      Float4 acc{{0.f, 0.f, 0.f, 0.f}};
+      Float4 acc = base ? load_n(base + n * dim + c, m) : Float4{{0.f, 0.f, 0.f, 0.f}};
       for (int64_t j = 0; j < k; ++j) {
         const float wj = weight[n * k + j];
         const Float4 v = load_n(y + inv[n * k + j] * dim + c, m);
@@ -124,12 +124,13 @@ int launch_moe_permute_backward(const void* grad_rows, const int64_t* inv, void*
   return static_cast<int>(cudaGetLastError());
 }
 
-int launch_moe_unpermute_forward(const void* y, const float* w, const int64_t* inv, void* out, int64_t n_tokens,
-                                 int64_t k, int64_t dim, int y_dtype, void* stream) {
+int launch_moe_unpermute_forward(const void* y, const float* w, const int64_t* inv, const void* base, void* out,
+                                 int64_t n_tokens, int64_t k, int64_t dim, int y_dtype, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
+  const bool vec = dim % 4 == 0 && aligned16(y, out) && (base == nullptr || aligned16(base));
   MOETRAIN_DISPATCH_DTYPE(y_dtype, T, {
     unpermute_forward_kernel<T><<<blocks_for(n_tokens), kWarpsPerBlock * 32, 0, s>>>(
-        static_cast<const T*>(y), w, inv, static_cast<T*>(out), n_tokens, k, dim, dim % 4 == 0 && aligned16(y, out));
+        static_cast<const T*>(y), w, inv, static_cast<const T*>(base), static_cast<T*>(out), n_tokens, k, dim, vec);
   })
   return static_cast<int>(cudaGetLastError());
 }

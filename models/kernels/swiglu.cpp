@@ -35,31 +35,6 @@ using kernels::check_kernel_launch;
 using kernels::current_stream_of;
 using kernels::kernel_dtype_code;
 
-struct SwiGLUFunction : torch::autograd::Function<SwiGLUFunction> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& gate,
-                               const torch::Tensor& up) {
-    ctx->save_for_backward({gate, up});
-    torch::Tensor out = torch::empty_like(gate);
-    check_kernel_launch(kernels::launch_swiglu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(),
-                                                       kernel_dtype_code(gate), current_stream_of(gate)),
-                        "swiglu forward");
-    return out;
-  }
-  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
-                                               torch::autograd::tensor_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const torch::Tensor& gate = saved[0];
-    const torch::Tensor& up = saved[1];
-    torch::Tensor grad_out = grads[0].to(gate.scalar_type()).contiguous();
-    torch::Tensor grad_gate = torch::empty_like(gate), grad_up = torch::empty_like(up);
-    check_kernel_launch(kernels::launch_swiglu_backward(gate.data_ptr(), up.data_ptr(), grad_out.data_ptr(),
-                                                        grad_gate.data_ptr(), grad_up.data_ptr(), gate.numel(),
-                                                        kernel_dtype_code(gate), current_stream_of(gate)),
-                        "swiglu backward");
-    return {grad_gate, grad_up};
-  }
-};
-
 struct SwiGLUPackedFunction : torch::autograd::Function<SwiGLUPackedFunction> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& gu) {
     ctx->save_for_backward({gu});
@@ -96,16 +71,6 @@ torch::Tensor swiglu_packed(const torch::Tensor& gu) {
     return SwiGLUPackedFunction::apply(gu.contiguous());
 #endif
   return swiglu_packed_reference(gu);
-}
-
-torch::Tensor swiglu_fused(const torch::Tensor& gate, const torch::Tensor& up) {
-#ifdef MOETRAIN_WITH_CUDA
-  const bool kernel_ok = gate.is_cuda() && up.device() == gate.device() && gate.sizes() == up.sizes() &&
-                         gate.scalar_type() == up.scalar_type() &&
-                         (gate.scalar_type() == torch::kFloat32 || gate.scalar_type() == torch::kBFloat16);
-  if (kernel_ok) return SwiGLUFunction::apply(gate.contiguous(), up.contiguous());
-#endif
-  return swiglu_reference(gate, up);
 }
 
 }  // namespace moetrain

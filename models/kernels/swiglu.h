@@ -1,9 +1,9 @@
-// defines: swiglu_reference, swiglu_fused, swiglu_packed_reference, swiglu_packed,
-// fused_kernels_available — the SwiGLU activation silu(gate) * up, from two tensors or
-// from one whose last dimension packs gate ‖ up (the output of one GEMM against the
-// stacked [w1; w3], which spares the backward an add of the two input gradients). swiglu_fused runs the CUDA kernel
-// (swiglu_kernels.cu) for contiguous fp32/bf16 CUDA tensors and falls back to the
-// ATen reference everywhere else, so CPU builds and CPU tensors never need it.
+// defines: swiglu_reference, swiglu_packed_reference, swiglu_packed,
+// fused_kernels_available — the SwiGLU activation silu(gate) * up, computed from one
+// tensor whose last dimension packs gate ‖ up: the output of one GEMM against the
+// stacked [w1; w3], which spares the backward an add of the two input gradients.
+// swiglu_packed runs the CUDA kernel (swiglu_kernels.cu) for fp32/bf16 CUDA tensors and
+// the ATen reference everywhere else, so CPU builds and CPU tensors never need it.
 #pragma once
 
 #include <torch/torch.h>
@@ -12,9 +12,6 @@ namespace moetrain {
 
 // gate, up: same shape -> silu(gate) * up (plain ATen ops; the reference)
 torch::Tensor swiglu_reference(const torch::Tensor& gate, const torch::Tensor& up);
-
-// Same value and gradients as swiglu_reference; one fused kernel each way on CUDA.
-torch::Tensor swiglu_fused(const torch::Tensor& gate, const torch::Tensor& up);
 
 // gu: [..., 2F] = gate ‖ up on the last dimension -> silu(gu[..., :F]) * gu[..., F:]: [..., F]
 torch::Tensor swiglu_packed_reference(const torch::Tensor& gu);

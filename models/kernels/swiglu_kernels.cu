@@ -1,4 +1,4 @@
-// Fused SwiGLU: one pass over gate/up instead of ATen's three (silu, mul, and the
+// Fused SwiGLU: one pass over gate ‖ up instead of ATen's three (silu, mul, and the
 // saved intermediate). Math in fp32 whatever the storage type.
 #include "models/kernels/swiglu_kernels.h"
 
@@ -15,45 +15,6 @@ __device__ __forceinline__ void silu_mul_grad(float g, float u, float go, float&
   const float s = 1.0f / (1.0f + __expf(-g));
   dg = go * u * s * (1.0f + g * (1.0f - s));
   du = go * g * s;
-}
-
-// vec: every pointer is 16-byte aligned, so elements [0, 4·(n/4)) go four at a time; the
-// rest (and everything when !vec) one at a time.
-template <class T>
-__global__ void swiglu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out,
-                                      int64_t n, bool vec) {
-  const int64_t tid = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t n4 = vec ? n / 4 : 0;
-  for (int64_t i = tid; i < n4; i += stride) {
-    const Float4 g = load4(gate + 4 * i), u = load4(up + 4 * i);
-    Float4 o;
-    for (int j = 0; j < 4; ++j) o.v[j] = silu_mul(g.v[j], u.v[j]);
-    store4(out + 4 * i, o);
-  }
-  for (int64_t i = 4 * n4 + tid; i < n; i += stride) out[i] = from_float<T>(silu_mul(to_float(gate[i]), to_float(up[i])));
-}
-
-template <class T>
-__global__ void swiglu_backward_kernel(const T* __restrict__ gate, const T* __restrict__ up,
-                                       const T* __restrict__ grad_out, T* __restrict__ grad_gate,
-                                       T* __restrict__ grad_up, int64_t n, bool vec) {
-  const int64_t tid = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t n4 = vec ? n / 4 : 0;
-  for (int64_t i = tid; i < n4; i += stride) {
-    const Float4 g = load4(gate + 4 * i), u = load4(up + 4 * i), go = load4(grad_out + 4 * i);
-    Float4 dg, du;
-    for (int j = 0; j < 4; ++j) silu_mul_grad(g.v[j], u.v[j], go.v[j], dg.v[j], du.v[j]);
-    store4(grad_gate + 4 * i, dg);
-    store4(grad_up + 4 * i, du);
-  }
-  for (int64_t i = 4 * n4 + tid; i < n; i += stride) {
-    float dg, du;
-    silu_mul_grad(to_float(gate[i]), to_float(up[i]), to_float(grad_out[i]), dg, du);
-    grad_gate[i] = from_float<T>(dg);
-    grad_up[i] = from_float<T>(du);
-  }
 }
 
 // Packed: gu [rows, 2·cols] holds the gate in columns [0, cols) and the up projection in
@@ -104,41 +65,6 @@ __global__ void swiglu_packed_backward_kernel(const T* __restrict__ gu, const T*
 }
 
 }  // namespace
-
-int launch_swiglu_forward(const void* gate, const void* up, void* out, int64_t n, int dtype, void* stream) {
-  constexpr int kBlock = 256;
-  auto s = static_cast<cudaStream_t>(stream);
-  const bool vec = aligned16(gate, up, out);
-  const int64_t work = vec ? n / 4 + 1 : n;
-  if (dtype == 0) {
-    swiglu_forward_kernel<float><<<grid_for(work, kBlock), kBlock, 0, s>>>(
-        static_cast<const float*>(gate), static_cast<const float*>(up), static_cast<float*>(out), n, vec);
-  } else {
-    swiglu_forward_kernel<__nv_bfloat16><<<grid_for(work, kBlock), kBlock, 0, s>>>(
-        static_cast<const __nv_bfloat16*>(gate), static_cast<const __nv_bfloat16*>(up),
-        static_cast<__nv_bfloat16*>(out), n, vec);
-  }
-  return static_cast<int>(cudaGetLastError());
-}
-
-int launch_swiglu_backward(const void* gate, const void* up, const void* grad_out, void* grad_gate, void* grad_up,
-                           int64_t n, int dtype, void* stream) {
-  constexpr int kBlock = 256;
-  auto s = static_cast<cudaStream_t>(stream);
-  const bool vec = aligned16(gate, up, grad_out, grad_gate, grad_up);
-  const int64_t work = vec ? n / 4 + 1 : n;
-  if (dtype == 0) {
-    swiglu_backward_kernel<float><<<grid_for(work, kBlock), kBlock, 0, s>>>(
-        static_cast<const float*>(gate), static_cast<const float*>(up), static_cast<const float*>(grad_out),
-        static_cast<float*>(grad_gate), static_cast<float*>(grad_up), n, vec);
-  } else {
-    swiglu_backward_kernel<__nv_bfloat16><<<grid_for(work, kBlock), kBlock, 0, s>>>(
-        static_cast<const __nv_bfloat16*>(gate), static_cast<const __nv_bfloat16*>(up),
-        static_cast<const __nv_bfloat16*>(grad_out), static_cast<__nv_bfloat16*>(grad_gate),
-        static_cast<__nv_bfloat16*>(grad_up), n, vec);
-  }
-  return static_cast<int>(cudaGetLastError());
-}
 
 namespace {
 

@@ -1,5 +1,4 @@
-// defines: launch_swiglu_forward, launch_swiglu_backward, launch_swiglu_packed_forward,
-// launch_swiglu_packed_backward — raw CUDA launchers of
+// defines: launch_swiglu_packed_forward, launch_swiglu_packed_backward — raw CUDA launchers of
 // the fused SwiGLU activation out = silu(gate) * up (no torch headers, so nvcc
 // compiles them quickly). Called only from models/kernels/swiglu.cpp.
 #pragma once
@@ -8,12 +7,9 @@
 
 namespace moetrain::kernels {
 
-// dtype: 0 = float32, 1 = bfloat16. Pointers are device pointers of n elements;
-// stream is a cudaStream_t. Returns a cudaError_t as int (0 = success).
-int launch_swiglu_forward(const void* gate, const void* up, void* out, int64_t n, int dtype, void* stream);
-int launch_swiglu_backward(const void* gate, const void* up, const void* grad_out, void* grad_gate, void* grad_up,
-                           int64_t n, int dtype, void* stream);
-// Packed: gu [rows, 2·cols] = gate ‖ up per row; out, grad_out [rows, cols]; grad_gu like gu.
+// dtype: 0 = float32, 1 = bfloat16. Device pointers: gu [rows, 2·cols] = gate ‖ up per
+// row; out, grad_out [rows, cols]; grad_gu like gu (all contiguous). stream is a
+// cudaStream_t. Returns a cudaError_t as int (0 = success).
 int launch_swiglu_packed_forward(const void* gu, void* out, int64_t rows, int64_t cols, int dtype, void* stream);
 int launch_swiglu_packed_backward(const void* gu, const void* grad_out, void* grad_gu, int64_t rows, int64_t cols,
                                   int dtype, void* stream);
