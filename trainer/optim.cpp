@@ -70,8 +70,13 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
       steps.push_back(static_cast<float>(st.step()));
     }
     if (params.empty()) continue;
-    // One host-to-device copy for all step counts (scalar views of one tensor).
-    const std::vector<torch::Tensor> step_tensors = torch::tensor(steps).to(params[0].device()).unbind(0);
+    // One host-to-device copy for all step counts (scalar views of one tensor), from pinned
+    // memory and asynchronous: a pageable copy would make the host wait for the GPU to drain
+    // (after a CUDA graph's replay, the whole step) before it queues the rest of the update.
+    torch::Tensor host_steps = torch::tensor(steps);
+    if (params[0].is_cuda()) host_steps = host_steps.pin_memory();
+    const std::vector<torch::Tensor> step_tensors =
+        host_steps.to(params[0].device(), /*non_blocking=*/true).unbind(0);
     at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/{}, step_tensors, opt.lr(),
                       std::get<0>(opt.betas()), std::get<1>(opt.betas()), opt.weight_decay(), opt.eps(),
                       /*amsgrad=*/false, /*maximize=*/false,
