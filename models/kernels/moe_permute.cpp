@@ -53,18 +53,19 @@ struct PermuteFunction : torch::autograd::Function<PermuteFunction> {
 };
 
 struct UnpermuteFunction : torch::autograd::Function<UnpermuteFunction> {
-  // base: undefined, or [N, D] in y's dtype (its gradient is grad_out itself)
+  // base: empty (none), or [N, D] in y's dtype (its gradient is grad_out itself). Never
+  // undefined: autograd's apply asks every tensor argument for its device.
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& y,
                                const torch::Tensor& topk_weight, const torch::Tensor& inv, const torch::Tensor& base) {
     const int64_t n = topk_weight.size(0), top_k = topk_weight.size(1), dim = y.size(1);
     torch::Tensor out = torch::empty({n, dim}, y.options());
     check_kernel_launch(kernels::launch_moe_unpermute_forward(
                             y.data_ptr(), topk_weight.data_ptr<float>(), inv.data_ptr<int64_t>(),
-                            base.defined() ? base.data_ptr() : nullptr, out.data_ptr(), n, top_k, dim,
+                            base.numel() > 0 ? base.data_ptr() : nullptr, out.data_ptr(), n, top_k, dim,
                             kernel_dtype_code(y), current_stream_of(y)),
                         "moe_unpermute forward");
     ctx->save_for_backward({y, topk_weight, inv});
-    ctx->saved_data["has_base"] = base.defined();
+    ctx->saved_data["has_base"] = base.numel() > 0;
     return out;
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
@@ -118,7 +119,7 @@ torch::Tensor moe_unpermute_fused(const torch::Tensor& y, const torch::Tensor& i
     const bool base_ok = !base.defined() || (base.dim() == 2 && base.size(0) == topk_weight.size(0) &&
                                              base.size(1) == y.size(1) && base.device() == y.device());
     TORCH_CHECK(base_ok, "moe_unpermute_fused: base must be [N, D] on y's device, got ", base.sizes());
-    const torch::Tensor b = base.defined() ? base.to(y.scalar_type()).contiguous() : base;
+    const torch::Tensor b = base.defined() ? base.to(y.scalar_type()).contiguous() : torch::empty({0}, y.options());
     return UnpermuteFunction::apply(y.contiguous(), topk_weight.contiguous(), inv.contiguous(), b);
   }
 #endif
