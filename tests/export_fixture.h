@@ -143,7 +143,7 @@ inline fs::path write_checkpoint(const fs::path& root, const Transformer& model,
   std::ofstream(step / "config.yaml") << config_to_yaml(exp);
   write_safetensors((step / "optimizer.safetensors").string(), {});
   write_safetensors((step / "rng.safetensors").string(), {});
-  std::ofstream(step / "state.json") << "{}\n";
+  std::ofstream(step / "state.json") << "{\"format_version\": 2}\n";  // the layout of these tensors
   write_manifest(step.string());
   std::ofstream(root / "latest") << "step-00000007\n";
   return step;

@@ -265,6 +265,26 @@ TEST(Checkpoint, DamagedFileIsNamed) {
   expect_error("bytes");
 }
 
+TEST(Checkpoint, OlderFormatIsRejectedWithTheReason) {
+  TempDir dir;
+  TinyRun run(dir);
+  const ExperimentConfig cfg = run.config("a", {"train.steps=2"});
+  train(cfg);
+  const std::string d = run.step_dir("a", 2);
+  auto js = nlohmann::json::parse(read_all(d + "/state.json"));
+  EXPECT_EQ(js["format_version"], 2);
+  js["format_version"] = 1;  // as written before the stacked experts.w13
+  std::ofstream(d + "/state.json") << js.dump(2);
+  Transformer model(cfg.model);
+  try {
+    load_model_weights(d, model);
+    ADD_FAILURE() << "loaded a format-1 checkpoint";
+  } catch (const CheckpointError& e) {
+    EXPECT_NE(std::string(e.what()).find("format_version 1"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("experts.w13"), std::string::npos) << e.what();
+  }
+}
+
 TEST(Checkpoint, IncompatibleConfigIsRejectedWithADiff) {
   TempDir dir;
   TinyRun run(dir);

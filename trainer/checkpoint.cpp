@@ -35,7 +35,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr int kFormatVersion = 1;
+// 2: the routed experts' gate and up projections stacked as experts.w13 [E, 2I, D] (1 had
+// experts.w1 / experts.w3 [E, I, D]).
+constexpr int kFormatVersion = 2;
 // Every checkpoint has these, plus its optimizer state: optimizer.safetensors (one writer) or
 // the ZeRO-1 shards optimizer-zero-<r>-of-<W>.safetensors, r = 0..W-1 (trainer/zero.h).
 const char* const kFiles[] = {"model.safetensors", "rng.safetensors", "state.json", "config.yaml"};
@@ -597,6 +599,19 @@ namespace {
 // from model.safetensors or the expert shard files.
 void copy_model_weights(const std::string& ckpt_dir, Transformer& model, std::vector<std::string> diffs,
                         const char* what, int64_t expert_first = 0) {
+  if (fs::exists(ckpt_dir + "/state.json")) {
+    int64_t saved = 0;
+    try {
+      saved = nlohmann::json::parse(read_text(ckpt_dir + "/state.json")).value("format_version", int64_t{0});
+    } catch (const nlohmann::json::exception&) {
+      // load_rng_and_state reports a malformed state.json
+    }
+    if (saved != kFormatVersion)
+      diffs.push_back(fmt::format("  state.json: format_version {}, this build reads {}{}", saved, kFormatVersion,
+                                  saved == 1 ? " (format 1 stored the routed experts as experts.w1 / experts.w3; "
+                                               "format 2 stacks them as experts.w13 [E, 2I, D])"
+                                             : ""));
+  }
   SafetensorsFile mf = read_safetensors(ckpt_dir + "/model.safetensors");
   const ExpertSources experts(ckpt_dir, kExpertPrefix, &mf, expert_first, experts_held(model),
                               model->cfg.n_routed_experts);
