@@ -354,11 +354,9 @@ int cmd_bench(int argc, char** argv) {
     if (!pg.is_main()) return 0;
     const double ms = median(step_ms);
     // How balanced the routing was: the grouped GEMMs' weight gradients slow down on a skewed one.
-    std::vector<double> maxvio;
-    if (last_counts.defined() && last_counts.numel() > 0) {
-      const torch::Tensor host = last_counts.to(torch::kCPU);
-      for (int64_t l = 0; l < host.size(0); ++l) maxvio.push_back(max_violation(host[l]));
-    }
+    const std::vector<double> maxvio = last_counts.defined() && last_counts.numel() > 0
+                                           ? max_violation_per_row(last_counts)
+                                           : std::vector<double>{};
     const double maxvio_mean = maxvio.empty() ? 0.0 : std::accumulate(maxvio.begin(), maxvio.end(), 0.0) / maxvio.size();
     const double maxvio_max = maxvio.empty() ? 0.0 : *std::max_element(maxvio.begin(), maxvio.end());
     const double tokens_per_s = static_cast<double>(tokens_per_step) / (ms / 1e3);

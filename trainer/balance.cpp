@@ -111,12 +111,14 @@ void Balancer::after_step(int64_t step, int64_t tokens) {
 
 void Balancer::discard_step() { counts_.zero_(); }
 
-std::vector<double> Balancer::maxvio_per_layer() const {
-  const torch::Tensor host = counts_.to(torch::kCPU);  // one copy for all layers
+std::vector<double> max_violation_per_row(const torch::Tensor& counts) {
+  const torch::Tensor host = counts.to(torch::kCPU);  // one copy for all rows
   std::vector<double> out;
   for (int64_t l = 0; l < host.size(0); ++l) out.push_back(max_violation(host[l]));
   return out;
 }
+
+std::vector<double> Balancer::maxvio_per_layer() const { return max_violation_per_row(counts_); }
 
 torch::Tensor Balancer::biases() const {
   std::vector<torch::Tensor> rows;

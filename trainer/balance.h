@@ -1,4 +1,5 @@
-// defines: Balancer, BalanceLosses, aux_loss, seq_aux_loss, z_loss, max_violation
+// defines: Balancer, BalanceLosses, aux_loss, seq_aux_loss, z_loss, max_violation,
+// max_violation_per_row
 // — expert load balancing (balance.strategy, combinable):
 //   loss_free     the auxiliary-loss-free bias (Wang et al. 2024; DeepSeek-V3 §2.1.2):
 //                 per MoE layer, count the tokens each expert receives from the BIASED
@@ -36,6 +37,8 @@ torch::Tensor z_loss(const RoutingStats& r);                                    
 
 // MaxVio = (max_i load_i − mean load) / mean load, for counts [E].
 double max_violation(const torch::Tensor& counts);
+// The MaxVio of each row of counts [L, E] (one copy to the host for all rows).
+std::vector<double> max_violation_per_row(const torch::Tensor& counts);
 
 struct BalanceLosses {
   torch::Tensor aux, seq_aux, z;  // already multiplied by their coefficients; scalars
