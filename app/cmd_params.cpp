@@ -64,7 +64,7 @@ int cmd_params(int argc, char** argv) {
     // ZeRO-1 (trainer/zero.h): the moments (and masters) of ceil(params / world) elements per rank
     const bool zero = cfg.distributed.zero_stage == 1;
     const double held = zero ? std::ceil(all_params / static_cast<double>(world)) : all_params;
-    const double adam = 8.0 * held;
+    const double adam = (cfg.optim.moment_dtype == "bf16" ? 4.0 : 8.0) * held;  // two moments
     const double masters = bf16_weights ? 4.0 * held : 0.0;
     const double act_bytes = (cfg.train.dtype == "bf16" ? 2.0 : 4.0) * activation_elements_per_token(m) *
                              static_cast<double>(cfg.train.micro_batch * cfg.train.seq_len);
@@ -84,7 +84,7 @@ int cmd_params(int argc, char** argv) {
                              {"masters", masters}, {"activations", act_bytes},
                              {"total", weights + grads + adam + masters + act_bytes},
                              {"world_size", world}, {"zero_stage", cfg.distributed.zero_stage},
-                             {"param_dtype", cfg.train.param_dtype}};
+                             {"param_dtype", cfg.train.param_dtype}, {"moment_dtype", cfg.optim.moment_dtype}};
       std::cout << j.dump(2) << "\n";
       return 0;
     }
@@ -107,7 +107,8 @@ int cmd_params(int argc, char** argv) {
       std::cout << fmt::format("  {:<20} {:>12}\n", fmt::format("weights ({})", cfg.train.param_dtype), gib(weights));
       std::cout << fmt::format("  {:<20} {:>12}\n", fmt::format("gradients ({})", cfg.train.param_dtype), gib(grads));
       if (bf16_weights) std::cout << fmt::format("  {:<20} {:>12}{}\n", "masters (fp32)", gib(masters), zero_note);
-      std::cout << fmt::format("  {:<20} {:>12}{}\n", "optimizer (Adam)", gib(adam), zero_note);
+      std::cout << fmt::format("  {:<20} {:>12}{}\n", fmt::format("optimizer ({})", cfg.optim.moment_dtype), gib(adam),
+                               zero_note);
       std::cout << fmt::format("  {:<20} {:>12}  (estimate)\n", "activations", gib(act_bytes));
       std::cout << fmt::format("  {:<20} {:>12}\n", "total", gib(weights + grads + adam + masters + act_bytes));
     }

@@ -87,6 +87,9 @@ const BadCase kBadCases[] = {
     {"alias", {{"main.yaml", "train: &t\n  steps: 3\noptim: *t\n"}}, {}, {"anchors (&name) are not supported"}},
     {"bf16_on_cpu", {{"main.yaml", "train:\n  dtype: bf16\n"}}, {}, {"train.dtype: bf16 autocast is for device cuda"}},
     {"cuda_graph_on_cpu", {{"main.yaml", "train:\n  cuda_graph: true\n"}}, {}, {"train.cuda_graph: CUDA graphs need train.device: cuda"}},
+    {"bf16_moments_fp32_weights", {{"main.yaml", "optim:\n  moment_dtype: bf16\n"}}, {},
+     {"optim.moment_dtype: bf16 moments are kept for bf16-stored weights"}},
+    {"moment_dtype_unknown", {{"main.yaml", "optim:\n  moment_dtype: fp16\n"}}, {}, {"optim.moment_dtype"}},
     {"cuda_graph_zero", {{"main.yaml", "train:\n  device: cuda\n  cuda_graph: true\ndistributed:\n  zero_stage: 1\n"}}, {},
      {"train.cuda_graph: CUDA graphs are for one process with the replicated optimizer"}},
 };

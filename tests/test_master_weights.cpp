@@ -117,6 +117,91 @@ TEST(MasterWeights, StepsLikeAdamWOnFp32Copies) {
   EXPECT_EQ(st.step(), 5);
 }
 
+// optim.moment_dtype bf16: the same fp32 AdamW arithmetic, only the stored moments rounded —
+// so it matches an fp32-moment run whose moments are rounded to bf16 after every step, bit
+// for bit (CUDA's fused kernel against this path: tests/test_cuda_paths.cpp).
+TEST(MasterWeights, Bf16MomentsKeepFp32ArithmeticAndRoundTheStorage) {
+  Toy toy, ref;
+  MasterWeights masters(bf16_weight_params(toy), torch::kBFloat16), ref_masters(bf16_weight_params(ref));
+  auto opt = build_optimizer(toy, toy_optim());
+  auto ref_opt = build_optimizer(ref, toy_optim());
+  std::vector<torch::Tensor> ps = toy.parameters(), rs = ref.parameters();
+  auto state_of = [](FusedAdamW& o, const torch::Tensor& p) -> torch::optim::AdamWParamState& {
+    return static_cast<torch::optim::AdamWParamState&>(*o.state().at(p.unsafeGetTensorImpl()));
+  };
+  for (int s = 0; s < 5; ++s) {
+    for (size_t i = 0; i < ps.size(); ++i) {
+      const torch::Tensor g = toy_grad(ps[i], static_cast<int64_t>(i), s).to(ps[i].scalar_type());
+      ps[i].mutable_grad() = g.clone();
+      rs[i].mutable_grad() = g.clone();
+    }
+    masters.step(*opt);
+    ref_masters.step(*ref_opt);
+    for (const auto& p : {ref.w1, ref.w2}) {  // the reference's moments, rounded as bf16 storage would
+      auto& st = state_of(*ref_opt, p);
+      st.exp_avg(st.exp_avg().to(torch::kBFloat16).to(torch::kFloat));
+      st.exp_avg_sq(st.exp_avg_sq().to(torch::kBFloat16).to(torch::kFloat));
+    }
+  }
+  for (size_t k = 0; k < 2; ++k) {
+    const torch::Tensor& p = k == 0 ? toy.w1 : toy.w2;
+    const torch::Tensor& r = k == 0 ? ref.w1 : ref.w2;
+    EXPECT_TRUE(torch::equal(masters.masters()[k], ref_masters.masters()[k])) << k;
+    const auto &st = state_of(*opt, p), &rt = state_of(*ref_opt, r);
+    EXPECT_EQ(st.exp_avg().scalar_type(), torch::kBFloat16);
+    EXPECT_EQ(st.exp_avg_sq().scalar_type(), torch::kBFloat16);
+    EXPECT_TRUE(torch::equal(st.exp_avg().to(torch::kFloat), rt.exp_avg())) << k;
+    EXPECT_TRUE(torch::equal(st.exp_avg_sq().to(torch::kFloat), rt.exp_avg_sq())) << k;
+  }
+  // the fp32 norm keeps fp32 moments
+  EXPECT_EQ(state_of(*opt, toy.norm).exp_avg().scalar_type(), torch::kFloat);
+  EXPECT_TRUE(torch::equal(toy.norm.detach(), ref.norm.detach()));
+}
+
+// bf16 moments go into optimizer.safetensors as bf16; a resume (they load as fp32, exactly)
+// converts them back at its first step and continues bit for bit.
+TEST(MasterWeights, Bf16MomentsResumeExactly) {
+  TempDir dir;
+  ExperimentConfig cfg = load_experiment_config(std::string(MOETRAIN_SOURCE_DIR) + "/configs/debug.yaml",
+                                                {"checkpoint.dir=" + dir.file("ckpt"), "train.device=cpu"});
+  auto grads_for = [](Transformer& m, double s) {
+    for (auto p : m->parameters())
+      p.mutable_grad() = (torch::sin(torch::arange(p.numel(), torch::kFloat) * 0.37 + s) * 1e-3).view(p.sizes()).to(p.scalar_type());
+  };
+  Transformer model(cfg.model);
+  auto opt = build_optimizer(*model, cfg.optim);
+  MasterWeights masters(bf16_weight_params(*model), torch::kBFloat16);
+  grads_for(model, 0.0);
+  masters.step(*opt);
+  std::string path;
+  TrainingState state;
+  state.step = 1;
+  {
+    const auto swap = masters.expose();
+    path = save_checkpoint(cfg, model, *opt, state);
+  }
+  const SafetensorsFile f = read_safetensors(path + "/optimizer.safetensors");
+  EXPECT_EQ(f.at("exp_avg.layers.0.attn.wo.weight").scalar_type(), torch::kBFloat16);
+
+  Transformer resumed(cfg.model);
+  auto resumed_opt = build_optimizer(*resumed, cfg.optim);
+  load_checkpoint(path, cfg, resumed, *resumed_opt);
+  MasterWeights resumed_masters(bf16_weight_params(*resumed), torch::kBFloat16);
+  grads_for(model, 1.0);
+  grads_for(resumed, 1.0);
+  masters.step(*opt);
+  resumed_masters.step(*resumed_opt);
+  for (size_t i = 0; i < masters.masters().size(); ++i)
+    EXPECT_TRUE(torch::equal(resumed_masters.masters()[i], masters.masters()[i])) << i;
+  const auto a = model->parameters(), b = resumed->parameters();
+  for (size_t i = 0; i < a.size(); ++i) {
+    const auto& sa = static_cast<torch::optim::AdamWParamState&>(*opt->state().at(a[i].unsafeGetTensorImpl()));
+    const auto& sb = static_cast<torch::optim::AdamWParamState&>(*resumed_opt->state().at(b[i].unsafeGetTensorImpl()));
+    EXPECT_TRUE(torch::equal(sa.exp_avg(), sb.exp_avg())) << i;
+    EXPECT_TRUE(torch::equal(sa.exp_avg_sq(), sb.exp_avg_sq())) << i;
+  }
+}
+
 // A save inside expose() writes the fp32 masters; an fp32 model resumes them exactly, and
 // casting again gives back the bf16 parameters.
 TEST(MasterWeights, CheckpointHoldsTheMastersAndResumesThem) {

@@ -111,6 +111,7 @@ void visit_config(V& v, ExperimentConfig& c) {
     s.integer("warmup_steps", o.warmup_steps, 0);
     s.int_list("milestones", o.milestones, 1);
     s.real("multistep_factor", o.multistep_factor, Range{0.0, 1.0, true});
+    s.choice("moment_dtype", o.moment_dtype, {"fp32", "bf16"});
   });
   v.section("train", [&](V& s) {
     TrainConfig& t = c.train;
@@ -572,6 +573,10 @@ std::vector<std::pair<std::string, std::string>> validate_config(const Experimen
        "bf16 autocast is for device cuda; CPU training runs in fp32");
   rule(!(t.param_dtype == "bf16" && t.dtype != "bf16"), "train.param_dtype",
        "bf16 weights need bf16 compute: set train.dtype: bf16 (device cuda)");
+  rule(!(o.moment_dtype == "bf16" && t.param_dtype != "bf16"), "optim.moment_dtype",
+       "bf16 moments are kept for bf16-stored weights: set train.param_dtype: bf16");
+  rule(!(o.moment_dtype == "bf16" && c.distributed.zero_stage > 0), "optim.moment_dtype",
+       "bf16 moments are implemented for the replicated optimizer: set distributed.zero_stage 0 or moment_dtype fp32");
   rule(!(t.cuda_graph && t.device != "cuda"), "train.cuda_graph", "CUDA graphs need train.device: cuda");
   rule(!(t.cuda_graph && (c.distributed.ep_size > 1 || c.distributed.zero_stage > 0)), "train.cuda_graph",
        "CUDA graphs are for one process with the replicated optimizer: set distributed.ep_size 1, zero_stage 0");

@@ -54,6 +54,7 @@ bool MasterWeights::fused_step(FusedAdamW& optimizer) {
     if (o.amsgrad() || o.betas() != first.betas() || o.eps() != first.eps()) return false;
   }
   const auto [beta1, beta2] = first.betas();
+  store_moments_as(optimizer, moment_dtype_);
   std::vector<torch::Tensor> kept;  // the params' gradients, given back after the step
   for (const auto& p : params_) kept.push_back(p.grad());
   std::vector<kernels::MasterAdamWTensor> table;
@@ -66,25 +67,25 @@ bool MasterWeights::fused_step(FusedAdamW& optimizer) {
       if (it == index.end() || !p.grad().defined()) continue;
       torch::Tensor& master = masters_[it->second];
       auto& slot = optimizer.state()[p.unsafeGetTensorImpl()];
-      if (!slot) {  // as AdamW::step initialises it (fp32, like the master)
+      if (!slot) {  // as AdamW::step initialises it (zeros like the master), in the moments' dtype
         auto st = std::make_unique<torch::optim::AdamWParamState>();
         st->step(0);
-        st->exp_avg(torch::zeros_like(master));
-        st->exp_avg_sq(torch::zeros_like(master));
+        st->exp_avg(torch::zeros_like(master, moment_dtype_));
+        st->exp_avg_sq(torch::zeros_like(master, moment_dtype_));
         slot = std::move(st);
       }
       auto& st = static_cast<torch::optim::AdamWParamState&>(*slot);
-      TORCH_CHECK(st.exp_avg().is_contiguous() && st.exp_avg().scalar_type() == torch::kFloat &&
-                      st.exp_avg_sq().is_contiguous() && st.exp_avg_sq().scalar_type() == torch::kFloat,
-                  "MasterWeights: the AdamW moments must be contiguous fp32");
+      TORCH_CHECK(st.exp_avg().is_contiguous() && st.exp_avg().scalar_type() == moment_dtype_ &&
+                      st.exp_avg_sq().is_contiguous() && st.exp_avg_sq().scalar_type() == moment_dtype_,
+                  "MasterWeights: the AdamW moments must be contiguous ", moment_dtype_);
       st.step(st.step() + 1);
       const double t = static_cast<double>(st.step());
       grads.push_back(p.grad().to(torch::kBFloat16).contiguous());
       kernels::MasterAdamWTensor e{};
       e.master = master.data_ptr<float>();
       e.grad = grads.back().data_ptr();
-      e.exp_avg = st.exp_avg().data_ptr<float>();
-      e.exp_avg_sq = st.exp_avg_sq().data_ptr<float>();
+      e.exp_avg = st.exp_avg().data_ptr();
+      e.exp_avg_sq = st.exp_avg_sq().data_ptr();
       e.param = p.data_ptr();
       e.numel = p.numel();
       e.first_chunk = chunks;
@@ -109,7 +110,8 @@ bool MasterWeights::fused_step(FusedAdamW& optimizer) {
         kernels::launch_master_adamw(reinterpret_cast<const kernels::MasterAdamWTensor*>(dev.data_ptr()),
                                      static_cast<int>(table.size()), chunks, kChunk, static_cast<float>(beta1),
                                      static_cast<float>(beta2), static_cast<float>(first.eps()),
-                                     scale.defined() ? scale.data_ptr<float>() : nullptr, kernels::current_stream_of(dev)),
+                                     scale.defined() ? scale.data_ptr<float>() : nullptr,
+                                     moment_dtype_ == torch::kBFloat16, kernels::current_stream_of(dev)),
         "master AdamW");
   }
   // the fp32 parameters (norms) take the optimizer's own step, same clip (it consumes it);
@@ -124,7 +126,10 @@ bool MasterWeights::fused_step(FusedAdamW& optimizer) {
 #endif
 }
 
-MasterWeights::MasterWeights(std::vector<torch::Tensor> params) : params_(std::move(params)) {
+MasterWeights::MasterWeights(std::vector<torch::Tensor> params, torch::ScalarType moment_dtype)
+    : params_(std::move(params)), moment_dtype_(moment_dtype) {
+  TORCH_CHECK(moment_dtype == torch::kFloat || moment_dtype == torch::kBFloat16,
+              "MasterWeights: the moments are stored in fp32 or bf16, not ", moment_dtype);
   torch::NoGradGuard no_grad;
   masters_.reserve(params_.size());
   for (const auto& p : params_) {
@@ -133,6 +138,17 @@ MasterWeights::MasterWeights(std::vector<torch::Tensor> params) : params_(std::m
     masters_.push_back(p.data().clone());
   }
   cast_params_to_bf16(params_);
+}
+
+void MasterWeights::store_moments_as(FusedAdamW& optimizer, torch::ScalarType dtype) const {
+  auto& state = optimizer.state();
+  for (const auto& p : params_) {
+    auto it = state.find(p.unsafeGetTensorImpl());
+    if (it == state.end() || !it->second) continue;
+    auto& st = static_cast<torch::optim::AdamWParamState&>(*it->second);
+    if (st.exp_avg().scalar_type() != dtype) st.exp_avg(st.exp_avg().to(dtype));
+    if (st.exp_avg_sq().scalar_type() != dtype) st.exp_avg_sq(st.exp_avg_sq().to(dtype));
+  }
 }
 
 int64_t MasterWeights::bytes() const {
@@ -156,7 +172,9 @@ void MasterWeights::step(FusedAdamW& optimizer, bool fused) {
     ParamSwap swap(params_, masters_);
     for (size_t i = 0; i < params_.size(); ++i) params_[i].mutable_grad() = grads32[i];
     grads32.clear();
+    store_moments_as(optimizer, torch::kFloat);  // AdamW's arithmetic in fp32 ...
     optimizer.step();
+    store_moments_as(optimizer, moment_dtype_);  // ... the storage rounded (new state included)
     for (auto& p : params_) p.mutable_grad() = torch::Tensor();
   }
   for (size_t i = 0; i < params_.size(); ++i) {

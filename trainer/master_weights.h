@@ -13,7 +13,9 @@
 // stacks: all but ~0.1 % of the weights). Norm weights (1-D) stay fp32 — they are their own
 // masters, and the fused RMSNorm kernel reads fp32 weights.
 //
-// The optimizer's state is unchanged (AdamW's, keyed by the model's parameters). On CUDA one
+// The optimizer's state is AdamW's, keyed by the model's parameters; optim.moment_dtype bf16
+// stores these parameters' moments in bf16 (DeepSeek-V3 §3.3.2; Megatron's
+// --exp-avg-dtype/--exp-avg-sq-dtype): the arithmetic stays fp32, only the storage rounds. On CUDA one
 // fused kernel steps every master from its bf16 gradient and writes the bf16 weight; the
 // reference twin swaps the parameters' storage (Tensor::set_data: same TensorImpl, so the
 // AdamW state, autograd hooks and every module reference stay valid) to the fp32 masters
@@ -58,7 +60,9 @@ void cast_params_to_bf16(const std::vector<torch::Tensor>& params);
 class MasterWeights {
  public:
   // Copies `params`' current (fp32) values as the masters, then casts the params to bf16.
-  explicit MasterWeights(std::vector<torch::Tensor> params);
+  // moment_dtype: how their AdamW moments are stored (fp32 or bf16); moments of another
+  // dtype (a resume: checkpoints load them as fp32) are converted at the next step.
+  explicit MasterWeights(std::vector<torch::Tensor> params, torch::ScalarType moment_dtype = torch::kFloat);
 
   // The optimizer step on the masters (a clip set by clip_next_step applies), then each
   // param gets the bf16 rounding of its updated master; the params keep their gradients (as
@@ -67,7 +71,8 @@ class MasterWeights {
   // the bf16 gradients, updates master and moments (the optimizer's own AdamW state) and
   // writes the bf16 weights; the rest of the optimizer's parameters (fp32 norms) take its
   // step. The reference twin (CPU, or fused = false): the params hold the masters and fp32
-  // copies of their gradients while optimizer.step() runs.
+  // copies of their gradients (and bf16 moments fp32 copies, rounded back after) while
+  // optimizer.step() runs.
   void step(FusedAdamW& optimizer, bool fused = true);
 
   // The params hold their fp32 masters while the result lives (checkpoint saves).
@@ -79,8 +84,11 @@ class MasterWeights {
  private:
   // The fused step; false (nothing done) where it does not apply.
   bool fused_step(FusedAdamW& optimizer);
+  // The existing moments of params_ in `dtype` (a no-op for those already in it).
+  void store_moments_as(FusedAdamW& optimizer, torch::ScalarType dtype) const;
 
   std::vector<torch::Tensor> params_, masters_;
+  torch::ScalarType moment_dtype_;
 };
 
 }  // namespace moetrain

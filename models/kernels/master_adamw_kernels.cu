@@ -25,6 +25,8 @@ __device__ __forceinline__ float adamw(float master, float g, Moments& s, const 
   return master - t.step_size * s.m / denom;
 }
 
+// M: the moments' storage type (float or __nv_bfloat16); the arithmetic is fp32 either way.
+template <class M>
 __global__ void master_adamw_kernel(const MasterAdamWTensor* __restrict__ tensors, int n_tensors, int64_t chunk,
                                     float b1, float b2, float eps, const float* __restrict__ grad_scale) {
   const int64_t c = blockIdx.x;
@@ -34,10 +36,12 @@ __global__ void master_adamw_kernel(const MasterAdamWTensor* __restrict__ tensor
   const float scale = grad_scale ? *grad_scale : 1.0f;
   const auto* grad = static_cast<const __nv_bfloat16*>(t.grad);
   auto* param = static_cast<__nv_bfloat16*>(t.param);
+  auto* exp_avg = static_cast<M*>(t.exp_avg);
+  auto* exp_avg_sq = static_cast<M*>(t.exp_avg_sq);
   int64_t i = begin + threadIdx.x * 4;
   if (t.vec) {  // begin and chunk are multiples of 4: so is every i
     for (; i + 3 < end; i += kThreads * 4) {
-      const Float4 g = load4(grad + i), p = load4(t.master + i), m = load4(t.exp_avg + i), v = load4(t.exp_avg_sq + i);
+      const Float4 g = load4(grad + i), p = load4(t.master + i), m = load4(exp_avg + i), v = load4(exp_avg_sq + i);
       Float4 np, nm, nv;
       for (int j = 0; j < 4; ++j) {
         Moments s{m.v[j], v.v[j]};
@@ -46,18 +50,18 @@ __global__ void master_adamw_kernel(const MasterAdamWTensor* __restrict__ tensor
         nv.v[j] = s.v;
       }
       store4(t.master + i, np);
-      store4(t.exp_avg + i, nm);
-      store4(t.exp_avg_sq + i, nv);
+      store4(exp_avg + i, nm);
+      store4(exp_avg_sq + i, nv);
       store4(param + i, np);
     }
     return;
   }
   for (int64_t k = begin + threadIdx.x; k < end; k += kThreads) {
-    Moments s{t.exp_avg[k], t.exp_avg_sq[k]};
+    Moments s{to_float(exp_avg[k]), to_float(exp_avg_sq[k])};
     const float np = adamw(t.master[k], to_float(grad[k]) / scale, s, t, b1, b2, eps);
     t.master[k] = np;
-    t.exp_avg[k] = s.m;
-    t.exp_avg_sq[k] = s.v;
+    exp_avg[k] = from_float<M>(s.m);
+    exp_avg_sq[k] = from_float<M>(s.v);
     param[k] = from_float<__nv_bfloat16>(np);
   }
 }
@@ -65,10 +69,14 @@ __global__ void master_adamw_kernel(const MasterAdamWTensor* __restrict__ tensor
 }  // namespace
 
 int launch_master_adamw(const MasterAdamWTensor* tensors, int n_tensors, int64_t n_chunks, int64_t chunk, float beta1,
-                        float beta2, float eps, const float* grad_scale, void* stream) {
+                        float beta2, float eps, const float* grad_scale, bool bf16_moments, void* stream) {
   if (n_tensors == 0 || n_chunks == 0) return 0;
-  master_adamw_kernel<<<static_cast<unsigned>(n_chunks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      tensors, n_tensors, chunk, beta1, beta2, eps, grad_scale);
+  const dim3 grid(static_cast<unsigned>(n_chunks));
+  const auto s = static_cast<cudaStream_t>(stream);
+  if (bf16_moments)
+    master_adamw_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(tensors, n_tensors, chunk, beta1, beta2, eps, grad_scale);
+  else
+    master_adamw_kernel<float><<<grid, kThreads, 0, s>>>(tensors, n_tensors, chunk, beta1, beta2, eps, grad_scale);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -14,8 +14,8 @@ namespace moetrain::kernels {
 struct MasterAdamWTensor {
   float* master;
   const void* grad;  // bf16
-  float* exp_avg;
-  float* exp_avg_sq;
+  void* exp_avg;     // fp32, or bf16 (launch_master_adamw's bf16_moments)
+  void* exp_avg_sq;
   void* param;       // bf16: the rounding of the updated master
   int64_t numel;
   int64_t first_chunk;  // chunks of the tensors before this one
@@ -27,8 +27,10 @@ struct MasterAdamWTensor {
 
 // tensors: a device array of n_tensors entries, ordered by first_chunk; n_chunks chunks of
 // `chunk` elements in all (one block each). grad_scale: a device fp32 scalar dividing every
-// gradient (the clip factor), or null. Returns a cudaError_t as int (0 = success).
+// gradient (the clip factor), or null. bf16_moments: the moments are stored in bf16 (read,
+// updated in fp32, the update computed from the fp32 values, stored rounded to nearest: 20
+// bytes an element instead of 28). Returns a cudaError_t as int (0 = success).
 int launch_master_adamw(const MasterAdamWTensor* tensors, int n_tensors, int64_t n_chunks, int64_t chunk, float beta1,
-                        float beta2, float eps, const float* grad_scale, void* stream);
+                        float beta2, float eps, const float* grad_scale, bool bf16_moments, void* stream);
 
 }  // namespace moetrain::kernels
