@@ -107,7 +107,7 @@ int cmd_params(int argc, char** argv) {
       std::cout << fmt::format("  {:<20} {:>12}\n", fmt::format("weights ({})", cfg.train.param_dtype), gib(weights));
       std::cout << fmt::format("  {:<20} {:>12}\n", fmt::format("gradients ({})", cfg.train.param_dtype), gib(grads));
       if (bf16_weights) std::cout << fmt::format("  {:<20} {:>12}{}\n", "masters (fp32)", gib(masters), zero_note);
-      std::cout << fmt::format("  {:<20} {:>12}{}\n", fmt::format("optimizer ({})", cfg.optim.moment_dtype), gib(adam),
+      std::cout << fmt::format("  {:<20} {:>12}{}\n", fmt::format("optimizer (Adam {})", cfg.optim.moment_dtype), gib(adam),
                                zero_note);
       std::cout << fmt::format("  {:<20} {:>12}  (estimate)\n", "activations", gib(act_bytes));
       std::cout << fmt::format("  {:<20} {:>12}\n", "total", gib(weights + grads + adam + masters + act_bytes));

@@ -13,21 +13,23 @@ DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& cfg, int64_t layer_id) {
   }
 }
 
-torch::Tensor DecoderLayerImpl::ffn(const torch::Tensor& h, std::vector<RoutingStats>& routing) {
-  if (!is_moe()) return h + dense(ffn_norm(h));
-  MoEOutput out = moe(ffn_norm(h));
+torch::Tensor DecoderLayerImpl::ffn(const torch::Tensor& x, const torch::Tensor& attn_out,
+                                    std::vector<RoutingStats>& routing) {
+  auto [h, normed] = ffn_norm->forward_add(x, attn_out);  // h = x + attn_out, one kernel on CUDA
+  if (!is_moe()) return h + dense(normed);
+  MoEOutput out = moe(normed);
   routing.push_back(std::move(out.routing));
   return h + out.y;
 }
 
 torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x, const RopeTables& rope,
                                         std::vector<RoutingStats>& routing) {
-  return ffn(x + attn(attn_norm(x), rope), routing);
+  return ffn(x, attn(attn_norm(x), rope), routing);
 }
 
 torch::Tensor DecoderLayerImpl::forward_cached(const torch::Tensor& x, const RopeTables& rope, MLACache& cache) {
   std::vector<RoutingStats> unused;
-  return ffn(x + attn->forward_absorbed(attn_norm(x), rope, cache), unused);
+  return ffn(x, attn->forward_absorbed(attn_norm(x), rope, cache), unused);
 }
 
 }  // namespace moetrain

@@ -37,7 +37,8 @@ struct DecoderLayerImpl : torch::nn::Module {
   MoE moe{nullptr};       // registered as "ffn" in MoE layers
 
  private:
-  torch::Tensor ffn(const torch::Tensor& h, std::vector<RoutingStats>& routing);
+  // x + attn_out -> the layer's output: the residual add fused with ffn_norm, then the FFN.
+  torch::Tensor ffn(const torch::Tensor& x, const torch::Tensor& attn_out, std::vector<RoutingStats>& routing);
 };
 TORCH_MODULE(DecoderLayer);
 

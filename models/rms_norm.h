@@ -14,6 +14,8 @@ struct RMSNormImpl : torch::nn::Module {
 
   // x: [..., dim] -> [..., dim]
   torch::Tensor forward(const torch::Tensor& x);
+  // The residual add before it: {h = x + delta, norm(h)}, both [..., dim] (one CUDA kernel).
+  std::pair<torch::Tensor, torch::Tensor> forward_add(const torch::Tensor& x, const torch::Tensor& delta);
 
   torch::Tensor weight;  // [dim], init ones
   double eps;

@@ -61,7 +61,7 @@ TEST(Cli, ParamsTableAndJson) {
   auto r = run_capture(bin() + " params " + cfg("deepseek-v3-671b") + " --memory");
   ASSERT_EQ(r.exit_code, 0) << r.output;
   for (const char* line : {"total", "active (incl. input embedding)", "flop params (excl. input embedding)", "mtp",
-                           "GFLOP/token", "optimizer (Adam)", "activations"})
+                           "GFLOP/token", "optimizer (Adam fp32)", "activations"})
     EXPECT_NE(r.output.find(line), std::string::npos) << line << "\n" << r.output;
   EXPECT_NE(r.output.find("671.03B"), std::string::npos) << r.output;
   auto j = run_capture(bin() + " params " + cfg("bench-1b") + " --json");
@@ -95,9 +95,13 @@ TEST(Cli, ParamsMemoryBf16WeightsShardTheMasters) {
     EXPECT_EQ(r.exit_code, 0) << r.output;
     return nlohmann::json::parse(r.output)["memory_bytes"];
   };
-  const auto fp32 = mem(" --set train.param_dtype=fp32"), bf16 = mem(" --set train.param_dtype=bf16"),
+  const auto fp32 = mem(" --set train.param_dtype=fp32 --set optim.moment_dtype=fp32"),
+             bf16 = mem(" --set train.param_dtype=bf16 --set optim.moment_dtype=fp32"),
+             bf16_moments = mem(" --set train.param_dtype=bf16 --set optim.moment_dtype=bf16"),
              zero4 = mem(" --set train.param_dtype=bf16 --world-size 4 --set distributed.zero_stage=1");
   EXPECT_EQ(fp32["masters"].get<double>(), 0.0);
+  EXPECT_NEAR(bf16_moments["optimizer"].get<double>(), bf16["optimizer"].get<double>() / 2, 1.0)
+      << "optim.moment_dtype bf16: 2-byte moments";
   EXPECT_NEAR(bf16["grads"].get<double>(), fp32["grads"].get<double>() / 2, 1.0);
   EXPECT_NEAR(bf16["masters"].get<double>(), 2 * bf16["grads"].get<double>(), 1.0);
   EXPECT_NEAR(zero4["masters"].get<double>(), bf16["masters"].get<double>() / 4, 4.0);

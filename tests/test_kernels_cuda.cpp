@@ -101,6 +101,38 @@ TEST(KernelsCuda, RmsNormMatchesReference) {
   }
 }
 
+// The residual add fused with the norm: h and norm(h) against the fp64 truth of the same
+// rounded inputs; x and delta both receive h's whole gradient (its other use's + the norm's).
+TEST(KernelsCuda, AddRmsNormMatchesReference) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    for (int64_t dim : {1024, 102}) {
+      torch::manual_seed(3);
+      auto opts = torch::TensorOptions().device(torch::kCUDA);
+      auto x = (torch::randn({2, 513, dim}, opts) * 2).to(dtype).requires_grad_(true);
+      auto delta = torch::randn({2, 513, dim}, opts).to(dtype).requires_grad_(true);
+      auto w = (1 + 0.1 * torch::randn({dim}, opts)).requires_grad_(true);
+      auto [h, normed] = add_rms_norm_fused(x, delta, w, 1e-6, dtype);
+      ASSERT_EQ(h.scalar_type(), dtype);
+      ASSERT_EQ(normed.scalar_type(), dtype);
+      // h: exactly ATen's add
+      EXPECT_TRUE(torch::equal(h, x.detach() + delta.detach())) << dtype << " " << dim;
+      auto go_h = torch::randn(x.sizes(), opts).to(dtype), go_n = torch::randn(x.sizes(), opts).to(dtype);
+      torch::autograd::backward({h, normed}, {go_h, go_n});
+      // truth: the norm of the rounded h in fp64; h's gradient = go_h + the norm's input gradient
+      const torch::Tensor h_rounded = (x.detach() + delta.detach());
+      const NormRef ref = rms_norm_fp64(h_rounded, w, go_n, 1e-6);
+      const torch::Tensor grad_h = ref.grad_x + go_h.to(torch::kDouble);
+      const double tol = dtype == torch::kBFloat16 ? 1.0 / 64 : 1e-5;
+      EXPECT_LT(max_rel_err(normed, ref.out, 1e-2), tol) << dtype << " " << dim;
+      EXPECT_LT(max_rel_err(x.grad(), grad_h, 1e-1), 2 * tol) << dtype << " " << dim;
+      EXPECT_TRUE(torch::equal(x.grad(), delta.grad())) << dtype << " " << dim;
+      const double w_scale = ref.grad_w.abs().max().item<double>();
+      EXPECT_LT((w.grad().to(torch::kDouble) - ref.grad_w).abs().max().item<double>() / w_scale, tol) << dtype << " " << dim;
+    }
+  }
+}
+
 TEST(KernelsCuda, RmsNormModuleUnderAutocastEmitsBf16) {
   ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
   RMSNorm norm(64, 1e-6);

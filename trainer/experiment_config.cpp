@@ -575,8 +575,6 @@ std::vector<std::pair<std::string, std::string>> validate_config(const Experimen
        "bf16 weights need bf16 compute: set train.dtype: bf16 (device cuda)");
   rule(!(o.moment_dtype == "bf16" && t.param_dtype != "bf16"), "optim.moment_dtype",
        "bf16 moments are kept for bf16-stored weights: set train.param_dtype: bf16");
-  rule(!(o.moment_dtype == "bf16" && c.distributed.zero_stage > 0), "optim.moment_dtype",
-       "bf16 moments are implemented for the replicated optimizer: set distributed.zero_stage 0 or moment_dtype fp32");
   rule(!(t.cuda_graph && t.device != "cuda"), "train.cuda_graph", "CUDA graphs need train.device: cuda");
   rule(!(t.cuda_graph && (c.distributed.ep_size > 1 || c.distributed.zero_stage > 0)), "train.cuda_graph",
        "CUDA graphs are for one process with the replicated optimizer: set distributed.ep_size 1, zero_stage 0");

@@ -45,7 +45,7 @@ struct OptimConfig {
   std::vector<int64_t> milestones;  // multistep: steps where lr *= multistep_factor
   double multistep_factor = 0.316;  // DeepSeek-V2's decay
   // fp32 | bf16: how AdamW stores the moments of the bf16-stored weights (train.param_dtype
-  // bf16; the replicated optimizer). bf16 is DeepSeek-V3's choice (§3.3.2): fp32 arithmetic,
+  // bf16; replicated or ZeRO-1). bf16 is DeepSeek-V3's choice (§3.3.2): fp32 arithmetic,
   // bf16 storage — 8 bytes a parameter less and a faster optimizer step (bench/NOTES.md).
   std::string moment_dtype = "fp32";
 };

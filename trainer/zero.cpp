@@ -199,6 +199,10 @@ void ZeroAdamW::use_bf16_params() {
     TORCH_CHECK(s.grad.scalar_type() == torch::kFloat, "ZeroAdamW::use_bf16_params: the masters come from fp32 parameters");
     s.master = torch::zeros({s.layout.shard_numel}, s.grad.options());
     copy_fragments(s, s.master);
+    if (cfg_.moment_dtype == "bf16") {  // optim.moment_dtype: the matrices' moments stored in bf16
+      s.exp_avg = s.exp_avg.to(torch::kBFloat16);
+      s.exp_avg_sq = s.exp_avg_sq.to(torch::kBFloat16);
+    }
     std::vector<torch::Tensor> ps;
     for (int64_t i : s.params) ps.push_back(params_[static_cast<size_t>(i)]);
     cast_params_to_bf16(ps);
@@ -272,6 +276,11 @@ void ZeroAdamW::step() {
   for (size_t i = 0; i < params_.size(); ++i)
     if (active_[i]) ++steps_[i];  // every rank counts every parameter (replicated scalars)
   for (auto& s : spaces_) {
+    // bf16-stored moments: AdamW's arithmetic on fp32 copies, rounded back after (the
+    // replicated MasterWeights' reference does the same)
+    const bool round_moments = s.exp_avg.scalar_type() != torch::kFloat;
+    torch::Tensor exp_avg = round_moments ? s.exp_avg.to(torch::kFloat) : s.exp_avg;
+    torch::Tensor exp_avg_sq = round_moments ? s.exp_avg_sq.to(torch::kFloat) : s.exp_avg_sq;
     // this rank's fragments with a gradient, in two groups like build_optimizer's
     for (int decay = 1; decay >= 0; --decay) {
       const double wd = decay ? cfg_.weight_decay : 0.0;
@@ -284,8 +293,8 @@ void ZeroAdamW::step() {
         ps.push_back(s.master.defined() ? s.master.slice(0, f.shard_offset, f.shard_offset + n)
                                         : params_[i].detach().view(-1).slice(0, f.begin, f.end));
         gs.push_back(s.grad.slice(0, f.shard_offset, f.shard_offset + n));
-        ms.push_back(s.exp_avg.slice(0, f.shard_offset, f.shard_offset + n));
-        vs.push_back(s.exp_avg_sq.slice(0, f.shard_offset, f.shard_offset + n));
+        ms.push_back(exp_avg.slice(0, f.shard_offset, f.shard_offset + n));
+        vs.push_back(exp_avg_sq.slice(0, f.shard_offset, f.shard_offset + n));
         st.push_back(steps_[i]);
       }
       if (ps.empty()) continue;
@@ -308,6 +317,10 @@ void ZeroAdamW::step() {
         torch::Tensor denom = (vs[k].sqrt() / std::sqrt(bc2)).add_(cfg_.eps);
         ps[k].addcdiv_(ms[k], denom, -lr_ / bc1);
       }
+    }
+    if (round_moments) {
+      s.exp_avg.copy_(exp_avg);
+      s.exp_avg_sq.copy_(exp_avg_sq);
     }
     // all-gather: every rank's updated fragments → every parameter (bf16 weights: the
     // masters' bf16 rounding)

@@ -5,7 +5,8 @@
 //
 // With train.param_dtype fp32 the parameters are fp32 master weights (bf16 autocast casts
 // on the fly) and only the moments are sharded; with bf16 the weight matrices are bf16 and
-// their fp32 masters are sharded too (use_bf16_params). A flat space is the parameters of
+// their fp32 masters are sharded too (use_bf16_params; with optim.moment_dtype bf16 their
+// moments are stored in bf16 from then on, stepped through fp32 copies). A flat space is the parameters of
 // one dtype (the bf16 matrices apart) concatenated in registration order,
 // padded to world · S and cut into `world` equal shards of S elements; rank r owns
 // [r·S, (r+1)·S). A parameter may straddle shards: each rank holds fragments (element

@@ -1,5 +1,5 @@
 // Fused RMSNorm: one warp per row, fp32 math. Forward reads x once (twice from L1/L2)
-// and writes out + rstd; backward writes grad_x and the weight gradient's per-warp
+// and writes out + rstd (with a residual: reads x and delta, writes their sum too); backward writes grad_x and the weight gradient's per-warp
 // partial sums (no atomics: each warp owns one row of the partial buffer).
 #include "models/kernels/rms_norm_kernels.h"
 
@@ -12,18 +12,25 @@ namespace {
 constexpr int kWarpsPerBlock = 8;
 constexpr int64_t kMaxBackwardWarps = 2048;  // rows of the dweight partial buffer
 
+// delta (nullable): the norm is of h = round_x(x + delta), which is written to sum_out (each
+// lane reads back only the columns it wrote, so the second pass sees its own stores).
 template <class TX, class TO>
-__global__ void rms_norm_forward_kernel(const TX* __restrict__ x, const float* __restrict__ weight,
-                                        TO* __restrict__ out, float* __restrict__ rstd, int64_t rows, int64_t dim,
-                                        float eps, bool vec) {
+__global__ void rms_norm_forward_kernel(const TX* __restrict__ x, const TX* __restrict__ delta, TX* sum_out,
+                                        const float* __restrict__ weight, TO* __restrict__ out,
+                                        float* __restrict__ rstd, int64_t rows, int64_t dim, float eps, bool vec) {
   const int lane = threadIdx.x % 32;
   const int64_t warp = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / 32;
   const int64_t n_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t r = warp; r < rows; r += n_warps) {
-    const TX* xr = x + r * dim;
+    const TX* xr = delta ? sum_out + r * dim : x + r * dim;  // the normalized input
     float ss = 0.f;
     for_columns(dim, lane, vec, [&](int64_t c, int n) {
-      const Float4 v = load_n(xr + c, n);
+      Float4 v = load_n(x + r * dim + c, n);
+      if (delta) {
+        const Float4 d = load_n(delta + r * dim + c, n);
+        for (int j = 0; j < n; ++j) v.v[j] = to_float(from_float<TX>(v.v[j] + d.v[j]));  // as ATen's add rounds
+        store_n(sum_out + r * dim + c, v, n);
+      }
       for (int j = 0; j < n; ++j) ss += v.v[j] * v.v[j];
     });
     const float inv = rsqrtf(warp_sum(ss) / static_cast<float>(dim) + eps);
@@ -39,12 +46,12 @@ __global__ void rms_norm_forward_kernel(const TX* __restrict__ x, const float* _
   }
 }
 
-// xhat = x·r, dn = g·w: dx = r·(dn − xhat·mean(dn·xhat)); dw += g·round_x(xhat)
+// xhat = x·r, dn = g·w: dx = r·(dn − xhat·mean(dn·xhat)) (+ grad_residual); dw += g·round_x(xhat)
 template <class TX, class TO>
 __global__ void rms_norm_backward_kernel(const TX* __restrict__ x, const float* __restrict__ weight,
                                          const float* __restrict__ rstd, const TO* __restrict__ grad_out,
-                                         TX* __restrict__ grad_x, float* __restrict__ dweight_partial, int64_t rows,
-                                         int64_t dim, bool vec) {
+                                         const TX* __restrict__ grad_residual, TX* __restrict__ grad_x,
+                                         float* __restrict__ dweight_partial, int64_t rows, int64_t dim, bool vec) {
   const int lane = threadIdx.x % 32;
   const int64_t warp = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / 32;
   const int64_t n_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
@@ -71,6 +78,10 @@ __global__ void rms_norm_backward_kernel(const TX* __restrict__ x, const float* 
       const Float4 v = load_n(xr + c, n), g = load_n(gr + c, n), w = load_n(weight + c, n);
       Float4 dx;
       for (int j = 0; j < n; ++j) dx.v[j] = inv * (g.v[j] * w.v[j] - v.v[j] * inv * mean_dot);
+      if (grad_residual) {
+        const Float4 gres = load_n(grad_residual + r * dim + c, n);
+        for (int j = 0; j < n; ++j) dx.v[j] += gres.v[j];
+      }
       store_n(dxr + c, dx, n);
     });
   }
@@ -83,31 +94,34 @@ int64_t rms_norm_backward_partials(int64_t rows) {
   return blocks * kWarpsPerBlock;
 }
 
-int launch_rms_norm_forward(const void* x, const float* weight, void* out, float* rstd, int64_t rows, int64_t dim,
-                            float eps, int x_dtype, int out_dtype, void* stream) {
+int launch_rms_norm_forward(const void* x, const void* delta, void* sum_out, const float* weight, void* out,
+                            float* rstd, int64_t rows, int64_t dim, float eps, int x_dtype, int out_dtype,
+                            void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   const int blocks = grid_for(rows, kWarpsPerBlock);
-  const bool vec = dim % 4 == 0 && aligned16(x, weight, out);
+  const bool vec = dim % 4 == 0 && aligned16(x, weight, out) && (!delta || aligned16(delta, sum_out));
   MOETRAIN_DISPATCH_DTYPE(x_dtype, TX, {
     MOETRAIN_DISPATCH_DTYPE(out_dtype, TO, {
       rms_norm_forward_kernel<TX, TO><<<blocks, kWarpsPerBlock * 32, 0, s>>>(
-          static_cast<const TX*>(x), weight, static_cast<TO*>(out), rstd, rows, dim, eps, vec);
+          static_cast<const TX*>(x), static_cast<const TX*>(delta), static_cast<TX*>(sum_out), weight,
+          static_cast<TO*>(out), rstd, rows, dim, eps, vec);
     })
   })
   return static_cast<int>(cudaGetLastError());
 }
 
 int launch_rms_norm_backward(const void* x, const float* weight, const float* rstd, const void* grad_out,
-                             void* grad_x, float* dweight_partial, int64_t rows, int64_t dim, int x_dtype,
-                             int out_dtype, void* stream) {
+                             const void* grad_residual, void* grad_x, float* dweight_partial, int64_t rows,
+                             int64_t dim, int x_dtype, int out_dtype, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   const int blocks = static_cast<int>(rms_norm_backward_partials(rows) / kWarpsPerBlock);
-  const bool vec = dim % 4 == 0 && aligned16(x, weight, grad_out, grad_x, dweight_partial);
+  const bool vec = dim % 4 == 0 && aligned16(x, weight, grad_out, grad_x, dweight_partial) &&
+                   (!grad_residual || aligned16(grad_residual));
   MOETRAIN_DISPATCH_DTYPE(x_dtype, TX, {
     MOETRAIN_DISPATCH_DTYPE(out_dtype, TO, {
       rms_norm_backward_kernel<TX, TO><<<blocks, kWarpsPerBlock * 32, 0, s>>>(
-          static_cast<const TX*>(x), weight, rstd, static_cast<const TO*>(grad_out), static_cast<TX*>(grad_x),
-          dweight_partial, rows, dim, vec);
+          static_cast<const TX*>(x), weight, rstd, static_cast<const TO*>(grad_out),
+          static_cast<const TX*>(grad_residual), static_cast<TX*>(grad_x), dweight_partial, rows, dim, vec);
     })
   })
   return static_cast<int>(cudaGetLastError());
