@@ -12,6 +12,22 @@ namespace {
 // The latent norms use a fixed eps in both references (official RMSNorm's default,
 // HF builds q_a_layernorm / kv_a_layernorm without passing rms_norm_eps).
 constexpr double kLatentNormEps = 1e-6;
+
+// The down-projections of x: the query latent (undefined without q_lora_rank), the KV latent
+// and k_rope, as column slices of one GEMM against [wq_a; wkv_a] stacked per call (≤ a few MB):
+// one matmul each way and no sum of two input gradients. The slices feed the norms in place.
+struct DownProjections {
+  torch::Tensor q_latent, kv_latent, k_rope;  // [B, T, q_lora_rank], [B, T, kv_lora_rank], [B, T, rope]
+};
+DownProjections down_project(MLAImpl& m, const torch::Tensor& x) {
+  if (m.q_lora_rank == 0) {
+    auto kv = m.wkv_a(x).split({m.kv_lora_rank, m.qk_rope_head_dim}, -1);
+    return {torch::Tensor(), kv[0], kv[1]};
+  }
+  const torch::Tensor w = torch::cat({m.wq_a->weight, m.wkv_a->weight});  // [q_lora + kv_lora + rope, D]
+  auto parts = torch::nn::functional::linear(x, w).split({m.q_lora_rank, m.kv_lora_rank, m.qk_rope_head_dim}, -1);
+  return {parts[0], parts[1], parts[2]};
+}
 }  // namespace
 
 MLAImpl::MLAImpl(const ModelConfig& cfg)
@@ -40,22 +56,22 @@ MLAImpl::MLAImpl(const ModelConfig& cfg)
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> MLAImpl::project_qkv(
     const torch::Tensor& x, const RopeTables& rope) {
   const int64_t B = x.size(0), T = x.size(1), H = n_heads;
+  const DownProjections down = down_project(*this, x);
   // Queries: per head [q_nope | q_rope], RoPE on the rope part (eqs. 6–9).
-  torch::Tensor q = q_lora_rank == 0 ? wq(x) : wq_b(q_norm(wq_a(x)));
+  torch::Tensor q = q_lora_rank == 0 ? wq(x) : wq_b(q_norm(down.q_latent));
   q = q.view({B, T, H, qk_nope_head_dim + qk_rope_head_dim});
   // Keys/values: latent c_kv and one k_rope shared by all heads (eqs. 1–5).
-  auto kv_parts = wkv_a(x).split({kv_lora_rank, qk_rope_head_dim}, -1);
-  const torch::Tensor kv = wkv_b(kv_norm(kv_parts[0])).view({B, T, H, qk_nope_head_dim + v_head_dim});
+  const torch::Tensor kv = wkv_b(kv_norm(down.kv_latent)).view({B, T, H, qk_nope_head_dim + v_head_dim});
   const torch::Tensor v = kv.narrow(-1, qk_nope_head_dim, v_head_dim);
   torch::Tensor k;
   if (mla_rope_kernel_ok(q, rope) && kv.scalar_type() == q.scalar_type()) {
     // CUDA: [nope | rotated rope] per head in one kernel each (the ATen path below is its twin)
     q = mla_rope_q_fused(q, rope, qk_nope_head_dim);
-    k = mla_rope_k_fused(kv, kv_parts[1], rope, qk_nope_head_dim);
+    k = mla_rope_k_fused(kv, down.k_rope, rope, qk_nope_head_dim);
   } else {
     auto q_parts = q.split({qk_nope_head_dim, qk_rope_head_dim}, -1);
     q = torch::cat({q_parts[0], apply_rope(q_parts[1], rope)}, -1);            // [B, T, H, qk]
-    const torch::Tensor k_rope = apply_rope(kv_parts[1].unsqueeze(2), rope);  // [B, T, 1, rope]
+    const torch::Tensor k_rope = apply_rope(down.k_rope.unsqueeze(2), rope);  // [B, T, 1, rope]
     k = torch::cat({kv.narrow(-1, 0, qk_nope_head_dim), k_rope.expand({B, T, H, qk_rope_head_dim})}, -1);
   }
 
@@ -92,14 +108,14 @@ torch::Tensor MLAImpl::forward_absorbed(const torch::Tensor& x, const RopeTables
   const int64_t B = x.size(0), T = x.size(1), H = n_heads, P = cache.length();
   const int64_t C = kv_lora_rank, nope = qk_nope_head_dim;
   // Queries exactly as in project_qkv: [B, T, H, nope] and the rotated [B, T, H, rope].
-  torch::Tensor q = q_lora_rank == 0 ? wq(x) : wq_b(q_norm(wq_a(x)));
+  const DownProjections down = down_project(*this, x);
+  torch::Tensor q = q_lora_rank == 0 ? wq(x) : wq_b(q_norm(down.q_latent));
   auto q_parts = q.view({B, T, H, nope + qk_rope_head_dim}).split({nope, qk_rope_head_dim}, -1);
   const torch::Tensor q_nope = q_parts[0];
   const torch::Tensor q_rope = apply_rope(q_parts[1], rope);
 
   // What gets cached: the normalized latent and the rotated shared key, per token.
-  auto kv_parts = wkv_a(x).split({C, qk_rope_head_dim}, -1);
-  cache.append(kv_norm(kv_parts[0]), apply_rope(kv_parts[1].unsqueeze(2), rope).squeeze(2));
+  cache.append(kv_norm(down.kv_latent), apply_rope(down.k_rope.unsqueeze(2), rope).squeeze(2));
   const int64_t S = cache.length();
 
   // Attention in fp32 (fp64 for fp64 models); per head, wkv_b's rows are [W^UK (nope) | W^UV (v)].

@@ -101,6 +101,30 @@ TEST(KernelsCuda, RmsNormMatchesReference) {
   }
 }
 
+// A column slice of a wider matrix (MLA's latents out of the stacked down-projection) is read
+// in place: row stride 4 + dim + 8, with four-column accesses (dim 1024) and without (102).
+TEST(KernelsCuda, RmsNormReadsAColumnSliceInPlace) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+    for (int64_t dim : {1024, 102}) {
+      torch::manual_seed(2);
+      auto opts = torch::TensorOptions().device(torch::kCUDA);
+      auto wide = (torch::randn({2, 333, dim + 12}, opts) * 3).to(dtype).requires_grad_(true);
+      const torch::Tensor x = wide.narrow(-1, 4, dim);
+      auto w = (1 + 0.1 * torch::randn({dim}, opts)).requires_grad_(true);
+      auto out = rms_norm_fused(x, w, 1e-6, dtype);
+      auto go = torch::randn(x.sizes(), opts).to(dtype);
+      out.backward(go);
+      const NormRef ref = rms_norm_fp64(x.detach(), w, go, 1e-6);
+      const double tol = dtype == torch::kBFloat16 ? 1.0 / 64 : 1e-5;
+      EXPECT_LT(max_rel_err(out, ref.out, 1e-2), tol) << dtype << " " << dim;
+      EXPECT_LT(max_rel_err(wide.grad().narrow(-1, 4, dim), ref.grad_x, 1e-1), 2 * tol) << dtype << " " << dim;
+      EXPECT_EQ(wide.grad().narrow(-1, 0, 4).abs().max().item<double>(), 0.0);
+      EXPECT_EQ(wide.grad().narrow(-1, dim + 4, 8).abs().max().item<double>(), 0.0);
+    }
+  }
+}
+
 // The residual add fused with the norm: h and norm(h) against the fp64 truth of the same
 // rounded inputs; x and delta both receive h's whole gradient (its other use's + the norm's).
 TEST(KernelsCuda, AddRmsNormMatchesReference) {

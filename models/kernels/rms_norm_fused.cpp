@@ -25,7 +25,8 @@ struct NormForward {
   torch::Tensor sum, out, rstd;  // sum: x + delta (undefined without delta)
 };
 
-// x (and delta): [R, D] contiguous, weight: [D] fp32 contiguous -> out [R, D] out_dtype
+// x: [R, D] with unit column stride (rows evenly strided; delta and x contiguous when delta is
+// given), weight: [D] fp32 contiguous -> out [R, D] out_dtype
 NormForward norm_forward(const torch::Tensor& x, const torch::Tensor& delta, const torch::Tensor& weight, double eps,
                          torch::ScalarType out_dtype) {
   const int64_t rows = x.size(0), dim = x.size(1);
@@ -34,7 +35,7 @@ NormForward norm_forward(const torch::Tensor& x, const torch::Tensor& delta, con
   f.rstd = torch::empty({rows}, x.options().dtype(torch::kFloat));
   if (delta.defined()) f.sum = torch::empty_like(x);
   check_kernel_launch(kernels::launch_rms_norm_forward(
-                          x.data_ptr(), delta.defined() ? delta.data_ptr() : nullptr,
+                          x.data_ptr(), x.stride(0), delta.defined() ? delta.data_ptr() : nullptr,
                           f.sum.defined() ? f.sum.data_ptr() : nullptr, weight.data_ptr<float>(), f.out.data_ptr(),
                           f.rstd.data_ptr<float>(), rows, dim, static_cast<float>(eps), kernel_dtype_code(x),
                           kernel_dtype_code(out_dtype), current_stream_of(x)),
@@ -51,11 +52,11 @@ std::pair<torch::Tensor, torch::Tensor> norm_backward(const torch::Tensor& x, co
   const torch::Tensor residual =
       grad_residual.defined() ? grad_residual.to(x.scalar_type()).contiguous() : torch::Tensor();
   const int64_t rows = x.size(0), dim = x.size(1);
-  torch::Tensor grad_x = torch::empty_like(x);
+  torch::Tensor grad_x = torch::empty({rows, dim}, x.options());
   torch::Tensor partial =
       torch::empty({kernels::rms_norm_backward_partials(rows), dim}, x.options().dtype(torch::kFloat));
   check_kernel_launch(kernels::launch_rms_norm_backward(
-                          x.data_ptr(), weight.data_ptr<float>(), rstd.data_ptr<float>(), grad_out.data_ptr(),
+                          x.data_ptr(), x.stride(0), weight.data_ptr<float>(), rstd.data_ptr<float>(), grad_out.data_ptr(),
                           residual.defined() ? residual.data_ptr() : nullptr, grad_x.data_ptr(),
                           partial.data_ptr<float>(), rows, dim, kernel_dtype_code(x), kernel_dtype_code(out_dtype),
                           current_stream_of(x)),
@@ -119,7 +120,9 @@ torch::Tensor rms_norm_fused(const torch::Tensor& x, const torch::Tensor& weight
                              torch::ScalarType out_dtype) {
 #ifdef MOETRAIN_WITH_CUDA
   if (kernel_applies(x, weight, out_dtype)) {
-    const torch::Tensor rows = x.reshape({-1, x.size(-1)}).contiguous();  // [R, D]
+    // [R, D]: a column slice of a wider matrix (MLA's latents) stays a view, read in place
+    torch::Tensor rows = x.reshape({-1, x.size(-1)});
+    if (rows.stride(1) != 1 || rows.stride(0) < rows.size(1)) rows = rows.contiguous();
     return RMSNormFunction::apply(rows, weight.contiguous(), eps, out_dtype).view(x.sizes());
   }
 #endif

@@ -14,18 +14,19 @@ constexpr int64_t kMaxBackwardWarps = 2048;  // rows of the dweight partial buff
 
 // delta (nullable): the norm is of h = round_x(x + delta), which is written to sum_out (each
 // lane reads back only the columns it wrote, so the second pass sees its own stores).
+// x_stride: elements between x's rows (≥ dim: a column slice of a wider matrix reads in place).
 template <class TX, class TO>
-__global__ void rms_norm_forward_kernel(const TX* __restrict__ x, const TX* __restrict__ delta, TX* sum_out,
-                                        const float* __restrict__ weight, TO* __restrict__ out,
+__global__ void rms_norm_forward_kernel(const TX* __restrict__ x, int64_t x_stride, const TX* __restrict__ delta,
+                                        TX* sum_out, const float* __restrict__ weight, TO* __restrict__ out,
                                         float* __restrict__ rstd, int64_t rows, int64_t dim, float eps, bool vec) {
   const int lane = threadIdx.x % 32;
   const int64_t warp = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / 32;
   const int64_t n_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t r = warp; r < rows; r += n_warps) {
-    const TX* xr = delta ? sum_out + r * dim : x + r * dim;  // the normalized input
+    const TX* xr = delta ? sum_out + r * dim : x + r * x_stride;  // the normalized input
     float ss = 0.f;
     for_columns(dim, lane, vec, [&](int64_t c, int n) {
-      Float4 v = load_n(x + r * dim + c, n);
+      Float4 v = load_n(x + r * x_stride + c, n);
       if (delta) {
         const Float4 d = load_n(delta + r * dim + c, n);
         for (int j = 0; j < n; ++j) v.v[j] = to_float(from_float<TX>(v.v[j] + d.v[j]));  // as ATen's add rounds
@@ -48,7 +49,7 @@ __global__ void rms_norm_forward_kernel(const TX* __restrict__ x, const TX* __re
 
 // xhat = x·r, dn = g·w: dx = r·(dn − xhat·mean(dn·xhat)) (+ grad_residual); dw += g·round_x(xhat)
 template <class TX, class TO>
-__global__ void rms_norm_backward_kernel(const TX* __restrict__ x, const float* __restrict__ weight,
+__global__ void rms_norm_backward_kernel(const TX* __restrict__ x, int64_t x_stride, const float* __restrict__ weight,
                                          const float* __restrict__ rstd, const TO* __restrict__ grad_out,
                                          const TX* __restrict__ grad_residual, TX* __restrict__ grad_x,
                                          float* __restrict__ dweight_partial, int64_t rows, int64_t dim, bool vec) {
@@ -58,7 +59,7 @@ __global__ void rms_norm_backward_kernel(const TX* __restrict__ x, const float* 
   float* dw = dweight_partial + warp * dim;
   for_columns(dim, lane, vec, [&](int64_t c, int n) { store_n(dw + c, Float4{{0.f, 0.f, 0.f, 0.f}}, n); });
   for (int64_t r = warp; r < rows; r += n_warps) {
-    const TX* xr = x + r * dim;
+    const TX* xr = x + r * x_stride;
     const TO* gr = grad_out + r * dim;
     const float inv = rstd[r];
     float dot = 0.f;
@@ -94,33 +95,33 @@ int64_t rms_norm_backward_partials(int64_t rows) {
   return blocks * kWarpsPerBlock;
 }
 
-int launch_rms_norm_forward(const void* x, const void* delta, void* sum_out, const float* weight, void* out,
-                            float* rstd, int64_t rows, int64_t dim, float eps, int x_dtype, int out_dtype,
+int launch_rms_norm_forward(const void* x, int64_t x_stride, const void* delta, void* sum_out, const float* weight,
+                            void* out, float* rstd, int64_t rows, int64_t dim, float eps, int x_dtype, int out_dtype,
                             void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   const int blocks = grid_for(rows, kWarpsPerBlock);
-  const bool vec = dim % 4 == 0 && aligned16(x, weight, out) && (!delta || aligned16(delta, sum_out));
+  const bool vec = dim % 4 == 0 && x_stride % 4 == 0 && aligned16(x, weight, out) && (!delta || aligned16(delta, sum_out));
   MOETRAIN_DISPATCH_DTYPE(x_dtype, TX, {
     MOETRAIN_DISPATCH_DTYPE(out_dtype, TO, {
       rms_norm_forward_kernel<TX, TO><<<blocks, kWarpsPerBlock * 32, 0, s>>>(
-          static_cast<const TX*>(x), static_cast<const TX*>(delta), static_cast<TX*>(sum_out), weight,
+          static_cast<const TX*>(x), x_stride, static_cast<const TX*>(delta), static_cast<TX*>(sum_out), weight,
           static_cast<TO*>(out), rstd, rows, dim, eps, vec);
     })
   })
   return static_cast<int>(cudaGetLastError());
 }
 
-int launch_rms_norm_backward(const void* x, const float* weight, const float* rstd, const void* grad_out,
-                             const void* grad_residual, void* grad_x, float* dweight_partial, int64_t rows,
-                             int64_t dim, int x_dtype, int out_dtype, void* stream) {
+int launch_rms_norm_backward(const void* x, int64_t x_stride, const float* weight, const float* rstd,
+                             const void* grad_out, const void* grad_residual, void* grad_x, float* dweight_partial,
+                             int64_t rows, int64_t dim, int x_dtype, int out_dtype, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   const int blocks = static_cast<int>(rms_norm_backward_partials(rows) / kWarpsPerBlock);
-  const bool vec = dim % 4 == 0 && aligned16(x, weight, grad_out, grad_x, dweight_partial) &&
+  const bool vec = dim % 4 == 0 && x_stride % 4 == 0 && aligned16(x, weight, grad_out, grad_x, dweight_partial) &&
                    (!grad_residual || aligned16(grad_residual));
   MOETRAIN_DISPATCH_DTYPE(x_dtype, TX, {
     MOETRAIN_DISPATCH_DTYPE(out_dtype, TO, {
       rms_norm_backward_kernel<TX, TO><<<blocks, kWarpsPerBlock * 32, 0, s>>>(
-          static_cast<const TX*>(x), weight, rstd, static_cast<const TO*>(grad_out),
+          static_cast<const TX*>(x), x_stride, weight, rstd, static_cast<const TO*>(grad_out),
           static_cast<const TX*>(grad_residual), static_cast<TX*>(grad_x), dweight_partial, rows, dim, vec);
     })
   })
