@@ -79,6 +79,15 @@ TEST(MasterWeights, CastsMatricesOnlyAndKeepsTheirFp32Values) {
 
 // The twin: torch AdamW (build_optimizer's groups) on fp32 copies, given the bf16 gradients
 // upcast, clipped by the same global norm.
+// A step-1 checkpoint saved inside expose(), as the trainer saves one (the fp32 masters).
+std::string save_inside_expose(const ExperimentConfig& cfg, Transformer& model, FusedAdamW& opt,
+                               const MasterWeights& masters) {
+  TrainingState state;
+  state.step = 1;
+  const auto swap = masters.expose();
+  return save_checkpoint(cfg, model, opt, state);
+}
+
 TEST(MasterWeights, StepsLikeAdamWOnFp32Copies) {
   constexpr double kClip = 2.0;
   Toy toy, ref;  // same seed: same values
@@ -173,13 +182,7 @@ TEST(MasterWeights, Bf16MomentsResumeExactly) {
   MasterWeights masters(bf16_weight_params(*model), torch::kBFloat16);
   grads_for(model, 0.0);
   masters.step(*opt);
-  std::string path;
-  TrainingState state;
-  state.step = 1;
-  {
-    const auto swap = masters.expose();
-    path = save_checkpoint(cfg, model, *opt, state);
-  }
+  const std::string path = save_inside_expose(cfg, model, *opt, masters);
   const SafetensorsFile f = read_safetensors(path + "/optimizer.safetensors");
   EXPECT_EQ(f.at("exp_avg.layers.0.attn.wo.weight").scalar_type(), torch::kBFloat16);
 
@@ -215,13 +218,7 @@ TEST(MasterWeights, CheckpointHoldsTheMastersAndResumesThem) {
   // one step so the masters are off the bf16 grid and the optimizer has state
   for (auto p : model->parameters()) p.mutable_grad() = torch::ones_like(p) * 1e-3;
   masters.step(*opt);
-  std::string path;
-  TrainingState state;
-  state.step = 1;
-  {
-    const auto swap = masters.expose();
-    path = save_checkpoint(cfg, model, *opt, state);
-  }
+  const std::string path = save_inside_expose(cfg, model, *opt, masters);
   EXPECT_EQ(params[0].scalar_type(), torch::kBFloat16) << "the swap ends with the save";
   const SafetensorsFile f = read_safetensors(path + "/model.safetensors");
   const auto named = model->named_parameters();
