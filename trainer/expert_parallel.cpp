@@ -1,6 +1,6 @@
 #include "trainer/expert_parallel.h"
 
-#include "models/kernels/sum_squares.h"
+#include "trainer/optim.h"
 
 #include <cmath>
 
@@ -206,18 +206,12 @@ std::vector<torch::Tensor> grads_of(const std::vector<torch::Tensor>& params) {
   return grads;
 }
 
-// Sum of the squared gradient norms, a 0-dim fp64 tensor on `device`, no host sync. CUDA
-// fp32/bf16 gradients: the one-kernel Σ x² of optim.h's grad_norm (models/kernels/sum_squares.h);
-// elsewhere a multi-tensor norm (fp32 accumulation, fp64 for fp64 gradients), the per-tensor
-// norms' squares summed in fp64 (a few hundred numbers).
+// Sum of the squared gradient norms (optim.h's grad_squares_sum), a 0-dim fp64 tensor on
+// `device`, no host sync.
 torch::Tensor squared_norm(const std::vector<torch::Tensor>& params, torch::Device device) {
   const std::vector<torch::Tensor> grads = grads_of(params);
   if (grads.empty()) return torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
-  if (sum_of_squares_kernel_ok(grads)) return sum_of_squares_fused(grads).to(device, torch::kDouble);
-  bool fp64 = false;
-  for (const auto& g : grads) fp64 = fp64 || g.scalar_type() == torch::kDouble;
-  const std::vector<torch::Tensor> norms = at::_foreach_norm(grads, 2, fp64 ? torch::kDouble : torch::kFloat);
-  return torch::stack(norms).to(torch::kDouble).square().sum().to(device);
+  return grad_squares_sum(grads).to(device, torch::kDouble);
 }
 
 }  // namespace

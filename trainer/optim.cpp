@@ -97,19 +97,23 @@ torch::Tensor grad_norm(const std::vector<torch::Tensor>& params) {
   for (const auto& p : params)
     if (p.grad().defined()) grads.push_back(p.grad());
   if (grads.empty()) return torch::zeros({}, torch::kFloat);
-  // CUDA fp32/bf16 gradients: one kernel over all of them (ATen's _foreach_norm with an fp32
-  // result for bf16 gradients takes one reduction kernel per tensor).
-  if (sum_of_squares_kernel_ok(grads)) return sum_of_squares_fused(grads).sqrt();
-  return grad_norm_reference(grads);
+  return grad_squares_sum(grads).sqrt().to(torch::kFloat);
 }
 
-torch::Tensor grad_norm_reference(const std::vector<torch::Tensor>& grads) {
-  if (grads.empty()) return torch::zeros({}, torch::kFloat);
+torch::Tensor grad_squares_sum(const std::vector<torch::Tensor>& grads) {
+  // CUDA fp32/bf16 gradients: one kernel over all of them (ATen's _foreach_norm with an fp32
+  // result for bf16 gradients takes one reduction kernel per tensor).
+  if (sum_of_squares_kernel_ok(grads)) return sum_of_squares_fused(grads);
+  return grad_squares_sum_reference(grads);
+}
+
+torch::Tensor grad_squares_sum_reference(const std::vector<torch::Tensor>& grads) {
+  TORCH_CHECK(!grads.empty(), "grad_squares_sum: no gradients");
   bool fp64 = false;
   for (const auto& g : grads) fp64 = fp64 || g.scalar_type() == torch::kDouble;
   // per tensor, accumulated and returned in fp32 (bf16 gradients included)
   const std::vector<torch::Tensor> norms = at::_foreach_norm(grads, 2, fp64 ? torch::kDouble : torch::kFloat);
-  return torch::stack(norms).to(torch::kFloat).norm();
+  return torch::stack(norms).square().sum();
 }
 
 double lr_at(int64_t step, const OptimConfig& cfg, int64_t total_steps) {

@@ -34,12 +34,17 @@ class FusedAdamW : public torch::optim::AdamW {
 };
 
 // The global L2 norm of the parameters' gradients (undefined gradients skipped), a 0-dim
-// fp32 tensor on their device: one multi-tensor norm kernel, no host sync.
+// fp32 tensor on their device: sqrt of grad_squares_sum, no host sync.
 torch::Tensor grad_norm(const std::vector<torch::Tensor>& params);
 
-// The reference twin of grad_norm's CUDA kernel: _foreach_norm per gradient (fp32 results,
-// fp64 for fp64 gradients), then the norm of the norms. grads: the gradients themselves.
-torch::Tensor grad_norm_reference(const std::vector<torch::Tensor>& grads);
+// Σ g² over `grads` (the gradients themselves, at least one), 0-dim on their device, no host
+// sync: one kernel for CUDA fp32/bf16 gradients (models/kernels/sum_squares.h, fp32), else
+// the reference below.
+torch::Tensor grad_squares_sum(const std::vector<torch::Tensor>& grads);
+
+// The reference twin of that kernel: _foreach_norm per gradient (fp32 results, fp64 for fp64
+// gradients), their squares summed.
+torch::Tensor grad_squares_sum_reference(const std::vector<torch::Tensor>& grads);
 
 // The decay / no-decay rule: weight decay on ≥2-D weights only (norms are 1-D).
 inline bool weight_decayed(const torch::Tensor& p) { return p.dim() >= 2; }

@@ -248,15 +248,16 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   std::unique_ptr<CapturedForwardBackward> graph;
   torch::Tensor graph_inputs, graph_targets;  // [accum, micro_batch, seq_len] int64 on the device
   torch::Tensor graph_mtp_weight;             // λ of the step, refilled before each replay
+  ForwardBackwardOptions step_fb;             // what every step's forward + backward shares
+  step_fb.accum = accum;
+  step_fb.seq_len = tc.seq_len;
+  step_fb.bf16_autocast = bf16_autocast;
   if (tc.cuda_graph) {
     if (world > 1) throw std::runtime_error("train.cuda_graph: CUDA graphs are for one process (world size 1)");
     const auto opts = torch::TensorOptions().dtype(torch::kLong).device(device);
     graph_inputs = torch::empty({accum, tc.micro_batch, tc.seq_len}, opts);
     graph_targets = torch::empty({accum, tc.micro_batch, tc.seq_len}, opts);
-    ForwardBackwardOptions fb;
-    fb.accum = accum;
-    fb.seq_len = tc.seq_len;
-    fb.bf16_autocast = bf16_autocast;
+    ForwardBackwardOptions fb = step_fb;
     graph_mtp_weight = torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat).device(device));
     fb.mtp_weight_device = graph_mtp_weight;
     graph = std::make_unique<CapturedForwardBackward>(
@@ -292,10 +293,7 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
       graph_mtp_weight.fill_(mtp_weight);
       sums = graph->run();
     } else {
-      ForwardBackwardOptions fb;
-      fb.accum = accum;
-      fb.seq_len = tc.seq_len;
-      fb.bf16_autocast = bf16_autocast;
+      ForwardBackwardOptions fb = step_fb;
       fb.mtp_weight = mtp_weight;
       fb.poison_loss = inject.at("nan_loss", step + 1);
       fb.poison_grad = inject.at("nan_grad", step + 1);
