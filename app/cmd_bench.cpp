@@ -108,23 +108,25 @@ nlohmann::json report_profile(const StepProfile& p, int64_t n_profiled, const st
           {"top_kernels", top}};
 }
 
-// --moe-layer: forward + backward of one MoE layer of the config (router, permutation,
-// routed and shared experts) on random hidden states of one micro-batch, median of `steps`.
-// The input is bf16 under bf16 autocast, as the layer's RMSNorm hands it over in the model.
-// A fresh router routes nearly uniformly, so every expert gets ≈ N·K/E rows.
-nlohmann::json bench_moe_layer(const ExperimentConfig& cfg, const torch::Device& device, bool bf16, int64_t steps,
-                               int64_t warmup, int64_t profile_n, size_t profile_rows, const std::string& trace) {
-  const ModelConfig& m = cfg.model;
-  MoE moe(m);
-  moe->to(device);
-  // train.param_dtype bf16: the matrices stored in bf16, as the trainer holds them (no optimizer here)
-  if (cfg.train.param_dtype == "bf16") cast_params_to_bf16(bf16_weight_params(*moe));
-  const int64_t tokens = cfg.train.micro_batch * cfg.train.seq_len;
-  auto x = torch::randn({cfg.train.micro_batch, cfg.train.seq_len, m.hidden_size},
-                        torch::TensorOptions(device).dtype(bf16 ? torch::kBFloat16 : torch::kFloat))
-               .requires_grad_(true);
-  auto grad_y = torch::randn_like(x);
-  auto pass = [&] {
+// One MoE layer of config `m` on the device with its input and output gradient: a pass is
+// the forward + backward of the layer on random hidden states of one micro-batch. The input
+// is bf16 under bf16 autocast, as the layer's RMSNorm hands it over in the model. A fresh
+// router routes nearly uniformly, so every expert gets ≈ N·K/E rows.
+struct MoELayerPass {
+  MoE moe;
+  torch::Tensor x, grad_y;
+  bool bf16;
+  MoELayerPass(const ModelConfig& m, const TrainConfig& tc, const torch::Device& device, bool bf16_)
+      : moe(m), bf16(bf16_) {
+    moe->to(device);
+    // train.param_dtype bf16: the matrices stored in bf16, as the trainer holds them (no optimizer here)
+    if (tc.param_dtype == "bf16") cast_params_to_bf16(bf16_weight_params(*moe));
+    x = torch::randn({tc.micro_batch, tc.seq_len, m.hidden_size},
+                     torch::TensorOptions(device).dtype(bf16 ? torch::kBFloat16 : torch::kFloat))
+            .requires_grad_(true);
+    grad_y = torch::randn_like(x);
+  }
+  void operator()() {
     for (auto& p : moe->parameters()) p.mutable_grad() = torch::Tensor();
     x.mutable_grad() = torch::Tensor();
     torch::Tensor y;
@@ -133,33 +135,98 @@ nlohmann::json bench_moe_layer(const ExperimentConfig& cfg, const torch::Device&
       y = moe(x).y;
     }
     y.backward(grad_y.to(y.scalar_type()));
-  };
+  }
+};
+
+// Milliseconds of each of n passes, each timed between device syncs.
+std::vector<double> time_passes(MoELayerPass& pass, const torch::Device& device, int64_t n) {
   std::vector<double> ms;
-  for (int64_t i = 0; i < warmup + steps; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     sync(device);
     const auto t0 = Clock::now();
     pass();
     sync(device);
-    if (i >= warmup) ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+    ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
   }
+  return ms;
+}
+
+// --moe-layer: forward + backward of one MoE layer of the config (router, permutation,
+// routed and shared experts), median of `steps` passes.
+// --scale-experts E2 (issue 9's expert scaling): the same layer with E2 routed experts (same
+// top-k) in the same process, the two timed in interleaved rounds (A B, then B A, ...) so
+// that clock and thermal drift between calls falls on both alike; reports both medians and
+// their ratio, and the spread of the per-round ratios.
+nlohmann::json bench_moe_layer(const ExperimentConfig& cfg, const torch::Device& device, bool bf16, int64_t steps,
+                               int64_t warmup, int64_t profile_n, size_t profile_rows, const std::string& trace,
+                               int64_t scale_experts) {
+  const ModelConfig& m = cfg.model;
+  const int64_t tokens = cfg.train.micro_batch * cfg.train.seq_len;
+  MoELayerPass pass(m, cfg.train, device, bf16);
+  auto describe = [&](const ModelConfig& mc, double med) {
+    return fmt::format("{}: MoE layer forward + backward {:.2f} ms ({} routed experts, top-{}, {} shared, {} tokens)\n",
+                       device_name(device), med, mc.n_routed_experts, mc.num_experts_per_tok, mc.n_shared_experts,
+                       tokens);
+  };
+  nlohmann::json result = {{"n_routed_experts", m.n_routed_experts},
+                           {"top_k", m.num_experts_per_tok},
+                           {"param_dtype", cfg.train.param_dtype},
+                           {"tokens", tokens},
+                           {"device", device_name(device)}};
+  if (scale_experts > 0) {
+    ModelConfig m2 = m;
+    m2.n_routed_experts = scale_experts;
+    if (scale_experts < m.num_experts_per_tok || scale_experts % m.n_group != 0)
+      throw UsageError(fmt::format("moetrain bench: --scale-experts {} must be >= num_experts_per_tok {} and a multiple "
+                                   "of n_group {}",
+                                   scale_experts, m.num_experts_per_tok, m.n_group));
+    MoELayerPass pass2(m2, cfg.train, device, bf16);
+    time_passes(pass, device, warmup);
+    time_passes(pass2, device, warmup);
+    const int64_t rounds = std::max<int64_t>(1, std::min<int64_t>(10, steps / 5));
+    const int64_t per_round = std::max<int64_t>(1, steps / rounds);
+    std::vector<double> all_a, all_b, round_ratio;
+    for (int64_t r = 0; r < rounds; ++r) {
+      std::vector<double> a, b;
+      if (r % 2 == 0) {
+        a = time_passes(pass, device, per_round);
+        b = time_passes(pass2, device, per_round);
+      } else {
+        b = time_passes(pass2, device, per_round);
+        a = time_passes(pass, device, per_round);
+      }
+      round_ratio.push_back(median(b) / median(a));
+      all_a.insert(all_a.end(), a.begin(), a.end());
+      all_b.insert(all_b.end(), b.begin(), b.end());
+    }
+    const double med_a = median(all_a), med_b = median(all_b);
+    const auto [lo, hi] = std::minmax_element(round_ratio.begin(), round_ratio.end());
+    std::cout << describe(m, med_a) << describe(m2, med_b);
+    std::cout << fmt::format("MoE layer scaling {} -> {} routed experts: {:.3f}x (median of {} interleaved rounds of {} "
+                             "passes each; per-round ratios {:.3f}-{:.3f})\n",
+                             m.n_routed_experts, scale_experts, med_b / med_a, rounds, per_round, *lo, *hi);
+    result["moe_layer_ms"] = med_a;
+    result["scaled_n_routed_experts"] = scale_experts;
+    result["scaled_moe_layer_ms"] = med_b;
+    result["scaling_ratio"] = med_b / med_a;
+    result["round_ratios"] = round_ratio;
+    result["peak_mem_gb"] = peak_memory_gb(device);
+    return result;
+  }
+  time_passes(pass, device, warmup);
+  const std::vector<double> ms = time_passes(pass, device, steps);
   nlohmann::json profile = nullptr;
   if (profile_n > 0) {
     if (!device.is_cuda()) throw UsageError("moetrain bench: --profile needs train.device cuda");
-    profile = report_profile(profile_steps(pass, profile_n, trace), profile_n, "layer passes", profile_rows);
+    profile = report_profile(profile_steps([&] { pass(); }, profile_n, trace), profile_n, "layer passes", profile_rows);
   }
   const double med = median(ms);
-  std::cout << fmt::format("{}: MoE layer forward + backward {:.2f} ms ({} routed experts, top-{}, {} shared, {} tokens)\n",
-                           device_name(device), med, m.n_routed_experts, m.num_experts_per_tok, m.n_shared_experts,
-                           tokens);
-  return {{"moe_layer_ms", med},
-          {"moe_layer_ms_min", *std::min_element(ms.begin(), ms.end())},
-          {"n_routed_experts", m.n_routed_experts},
-          {"top_k", m.num_experts_per_tok},
-          {"param_dtype", cfg.train.param_dtype},
-          {"tokens", tokens},
-          {"peak_mem_gb", peak_memory_gb(device)},
-          {"device", device_name(device)},
-          {"profile", profile}};
+  std::cout << describe(m, med);
+  result["moe_layer_ms"] = med;
+  result["moe_layer_ms_min"] = *std::min_element(ms.begin(), ms.end());
+  result["peak_mem_gb"] = peak_memory_gb(device);
+  result["profile"] = profile;
+  return result;
 }
 
 }  // namespace
@@ -183,6 +250,9 @@ int cmd_bench(int argc, char** argv) {
   args.option("profile-rows", "N", "with --profile: how many kernels the table lists, by GPU time", "25");
   args.option("trace", "FILE", "with --profile: also save a Chrome trace (chrome://tracing, Perfetto)");
   args.flag("moe-layer", "time one MoE layer's forward + backward (one micro-batch) instead of whole steps");
+  args.option("scale-experts", "E",
+              "with --moe-layer: also time the layer with E routed experts (same top-k), interleaved in one process,\n"
+              "and print the ratio (issue 9's expert scaling)");
   args.allow_set();
   return run_command([&] {
     if (!args.parse(argc, argv)) return 0;
@@ -220,7 +290,9 @@ int cmd_bench(int argc, char** argv) {
     const auto profile_rows = static_cast<size_t>(std::stoull(args.get("profile-rows")));
     if (args.has("moe-layer")) {
       std::cout << bench_moe_layer(cfg, device, tc.dtype == "bf16" && device.is_cuda(), steps, warmup,
-                                   std::stoll(args.get("profile")), profile_rows, args.get("trace")).dump() << "\n";
+                                   std::stoll(args.get("profile")), profile_rows, args.get("trace"),
+                                   args.given("scale-experts") ? std::stoll(args.get("scale-experts")) : 0)
+                       .dump() << "\n";
       return 0;
     }
     Transformer model(cfg.model);

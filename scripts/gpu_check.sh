@@ -5,8 +5,9 @@
 #   cuda     only the tests labelled cuda (the GPU paths against their references)
 #   bench    moetrain bench beside transformers (scripts/bench_vs_hf.py) -> bench.json
 #   profile  a one-step Kineto profile of moetrain bench
-#   scaling  expert scaling (issue 9): one MoE layer fwd+bwd (median of 50, then a 5-pass kernel
-#            profile) and the whole step at 64 vs 256 routed experts, same top-k (the 256-expert step needs ~75 GB: an H200)
+#   scaling  expert scaling (issue 9): one MoE layer fwd+bwd at 64 and 256 experts interleaved in one
+#            process (--scale-experts: 10 rounds, the ratio of medians), each E's 5-pass kernel
+#            profile, and the whole step at 64 vs 256 routed experts, same top-k (the 256-expert step needs ~75 GB: an H200)
 #   dist     data parallel over all visible GPUs (NCCL, 8 sequences per GPU) against one GPU: the
 #            replicated optimizer with the overlapped and the after-backward gradient all-reduce,
 #            ZeRO-1, expert parallel (ep_size = GPUs); CKPT=1 adds activation checkpointing on one GPU
@@ -78,6 +79,8 @@ if has profile; then
   stamp profile
 fi
 if has scaling; then
+  "$MT" bench "$CONFIG" --moe-layer --steps 400 --warmup 10 --scale-experts 256 --set model.n_routed_experts=64 \
+    "${SETS_ARR[@]}" >"$OUT/moe-layer-scaling.log" 2>&1 || tail -5 "$OUT/moe-layer-scaling.log"
   for e in 64 256; do
     "$MT" bench "$CONFIG" --moe-layer --steps 50 --warmup 5 --profile 5 --set model.n_routed_experts=$e "${SETS_ARR[@]}" \
       >"$OUT/moe-layer-$e.log" 2>&1 || tail -5 "$OUT/moe-layer-$e.log"
@@ -108,7 +111,7 @@ fi
 echo "== summary"
 has profile && grep -A$(( ${PROFILE_ROWS:-25} + 3 )) "^profile of" "$OUT/profile.log" | cut -c1-150
 has scaling && for e in 64 256; do grep -A16 "^profile of" "$OUT/moe-layer-$e.log" | cut -c1-130; done
-has scaling && grep -h -E "MoE layer|median step" "$OUT"/moe-layer-*.log "$OUT"/step-experts-*.log
+has scaling && grep -h -E "MoE layer|median step" "$OUT"/moe-layer-[0-9]*.log "$OUT"/moe-layer-scaling.log "$OUT"/step-experts-*.log
 has curve && cat "$OUT/curve.md"
 has dist && grep -E "median step|rror" "$OUT/dist.log"
 has bench && tail -6 "$OUT/bench.log"

@@ -153,6 +153,20 @@ TEST(Cli, BenchMoeLayerOnCpu) {
   EXPECT_EQ(j["n_routed_experts"], 16);
   EXPECT_EQ(j["tokens"], 32);
   EXPECT_GT(j["moe_layer_ms"].get<double>(), 0.0);
+
+  // --scale-experts: both layers in one process, interleaved rounds, and their ratio
+  r = run_capture(bin() + " bench " + cfg("debug") +
+                  " --moe-layer --steps 10 --warmup 1 --scale-experts 32 --set train.micro_batch=2"
+                  " --set train.seq_len=16 --set train.threads=1 --set model.n_routed_experts=16");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto s = nlohmann::json::parse(r.output.substr(r.output.rfind('{')));
+  EXPECT_EQ(s["scaled_n_routed_experts"], 32);
+  EXPECT_EQ(s["round_ratios"].size(), 2u);
+  EXPECT_NEAR(s["scaling_ratio"].get<double>(),
+              s["scaled_moe_layer_ms"].get<double>() / s["moe_layer_ms"].get<double>(), 1e-9);
+  EXPECT_NE(r.output.find("MoE layer scaling 16 -> 32 routed experts"), std::string::npos) << r.output;
+  r = run_capture(bin() + " bench " + cfg("debug") + " --moe-layer --scale-experts 1 --set train.threads=1");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
 }
 
 }  // namespace
