@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 
 #include "models/kernels/mla_rope.h"
 #include "models/linear.h"
@@ -62,13 +63,14 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> MLAImpl::project_qkv(
   q = q.view({B, T, H, qk_nope_head_dim + qk_rope_head_dim});
   // Keys/values: latent c_kv and one k_rope shared by all heads (eqs. 1–5).
   const torch::Tensor kv = wkv_b(kv_norm(down.kv_latent)).view({B, T, H, qk_nope_head_dim + v_head_dim});
-  const torch::Tensor v = kv.narrow(-1, qk_nope_head_dim, v_head_dim);
-  torch::Tensor k;
+  torch::Tensor k, v;
   if (mla_rope_kernel_ok(q, rope) && kv.scalar_type() == q.scalar_type()) {
-    // CUDA: [nope | rotated rope] per head in one kernel each (the ATen path below is its twin)
+    // CUDA: [nope | rotated rope] per head in one kernel each, v split off in k's pass (the
+    // ATen path below is its twin)
     q = mla_rope_q_fused(q, rope, qk_nope_head_dim);
-    k = mla_rope_k_fused(kv, down.k_rope, rope, qk_nope_head_dim);
+    std::tie(k, v) = mla_rope_kv_fused(kv, down.k_rope, rope, qk_nope_head_dim);
   } else {
+    v = kv.narrow(-1, qk_nope_head_dim, v_head_dim);
     auto q_parts = q.split({qk_nope_head_dim, qk_rope_head_dim}, -1);
     q = torch::cat({q_parts[0], apply_rope(q_parts[1], rope)}, -1);            // [B, T, H, qk]
     const torch::Tensor k_rope = apply_rope(down.k_rope.unsqueeze(2), rope);  // [B, T, 1, rope]

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 
+#include <fmt/format.h>
 #include <torch/torch.h>
 
 #include <ATen/autocast_mode.h>
@@ -77,7 +78,8 @@ TEST(KernelsCuda, RmsNormMatchesReference) {
   ASSERT_TRUE(fused_kernels_available()) << "built without MOETRAIN_CUDA";
   for (auto x_dtype : {torch::kFloat32, torch::kBFloat16}) {
     for (auto out_dtype : {torch::kFloat32, torch::kBFloat16}) {
-      for (int64_t dim : {256, 1024, 100, 102}) {  // 100: not a multiple of the warp; 102: nor of 4
+      for (int64_t dim : {256, 1024, 100, 102, 388, 2048}) {  // 100: not a multiple of the warp; 102: nor of 4
+        // (the register kernels take dim ≤ 1024 in four-column steps: 256, 100, 388, 1024; 2048 and 102 the generic one)
         torch::manual_seed(1);
         auto opts = torch::TensorOptions().device(torch::kCUDA);
         auto x = (torch::randn({3, 1001, dim}, opts) * 3).to(x_dtype).requires_grad_(true);
@@ -237,44 +239,61 @@ TEST(KernelsCuda, MoePermuteWritesBf16RowsUnderAutocast) {
   EXPECT_TRUE(torch::equal(rows, moe_permute_reference(x, perm).to(torch::kBFloat16)));
 }
 
+// Both launch paths: 16-byte chunks (every width a multiple of 8 elements) and the
+// element-by-element fallback (widths 6 / 10 / 5).
 TEST(KernelsCuda, MlaRopeMatchesReference) {
   ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
   ASSERT_TRUE(fused_kernels_available()) << "built without MOETRAIN_CUDA";
-  ModelConfig cfg;
-  cfg.qk_rope_head_dim = 32;
-  RotaryEmbedding rotary(cfg);
-  const int64_t B = 2, T = 37, H = 3, nope = 16, R = 32, C = 24, v_dim = 8;
-  const RopeTables rope = rotary.tables(64, torch::kCUDA, torch::kFloat);
-  for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
-    torch::manual_seed(3);
-    auto opts = torch::TensorOptions().device(torch::kCUDA).dtype(dtype);
-    auto q = torch::randn({B, T, H, nope + R}, opts).requires_grad_(true);
-    auto q_ref = q.detach().clone().requires_grad_(true);
-    auto latent = torch::randn({B, T, C + R}, opts).requires_grad_(true);  // wkv_a's output: [c_kv | k_rope]
-    auto latent_ref = latent.detach().clone().requires_grad_(true);
-    auto kv = torch::randn({B, T, H, nope + v_dim}, opts).requires_grad_(true);
-    auto kv_ref = kv.detach().clone().requires_grad_(true);
+  struct Shape {
+    int64_t nope, R, v_dim;
+  };
+  for (const Shape& shape : {Shape{16, 32, 8}, Shape{6, 10, 5}}) {
+    const int64_t B = 2, T = 37, H = 3, C = 24, nope = shape.nope, R = shape.R, v_dim = shape.v_dim;
+    ModelConfig cfg;
+    cfg.qk_rope_head_dim = R;
+    RotaryEmbedding rotary(cfg);
+    const RopeTables rope = rotary.tables(64, torch::kCUDA, torch::kFloat);
+    for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+      torch::manual_seed(3);
+      auto opts = torch::TensorOptions().device(torch::kCUDA).dtype(dtype);
+      auto q = torch::randn({B, T, H, nope + R}, opts).requires_grad_(true);
+      auto q_ref = q.detach().clone().requires_grad_(true);
+      auto latent = torch::randn({B, T, C + R}, opts).requires_grad_(true);  // wkv_a's output: [c_kv | k_rope]
+      auto latent_ref = latent.detach().clone().requires_grad_(true);
+      auto kv = torch::randn({B, T, H, nope + v_dim}, opts).requires_grad_(true);
+      auto kv_ref = kv.detach().clone().requires_grad_(true);
 
-    auto qf = mla_rope_q_fused(q, rope, nope);
-    auto kf = mla_rope_k_fused(kv, latent.narrow(-1, C, R), rope, nope);
-    auto q_parts = q_ref.split({nope, R}, -1);
-    auto qr = torch::cat({q_parts[0], apply_rope(q_parts[1], rope)}, -1);
-    auto k_rope = apply_rope(latent_ref.narrow(-1, C, R).unsqueeze(2), rope);
-    auto kr = torch::cat({kv_ref.narrow(-1, 0, nope), k_rope.expand({B, T, H, R})}, -1);
-    // the same fp32 arithmetic, one rounding: equal up to fma contraction
-    const double tol = dtype == torch::kFloat32 ? 1e-5 : 1.0 / 128;
-    EXPECT_LT(max_rel_err(qf, qr, 1e-2), tol) << dtype;
-    EXPECT_LT(max_rel_err(kf, kr, 1e-2), tol) << dtype;
-    auto gq = torch::randn_like(qf), gk = torch::randn_like(kf);
-    (qf * gq).sum().backward();
-    (kf * gk).sum().backward();
-    (qr * gq).sum().backward();
-    (kr * gk).sum().backward();
-    EXPECT_LT(max_rel_err(q.grad(), q_ref.grad(), 1e-1), 2 * tol) << dtype;
-    EXPECT_LT(max_rel_err(kv.grad(), kv_ref.grad(), 1e-1), 2 * tol) << dtype;
-    // k_rope's gradient sums over heads: compare to its scale
-    const auto g = latent.grad().to(torch::kFloat), g_ref = latent_ref.grad().to(torch::kFloat);
-    EXPECT_LT((g - g_ref).abs().max().item<double>() / g_ref.abs().max().item<double>(), 4 * tol) << dtype;
+      auto qf = mla_rope_q_fused(q, rope, nope);
+      auto [kf, vf] = mla_rope_kv_fused(kv, latent.narrow(-1, C, R), rope, nope);
+      auto q_parts = q_ref.split({nope, R}, -1);
+      auto qr = torch::cat({q_parts[0], apply_rope(q_parts[1], rope)}, -1);
+      auto k_rope = apply_rope(latent_ref.narrow(-1, C, R).unsqueeze(2), rope);
+      auto kr = torch::cat({kv_ref.narrow(-1, 0, nope), k_rope.expand({B, T, H, R})}, -1);
+      auto vr = kv_ref.narrow(-1, nope, v_dim);
+      // the same fp32 arithmetic, one rounding: equal up to fma contraction
+      const double tol = dtype == torch::kFloat32 ? 1e-5 : 1.0 / 128;
+      const std::string what = fmt::format("{} nope {} R {} v {}", c10::toString(dtype), nope, R, v_dim);
+      EXPECT_LT(max_rel_err(qf, qr, 1e-2), tol) << what;
+      EXPECT_LT(max_rel_err(kf, kr, 1e-2), tol) << what;
+      EXPECT_TRUE(torch::equal(vf, vr)) << what;
+      // the gradient reaching v arrives through SDPA's transpose: a strided one must be read right
+      auto gq = torch::randn_like(qf), gk = torch::randn_like(kf);
+      auto gv = torch::randn({B, H, T, v_dim}, opts).transpose(1, 2);
+      (qf * gq).sum().backward();
+      ((kf * gk).sum() + (vf * gv).sum()).backward();
+      (qr * gq).sum().backward();
+      ((kr * gk).sum() + (vr * gv).sum()).backward();
+      EXPECT_LT(max_rel_err(q.grad(), q_ref.grad(), 1e-1), 2 * tol) << what;
+      EXPECT_LT(max_rel_err(kv.grad(), kv_ref.grad(), 1e-1), 2 * tol) << what;
+      // k_rope's gradient sums over heads: compare to its scale
+      const auto g = latent.grad().to(torch::kFloat), g_ref = latent_ref.grad().to(torch::kFloat);
+      EXPECT_LT((g - g_ref).abs().max().item<double>() / g_ref.abs().max().item<double>(), 4 * tol) << what;
+      // v unused: its gradient comes back undefined and kv's v part is zero
+      kv.mutable_grad() = torch::Tensor();
+      auto [k2, v2] = mla_rope_kv_fused(kv, latent.narrow(-1, C, R), rope, nope);
+      (k2 * gk).sum().backward();
+      EXPECT_EQ(kv.grad().narrow(-1, nope, v_dim).abs().max().item<double>(), 0.0) << what;
+    }
   }
 }
 

@@ -59,36 +59,45 @@ struct RopeQFunction : torch::autograd::Function<RopeQFunction> {
   }
 };
 
-struct RopeKFunction : torch::autograd::Function<RopeKFunction> {
+struct RopeKVFunction : torch::autograd::Function<RopeKVFunction> {
   // kv: [B, T, H, nope + v] contiguous; k_rope: [B, T, R], last dim contiguous, rows evenly strided
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& kv,
-                               const torch::Tensor& k_rope, const torch::Tensor& cos, const torch::Tensor& sin,
-                               int64_t nope) {
+  // -> {k [B, T, H, nope + R], v [B, T, H, v]}, both contiguous
+  static torch::autograd::tensor_list forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& kv,
+                                              const torch::Tensor& k_rope, const torch::Tensor& cos,
+                                              const torch::Tensor& sin, int64_t nope) {
     const int64_t B = kv.size(0), T = kv.size(1), H = kv.size(2), v_dim = kv.size(3) - nope, rope = k_rope.size(2);
     torch::Tensor k = torch::empty({B, T, H, nope + rope}, kv.options());
-    check_kernel_launch(kernels::launch_mla_rope_k_forward(kv.data_ptr(), k_rope.data_ptr(), k_rope.stride(1),
-                                                           k.data_ptr(), cos.data_ptr<float>(), sin.data_ptr<float>(),
-                                                           B * T, T, H, nope, v_dim, rope, kernel_dtype_code(kv),
-                                                           current_stream_of(kv)),
-                        "mla_rope_k forward");
+    torch::Tensor v = torch::empty({B, T, H, v_dim}, kv.options());
+    check_kernel_launch(kernels::launch_mla_rope_kv_forward(kv.data_ptr(), k_rope.data_ptr(), k_rope.stride(1),
+                                                            k.data_ptr(), v.data_ptr(), cos.data_ptr<float>(),
+                                                            sin.data_ptr<float>(), B * T, T, H, nope, v_dim, rope,
+                                                            kernel_dtype_code(kv), current_stream_of(kv)),
+                        "mla_rope_kv forward");
     ctx->save_for_backward({cos, sin});
     ctx->saved_data["nope"] = nope;
     ctx->saved_data["v_dim"] = v_dim;
-    return k;
+    return {k, v};
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
     const int64_t nope = ctx->saved_data["nope"].toInt(), v_dim = ctx->saved_data["v_dim"].toInt();
-    const torch::Tensor grad_k = grads[0].contiguous();
-    const int64_t B = grad_k.size(0), T = grad_k.size(1), H = grad_k.size(2), rope = grad_k.size(3) - nope;
-    torch::Tensor grad_kv = torch::empty({B, T, H, nope + v_dim}, grad_k.options());
-    torch::Tensor grad_k_rope = torch::empty({B, T, rope}, grad_k.options());
-    check_kernel_launch(kernels::launch_mla_rope_k_backward(grad_k.data_ptr(), grad_kv.data_ptr(),
-                                                            grad_k_rope.data_ptr(), saved[0].data_ptr<float>(),
-                                                            saved[1].data_ptr<float>(), B * T, T, H, nope, v_dim, rope,
-                                                            kernel_dtype_code(grad_k), current_stream_of(grad_k)),
-                        "mla_rope_k backward");
+    const int64_t rope = saved[0].size(1) * 2;  // cos: [T, R/2]
+    // an output that took no part in the loss comes back undefined: its gradient is zero
+    const torch::Tensor& like = grads[0].defined() ? grads[0] : grads[1];
+    const int64_t B = like.size(0), T = like.size(1), H = like.size(2);
+    const torch::Tensor grad_k =
+        grads[0].defined() ? grads[0].contiguous() : torch::zeros({B, T, H, nope + rope}, like.options());
+    torch::Tensor grad_v = grads[1].defined() ? grads[1] : torch::zeros({B, T, H, v_dim}, like.options());
+    if (grad_v.stride(3) != 1) grad_v = grad_v.contiguous();
+    torch::Tensor grad_kv = torch::empty({B, T, H, nope + v_dim}, like.options());
+    torch::Tensor grad_k_rope = torch::empty({B, T, rope}, like.options());
+    const int64_t v_strides[3] = {grad_v.stride(0), grad_v.stride(1), grad_v.stride(2)};
+    check_kernel_launch(kernels::launch_mla_rope_kv_backward(
+                            grad_k.data_ptr(), grad_v.data_ptr(), v_strides, grad_kv.data_ptr(), grad_k_rope.data_ptr(),
+                            saved[0].data_ptr<float>(), saved[1].data_ptr<float>(), B * T, T, H, nope, v_dim, rope,
+                            kernel_dtype_code(grad_k), current_stream_of(grad_k)),
+                        "mla_rope_kv backward");
     return {grad_kv, grad_k_rope, torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
 };
@@ -107,19 +116,20 @@ torch::Tensor mla_rope_q_fused(const torch::Tensor& q, const RopeTables& rope, i
   throw std::invalid_argument("mla_rope_q_fused: needs fp32/bf16 CUDA activations, fp32 tables and a CUDA build");
 }
 
-torch::Tensor mla_rope_k_fused(const torch::Tensor& kv, const torch::Tensor& k_rope, const RopeTables& rope,
-                               int64_t nope) {
+std::pair<torch::Tensor, torch::Tensor> mla_rope_kv_fused(const torch::Tensor& kv, const torch::Tensor& k_rope,
+                                                          const RopeTables& rope, int64_t nope) {
 #ifdef MOETRAIN_WITH_CUDA
   if (mla_rope_kernel_ok(kv, rope) && kv.dim() == 4 && k_rope.dim() == 3 &&
       k_rope.scalar_type() == kv.scalar_type()) {
     auto [cos, sin] = tables_for(rope.cos, rope.sin, kv.size(1));
     // The kernel reads k_rope rows at a fixed stride (a slice of wkv_a's output is fine).
     const bool rows_ok = k_rope.stride(2) == 1 && k_rope.stride(0) == k_rope.size(1) * k_rope.stride(1);
-    return RopeKFunction::apply(kv.contiguous(), rows_ok ? k_rope : k_rope.contiguous(), cos, sin, nope);
+    auto kv_out = RopeKVFunction::apply(kv.contiguous(), rows_ok ? k_rope : k_rope.contiguous(), cos, sin, nope);
+    return {kv_out[0], kv_out[1]};
   }
 #endif
   (void)k_rope, (void)nope;
-  throw std::invalid_argument("mla_rope_k_fused: needs fp32/bf16 CUDA activations, fp32 tables and a CUDA build");
+  throw std::invalid_argument("mla_rope_kv_fused: needs fp32/bf16 CUDA activations, fp32 tables and a CUDA build");
 }
 
 }  // namespace moetrain

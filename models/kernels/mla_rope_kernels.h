@@ -1,4 +1,4 @@
-// defines: launch_mla_rope_q_*, launch_mla_rope_k_* — raw CUDA launchers of MLA's
+// defines: launch_mla_rope_q, launch_mla_rope_kv_forward/_backward — raw CUDA launchers of MLA's
 // query/key assembly with interleaved RoPE (no torch headers). Called only from
 // models/kernels/mla_rope.cpp.
 //
@@ -17,14 +17,17 @@ int launch_mla_rope_q(const void* q, void* out, const float* cos, const float* s
                       int64_t heads, int64_t nope, int64_t rope, bool inverse, int dtype, void* stream);
 
 // kv: [B, T, H, nope + v] contiguous, k_rope: rows (b, t) of R values, row r at k_rope + r·k_rope_stride
-// -> k [B, T, H, nope + R]: k_nope from kv, the rotated k_rope shared by all heads.
-int launch_mla_rope_k_forward(const void* kv, const void* k_rope, int64_t k_rope_stride, void* k, const float* cos,
-                              const float* sin, int64_t bt, int64_t t_len, int64_t heads, int64_t nope, int64_t v_dim,
-                              int64_t rope, int dtype, void* stream);
-// grad_k [B, T, H, nope + R] -> grad_kv [B, T, H, nope + v] (zeros in the v part) and
+// -> k [B, T, H, nope + R]: k_nope from kv, the rotated k_rope shared by all heads; and
+//    v [B, T, H, v] contiguous: kv's v part (one pass over kv for both).
+int launch_mla_rope_kv_forward(const void* kv, const void* k_rope, int64_t k_rope_stride, void* k, void* v,
+                               const float* cos, const float* sin, int64_t bt, int64_t t_len, int64_t heads,
+                               int64_t nope, int64_t v_dim, int64_t rope, int dtype, void* stream);
+// grad_k [B, T, H, nope + R] contiguous and grad_v [B, T, H, v] (last dim contiguous, the others
+// at grad_v_strides) -> grad_kv [B, T, H, nope + v] = [grad_k's nope | grad_v] and
 // grad_k_rope [B·T, R] contiguous (the inverse rotation summed over heads).
-int launch_mla_rope_k_backward(const void* grad_k, void* grad_kv, void* grad_k_rope, const float* cos,
-                               const float* sin, int64_t bt, int64_t t_len, int64_t heads, int64_t nope,
-                               int64_t v_dim, int64_t rope, int dtype, void* stream);
+int launch_mla_rope_kv_backward(const void* grad_k, const void* grad_v, const int64_t grad_v_strides[3],
+                                void* grad_kv, void* grad_k_rope, const float* cos, const float* sin, int64_t bt,
+                                int64_t t_len, int64_t heads, int64_t nope, int64_t v_dim, int64_t rope, int dtype,
+                                void* stream);
 
 }  // namespace moetrain::kernels

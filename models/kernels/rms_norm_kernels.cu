@@ -88,6 +88,64 @@ __global__ void rms_norm_backward_kernel(const TX* __restrict__ x, int64_t x_str
   }
 }
 
+// The same backward for dim ≤ 128·VECS with four-column accesses: the row's x and grad and the
+// warp's weight-gradient partial stay in registers (the weight is re-read from L1). The generic
+// kernel above read and wrote its partial row in global memory for every row (≈ 2× the
+// kernel's bytes). At most 128 registers, so two blocks fit an SM.
+template <class TX, class TO, int VECS>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, 2) rms_norm_backward_reg_kernel(const TX* __restrict__ x, int64_t x_stride,
+                                             const float* __restrict__ weight, const float* __restrict__ rstd,
+                                             const TO* __restrict__ grad_out, const TX* __restrict__ grad_residual,
+                                             TX* __restrict__ grad_x, float* __restrict__ dweight_partial,
+                                             int64_t rows, int64_t dim) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / 32;
+  const int64_t n_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  Float4 acc[VECS];
+#pragma unroll
+  for (int k = 0; k < VECS; ++k) acc[k] = Float4{{0.f, 0.f, 0.f, 0.f}};
+  for (int64_t r = warp; r < rows; r += n_warps) {
+    const float inv = rstd[r];
+    Float4 xv[VECS], gv[VECS];
+    float dot = 0.f;
+#pragma unroll
+    for (int k = 0; k < VECS; ++k) {
+      const int64_t c = 4 * lane + 128 * k;
+      if (c >= dim) continue;
+      xv[k] = load4(x + r * x_stride + c);
+      gv[k] = load4(grad_out + r * dim + c);
+      const Float4 w = load4(weight + c);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float xhat = xv[k].v[j] * inv;
+        dot += gv[k].v[j] * w.v[j] * xhat;
+        acc[k].v[j] += gv[k].v[j] * to_float(from_float<TX>(xhat));
+      }
+    }
+    const float mean_dot = warp_sum(dot) / static_cast<float>(dim);
+#pragma unroll
+    for (int k = 0; k < VECS; ++k) {
+      const int64_t c = 4 * lane + 128 * k;
+      if (c >= dim) continue;
+      const Float4 w = load4(weight + c);
+      Float4 dx;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) dx.v[j] = inv * (gv[k].v[j] * w.v[j] - xv[k].v[j] * inv * mean_dot);
+      if (grad_residual) {
+        const Float4 gres = load4(grad_residual + r * dim + c);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) dx.v[j] += gres.v[j];
+      }
+      store4(grad_x + r * dim + c, dx);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < VECS; ++k) {
+    const int64_t c = 4 * lane + 128 * k;
+    if (c < dim) store4(dweight_partial + warp * dim + c, acc[k]);
+  }
+}
+
 }  // namespace
 
 int64_t rms_norm_backward_partials(int64_t rows) {
@@ -120,9 +178,24 @@ int launch_rms_norm_backward(const void* x, int64_t x_stride, const float* weigh
                    (!grad_residual || aligned16(grad_residual));
   MOETRAIN_DISPATCH_DTYPE(x_dtype, TX, {
     MOETRAIN_DISPATCH_DTYPE(out_dtype, TO, {
-      rms_norm_backward_kernel<TX, TO><<<blocks, kWarpsPerBlock * 32, 0, s>>>(
-          static_cast<const TX*>(x), x_stride, weight, rstd, static_cast<const TO*>(grad_out),
-          static_cast<const TX*>(grad_residual), static_cast<TX*>(grad_x), dweight_partial, rows, dim, vec);
+      const auto* xp = static_cast<const TX*>(x);
+      const auto* gp = static_cast<const TO*>(grad_out);
+      const auto* rp = static_cast<const TX*>(grad_residual);
+      auto* dxp = static_cast<TX*>(grad_x);
+      const int threads = kWarpsPerBlock * 32;
+      if (vec && dim <= 256) {
+        rms_norm_backward_reg_kernel<TX, TO, 2>
+            <<<blocks, threads, 0, s>>>(xp, x_stride, weight, rstd, gp, rp, dxp, dweight_partial, rows, dim);
+      } else if (vec && dim <= 512) {
+        rms_norm_backward_reg_kernel<TX, TO, 4>
+            <<<blocks, threads, 0, s>>>(xp, x_stride, weight, rstd, gp, rp, dxp, dweight_partial, rows, dim);
+      } else if (vec && dim <= 1024) {
+        rms_norm_backward_reg_kernel<TX, TO, 8>
+            <<<blocks, threads, 0, s>>>(xp, x_stride, weight, rstd, gp, rp, dxp, dweight_partial, rows, dim);
+      } else {
+        rms_norm_backward_kernel<TX, TO>
+            <<<blocks, threads, 0, s>>>(xp, x_stride, weight, rstd, gp, rp, dxp, dweight_partial, rows, dim, vec);
+      }
     })
   })
   return static_cast<int>(cudaGetLastError());
