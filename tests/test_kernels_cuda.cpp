@@ -303,9 +303,10 @@ TEST(KernelsCuda, RouterSelectMatchesReference) {
   struct Case {
     int64_t E, K, n_group, topk_group;
   };
-  // 72: a partly filled last column of lanes; 32 groups of one (top-1 group scores); 512: the limit
+  // 72: a partly filled last column of lanes; 32 groups of one (top-1 group scores); 512: the limit;
+  // 64 / 128 / 256 / 512: the largest of each unrolled width (2, 4, 8, 16 experts a lane)
   for (const Case c : {Case{64, 6, 1, 1}, Case{256, 8, 8, 4}, Case{72, 6, 1, 1}, Case{160, 6, 32, 8},
-                       Case{32, 4, 32, 8}, Case{512, 16, 16, 3}, Case{256, 1, 4, 1}}) {
+                       Case{32, 4, 32, 8}, Case{512, 16, 16, 3}, Case{256, 1, 4, 1}, Case{128, 8, 4, 2}}) {
     torch::manual_seed(3);
     auto opts = torch::TensorOptions().device(torch::kCUDA);
     const int64_t N = 1031;

@@ -55,13 +55,14 @@ std::pair<torch::Tensor, torch::Tensor> norm_backward(const torch::Tensor& x, co
   torch::Tensor grad_x = torch::empty({rows, dim}, x.options());
   torch::Tensor partial =
       torch::empty({kernels::rms_norm_backward_partials(rows), dim}, x.options().dtype(torch::kFloat));
+  int64_t partial_rows = 0;
   check_kernel_launch(kernels::launch_rms_norm_backward(
                           x.data_ptr(), x.stride(0), weight.data_ptr<float>(), rstd.data_ptr<float>(), grad_out.data_ptr(),
                           residual.defined() ? residual.data_ptr() : nullptr, grad_x.data_ptr(),
-                          partial.data_ptr<float>(), rows, dim, kernel_dtype_code(x), kernel_dtype_code(out_dtype),
-                          current_stream_of(x)),
+                          partial.data_ptr<float>(), &partial_rows, rows, dim, kernel_dtype_code(x),
+                          kernel_dtype_code(out_dtype), current_stream_of(x)),
                       "rms_norm backward");
-  return {grad_x, partial.sum(0)};
+  return {grad_x, partial.narrow(0, 0, partial_rows).sum(0)};
 }
 
 struct RMSNormFunction : torch::autograd::Function<RMSNormFunction> {

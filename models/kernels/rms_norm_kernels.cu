@@ -88,38 +88,60 @@ __global__ void rms_norm_backward_kernel(const TX* __restrict__ x, int64_t x_str
   }
 }
 
-// The same backward for dim ≤ 128·VECS with four-column accesses: the row's x and grad and the
-// warp's weight-gradient partial stay in registers (the weight is re-read from L1). The generic
-// kernel above read and wrote its partial row in global memory for every row (≈ 2× the
-// kernel's bytes). At most 128 registers, so two blocks fit an SM.
+// Four elements as loaded (bf16: two registers), converted to fp32 where used.
+template <class T>
+struct alignas(4 * sizeof(T)) Raw4 {
+  T v[4];
+};
+template <class T>
+__device__ __forceinline__ Raw4<T> load_raw4(const T* p) {
+  return *reinterpret_cast<const Raw4<T>*>(p);
+}
+
+// The same backward for dim ≤ 128·VECS with four-column accesses. The row's x and grad (and,
+// up to 512 columns, its residual gradient) are loaded together and kept in registers as
+// loaded; the weight-gradient partial stays in fp32 registers and is summed over the block's
+// warps in shared memory at the end: one partial row per block. The generic kernel above read
+// and wrote its partial row in global memory for every row, and left 8× the partial rows to sum.
+// At most 128 registers, so two blocks fit an SM.
 template <class TX, class TO, int VECS>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32, 2) rms_norm_backward_reg_kernel(const TX* __restrict__ x, int64_t x_stride,
-                                             const float* __restrict__ weight, const float* __restrict__ rstd,
-                                             const TO* __restrict__ grad_out, const TX* __restrict__ grad_residual,
-                                             TX* __restrict__ grad_x, float* __restrict__ dweight_partial,
-                                             int64_t rows, int64_t dim) {
-  const int lane = threadIdx.x % 32;
-  const int64_t warp = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + threadIdx.x / 32;
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, 2)
+    rms_norm_backward_reg_kernel(const TX* __restrict__ x, int64_t x_stride, const float* __restrict__ weight,
+                                 const float* __restrict__ rstd, const TO* __restrict__ grad_out,
+                                 const TX* __restrict__ grad_residual, TX* __restrict__ grad_x,
+                                 float* __restrict__ dweight_partial, int64_t rows, int64_t dim) {
+  // the residual gradient in the first round trip too where the registers allow (not at 1024)
+  constexpr bool kPrefetchResidual = VECS <= 4;
+  __shared__ float4 block_dw[kWarpsPerBlock][VECS * 32];
+  const int lane = threadIdx.x % 32, warp_in_block = threadIdx.x / 32;
+  const int64_t warp = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + warp_in_block;
   const int64_t n_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   Float4 acc[VECS];
 #pragma unroll
   for (int k = 0; k < VECS; ++k) acc[k] = Float4{{0.f, 0.f, 0.f, 0.f}};
   for (int64_t r = warp; r < rows; r += n_warps) {
     const float inv = rstd[r];
-    Float4 xv[VECS], gv[VECS];
+    Raw4<TX> xv[VECS], rv[VECS];
+    Raw4<TO> gv[VECS];
+#pragma unroll
+    for (int k = 0; k < VECS; ++k) {
+      const int64_t c = 4 * lane + 128 * k;
+      if (c >= dim) continue;
+      xv[k] = load_raw4(x + r * x_stride + c);
+      gv[k] = load_raw4(grad_out + r * dim + c);
+      if (kPrefetchResidual && grad_residual) rv[k] = load_raw4(grad_residual + r * dim + c);
+    }
     float dot = 0.f;
 #pragma unroll
     for (int k = 0; k < VECS; ++k) {
       const int64_t c = 4 * lane + 128 * k;
       if (c >= dim) continue;
-      xv[k] = load4(x + r * x_stride + c);
-      gv[k] = load4(grad_out + r * dim + c);
       const Float4 w = load4(weight + c);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const float xhat = xv[k].v[j] * inv;
-        dot += gv[k].v[j] * w.v[j] * xhat;
-        acc[k].v[j] += gv[k].v[j] * to_float(from_float<TX>(xhat));
+        const float g = to_float(gv[k].v[j]), xhat = to_float(xv[k].v[j]) * inv;
+        dot += g * w.v[j] * xhat;
+        acc[k].v[j] += g * to_float(from_float<TX>(xhat));
       }
     }
     const float mean_dot = warp_sum(dot) / static_cast<float>(dim);
@@ -128,21 +150,26 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 2) rms_norm_backward_reg_
       const int64_t c = 4 * lane + 128 * k;
       if (c >= dim) continue;
       const Float4 w = load4(weight + c);
+      if (!kPrefetchResidual && grad_residual) rv[k] = load_raw4(grad_residual + r * dim + c);
       Float4 dx;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) dx.v[j] = inv * (gv[k].v[j] * w.v[j] - xv[k].v[j] * inv * mean_dot);
-      if (grad_residual) {
-        const Float4 gres = load4(grad_residual + r * dim + c);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) dx.v[j] += gres.v[j];
+      for (int j = 0; j < 4; ++j) {
+        dx.v[j] = inv * (to_float(gv[k].v[j]) * w.v[j] - to_float(xv[k].v[j]) * inv * mean_dot);
+        if (grad_residual) dx.v[j] += to_float(rv[k].v[j]);
       }
       store4(grad_x + r * dim + c, dx);
     }
   }
 #pragma unroll
-  for (int k = 0; k < VECS; ++k) {
-    const int64_t c = 4 * lane + 128 * k;
-    if (c < dim) store4(dweight_partial + warp * dim + c, acc[k]);
+  for (int k = 0; k < VECS; ++k)
+    block_dw[warp_in_block][lane + 32 * k] = make_float4(acc[k].v[0], acc[k].v[1], acc[k].v[2], acc[k].v[3]);
+  __syncthreads();
+  const float* dw = reinterpret_cast<const float*>(&block_dw[0][0]);  // [warps][VECS·128]: column c at c
+  for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarpsPerBlock; ++w) sum += dw[w * VECS * 128 + c];
+    dweight_partial[blockIdx.x * dim + c] = sum;
   }
 }
 
@@ -171,7 +198,8 @@ int launch_rms_norm_forward(const void* x, int64_t x_stride, const void* delta, 
 
 int launch_rms_norm_backward(const void* x, int64_t x_stride, const float* weight, const float* rstd,
                              const void* grad_out, const void* grad_residual, void* grad_x, float* dweight_partial,
-                             int64_t rows, int64_t dim, int x_dtype, int out_dtype, void* stream) {
+                             int64_t* partial_rows_written, int64_t rows, int64_t dim, int x_dtype, int out_dtype,
+                             void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   const int blocks = static_cast<int>(rms_norm_backward_partials(rows) / kWarpsPerBlock);
   const bool vec = dim % 4 == 0 && x_stride % 4 == 0 && aligned16(x, weight, grad_out, grad_x, dweight_partial) &&
@@ -183,6 +211,7 @@ int launch_rms_norm_backward(const void* x, int64_t x_stride, const float* weigh
       const auto* rp = static_cast<const TX*>(grad_residual);
       auto* dxp = static_cast<TX*>(grad_x);
       const int threads = kWarpsPerBlock * 32;
+      *partial_rows_written = vec && dim <= 1024 ? blocks : static_cast<int64_t>(blocks) * kWarpsPerBlock;
       if (vec && dim <= 256) {
         rms_norm_backward_reg_kernel<TX, TO, 2>
             <<<blocks, threads, 0, s>>>(xp, x_stride, weight, rstd, gp, rp, dxp, dweight_partial, rows, dim);

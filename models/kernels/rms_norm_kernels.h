@@ -16,13 +16,15 @@ namespace moetrain::kernels {
 int launch_rms_norm_forward(const void* x, int64_t x_stride, const void* delta, void* sum_out, const float* weight,
                             void* out, float* rstd, int64_t rows, int64_t dim, float eps, int x_dtype, int out_dtype,
                             void* stream);
-// grad_out: [rows, dim] (out_dtype) -> grad_x [rows, dim] (x_dtype, contiguous) and per-warp partial
-// weight gradients dweight_partial: [partial_rows, dim] fp32 (sum them over rows);
-// partial_rows = rms_norm_backward_partials(rows). grad_residual (nullable, x_dtype): added to
+// grad_out: [rows, dim] (out_dtype) -> grad_x [rows, dim] (x_dtype, contiguous) and partial
+// weight gradients dweight_partial: [partial_rows, dim] fp32, of which the first
+// *partial_rows_written rows are written (sum those over rows); allocate
+// rms_norm_backward_partials(rows) rows. grad_residual (nullable, x_dtype): added to
 // grad_x in fp32 before its one rounding (the gradient h receives from its other uses).
 int launch_rms_norm_backward(const void* x, int64_t x_stride, const float* weight, const float* rstd,
                              const void* grad_out, const void* grad_residual, void* grad_x, float* dweight_partial,
-                             int64_t rows, int64_t dim, int x_dtype, int out_dtype, void* stream);
+                             int64_t* partial_rows_written, int64_t rows, int64_t dim, int x_dtype, int out_dtype,
+                             void* stream);
 int64_t rms_norm_backward_partials(int64_t rows);
 
 }  // namespace moetrain::kernels
