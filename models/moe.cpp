@@ -6,7 +6,7 @@
 
 namespace moetrain {
 
-ExpertPermutation moe_sort_by_expert(const torch::Tensor& topk_idx, const torch::Tensor& counts) {
+ExpertPermutation moe_sort_by_expert_reference(const torch::Tensor& topk_idx, const torch::Tensor& counts) {
   const int64_t K = topk_idx.size(1);
   ExpertPermutation p;
   p.order = torch::argsort(topk_idx.flatten(), /*stable=*/true);  // [N·K]
@@ -14,6 +14,20 @@ ExpertPermutation moe_sort_by_expert(const torch::Tensor& topk_idx, const torch:
   p.counts = counts;
   p.top_k = K;
   if (topk_idx.is_cuda() && fused_kernels_available()) p.inv = moe_inverse_order(p.order);
+  return p;
+}
+
+ExpertPermutation moe_sort_by_expert(const torch::Tensor& topk_idx, const torch::Tensor& counts) {
+  const int64_t n_experts = counts.size(0);
+  if (!fused_kernels_available() || !moe_expert_order_kernel_ok(topk_idx, n_experts))
+    return moe_sort_by_expert_reference(topk_idx, counts);
+  ExpertOrder o = moe_expert_order_fused(topk_idx, n_experts);  // CUDA: one counting sort
+  ExpertPermutation p;
+  p.order = std::move(o.order);
+  p.token_idx = std::move(o.token_idx);
+  p.inv = std::move(o.inv);
+  p.counts = counts;
+  p.top_k = topk_idx.size(1);
   return p;
 }
 

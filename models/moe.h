@@ -29,8 +29,10 @@ struct ExpertPermutation {
 };
 
 // topk_idx: [N, K] int64, counts: [E] (bincount of topk_idx) -> permutation
-// (stable sort: within an expert, rows keep token order).
+// (stable sort: within an expert, rows keep token order). On CUDA one counting sort
+// (moe_expert_order_fused); moe_sort_by_expert_reference (ATen's stable argsort) is its twin.
 ExpertPermutation moe_sort_by_expert(const torch::Tensor& topk_idx, const torch::Tensor& counts);
+ExpertPermutation moe_sort_by_expert_reference(const torch::Tensor& topk_idx, const torch::Tensor& counts);
 // x: [N, D] -> [N·K, D] rows in expert order. On CUDA the fused gather kernel
 // (models/kernels/moe_permute.h), writing bf16 rows under bf16 autocast; elsewhere
 // moe_permute_reference (index_select), its twin.

@@ -12,6 +12,7 @@
 
 #include "models/kernels/cross_entropy.h"
 #include "models/kernels/mla_rope.h"
+#include "models/kernels/moe_permute.h"
 #include "models/kernels/rms_norm_fused.h"
 #include "models/kernels/router_select.h"
 #include "models/kernels/sum_squares.h"
@@ -221,6 +222,31 @@ TEST(KernelsCuda, MoePermutationMatchesReference) {
       const double w_scale = w_ref.grad().abs().max().item<double>();
       EXPECT_LT((w.grad() - w_ref.grad()).abs().max().item<double>() / w_scale, tol) << dtype << " " << dim;
     }
+  }
+}
+
+// The counting sort equals the stable argsort exactly: uniform and skewed routing, a partial
+// last block (M not a multiple of 256), experts nobody picked, and the 1024-expert bound.
+TEST(KernelsCuda, MoeExpertSortEqualsStableArgsort) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  struct Case {
+    int64_t N, K, E;
+    bool skewed;
+  };
+  for (const Case c : {Case{1000, 6, 64, false}, Case{4096, 6, 64, true}, Case{777, 8, 256, false},
+                       Case{333, 1, 3, true}, Case{2048, 4, 1024, false}, Case{5, 2, 512, false}}) {
+    torch::manual_seed(5);
+    auto opts = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kLong);
+    // skewed: most pairs on the first experts (the collapsed routing of an untrained model)
+    torch::Tensor idx = c.skewed ? (torch::rand({c.N, c.K}, opts.dtype(torch::kFloat)).pow(4) * c.E).to(torch::kLong)
+                                 : torch::randint(c.E, {c.N, c.K}, opts);
+    const torch::Tensor counts = torch::bincount(idx.flatten(), {}, c.E);
+    ASSERT_TRUE(moe_expert_order_kernel_ok(idx, c.E));
+    const ExpertOrder got = moe_expert_order_fused(idx, c.E);
+    const ExpertPermutation ref = moe_sort_by_expert_reference(idx, counts);
+    EXPECT_TRUE(torch::equal(got.order, ref.order)) << c.N << " " << c.K << " " << c.E;
+    EXPECT_TRUE(torch::equal(got.token_idx, ref.token_idx)) << c.N << " " << c.K << " " << c.E;
+    EXPECT_TRUE(torch::equal(got.inv, ref.inv)) << c.N << " " << c.K << " " << c.E;
   }
 }
 

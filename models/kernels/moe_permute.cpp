@@ -88,6 +88,39 @@ struct UnpermuteFunction : torch::autograd::Function<UnpermuteFunction> {
 }  // namespace
 #endif
 
+bool moe_expert_order_kernel_ok(const torch::Tensor& topk_idx, int64_t n_experts) {
+#ifdef MOETRAIN_WITH_CUDA
+  return topk_idx.is_cuda() && topk_idx.dim() == 2 && topk_idx.scalar_type() == torch::kLong && n_experts > 0 &&
+         n_experts <= kernels::kMoeSortMaxExperts && topk_idx.numel() < (int64_t{1} << 31);
+#else
+  (void)topk_idx, (void)n_experts;
+  return false;
+#endif
+}
+
+ExpertOrder moe_expert_order_fused(const torch::Tensor& topk_idx, int64_t n_experts) {
+#ifdef MOETRAIN_WITH_CUDA
+  if (moe_expert_order_kernel_ok(topk_idx, n_experts)) {
+    const torch::Tensor expert = topk_idx.contiguous();
+    const int64_t m = expert.numel();
+    ExpertOrder o;
+    o.order = torch::empty({m}, expert.options());
+    o.token_idx = torch::empty({m}, expert.options());
+    o.inv = torch::empty({m}, expert.options());
+    torch::Tensor scratch =
+        torch::empty({kernels::moe_expert_sort_scratch(m, n_experts)}, expert.options().dtype(torch::kInt));
+    check_kernel_launch(kernels::launch_moe_expert_sort(expert.data_ptr<int64_t>(), m, n_experts, expert.size(1),
+                                                        scratch.data_ptr<int>(), o.order.data_ptr<int64_t>(),
+                                                        o.token_idx.data_ptr<int64_t>(), o.inv.data_ptr<int64_t>(),
+                                                        current_stream_of(expert)),
+                        "moe expert sort");
+    return o;
+  }
+#endif
+  (void)n_experts;
+  throw std::invalid_argument("moe_expert_order_fused: needs int64 [N, K] CUDA indices, at most 1024 experts and a CUDA build");
+}
+
 bool moe_permute_kernel_ok(const torch::Tensor& x) {
 #ifdef MOETRAIN_WITH_CUDA
   return x.is_cuda() && x.dim() == 2 && kernels::kernel_dtype_ok(x.scalar_type());

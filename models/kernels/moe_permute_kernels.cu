@@ -95,6 +95,72 @@ __global__ void unpermute_backward_kernel(const T* __restrict__ y, const float* 
   }
 }
 
+// ---- The stable sort of the M = N·K (token, choice) pairs by expert, as a counting sort in
+// three passes (in place of ATen's radix argsort, an index division and the inverse's scatter).
+// Pass 1 counts each block's pairs per expert; pass 2 turns the counts, expert-major, into
+// exclusive prefix sums (where expert e's pairs of block b start); pass 3 ranks each pair
+// among its block's earlier pairs of the same expert (a warp match, then the earlier warps'
+// counts) and writes order, token_idx and inv. Pairs of one expert keep their flat order.
+constexpr int kSortBlock = 256, kSortWarps = kSortBlock / 32, kScanThreads = 1024;
+
+__global__ void expert_count_kernel(const int64_t* __restrict__ expert, int64_t m, int n_experts,
+                                    int* __restrict__ block_counts, int n_blocks) {
+  extern __shared__ int hist[];  // [E]
+  for (int e = threadIdx.x; e < n_experts; e += blockDim.x) hist[e] = 0;
+  __syncthreads();
+  const int64_t i = blockIdx.x * static_cast<int64_t>(kSortBlock) + threadIdx.x;
+  if (i < m) atomicAdd(&hist[expert[i]], 1);
+  __syncthreads();
+  for (int e = threadIdx.x; e < n_experts; e += blockDim.x)
+    block_counts[static_cast<int64_t>(e) * n_blocks + blockIdx.x] = hist[e];
+}
+
+// One block: v[j] <- v[0] + ... + v[j-1]. Each thread sums a contiguous stretch, the block scans
+// the stretch sums, then each thread writes its stretch's running sums.
+__global__ void exclusive_scan_kernel(int* __restrict__ v, int64_t n) {
+  __shared__ int sums[kScanThreads];
+  const int64_t per = (n + kScanThreads - 1) / kScanThreads;
+  const int64_t lo = threadIdx.x * per, hi = lo + per < n ? lo + per : n;
+  int own = 0;
+  for (int64_t j = lo; j < hi; ++j) own += v[j];
+  sums[threadIdx.x] = own;
+  __syncthreads();
+  for (int off = 1; off < kScanThreads; off <<= 1) {  // inclusive Hillis–Steele scan
+    const int add = threadIdx.x >= off ? sums[threadIdx.x - off] : 0;
+    __syncthreads();
+    sums[threadIdx.x] += add;
+    __syncthreads();
+  }
+  int run = sums[threadIdx.x] - own;
+  for (int64_t j = lo; j < hi; ++j) {
+    const int c = v[j];
+    v[j] = run;
+    run += c;
+  }
+}
+
+__global__ void expert_scatter_kernel(const int64_t* __restrict__ expert, int64_t m, int n_experts, int64_t k,
+                                      const int* __restrict__ starts, int n_blocks, int64_t* __restrict__ order,
+                                      int64_t* __restrict__ token_idx, int64_t* __restrict__ inv) {
+  extern __shared__ int warp_counts[];  // [kSortWarps][E]
+  for (int j = threadIdx.x; j < kSortWarps * n_experts; j += blockDim.x) warp_counts[j] = 0;
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(kSortBlock) + threadIdx.x;
+  const int e = i < m ? static_cast<int>(expert[i]) : -1;  // -1: past the end (a class of its own)
+  const unsigned same = __match_any_sync(0xffffffffu, e);
+  const int rank_in_warp = __popc(same & ((1u << lane) - 1u));
+  if (e >= 0 && rank_in_warp == 0) warp_counts[warp * n_experts + e] = __popc(same);
+  __syncthreads();
+  if (e < 0) return;
+  int rank = rank_in_warp;
+  for (int w = 0; w < warp; ++w) rank += warp_counts[w * n_experts + e];
+  const int64_t pos = starts[static_cast<int64_t>(e) * n_blocks + blockIdx.x] + rank;
+  inv[i] = pos;
+  order[pos] = i;
+  token_idx[pos] = i / k;
+}
+
 int blocks_for(int64_t n_tokens) { return grid_for(n_tokens, kWarpsPerBlock); }
 
 }  // namespace
@@ -144,6 +210,23 @@ int launch_moe_unpermute_backward(const void* y, const float* w, const int64_t* 
         static_cast<const T*>(y), w, inv, static_cast<const T*>(grad_out), static_cast<T*>(grad_y), grad_w,
         n_tokens, k, dim, dim % 4 == 0 && aligned16(y, grad_out, grad_y));
   })
+  return static_cast<int>(cudaGetLastError());
+}
+
+int64_t moe_expert_sort_scratch(int64_t m, int64_t n_experts) {
+  return n_experts * ((m + kSortBlock - 1) / kSortBlock);
+}
+
+int launch_moe_expert_sort(const int64_t* expert, int64_t m, int64_t n_experts, int64_t k, int* scratch,
+                           int64_t* order, int64_t* token_idx, int64_t* inv, void* stream) {
+  if (m == 0) return 0;
+  auto s = static_cast<cudaStream_t>(stream);
+  const int n_blocks = static_cast<int>((m + kSortBlock - 1) / kSortBlock);
+  const int E = static_cast<int>(n_experts);
+  expert_count_kernel<<<n_blocks, kSortBlock, E * sizeof(int), s>>>(expert, m, E, scratch, n_blocks);
+  exclusive_scan_kernel<<<1, kScanThreads, 0, s>>>(scratch, static_cast<int64_t>(E) * n_blocks);
+  expert_scatter_kernel<<<n_blocks, kSortBlock, kSortWarps * E * sizeof(int), s>>>(expert, m, E, k, scratch, n_blocks,
+                                                                                    order, token_idx, inv);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -1,5 +1,5 @@
-// defines: launch_moe_permute_*, launch_moe_unpermute_* — raw CUDA launchers of the
-// MoE row permutation (no torch headers). Called only from models/kernels/moe_permute.cpp.
+// defines: launch_moe_expert_sort, launch_moe_permute_*, launch_moe_unpermute_* — raw CUDA
+// launchers of the MoE row permutation (no torch headers). Called only from models/kernels/moe_permute.cpp.
 //
 // Layout: N tokens, K routed experts each, M = N·K expert-sorted rows of width D.
 // inv[n·K + k] is the sorted row of token n's k-th choice (the inverse of the sort).
@@ -25,5 +25,13 @@ int launch_moe_unpermute_forward(const void* y, const float* w, const int64_t* i
 int launch_moe_unpermute_backward(const void* y, const float* w, const int64_t* inv, const void* grad_out,
                                   void* grad_y, float* grad_w, int64_t n_tokens, int64_t k, int64_t dim, int y_dtype,
                                   void* stream);
+
+// The stable sort of the M pairs by expert (expert: [M] int64 in [0, E), pair i = n·K + k):
+// order[r] = the pair at sorted row r, token_idx[r] = order[r] / K, inv[order[r]] = r.
+// scratch: moe_expert_sort_scratch(M, E) ints. Needs M < 2^31 and E ≤ kMoeSortMaxExperts.
+constexpr int64_t kMoeSortMaxExperts = 1024;
+int64_t moe_expert_sort_scratch(int64_t m, int64_t n_experts);
+int launch_moe_expert_sort(const int64_t* expert, int64_t m, int64_t n_experts, int64_t k, int* scratch,
+                           int64_t* order, int64_t* token_idx, int64_t* inv, void* stream);
 
 }  // namespace moetrain::kernels
