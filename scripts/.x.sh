@@ -1,3 +1,5 @@
 #!/usr/bin/env bash
-export OUT=${OUT:-/tmp/out}
-PHASES="cuda bench profile" SKIP_HF=1 PROFILE_ROWS=40 bash scripts/gpu_check.sh 2>&1 | tail -60
+REAL_OUT=$OUT
+export OUT=/tmp/o; mkdir -p $OUT
+PHASES="cuda bench profile scaling" PROFILE_ROWS=45 bash scripts/gpu_check.sh 2>&1 | tail -90
+cp $OUT/bench.json $OUT/bench.log $OUT/profile.log $OUT/moe-layer-scaling.log $OUT/ctest-cuda.log $OUT/step-experts-64.log $OUT/step-experts-256.log $REAL_OUT/ 2>/dev/null

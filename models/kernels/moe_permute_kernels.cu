@@ -97,8 +97,8 @@ __global__ void unpermute_backward_kernel(const T* __restrict__ y, const float* 
 
 // ---- The stable sort of the M = N·K (token, choice) pairs by expert, as a counting sort in
 // three passes (in place of ATen's radix argsort, an index division and the inverse's scatter).
-// Pass 1 counts each block's pairs per expert; pass 2 turns the counts, expert-major, into
-// exclusive prefix sums (where expert e's pairs of block b start); pass 3 ranks each pair
+// Pass 1 counts each block's pairs per expert; pass 2 turns the counts [E][blocks] into where
+// expert e's pairs of block b start; pass 3 ranks each pair
 // among its block's earlier pairs of the same expert (a warp match, then the earlier warps'
 // counts) and writes order, token_idx and inv. Pairs of one expert keep their flat order.
 constexpr int kSortBlock = 256, kSortWarps = kSortBlock / 32, kScanThreads = 1024;
@@ -115,27 +115,47 @@ __global__ void expert_count_kernel(const int64_t* __restrict__ expert, int64_t 
     block_counts[static_cast<int64_t>(e) * n_blocks + blockIdx.x] = hist[e];
 }
 
-// One block: v[j] <- v[0] + ... + v[j-1]. Each thread sums a contiguous stretch, the block scans
-// the stretch sums, then each thread writes its stretch's running sums.
-__global__ void exclusive_scan_kernel(int* __restrict__ v, int64_t n) {
-  __shared__ int sums[kScanThreads];
-  const int64_t per = (n + kScanThreads - 1) / kScanThreads;
-  const int64_t lo = threadIdx.x * per, hi = lo + per < n ? lo + per : n;
-  int own = 0;
-  for (int64_t j = lo; j < hi; ++j) own += v[j];
-  sums[threadIdx.x] = own;
-  __syncthreads();
-  for (int off = 1; off < kScanThreads; off <<= 1) {  // inclusive Hillis–Steele scan
-    const int add = threadIdx.x >= off ? sums[threadIdx.x - off] : 0;
-    __syncthreads();
-    sums[threadIdx.x] += add;
-    __syncthreads();
+__device__ __forceinline__ int warp_inclusive_scan(int v, int lane) {
+  for (int off = 1; off < 32; off <<= 1) {
+    const int t = __shfl_up_sync(0xffffffffu, v, off);
+    if (lane >= off) v += t;
   }
-  int run = sums[threadIdx.x] - own;
-  for (int64_t j = lo; j < hi; ++j) {
-    const int c = v[j];
-    v[j] = run;
-    run += c;
+  return v;
+}
+
+// One block of 1024 threads turns the counts [E][n_blocks] into starts in place:
+// starts[e][b] = (pairs of experts < e) + (pairs of expert e in blocks < b). A warp scans each
+// expert's row along the blocks (coalesced, E rows in parallel), the block scans the E totals,
+// and the warps add each expert's offset to its row. (A first version scanned the flat array
+// in 1024 contiguous stretches: 0.21 ms at 256 experts × 384 blocks, against ≈ 5 µs here.)
+__global__ void expert_block_starts_kernel(int* __restrict__ counts, int n_experts, int n_blocks) {
+  __shared__ int offsets[kMoeSortMaxExperts];
+  __shared__ int warp_sums[kScanThreads / 32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  constexpr int n_warps = kScanThreads / 32;
+  for (int e = warp; e < n_experts; e += n_warps) {
+    int* row = counts + static_cast<int64_t>(e) * n_blocks;
+    int carry = 0;
+    for (int b0 = 0; b0 < n_blocks; b0 += 32) {
+      const int b = b0 + lane, c = b < n_blocks ? row[b] : 0;
+      const int incl = warp_inclusive_scan(c, lane);
+      if (b < n_blocks) row[b] = carry + incl - c;
+      carry += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (lane == 0) offsets[e] = carry;  // expert e's total for now
+  }
+  __syncthreads();
+  const int t = threadIdx.x, total = t < n_experts ? offsets[t] : 0;
+  const int incl = warp_inclusive_scan(total, lane);
+  if (lane == 31) warp_sums[warp] = incl;
+  __syncthreads();
+  if (warp == 0) warp_sums[lane] = warp_inclusive_scan(warp_sums[lane], lane);
+  __syncthreads();
+  if (t < n_experts) offsets[t] = incl - total + (warp > 0 ? warp_sums[warp - 1] : 0);  // exclusive over experts
+  __syncthreads();
+  for (int e = warp; e < n_experts; e += n_warps) {
+    int* row = counts + static_cast<int64_t>(e) * n_blocks;
+    for (int b = lane; b < n_blocks; b += 32) row[b] += offsets[e];
   }
 }
 
@@ -224,7 +244,7 @@ int launch_moe_expert_sort(const int64_t* expert, int64_t m, int64_t n_experts, 
   const int n_blocks = static_cast<int>((m + kSortBlock - 1) / kSortBlock);
   const int E = static_cast<int>(n_experts);
   expert_count_kernel<<<n_blocks, kSortBlock, E * sizeof(int), s>>>(expert, m, E, scratch, n_blocks);
-  exclusive_scan_kernel<<<1, kScanThreads, 0, s>>>(scratch, static_cast<int64_t>(E) * n_blocks);
+  expert_block_starts_kernel<<<1, kScanThreads, 0, s>>>(scratch, E, n_blocks);
   expert_scatter_kernel<<<n_blocks, kSortBlock, kSortWarps * E * sizeof(int), s>>>(expert, m, E, k, scratch, n_blocks,
                                                                                     order, token_idx, inv);
   return static_cast<int>(cudaGetLastError());
