@@ -13,23 +13,30 @@ DecoderLayerImpl::DecoderLayerImpl(const ModelConfig& cfg, int64_t layer_id) {
   }
 }
 
-torch::Tensor DecoderLayerImpl::ffn(const torch::Tensor& x, const torch::Tensor& attn_out,
-                                    std::vector<RoutingStats>& routing) {
+ResidualStream DecoderLayerImpl::ffn(const torch::Tensor& x, const torch::Tensor& attn_out,
+                                     std::vector<RoutingStats>& routing) {
   auto [h, normed] = ffn_norm->forward_add(x, attn_out);  // h = x + attn_out, one kernel on CUDA
-  if (!is_moe()) return h + dense(normed);
+  if (!is_moe()) return {h, dense(normed)};
   MoEOutput out = moe(normed);
   routing.push_back(std::move(out.routing));
-  return h + out.y;
+  return {h, out.y};
+}
+
+ResidualStream DecoderLayerImpl::forward_stream(const ResidualStream& in, const RopeTables& rope,
+                                                std::vector<RoutingStats>& routing) {
+  if (!in.delta.defined()) return ffn(in.h, attn(attn_norm(in.h), rope), routing);
+  auto [x, normed] = attn_norm->forward_add(in.h, in.delta);  // the previous layer's residual add
+  return ffn(x, attn(normed, rope), routing);
 }
 
 torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x, const RopeTables& rope,
                                         std::vector<RoutingStats>& routing) {
-  return ffn(x, attn(attn_norm(x), rope), routing);
+  return forward_stream({x, {}}, rope, routing).value();
 }
 
 torch::Tensor DecoderLayerImpl::forward_cached(const torch::Tensor& x, const RopeTables& rope, MLACache& cache) {
   std::vector<RoutingStats> unused;
-  return ffn(x, attn->forward_absorbed(attn_norm(x), rope, cache), unused);
+  return ffn(x, attn->forward_absorbed(attn_norm(x), rope, cache), unused).value();
 }
 
 }  // namespace moetrain

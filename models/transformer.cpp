@@ -36,11 +36,17 @@ ForwardOut TransformerImpl::forward(const torch::Tensor& tokens, bool with_mtp) 
   ForwardOut out;
   const torch::Tensor emb = embed(tokens);  // [B, T, D]
   const RopeTables rope = rope_tables(T, emb);
-  torch::Tensor h = emb;
   const bool checkpoint = activation_checkpointing && torch::GradMode::is_enabled();
-  for (int64_t i = 0; i < cfg.num_hidden_layers; ++i)
-    h = checkpoint ? checkpointed_layer_forward(layer(i), h, rope, out.routing) : layer(i).forward(h, rope, out.routing);
-  out.hidden = norm(h);
+  // Each layer hands on its last residual add pending (h + FFN output) and the next norm does
+  // it (DecoderLayerImpl::forward_stream); checkpointed layers take and return whole values.
+  ResidualStream stream{emb, {}};
+  for (int64_t i = 0; i < cfg.num_hidden_layers; ++i) {
+    if (checkpoint)
+      stream = {checkpointed_layer_forward(layer(i), stream.value(), rope, out.routing), {}};
+    else
+      stream = layer(i).forward_stream(stream, rope, out.routing);
+  }
+  out.hidden = stream.delta.defined() ? norm->forward_add(stream.h, stream.delta).second : norm(stream.h);
   if (!with_mtp || D == 0) return out;
 
   TORCH_CHECK(T > D, "multi-token prediction with ", D, " module(s) needs sequences longer than ", D,

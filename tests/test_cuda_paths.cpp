@@ -15,6 +15,8 @@
 #include "trainer/master_weights.h"
 #include "trainer/optim.h"
 #include "models/moe.h"
+#include "models/rope.h"
+#include "models/transformer.h"
 
 namespace {
 
@@ -79,6 +81,51 @@ TEST(MoeCuda, GroupedMmUnderAutocastMatchesFp64Loop) {
     ASSERT_TRUE(a.grad().defined());
     EXPECT_EQ(a.grad().scalar_type(), torch::kFloat);  // gradients reach the fp32 master weights
     EXPECT_LT(rel_err(a.grad(), b.grad()), 2e-2);
+  }
+}
+
+// The stack hands each layer's last residual add on to the next norm (ResidualStream); with bf16
+// weights the fused add-norm kernel does it. Its twin is the layer-by-layer value path: ATen's
+// add, then the plain norm. Same roundings, so the hidden states and every gradient agree to
+// bf16 noise (the MoE's atomically accumulated sums aside, they are bit-equal).
+TEST(TransformerCuda, PendingResidualAddMatchesTheValuePath) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  ModelConfig cfg;  // the debug shape: dense first layer, then MoE layers
+  torch::manual_seed(21);
+  Transformer model(cfg);
+  model->to(torch::kCUDA);
+  cast_params_to_bf16(bf16_weight_params(*model));  // train.param_dtype: bf16
+  const auto long_opts = torch::TensorOptions().dtype(torch::kLong).device(torch::kCUDA);
+  const torch::Tensor tokens = torch::randint(cfg.vocab_size, {2, 33}, long_opts);
+  const torch::Tensor grad_hidden = torch::randn({2, 33, cfg.hidden_size}, torch::kCUDA);
+  auto run = [&](bool pending) {
+    model->zero_grad();
+    torch::Tensor hidden;
+    {
+      Bf16Autocast autocast;
+      if (pending) {
+        hidden = model->forward(tokens, /*with_mtp=*/false).hidden;
+      } else {
+        torch::Tensor h = model->embed(tokens);
+        const RopeTables rope = RotaryEmbedding(cfg).tables(tokens.size(1), torch::kCUDA, torch::kFloat);
+        std::vector<RoutingStats> routing;
+        for (int64_t i = 0; i < cfg.num_hidden_layers; ++i) h = model->layer(i).forward(h, rope, routing);
+        hidden = model->norm(h);
+      }
+    }
+    hidden.backward(grad_hidden.to(hidden.scalar_type()));
+    std::vector<torch::Tensor> grads{hidden.detach().clone()};
+    for (const auto& p : model->parameters()) grads.push_back(p.grad().defined() ? p.grad().clone() : torch::Tensor());
+    return grads;
+  };
+  const auto want = run(false), got = run(true);
+  ASSERT_EQ(got.size(), want.size());
+  EXPECT_EQ(got[0].scalar_type(), torch::kBFloat16);
+  for (size_t i = 0; i < got.size(); ++i) {
+    ASSERT_EQ(got[i].defined(), want[i].defined()) << i;
+    if (got[i].defined()) {
+      EXPECT_LT(rel_err(got[i], want[i]), 1e-2) << (i == 0 ? "hidden" : "gradient ") << i;
+    }
   }
 }
 
