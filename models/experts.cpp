@@ -2,6 +2,7 @@
 
 #include "models/autocast.h"
 #include "models/kernels/swiglu.h"
+#include "models/weight_grad_stream.h"
 
 #include <ATen/ops/_grouped_mm.h>
 
@@ -34,9 +35,7 @@ torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& x, const torch::T
     // offs[j] = end row of expert j (int32, cumulative); empty groups are fine.
     const torch::Tensor offs = counts.cumsum(0).to(torch::kInt);
     auto bf16 = [](const torch::Tensor& t) { return t.to(torch::kBFloat16); };  // differentiable; no-op if bf16
-    const torch::Tensor xc = bf16(x).contiguous();
-    const torch::Tensor h = swiglu_packed(at::_grouped_mm(xc, bf16(w13).transpose(-2, -1), offs));  // [M, 2I] -> [M, I]
-    return at::_grouped_mm(h, bf16(w2).transpose(-2, -1), offs);                                   // [M, D]
+    return grouped_swiglu_experts(bf16(x).contiguous(), bf16(w13), bf16(w2), offs);
   }
   // Portable path: one slice per expert. Reads the counts on the host.
   const torch::Tensor host_counts = counts.to(torch::kCPU, torch::kLong);
@@ -51,6 +50,53 @@ torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& x, const torch::T
   TORCH_CHECK(start == x.size(0), "expert counts sum to ", start, " but x has ", x.size(0), " rows");
   if (outs.empty()) return x * 0;  // no rows at all: keep the graph connected to x
   return torch::cat(outs, 0);
+}
+
+torch::Tensor grouped_swiglu_experts_reference(const torch::Tensor& x, const torch::Tensor& w13,
+                                               const torch::Tensor& w2, const torch::Tensor& offs) {
+  const torch::Tensor h = swiglu_packed(at::_grouped_mm(x, w13.transpose(-2, -1), offs));  // [M, 2I] -> [M, I]
+  return at::_grouped_mm(h, w2.transpose(-2, -1), offs);                                   // [M, D]
+}
+
+#ifdef MOETRAIN_WITH_CUDA
+namespace {
+
+struct GroupedSwiGLUFunction : torch::autograd::Function<GroupedSwiGLUFunction> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w13,
+                               const torch::Tensor& w2, const torch::Tensor& offs) {
+    const torch::Tensor h13 = at::_grouped_mm(x, w13.transpose(-2, -1), offs);  // [M, 2I]
+    const torch::Tensor h = swiglu_packed(h13);                                  // [M, I]
+    ctx->save_for_backward({x, w13, w2, offs, h13, h});
+    return at::_grouped_mm(h, w2.transpose(-2, -1), offs);  // [M, D]
+  }
+
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const torch::Tensor &x = saved[0], &w13 = saved[1], &w2 = saved[2], &offs = saved[3], &h13 = saved[4],
+                        &h = saved[5];
+    const torch::Tensor grad_y = grads[0].to(x.scalar_type()).contiguous();  // [M, D]
+    // main: dh = grad_y·w2 -> dh13 = swiglu'(dh) -> dx = dh13·w13 -> join
+    // side: dw2 = grad_yᵀ·h  -> (after dh13) dw13 = dh13ᵀ·x
+    WeightGradOverlap side(x.device());
+    const torch::Tensor dw2 = side.run([&] { return at::_grouped_mm(grad_y.t(), h, offs); });  // [E, D, I]
+    const torch::Tensor dh13 = swiglu_packed_backward(h13, at::_grouped_mm(grad_y, w2, offs));  // [M, 2I]
+    const torch::Tensor dw13 = side.run([&] { return at::_grouped_mm(dh13.t(), x, offs); });  // [E, 2I, D]
+    torch::Tensor dx = at::_grouped_mm(dh13, w13, offs);                                        // [M, D]
+    side.join();
+    return {dx, dw13, dw2, torch::Tensor()};
+  }
+};
+
+}  // namespace
+#endif
+
+torch::Tensor grouped_swiglu_experts(const torch::Tensor& x, const torch::Tensor& w13, const torch::Tensor& w2,
+                                     const torch::Tensor& offs) {
+#ifdef MOETRAIN_WITH_CUDA
+  if (x.is_cuda() && weight_grad_overlap(/*for_experts=*/true)) return GroupedSwiGLUFunction::apply(x, w13, w2, offs);
+#endif
+  return grouped_swiglu_experts_reference(x, w13, w2, offs);
 }
 
 torch::Tensor moe_experts_reference(GroupedExpertsImpl& experts, const torch::Tensor& x,

@@ -39,6 +39,20 @@ struct GroupedExpertsImpl : torch::nn::Module {
 };
 TORCH_MODULE(GroupedExperts);
 
+// The grouped path's GEMMs and SwiGLU as one autograd node. x: [M, D] bf16 rows grouped by
+// expert, w13: [E, 2I, D] and w2: [E, D, I] bf16, offs: [E] int32 end row of each group -> [M, D].
+// Its backward runs the two weight-gradient GEMMs on a second stream beside the input-gradient
+// chain (weight_grad_stream.h): a weight-gradient GEMM's tiles are as uneven as the groups (each
+// sums its expert's rows), and while its long tiles finish the other stream's GEMMs take the SMs
+// it leaves idle (bench/NOTES.md 41). CUDA builds, unless MOETRAIN_WGRAD_STREAM=0; elsewhere the
+// reference.
+torch::Tensor grouped_swiglu_experts(const torch::Tensor& x, const torch::Tensor& w13, const torch::Tensor& w2,
+                                     const torch::Tensor& offs);
+
+// The twin: the same GEMMs and SwiGLU kernel through ATen's autograd, on one stream.
+torch::Tensor grouped_swiglu_experts_reference(const torch::Tensor& x, const torch::Tensor& w13,
+                                               const torch::Tensor& w2, const torch::Tensor& offs);
+
 // The reference: for each expert, find its (token, k) pairs, run it, and add the
 // gate-weighted result back. x: [N, D], topk_idx / topk_weight: [N, K] -> [N, D]
 torch::Tensor moe_experts_reference(GroupedExpertsImpl& experts, const torch::Tensor& x,

@@ -22,11 +22,11 @@ struct DownProjections {
 };
 DownProjections down_project(MLAImpl& m, const torch::Tensor& x) {
   if (m.q_lora_rank == 0) {
-    auto kv = m.wkv_a(x).split({m.kv_lora_rank, m.qk_rope_head_dim}, -1);
+    auto kv = apply_linear(x, m.wkv_a->weight).split({m.kv_lora_rank, m.qk_rope_head_dim}, -1);
     return {torch::Tensor(), kv[0], kv[1]};
   }
   const torch::Tensor w = torch::cat({m.wq_a->weight, m.wkv_a->weight});  // [q_lora + kv_lora + rope, D]
-  auto parts = torch::nn::functional::linear(x, w).split({m.q_lora_rank, m.kv_lora_rank, m.qk_rope_head_dim}, -1);
+  auto parts = apply_linear(x, w).split({m.q_lora_rank, m.kv_lora_rank, m.qk_rope_head_dim}, -1);
   return {parts[0], parts[1], parts[2]};
 }
 }  // namespace
@@ -59,10 +59,12 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> MLAImpl::project_qkv(
   const int64_t B = x.size(0), T = x.size(1), H = n_heads;
   const DownProjections down = down_project(*this, x);
   // Queries: per head [q_nope | q_rope], RoPE on the rope part (eqs. 6–9).
-  torch::Tensor q = q_lora_rank == 0 ? wq(x) : wq_b(q_norm(down.q_latent));
+  torch::Tensor q =
+      q_lora_rank == 0 ? apply_linear(x, wq->weight) : apply_linear(q_norm(down.q_latent), wq_b->weight);
   q = q.view({B, T, H, qk_nope_head_dim + qk_rope_head_dim});
   // Keys/values: latent c_kv and one k_rope shared by all heads (eqs. 1–5).
-  const torch::Tensor kv = wkv_b(kv_norm(down.kv_latent)).view({B, T, H, qk_nope_head_dim + v_head_dim});
+  const torch::Tensor kv =
+      apply_linear(kv_norm(down.kv_latent), wkv_b->weight).view({B, T, H, qk_nope_head_dim + v_head_dim});
   torch::Tensor k, v;
   if (mla_rope_kernel_ok(q, rope) && kv.scalar_type() == q.scalar_type()) {
     // CUDA: [nope | rotated rope] per head in one kernel each, v split off in k's pass (the
@@ -83,7 +85,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> MLAImpl::project_qkv(
 
 torch::Tensor MLAImpl::project_out(const torch::Tensor& o) {
   const int64_t B = o.size(0), T = o.size(2);
-  return wo(o.transpose(1, 2).reshape({B, T, n_heads * v_head_dim}));  // eq. 11
+  return apply_linear(o.transpose(1, 2).reshape({B, T, n_heads * v_head_dim}), wo->weight);  // eq. 11
 }
 
 torch::Tensor MLAImpl::forward(const torch::Tensor& x, const RopeTables& rope) {

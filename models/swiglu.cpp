@@ -16,7 +16,7 @@ torch::Tensor SwiGLUImpl::forward(const torch::Tensor& x) {
   // One GEMM against [w1; w3] (a [2F, D] copy of the weights: ≤ 12 MB here) and the packed
   // kernel: the backward then takes x's gradient in one GEMM of depth 2F, not two and an add.
   const torch::Tensor w13 = torch::cat({w1->weight, w3->weight}, 0);  // [2F, D]
-  return w2(swiglu_packed(torch::linear(x, w13)));                    // [..., 2F] -> [..., F] -> [..., D]
+  return apply_linear(swiglu_packed(apply_linear(x, w13)), w2->weight);  // [..., 2F] -> [..., F] -> [..., D]
 }
 
 }  // namespace moetrain

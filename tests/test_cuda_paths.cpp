@@ -11,6 +11,7 @@
 #include <torch/torch.h>
 
 #include "models/experts.h"
+#include "models/linear.h"
 #include "models/lm_loss.h"
 #include "trainer/master_weights.h"
 #include "trainer/optim.h"
@@ -81,6 +82,67 @@ TEST(MoeCuda, GroupedMmUnderAutocastMatchesFp64Loop) {
     ASSERT_TRUE(a.grad().defined());
     EXPECT_EQ(a.grad().scalar_type(), torch::kFloat);  // gradients reach the fp32 master weights
     EXPECT_LT(rel_err(a.grad(), b.grad()), 2e-2);
+  }
+}
+
+// The experts' one-node grouped path (weight gradients on a second stream) against its twin,
+// ATen's autograd over the same GEMMs and SwiGLU kernel on one stream: uneven groups, an empty
+// one, the last one longest; output and all three gradients agree to bf16 rounding.
+TEST(MoeCuda, GroupedSwiGLUNodeMatchesTheAutogradPath) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  const int64_t E = 6, D = 128, I = 64;
+  torch::manual_seed(11);
+  const auto bf = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA);
+  const torch::Tensor counts = torch::tensor({40, 0, 7, 129, 64, 300}, torch::kInt);
+  const int64_t M = counts.sum().item<int64_t>();
+  const torch::Tensor offs = counts.cumsum(0).to(torch::kInt).to(torch::kCUDA);
+  const torch::Tensor x0 = torch::randn({M, D}, bf), w13_0 = torch::randn({E, 2 * I, D}, bf) * 0.1,
+                      w2_0 = torch::randn({E, D, I}, bf) * 0.1, grad_y = torch::randn({M, D}, bf);
+  auto run = [&](bool fused) {
+    torch::Tensor x = x0.clone().requires_grad_(), w13 = w13_0.clone().requires_grad_(),
+                  w2 = w2_0.clone().requires_grad_();
+    const torch::Tensor y = fused ? grouped_swiglu_experts(x, w13, w2, offs)
+                                  : grouped_swiglu_experts_reference(x, w13, w2, offs);
+    y.backward(grad_y);
+    return std::vector<torch::Tensor>{y.detach(), x.grad(), w13.grad(), w2.grad()};
+  };
+  const auto fused = run(true), ref = run(false);
+  const char* names[] = {"y", "dx", "dw13", "dw2"};
+  for (size_t i = 0; i < fused.size(); ++i) {
+    ASSERT_TRUE(fused[i].defined()) << names[i];
+    EXPECT_EQ(fused[i].sizes(), ref[i].sizes()) << names[i];
+    EXPECT_LT(rel_err(fused[i], ref[i]), 1e-2) << names[i];
+  }
+  EXPECT_EQ(fused[3][1].abs().sum().item<float>(), 0.0f) << "an empty group's weight gradient is zero";
+}
+
+// apply_linear's node (weight gradient on a second stream) against its twin torch::linear: bf16
+// weights, and fp32 master weights under bf16 autocast (fp32 gradients); 3-D input.
+TEST(LinearCuda, NodeMatchesTorchLinear) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  torch::manual_seed(12);
+  for (auto w_dtype : {torch::kBFloat16, torch::kFloat32}) {
+    const auto opts = torch::TensorOptions().device(torch::kCUDA);
+    const torch::Tensor x0 = torch::randn({3, 77, 96}, opts).to(torch::kBFloat16);
+    const torch::Tensor w0 = (torch::randn({40, 96}, opts) * 0.1).to(w_dtype);
+    const torch::Tensor grad_y = torch::randn({3, 77, 40}, opts).to(torch::kBFloat16);
+    auto run = [&](bool node) {
+      torch::Tensor x = x0.clone().requires_grad_(), w = w0.clone().requires_grad_();
+      torch::Tensor y;
+      {
+        Bf16Autocast autocast;
+        y = node ? apply_linear(x, w) : torch::linear(x, w);
+      }
+      y.backward(grad_y);
+      return std::vector<torch::Tensor>{y.detach(), x.grad(), w.grad()};
+    };
+    const auto got = run(true), want = run(false);
+    EXPECT_EQ(got[0].scalar_type(), torch::kBFloat16);
+    EXPECT_EQ(got[2].scalar_type(), w_dtype) << "the weight's gradient comes back in its dtype";
+    for (size_t i = 0; i < got.size(); ++i) {
+      EXPECT_EQ(got[i].sizes(), want[i].sizes()) << i;
+      EXPECT_LT(rel_err(got[i], want[i]), 1e-2) << i << " " << w_dtype;
+    }
   }
 }
 

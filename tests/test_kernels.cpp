@@ -41,6 +41,18 @@ TEST(KernelsCpu, SwigluPackedIsSwigluOfTheTwoHalves) {
   EXPECT_THROW(swiglu_packed(torch::randn({2, 7})), c10::Error);  // odd: no gate ‖ up split
 }
 
+// swiglu_packed_backward's closed form (what autograd nodes that wrap the kernel call off the
+// GPU) equals autograd through the reference.
+TEST(KernelsCpu, SwigluPackedBackwardClosedFormEqualsAutograd) {
+  torch::manual_seed(3);
+  auto gu = torch::randn({4, 6, 14}, torch::kFloat64).requires_grad_(true);
+  auto go = torch::randn({4, 6, 7}, torch::kFloat64);
+  swiglu_packed_reference(gu).backward(go);
+  const torch::Tensor closed = swiglu_packed_backward(gu.detach(), go);
+  ASSERT_EQ(closed.sizes(), gu.sizes());
+  EXPECT_TRUE(torch::allclose(closed, gu.grad(), 1e-12, 1e-12));
+}
+
 TEST(KernelsCpu, RmsNormFallbackEqualsReferenceAndModule) {
   torch::manual_seed(0);
   auto x = torch::randn({4, 5, 32});

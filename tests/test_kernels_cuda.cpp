@@ -83,7 +83,8 @@ TEST(KernelsCuda, RmsNormMatchesReference) {
         // (the register kernels take dim ≤ 1024 in four-column steps: 256, 100, 388, 1024; 2048 and 102 the generic one)
         torch::manual_seed(1);
         auto opts = torch::TensorOptions().device(torch::kCUDA);
-        auto x = (torch::randn({3, 1001, dim}, opts) * 3).to(x_dtype).requires_grad_(true);
+        // 4803 rows: more than the register kernels' warps (≤ 3 blocks of 8 on each SM), so warps take several rows
+        auto x = (torch::randn({3, 1601, dim}, opts) * 3).to(x_dtype).requires_grad_(true);
         auto w = (1 + 0.1 * torch::randn({dim}, opts)).requires_grad_(true);
         auto out = rms_norm_fused(x, w, 1e-6, out_dtype);
         ASSERT_EQ(out.scalar_type(), out_dtype);
@@ -95,7 +96,7 @@ TEST(KernelsCuda, RmsNormMatchesReference) {
         const double tol = (x_dtype == torch::kBFloat16 || out_dtype == torch::kBFloat16) ? 1.0 / 64 : 1e-5;
         EXPECT_LT(max_rel_err(out, ref.out, 1e-2), tol) << x_dtype << " " << out_dtype << " " << dim;
         EXPECT_LT(max_rel_err(x.grad(), ref.grad_x, 1e-1), 2 * tol) << x_dtype << " " << out_dtype << " " << dim;
-        // the weight gradient is a sum over 3003 rows: compare relative to its scale
+        // the weight gradient is a sum over 4803 rows: compare relative to its scale
         const double w_scale = ref.grad_w.abs().max().item<double>();
         EXPECT_LT((w.grad().to(torch::kDouble) - ref.grad_w).abs().max().item<double>() / w_scale, tol)
             << x_dtype << " " << out_dtype << " " << dim;
@@ -136,8 +137,8 @@ TEST(KernelsCuda, AddRmsNormMatchesReference) {
     for (int64_t dim : {1024, 102}) {
       torch::manual_seed(3);
       auto opts = torch::TensorOptions().device(torch::kCUDA);
-      auto x = (torch::randn({2, 513, dim}, opts) * 2).to(dtype).requires_grad_(true);
-      auto delta = torch::randn({2, 513, dim}, opts).to(dtype).requires_grad_(true);
+      auto x = (torch::randn({2, 2113, dim}, opts) * 2).to(dtype).requires_grad_(true);  // warps take several rows
+      auto delta = torch::randn({2, 2113, dim}, opts).to(dtype).requires_grad_(true);
       auto w = (1 + 0.1 * torch::randn({dim}, opts)).requires_grad_(true);
       auto [h, normed] = add_rms_norm_fused(x, delta, w, 1e-6, dtype);
       ASSERT_EQ(h.scalar_type(), dtype);

@@ -5,6 +5,8 @@
 
 #include "models/kernels/cuda_common.cuh"
 
+#include <algorithm>
+
 namespace moetrain::kernels {
 
 namespace {
@@ -98,27 +100,29 @@ __device__ __forceinline__ Raw4<T> load_raw4(const T* p) {
   return *reinterpret_cast<const Raw4<T>*>(p);
 }
 
-// The same backward for dim ≤ 128·VECS with four-column accesses. The row's x and grad (and,
-// up to 512 columns, its residual gradient) are loaded together and kept in registers as
-// loaded; the weight-gradient partial stays in fp32 registers and is summed over the block's
-// warps in shared memory at the end: one partial row per block. The generic kernel above read
-// and wrote its partial row in global memory for every row, and left 8× the partial rows to sum.
-// At most 128 registers, so two blocks fit an SM.
+// The same backward for dim ≤ 128·VECS with four-column accesses. The row's x, grad and
+// residual gradient are loaded together in one round trip and kept in registers as loaded.
+// The weight-gradient partial is kept in fp32 in shared memory (each lane owns its columns of
+// its warp's row, so no barrier until the end), which leaves the registers to the loads: at
+// ≤ 80 registers three blocks (24 warps) fit an SM, against two when the partial sat in
+// registers and the residual took a second round trip (bench/NOTES.md 42). The block's warps
+// are summed in shared memory at the end: one partial row per block.
+template <int VECS>
+constexpr int kBackwardBlocksPerSM = VECS <= 4 ? 3 : 2;  // 1024 columns: x, grad and residual need ≤ 128 registers
+
 template <class TX, class TO, int VECS>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32, 2)
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, kBackwardBlocksPerSM<VECS>)
     rms_norm_backward_reg_kernel(const TX* __restrict__ x, int64_t x_stride, const float* __restrict__ weight,
                                  const float* __restrict__ rstd, const TO* __restrict__ grad_out,
                                  const TX* __restrict__ grad_residual, TX* __restrict__ grad_x,
                                  float* __restrict__ dweight_partial, int64_t rows, int64_t dim) {
-  // the residual gradient in the first round trip too where the registers allow (not at 1024)
-  constexpr bool kPrefetchResidual = VECS <= 4;
   __shared__ float4 block_dw[kWarpsPerBlock][VECS * 32];
   const int lane = threadIdx.x % 32, warp_in_block = threadIdx.x / 32;
   const int64_t warp = blockIdx.x * static_cast<int64_t>(kWarpsPerBlock) + warp_in_block;
   const int64_t n_warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  Float4 acc[VECS];
+  float4* acc = block_dw[warp_in_block];  // this warp's partial row: lane's columns at lane + 32·k
 #pragma unroll
-  for (int k = 0; k < VECS; ++k) acc[k] = Float4{{0.f, 0.f, 0.f, 0.f}};
+  for (int k = 0; k < VECS; ++k) acc[lane + 32 * k] = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int64_t r = warp; r < rows; r += n_warps) {
     const float inv = rstd[r];
     Raw4<TX> xv[VECS], rv[VECS];
@@ -129,7 +133,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 2)
       if (c >= dim) continue;
       xv[k] = load_raw4(x + r * x_stride + c);
       gv[k] = load_raw4(grad_out + r * dim + c);
-      if (kPrefetchResidual && grad_residual) rv[k] = load_raw4(grad_residual + r * dim + c);
+      if (grad_residual) rv[k] = load_raw4(grad_residual + r * dim + c);
     }
     float dot = 0.f;
 #pragma unroll
@@ -137,12 +141,15 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 2)
       const int64_t c = 4 * lane + 128 * k;
       if (c >= dim) continue;
       const Float4 w = load4(weight + c);
+      float4 a = acc[lane + 32 * k];
+      float* av = reinterpret_cast<float*>(&a);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const float g = to_float(gv[k].v[j]), xhat = to_float(xv[k].v[j]) * inv;
         dot += g * w.v[j] * xhat;
-        acc[k].v[j] += g * to_float(from_float<TX>(xhat));
+        av[j] += g * to_float(from_float<TX>(xhat));
       }
+      acc[lane + 32 * k] = a;
     }
     const float mean_dot = warp_sum(dot) / static_cast<float>(dim);
 #pragma unroll
@@ -150,7 +157,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 2)
       const int64_t c = 4 * lane + 128 * k;
       if (c >= dim) continue;
       const Float4 w = load4(weight + c);
-      if (!kPrefetchResidual && grad_residual) rv[k] = load_raw4(grad_residual + r * dim + c);
       Float4 dx;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -160,9 +166,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, 2)
       store4(grad_x + r * dim + c, dx);
     }
   }
-#pragma unroll
-  for (int k = 0; k < VECS; ++k)
-    block_dw[warp_in_block][lane + 32 * k] = make_float4(acc[k].v[0], acc[k].v[1], acc[k].v[2], acc[k].v[3]);
   __syncthreads();
   const float* dw = reinterpret_cast<const float*>(&block_dw[0][0]);  // [warps][VECS·128]: column c at c
   for (int64_t c = threadIdx.x; c < dim; c += blockDim.x) {
@@ -201,30 +204,46 @@ int launch_rms_norm_backward(const void* x, int64_t x_stride, const float* weigh
                              int64_t* partial_rows_written, int64_t rows, int64_t dim, int x_dtype, int out_dtype,
                              void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
-  const int blocks = static_cast<int>(rms_norm_backward_partials(rows) / kWarpsPerBlock);
   const bool vec = dim % 4 == 0 && x_stride % 4 == 0 && aligned16(x, weight, grad_out, grad_x, dweight_partial) &&
                    (!grad_residual || aligned16(grad_residual));
+  const int threads = kWarpsPerBlock * 32;
+  // The generic kernel: one partial row per warp, as many warps as the buffer has rows.
+  // The register kernels: one partial row per block, as many blocks as fit the SMs at once.
+  const int64_t partial_rows = rms_norm_backward_partials(rows);
+  const int max_blocks = static_cast<int>(partial_rows / kWarpsPerBlock);
+  static const int sms = [] {
+    int dev = 0, n = 132;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+      n = 132;
+    return n;
+  }();
+  auto reg_blocks = [&](int per_sm) {
+    return grid_for(rows, kWarpsPerBlock, std::min(partial_rows, static_cast<int64_t>(sms) * per_sm));
+  };
   MOETRAIN_DISPATCH_DTYPE(x_dtype, TX, {
     MOETRAIN_DISPATCH_DTYPE(out_dtype, TO, {
       const auto* xp = static_cast<const TX*>(x);
       const auto* gp = static_cast<const TO*>(grad_out);
       const auto* rp = static_cast<const TX*>(grad_residual);
       auto* dxp = static_cast<TX*>(grad_x);
-      const int threads = kWarpsPerBlock * 32;
-      *partial_rows_written = vec && dim <= 1024 ? blocks : static_cast<int64_t>(blocks) * kWarpsPerBlock;
+      int blocks = max_blocks;
       if (vec && dim <= 256) {
+        blocks = reg_blocks(kBackwardBlocksPerSM<2>);
         rms_norm_backward_reg_kernel<TX, TO, 2>
             <<<blocks, threads, 0, s>>>(xp, x_stride, weight, rstd, gp, rp, dxp, dweight_partial, rows, dim);
       } else if (vec && dim <= 512) {
+        blocks = reg_blocks(kBackwardBlocksPerSM<4>);
         rms_norm_backward_reg_kernel<TX, TO, 4>
             <<<blocks, threads, 0, s>>>(xp, x_stride, weight, rstd, gp, rp, dxp, dweight_partial, rows, dim);
       } else if (vec && dim <= 1024) {
+        blocks = reg_blocks(kBackwardBlocksPerSM<8>);
         rms_norm_backward_reg_kernel<TX, TO, 8>
             <<<blocks, threads, 0, s>>>(xp, x_stride, weight, rstd, gp, rp, dxp, dweight_partial, rows, dim);
       } else {
         rms_norm_backward_kernel<TX, TO>
             <<<blocks, threads, 0, s>>>(xp, x_stride, weight, rstd, gp, rp, dxp, dweight_partial, rows, dim, vec);
       }
+      *partial_rows_written = vec && dim <= 1024 ? blocks : static_cast<int64_t>(blocks) * kWarpsPerBlock;
     })
   })
   return static_cast<int>(cudaGetLastError());

@@ -49,16 +49,13 @@ struct SwiGLUPackedFunction : torch::autograd::Function<SwiGLUPackedFunction> {
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
-    const torch::Tensor gu = ctx->get_saved_variables()[0];
-    const int64_t f = gu.size(-1) / 2, rows = gu.numel() / gu.size(-1);
-    torch::Tensor grad_out = grads[0].to(gu.scalar_type()).contiguous();
-    torch::Tensor grad_gu = torch::empty_like(gu);
-    check_kernel_launch(kernels::launch_swiglu_packed_backward(gu.data_ptr(), grad_out.data_ptr(), grad_gu.data_ptr(),
-                                                               rows, f, kernel_dtype_code(gu), current_stream_of(gu)),
-                        "swiglu packed backward");
-    return {grad_gu};
+    return {swiglu_packed_backward(ctx->get_saved_variables()[0], grads[0])};
   }
 };
+
+bool swiglu_kernel_ok(const torch::Tensor& gu) {
+  return gu.is_cuda() && (gu.scalar_type() == torch::kFloat32 || gu.scalar_type() == torch::kBFloat16);
+}
 
 }  // namespace
 #endif
@@ -67,10 +64,27 @@ torch::Tensor swiglu_packed(const torch::Tensor& gu) {
   TORCH_CHECK(gu.dim() >= 1 && gu.size(-1) % 2 == 0, "swiglu_packed: the last dimension (gate ‖ up) must be even, got ",
               gu.sizes());
 #ifdef MOETRAIN_WITH_CUDA
-  if (gu.is_cuda() && (gu.scalar_type() == torch::kFloat32 || gu.scalar_type() == torch::kBFloat16))
-    return SwiGLUPackedFunction::apply(gu.contiguous());
+  if (swiglu_kernel_ok(gu)) return SwiGLUPackedFunction::apply(gu.contiguous());
 #endif
   return swiglu_packed_reference(gu);
+}
+
+torch::Tensor swiglu_packed_backward(const torch::Tensor& gu, const torch::Tensor& grad_out) {
+  const int64_t f = gu.size(-1) / 2;
+#ifdef MOETRAIN_WITH_CUDA
+  if (swiglu_kernel_ok(gu)) {
+    const torch::Tensor g = gu.contiguous(), go = grad_out.to(gu.scalar_type()).contiguous();
+    torch::Tensor grad_gu = torch::empty_like(g);
+    check_kernel_launch(kernels::launch_swiglu_packed_backward(g.data_ptr(), go.data_ptr(), grad_gu.data_ptr(),
+                                                               g.numel() / g.size(-1), f, kernel_dtype_code(g),
+                                                               current_stream_of(g)),
+                        "swiglu packed backward");
+    return grad_gu;
+  }
+#endif
+  // d/dgate silu(g)·u = u·σ(g)·(1 + g·(1 − σ(g))), d/dup = silu(g)
+  const torch::Tensor gate = gu.narrow(-1, 0, f), up = gu.narrow(-1, f, f), s = torch::sigmoid(gate);
+  return torch::cat({grad_out * up * s * (1 + gate * (1 - s)), grad_out * gate * s}, -1);
 }
 
 }  // namespace moetrain

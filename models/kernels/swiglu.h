@@ -20,6 +20,11 @@ torch::Tensor swiglu_packed_reference(const torch::Tensor& gu);
 // backward writes the gradient of gu as one tensor.
 torch::Tensor swiglu_packed(const torch::Tensor& gu);
 
+// swiglu_packed's backward as a plain function (for autograd nodes that wrap it): gu: [..., 2F],
+// grad_out: [..., F] -> the gradient of gu [..., 2F]. The CUDA kernel where swiglu_packed runs
+// it, else the closed form in ATen ops.
+torch::Tensor swiglu_packed_backward(const torch::Tensor& gu, const torch::Tensor& grad_out);
+
 // True when this build compiled the CUDA kernels (MOETRAIN_WITH_CUDA).
 bool fused_kernels_available();
 
