@@ -13,6 +13,10 @@
 #            ZeRO-1, expert parallel (ep_size = GPUs); CKPT=1 adds activation checkpointing on one GPU
 #   curve    bf16 CUDA vs fp32 CPU loss curves of configs/tiny.yaml, 200 steps
 #            (needs data_cache/linux-docs-sp4096 carried over)
+#   ab       the step with the backward's weight gradients on the second stream, for the experts
+#            only, and on one stream (MOETRAIN_WGRAD_STREAM=1 / experts / 0), interleaved twice
+#   probes   kernel probes without the build: scripts/probe_wgmma_grouped.cu (nvcc, sm_90a) and
+#            scripts/probe_fine_tiles.py (ATen's grouped GEMM on the same shapes)
 # TRACE=1: the profile phase also saves a gzipped Chrome trace (trace.json.gz). PROFILE_ROWS: how
 # many kernels its table lists (25).
 # SETS="--set train.param_dtype=bf16 ...": extra config overrides for every bench, profile,
@@ -37,14 +41,17 @@ has() { [[ " $PHASES " == *" $1 "* ]]; }
 stamp() { echo "== $1 $(( $(date +%s) - t0 )) s"; }
 nvidia-smi -L
 t0=$(date +%s)
-if [ ! -f "$BUILD/build.ninja" ]; then
+if [ "$PHASES" = probes ]; then :  # nothing of the build is needed
+elif [ ! -f "$BUILD/build.ninja" ]; then
   cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DCMAKE_PREFIX_PATH="$(python3 -c 'import torch.utils;print(torch.utils.cmake_prefix_path)')" \
     -DMOETRAIN_PYTHON="$(command -v python3)" -DMOETRAIN_CUDA=ON -DMOETRAIN_WERROR=ON >"$OUT/configure.log" 2>&1 \
     || { tail -30 "$OUT/configure.log"; exit 1; }
 fi
-ninja -C "$BUILD" -k 0 >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -30; exit 1; }
-stamp build
+if [ "$PHASES" != probes ]; then
+  ninja -C "$BUILD" -k 0 >"$OUT/build.log" 2>&1 || { grep -E "error|FAILED" "$OUT/build.log" | head -30; exit 1; }
+  stamp build
+fi
 if has tests; then
   ctest --test-dir "$BUILD" -j "$(nproc)" -LE slow --output-on-failure >"$OUT/ctest.log" 2>&1
   grep -E "tests passed|\*\*\*Failed|Failed  |Not Run" "$OUT/ctest.log" | head -20
@@ -102,6 +109,23 @@ if has dist; then
   } >"$OUT/dist.log" 2>&1
   stamp dist
 fi
+if has ab; then
+  for round in 1 2; do
+    for v in 1 experts 0; do
+      MOETRAIN_WGRAD_STREAM=$v "$MT" bench "$CONFIG" --steps 12 --warmup 3 "${SETS_ARR[@]}" "${ONE[@]}" 2>&1 \
+        | grep "median step" | sed "s/^/wgrad_stream=$v /"
+    done
+  done >"$OUT/ab.log"
+  stamp ab
+fi
+if has probes; then
+  {
+    nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -o /tmp/probe_wgmma "$ROOT/scripts/probe_wgmma_grouped.cu" -lcuda \
+      && /tmp/probe_wgmma
+    python3 "$ROOT/scripts/probe_fine_tiles.py"
+  } >"$OUT/probes.log" 2>&1
+  stamp probes
+fi
 if has curve; then
   wait "$curve_pid" || tail -5 "$OUT/curve-cpu-fp32.log"
   python3 "$ROOT/scripts/compare_loss_curves.py" "$OUT/curve-cpu-fp32/metrics.jsonl" \
@@ -114,5 +138,7 @@ has scaling && for e in 64 256; do grep -A16 "^profile of" "$OUT/moe-layer-$e.lo
 has scaling && grep -h -E "MoE layer|median step" "$OUT"/moe-layer-[0-9]*.log "$OUT"/moe-layer-scaling.log "$OUT"/step-experts-*.log
 has curve && cat "$OUT/curve.md"
 has dist && grep -E "median step|rror" "$OUT/dist.log"
+has ab && cut -c1-120 "$OUT/ab.log"
+has probes && tail -45 "$OUT/probes.log"
 has bench && tail -6 "$OUT/bench.log"
 exit 0

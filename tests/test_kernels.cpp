@@ -7,7 +7,9 @@
 #include "models/kernels/moe_permute.h"
 #include "models/kernels/rms_norm_fused.h"
 #include "models/kernels/swiglu.h"
+#include "models/linear.h"
 #include "models/rms_norm.h"
+#include "models/weight_grad_stream.h"
 
 using namespace moetrain;
 
@@ -51,6 +53,31 @@ TEST(KernelsCpu, SwigluPackedBackwardClosedFormEqualsAutograd) {
   const torch::Tensor closed = swiglu_packed_backward(gu.detach(), go);
   ASSERT_EQ(closed.sizes(), gu.sizes());
   EXPECT_TRUE(torch::allclose(closed, gu.grad(), 1e-12, 1e-12));
+}
+
+// Off the GPU the backward's second stream is no stream: apply_linear is torch::linear (value
+// and gradients bit-equal) and WeightGradOverlap runs its work inline.
+TEST(KernelsCpu, LinearAndWeightGradOverlapFallBackOnCpu) {
+  torch::manual_seed(4);
+  auto x = torch::randn({2, 5, 8}).requires_grad_(true), w = torch::randn({3, 8}).requires_grad_(true);
+  auto x2 = x.detach().clone().requires_grad_(true), w2 = w.detach().clone().requires_grad_(true);
+  const torch::Tensor y = apply_linear(x, w), y2 = torch::linear(x2, w2);
+  EXPECT_TRUE(torch::equal(y, y2));
+  const torch::Tensor go = torch::randn_like(y);
+  y.backward(go);
+  y2.backward(go);
+  EXPECT_TRUE(torch::equal(x.grad(), x2.grad()));
+  EXPECT_TRUE(torch::equal(w.grad(), w2.grad()));
+
+  WeightGradOverlap side(torch::kCPU);
+  int calls = 0;
+  const torch::Tensor r = side.run([&] {
+    ++calls;
+    return torch::ones({2});
+  });
+  side.join();
+  EXPECT_EQ(calls, 1);
+  EXPECT_TRUE(torch::equal(r, torch::ones({2})));
 }
 
 TEST(KernelsCpu, RmsNormFallbackEqualsReferenceAndModule) {
