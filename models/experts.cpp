@@ -1,6 +1,7 @@
 #include "models/experts.h"
 
 #include "models/autocast.h"
+#include "models/kernels/grouped_wgrad.h"
 #include "models/kernels/swiglu.h"
 #include "models/weight_grad_stream.h"
 
@@ -77,11 +78,12 @@ struct GroupedSwiGLUFunction : torch::autograd::Function<GroupedSwiGLUFunction> 
                         &h = saved[5];
     const torch::Tensor grad_y = grads[0].to(x.scalar_type()).contiguous();  // [M, D]
     // main: dh = grad_y·w2 -> dh13 = swiglu'(dh) -> dx = dh13·w13 -> join
-    // side: dw2 = grad_yᵀ·h  -> (after dh13) dw13 = dh13ᵀ·x
+    // side: dw2 = grad_yᵀ·h  -> (after dh13) dw13 = dh13ᵀ·x  (grouped_weight_grad: our kernel on
+    // sm_90, which splits heavy experts' rows; else ATen's grouped GEMM)
     WeightGradOverlap side(x.device());
-    const torch::Tensor dw2 = side.run([&] { return at::_grouped_mm(grad_y.t(), h, offs); });  // [E, D, I]
+    const torch::Tensor dw2 = side.run([&] { return grouped_weight_grad(grad_y, h, offs); });  // [E, D, I]
     const torch::Tensor dh13 = swiglu_packed_backward(h13, at::_grouped_mm(grad_y, w2, offs));  // [M, 2I]
-    const torch::Tensor dw13 = side.run([&] { return at::_grouped_mm(dh13.t(), x, offs); });  // [E, 2I, D]
+    const torch::Tensor dw13 = side.run([&] { return grouped_weight_grad(dh13, x, offs); });  // [E, 2I, D]
     torch::Tensor dx = at::_grouped_mm(dh13, w13, offs);                                        // [M, D]
     side.join();
     return {dx, dw13, dw2, torch::Tensor()};

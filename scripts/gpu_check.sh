@@ -13,10 +13,11 @@
 #            ZeRO-1, expert parallel (ep_size = GPUs); CKPT=1 adds activation checkpointing on one GPU
 #   curve    bf16 CUDA vs fp32 CPU loss curves of configs/tiny.yaml, 200 steps
 #            (needs data_cache/linux-docs-sp4096 carried over)
-#   ab       the step with the backward's weight gradients on the second stream, for the experts
-#            only, and on one stream (MOETRAIN_WGRAD_STREAM=1 / experts / 0), interleaved twice
-#   probes   kernel probes without the build: scripts/probe_wgmma_grouped.cu (nvcc, sm_90a) and
-#            scripts/probe_fine_tiles.py (ATen's grouped GEMM on the same shapes)
+#   ab       the step under each value of an A/B switch, interleaved twice: AB_VAR (default
+#            MOETRAIN_WGRAD_STREAM) over AB_VALUES (default "1 experts 0"); e.g.
+#            AB_VAR=MOETRAIN_GROUPED_WGRAD AB_VALUES="1 0" (our weight-gradient kernel vs ATen's)
+#   probes   kernel probes without the build: scripts/probe_fine_tiles.py (ATen's grouped GEMM),
+#            scripts/probe_wgmma_wgrad.cu and probe_wgmma_grouped.cu (nvcc, sm_90a) on its shapes
 # TRACE=1: the profile phase also saves a gzipped Chrome trace (trace.json.gz). PROFILE_ROWS: how
 # many kernels its table lists (25).
 # SETS="--set train.param_dtype=bf16 ...": extra config overrides for every bench, profile,
@@ -110,19 +111,23 @@ if has dist; then
   stamp dist
 fi
 if has ab; then
+  AB_VAR=${AB_VAR:-MOETRAIN_WGRAD_STREAM}
+  read -ra AB_VALUES_ARR <<<"${AB_VALUES:-1 experts 0}"
   for round in 1 2; do
-    for v in 1 experts 0; do
-      MOETRAIN_WGRAD_STREAM=$v "$MT" bench "$CONFIG" --steps 12 --warmup 3 "${SETS_ARR[@]}" "${ONE[@]}" 2>&1 \
-        | grep "median step" | sed "s/^/wgrad_stream=$v /"
+    for v in "${AB_VALUES_ARR[@]}"; do
+      env "$AB_VAR=$v" "$MT" bench "$CONFIG" --steps 12 --warmup 3 "${SETS_ARR[@]}" "${ONE[@]}" 2>&1 \
+        | grep "median step" | sed "s/^/$AB_VAR=$v /"
     done
   done >"$OUT/ab.log"
   stamp ab
 fi
 if has probes; then
   {
+    python3 "$ROOT/scripts/probe_fine_tiles.py" --counts-dir /tmp
+    nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I"$ROOT" -o /tmp/probe_wgrad \
+      "$ROOT/scripts/probe_wgmma_wgrad.cu" && /tmp/probe_wgrad /tmp
     nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -o /tmp/probe_wgmma "$ROOT/scripts/probe_wgmma_grouped.cu" -lcuda \
       && /tmp/probe_wgmma
-    python3 "$ROOT/scripts/probe_fine_tiles.py"
   } >"$OUT/probes.log" 2>&1
   stamp probes
 fi
@@ -139,6 +144,6 @@ has scaling && grep -h -E "MoE layer|median step" "$OUT"/moe-layer-[0-9]*.log "$
 has curve && cat "$OUT/curve.md"
 has dist && grep -E "median step|rror" "$OUT/dist.log"
 has ab && cut -c1-120 "$OUT/ab.log"
-has probes && tail -45 "$OUT/probes.log"
+has probes && cat "$OUT/probes.log"
 has bench && tail -6 "$OUT/bench.log"
 exit 0

@@ -10,15 +10,19 @@ the mean and selects the fine tile without copying a weight.
 
 Prints forward and input-gradient times, both ways, for bench-1b's expert shapes
 (D 1024, I 512) at 64 and 256 experts with balanced and skewed counts, checks that the
-results agree, and times the expert block's forward + backward (wgrad unchanged).
-Usage: python3 scripts/probe_fine_tiles.py
+results agree, and times ATen's weight gradients (unchanged by the trick). Writes each case's
+counts to COUNTS_DIR/counts-E-{bal,skew}.txt (one count a line) for
+scripts/probe_wgmma_wgrad.cu, which times its own weight gradient on the same counts.
+Usage: python3 scripts/probe_fine_tiles.py [--counts-dir DIR]
 """
 import argparse
 import statistics
 
 import torch
 
-argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument('--counts-dir', default='/tmp', help='where the counts files go (default /tmp)')
+args = parser.parse_args()
 torch.manual_seed(0)
 dev = 'cuda'
 T, K_TOP, D, I = 16384, 6, 1024, 512
@@ -75,6 +79,8 @@ rows = []
 for E in (64, 256):
     for skew in (0, 1):
         c = counts_for(E, skew).to(dev)
+        with open(f"{args.counts_dir}/counts-{E}-{'skew' if skew else 'bal'}.txt", 'w') as f:
+            f.write('\n'.join(str(v) for v in c.tolist()) + '\n')
         offs = c.cumsum(0).to(torch.int32)
         s = split_for(E)
         offs_f = fine_offs(offs, s)
@@ -98,9 +104,10 @@ for E in (64, 256):
             t1 = timeit(lambda: torch._grouped_mm(a, fine_view(b, s), offs=offs_f))
             t0b = timeit(lambda: torch._grouped_mm(a, b, offs=offs))
             rows.append((E, 'skew' if skew else 'bal', name, s, t0, t0b, t1, err))
-        # the wgrad for reference (unchanged by the trick)
-        tw = timeit(lambda: torch._grouped_mm(dh.t(), x, offs=offs))
-        rows.append((E, 'skew' if skew else 'bal', 'wgrad w13', 1, tw, tw, tw, 0.0))
+        # the weight gradients for reference (unchanged by the trick)
+        for name, (a, b) in {'wgrad w13': (dh, x), 'wgrad w2': (dy, h)}.items():
+            tw = timeit(lambda: torch._grouped_mm(a.t(), b, offs=offs))
+            rows.append((E, 'skew' if skew else 'bal', name, 1, tw, tw, tw, 0.0))
 
 print(f"{'E':>4} {'counts':>5} {'gemm':>10} {'S':>3} {'128x256 ms':>10} {'again':>7} {'64x128 ms':>10} {'gain':>6} {'rel err':>8}")
 for E, k, n, s, t0, t0b, t1, err in rows:

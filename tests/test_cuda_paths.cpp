@@ -87,10 +87,11 @@ TEST(MoeCuda, GroupedMmUnderAutocastMatchesFp64Loop) {
 
 // The experts' one-node grouped path (weight gradients on a second stream) against its twin,
 // ATen's autograd over the same GEMMs and SwiGLU kernel on one stream: uneven groups, an empty
-// one, the last one longest; output and all three gradients agree to bf16 rounding.
+// one, the last one longest; output and all three gradients agree to bf16 rounding. The widths
+// (D = I = 256) take our weight-gradient kernel on sm_90, the 300-row group split in two chunks.
 TEST(MoeCuda, GroupedSwiGLUNodeMatchesTheAutogradPath) {
   ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
-  const int64_t E = 6, D = 128, I = 64;
+  const int64_t E = 6, D = 256, I = 256;
   torch::manual_seed(11);
   const auto bf = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA);
   const torch::Tensor counts = torch::tensor({40, 0, 7, 129, 64, 300}, torch::kInt);

@@ -4,6 +4,7 @@
 
 #include <torch/torch.h>
 
+#include "models/kernels/grouped_wgrad.h"
 #include "models/kernels/moe_permute.h"
 #include "models/kernels/rms_norm_fused.h"
 #include "models/kernels/swiglu.h"
@@ -53,6 +54,32 @@ TEST(KernelsCpu, SwigluPackedBackwardClosedFormEqualsAutograd) {
   const torch::Tensor closed = swiglu_packed_backward(gu.detach(), go);
   ASSERT_EQ(closed.sizes(), gu.sizes());
   EXPECT_TRUE(torch::allclose(closed, gu.grad(), 1e-12, 1e-12));
+}
+
+// The experts' weight-gradient twin against autograd: y[rows of e] = x[rows of e] · w[e]ᵀ,
+// L = Σ y ⊙ dy, so dL/dw[e] = dy[rows of e]ᵀ · x[rows of e]; empty groups get zeros. Off the GPU
+// grouped_weight_grad is that twin and never takes the kernel.
+TEST(KernelsCpu, GroupedWeightGradReferenceEqualsAutograd) {
+  torch::manual_seed(5);
+  const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
+  const std::vector<int64_t> counts = {3, 0, 7, 1, 0, 5};
+  const int64_t M = 16, N = 4, K = 6, E = static_cast<int64_t>(counts.size());
+  const torch::Tensor x = torch::randn({M, K}, f64), dy = torch::randn({M, N}, f64);
+  const torch::Tensor w = torch::randn({E, N, K}, f64).requires_grad_(true);
+  std::vector<torch::Tensor> ys;
+  int64_t start = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    ys.push_back(x.narrow(0, start, counts[e]).mm(w[e].t()));
+    start += counts[e];
+  }
+  (torch::cat(ys) * dy).sum().backward();
+  const torch::Tensor offs = torch::tensor(counts).cumsum(0).to(torch::kInt);
+  const torch::Tensor got = grouped_weight_grad_reference(dy, x, offs);
+  EXPECT_EQ(got.sizes(), w.sizes());
+  EXPECT_TRUE(torch::allclose(got, w.grad(), 1e-12, 1e-12));
+  EXPECT_EQ(got[1].abs().sum().item<double>(), 0.0);
+  EXPECT_FALSE(grouped_wgrad_kernel_applies(dy.to(torch::kBFloat16), x.to(torch::kBFloat16), offs));
+  EXPECT_TRUE(torch::equal(grouped_weight_grad(dy, x, offs), got));
 }
 
 // Off the GPU the backward's second stream is no stream: apply_linear is torch::linear (value

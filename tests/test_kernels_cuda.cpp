@@ -9,8 +9,10 @@
 #include <torch/torch.h>
 
 #include <ATen/autocast_mode.h>
+#include <ATen/ops/_grouped_mm.h>
 
 #include "models/kernels/cross_entropy.h"
+#include "models/kernels/grouped_wgrad.h"
 #include "models/kernels/mla_rope.h"
 #include "models/kernels/moe_permute.h"
 #include "models/kernels/rms_norm_fused.h"
@@ -460,4 +462,40 @@ TEST(KernelsCuda, GradNormKernelMatchesForeachNorm) {
   double exact = 0.0;
   for (const auto& g : grads) exact += g.to(torch::kDouble).pow(2).sum().item<double>();
   EXPECT_NEAR(got, std::sqrt(exact), 1e-5 * std::sqrt(exact));
+}
+
+// Our Hopper weight-gradient kernel against the fp32 per-expert loop and ATen's grouped GEMM:
+// an empty group first and in the middle, a group shorter than one 64-row step, groups that do
+// not end on a step, two heavy groups split into chunks (the last group longest, so its chunk
+// ends at M); bit-equal on a second launch (the chunks' partials are summed in a fixed order)
+// and right again with other counts on the same workspace (its counters were reset).
+TEST(KernelsCuda, GroupedWeightGradKernelMatchesReference) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  torch::manual_seed(21);
+  const auto bf = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA);
+  const int64_t N = 256, K = 512;
+  for (const std::vector<int64_t>& counts :
+       {std::vector<int64_t>{0, 5, 700, 64, 0, 1, 130, 2500, 3000}, std::vector<int64_t>{900, 900, 0, 4600, 1, 999}}) {
+    int64_t M = 0;
+    for (int64_t c : counts) M += c;
+    const torch::Tensor offs = torch::tensor(counts).cumsum(0).to(torch::kInt).to(torch::kCUDA);
+    const torch::Tensor dy = torch::randn({M, N}, bf), x = torch::randn({M, K}, bf);
+    ASSERT_TRUE(grouped_wgrad_kernel_applies(dy, x, offs)) << "the kernel runs on sm_90 (H100/H200)";
+    const torch::Tensor got = grouped_weight_grad(dy, x, offs), again = grouped_weight_grad(dy, x, offs);
+    const torch::Tensor want = grouped_weight_grad_reference(dy, x, offs).to(torch::kFloat);  // fp32 sums, bf16
+    const torch::Tensor exact = grouped_weight_grad_reference(dy.to(torch::kFloat), x.to(torch::kFloat), offs);
+    const torch::Tensor aten = at::_grouped_mm(dy.t(), x, offs);
+    EXPECT_EQ(got.sizes(), (std::vector<int64_t>{static_cast<int64_t>(counts.size()), N, K}));
+    EXPECT_EQ(got.scalar_type(), torch::kBFloat16);
+    EXPECT_TRUE(torch::equal(got, again)) << "two launches agree bit for bit";
+    EXPECT_TRUE(torch::isfinite(got).all().item<bool>());
+    EXPECT_LT(((got.to(torch::kFloat) - exact).norm() / exact.norm()).item<double>(), 4e-3);
+    EXPECT_LT(((got.to(torch::kFloat) - want).norm() / want.norm()).item<double>(), 4e-3);
+    EXPECT_LT(((got.to(torch::kFloat) - aten.to(torch::kFloat)).norm() / exact.norm()).item<double>(), 4e-3);
+    for (size_t e = 0; e < counts.size(); ++e) {
+      if (counts[e] == 0) {
+        EXPECT_EQ(got[e].abs().sum().item<float>(), 0.0f) << "empty group " << e;
+      }
+    }
+  }
 }

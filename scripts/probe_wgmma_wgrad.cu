@@ -1,0 +1,175 @@
+// Probe (bench/NOTES.md 44): the routed experts' weight gradient as our own Hopper kernel
+// (models/kernels/grouped_wgrad_kernels.cu: MN-major WGMMA, heavy experts' rows split into
+// chunks summed in order) on bench-1b's shapes — w13: dw [E, 1024, 1024] = dguᵀ · x, w2:
+// dw [E, 1024, 512] = dyᵀ · h over 98,304 rows. Counts come from scripts/probe_fine_tiles.py
+// (COUNTS_DIR/counts-E-{bal,skew}.txt, the same counts it times ATen's weight gradient on).
+// Checks against a CUDA-core fp32 twin on NaN-poisoned output, checks that two runs are
+// bit-equal, and prints the median of 20 timed runs.
+//
+//   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I. -o /tmp/wgrad \
+//     scripts/probe_wgmma_wgrad.cu && /tmp/wgrad /tmp
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "models/kernels/grouped_wgrad_kernels.cu"
+
+#define CHECK(x)                                                                                \
+  do {                                                                                          \
+    cudaError_t e_ = (x);                                                                       \
+    if (e_ != cudaSuccess) {                                                                    \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                             \
+    }                                                                                           \
+  } while (0)
+
+namespace {
+
+constexpr int kRows = 16384 * 6;
+
+__global__ void fill_normal(__nv_bfloat16* p, int64_t n, uint64_t seed, float scale) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint64_t z = (static_cast<uint64_t>(i) + 1) * 0x9E3779B97F4A7C15ull ^ seed * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    const float u1 = (static_cast<float>(z >> 40) + 1.f) / 16777217.f, u2 = static_cast<float>(z & 0xFFFFFF) / 16777216.f;
+    p[i] = __float2bfloat16(scale * sqrtf(-2.f * logf(u1)) * cospif(2.f * u2));
+  }
+}
+
+// The twin: one thread an output element, its expert's rows summed in fp32.
+__global__ void wgrad_reference(const __nv_bfloat16* dy, const __nv_bfloat16* x, const int* offs, int groups, int n,
+                                int k, float* out) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= static_cast<int64_t>(groups) * n * k) return;
+  const int g = static_cast<int>(i / (static_cast<int64_t>(n) * k)), r = static_cast<int>(i / k % n),
+            col = static_cast<int>(i % k);
+  float s = 0.f;
+  for (int row = g == 0 ? 0 : offs[g - 1]; row < offs[g]; ++row)
+    s += __bfloat162float(dy[static_cast<int64_t>(row) * n + r]) * __bfloat162float(x[static_cast<int64_t>(row) * k + col]);
+  out[i] = s;
+}
+
+__global__ void compare_kernel(const __nv_bfloat16* out, const float* ref, int64_t n, double* sums) {
+  double num = 0, den = 0, bad = 0;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const double o = __bfloat162float(out[i]), r = ref[i];
+    if (!isfinite(o)) bad += 1;
+    else num += (o - r) * (o - r);
+    den += r * r;
+  }
+  atomicAdd(&sums[0], num);
+  atomicAdd(&sums[1], den);
+  atomicAdd(&sums[2], bad);
+}
+
+std::vector<int> read_counts(const std::string& path, int groups) {
+  std::vector<int> counts;
+  if (FILE* f = std::fopen(path.c_str(), "r")) {
+    int v;
+    while (std::fscanf(f, "%d", &v) == 1) counts.push_back(v);
+    std::fclose(f);
+  }
+  if (static_cast<int>(counts.size()) != groups) {  // no file: equal counts
+    counts.assign(groups, kRows / groups);
+    counts[0] += kRows - kRows / groups * groups;
+  }
+  return counts;
+}
+
+void run_case(int groups, const char* kind, const char* name, int n, int k, const std::string& dir) {
+  const std::vector<int> counts = read_counts(dir + "/counts-" + std::to_string(groups) + "-" + kind + ".txt", groups);
+  std::vector<int> offs(groups);
+  for (int g = 0, run = 0; g < groups; ++g) offs[g] = run += counts[g];
+  const int max_count = *std::max_element(counts.begin(), counts.end());
+
+  __nv_bfloat16 *dy, *x, *dw;
+  float* ref;
+  int* d_offs;
+  void* ws;
+  double* sums;
+  const int64_t n_out = static_cast<int64_t>(groups) * n * k;
+  const size_t ws_bytes = moetrain::kernels::grouped_wgrad_workspace_bytes(kRows, groups, n, k);
+  CHECK(cudaMalloc(&dy, static_cast<size_t>(kRows) * n * 2));
+  CHECK(cudaMalloc(&x, static_cast<size_t>(kRows) * k * 2));
+  CHECK(cudaMalloc(&dw, n_out * 2));
+  CHECK(cudaMalloc(&ref, n_out * 4));
+  CHECK(cudaMalloc(&d_offs, groups * 4));
+  CHECK(cudaMalloc(&ws, ws_bytes));
+  CHECK(cudaMalloc(&sums, 3 * sizeof(double)));
+  CHECK(cudaMemset(ws, 0, ws_bytes));
+  CHECK(cudaMemset(sums, 0, 3 * sizeof(double)));
+  CHECK(cudaMemcpy(d_offs, offs.data(), groups * 4, cudaMemcpyHostToDevice));
+  fill_normal<<<4096, 256>>>(dy, static_cast<int64_t>(kRows) * n, 11 + groups + n, 1.f);
+  fill_normal<<<4096, 256>>>(x, static_cast<int64_t>(kRows) * k, 23 + groups + k, 1.f);
+  wgrad_reference<<<static_cast<unsigned>((n_out + 255) / 256), 256>>>(dy, x, d_offs, groups, n, k, ref);
+  CHECK(cudaMemset(dw, 0xFF, n_out * 2));  // NaN in bf16: every element must be written
+
+  auto launch = [&] {
+    const int rc = moetrain::kernels::launch_grouped_wgrad(dy, x, d_offs, dw, kRows, groups, n, k, ws, nullptr);
+    if (rc != 0) {
+      std::fprintf(stderr, "launch_grouped_wgrad: %s\n", cudaGetErrorString(static_cast<cudaError_t>(rc)));
+      std::exit(1);
+    }
+  };
+  launch();
+  CHECK(cudaDeviceSynchronize());
+  compare_kernel<<<1024, 256>>>(dw, ref, n_out, sums);
+  double h_sums[3];
+  CHECK(cudaMemcpy(h_sums, sums, sizeof(h_sums), cudaMemcpyDeviceToHost));
+  std::vector<uint16_t> first(n_out), second(n_out);
+  CHECK(cudaMemcpy(first.data(), dw, n_out * 2, cudaMemcpyDeviceToHost));
+
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) launch();
+  std::vector<float> ms;
+  for (int i = 0; i < 20; ++i) {
+    CHECK(cudaEventRecord(a));
+    launch();
+    CHECK(cudaEventRecord(b));
+    CHECK(cudaEventSynchronize(b));
+    float t = 0;
+    CHECK(cudaEventElapsedTime(&t, a, b));
+    ms.push_back(t);
+  }
+  CHECK(cudaMemcpy(second.data(), dw, n_out * 2, cudaMemcpyDeviceToHost));
+  const bool same = first == second;
+  std::sort(ms.begin(), ms.end());
+  const double med = ms[ms.size() / 2], tflops = 2.0 * kRows * n * k / (med * 1e-3) / 1e12;
+  std::printf("%4d %5s %10s %6d %9.3f %8.1f %9.2e %8.0f %6s\n", groups, kind, name, max_count, med, tflops,
+              std::sqrt(h_sums[0] / h_sums[1]), h_sums[2], same ? "yes" : "NO");
+  CHECK(cudaEventDestroy(a));
+  CHECK(cudaEventDestroy(b));
+  for (void* p : {static_cast<void*>(dy), static_cast<void*>(x), static_cast<void*>(dw), static_cast<void*>(ref),
+                  static_cast<void*>(d_offs), ws, static_cast<void*>(sums)})
+    CHECK(cudaFree(p));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string dir = argc > 1 ? argv[1] : "/tmp";
+  if (!moetrain::kernels::grouped_wgrad_supported(0)) {
+    std::fprintf(stderr, "grouped_wgrad: not supported on this device\n");
+    return 1;
+  }
+  std::printf("%4s %5s %10s %6s %9s %8s %9s %8s %6s\n", "E", "rows", "gemm", "max", "ms", "TFLOP/s", "rel err",
+              "non-fin", "determ");
+  for (int groups : {64, 256})
+    for (const char* kind : {"bal", "skew"}) {
+      run_case(groups, kind, "wgrad w13", 1024, 1024, dir);
+      run_case(groups, kind, "wgrad w2", 1024, 512, dir);
+    }
+  return 0;
+}
