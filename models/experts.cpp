@@ -78,13 +78,16 @@ struct GroupedSwiGLUFunction : torch::autograd::Function<GroupedSwiGLUFunction> 
                         &h = saved[5];
     const torch::Tensor grad_y = grads[0].to(x.scalar_type()).contiguous();  // [M, D]
     // main: dh = grad_y·w2 -> dh13 = swiglu'(dh) -> dx = dh13·w13 -> join
-    // side: dw2 = grad_yᵀ·h  -> (after dh13) dw13 = dh13ᵀ·x  (grouped_weight_grad: our kernel on
-    // sm_90, which splits heavy experts' rows; else ATen's grouped GEMM)
-    WeightGradOverlap side(x.device());
-    const torch::Tensor dw2 = side.run([&] { return grouped_weight_grad(grad_y, h, offs); });  // [E, D, I]
-    const torch::Tensor dh13 = swiglu_packed_backward(h13, at::_grouped_mm(grad_y, w2, offs));  // [M, 2I]
-    const torch::Tensor dw13 = side.run([&] { return grouped_weight_grad(dh13, x, offs); });  // [E, 2I, D]
-    torch::Tensor dx = at::_grouped_mm(dh13, w13, offs);                                        // [M, D]
+    // side: dw2 = grad_yᵀ·h  -> (after dh13) dw13 = dh13ᵀ·x  (grouped_weight_grad: ATen's grouped
+    // GEMM beside the main chain, our split-row kernel when all runs on one stream; NOTES.md 44).
+    // Each main GEMM is queued before the side GEMM beside it (WeightGradOverlap::beside).
+    const bool two_streams = weight_grad_overlap(/*for_experts=*/true);
+    WeightGradOverlap side(x.device(), two_streams);
+    const auto [dw2, dh] = side.beside([&] { return grouped_weight_grad(grad_y, h, offs, two_streams); },  // [E, D, I]
+                                       [&] { return at::_grouped_mm(grad_y, w2, offs); });                // [M, I]
+    const torch::Tensor dh13 = swiglu_packed_backward(h13, dh);                                            // [M, 2I]
+    auto [dw13, dx] = side.beside([&] { return grouped_weight_grad(dh13, x, offs, two_streams); },  // [E, 2I, D]
+                                  [&] { return at::_grouped_mm(dh13, w13, offs); });                // [M, D]
     side.join();
     return {dx, dw13, dw2, torch::Tensor()};
   }
@@ -96,7 +99,7 @@ struct GroupedSwiGLUFunction : torch::autograd::Function<GroupedSwiGLUFunction> 
 torch::Tensor grouped_swiglu_experts(const torch::Tensor& x, const torch::Tensor& w13, const torch::Tensor& w2,
                                      const torch::Tensor& offs) {
 #ifdef MOETRAIN_WITH_CUDA
-  if (x.is_cuda() && weight_grad_overlap(/*for_experts=*/true)) return GroupedSwiGLUFunction::apply(x, w13, w2, offs);
+  if (x.is_cuda()) return GroupedSwiGLUFunction::apply(x, w13, w2, offs);
 #endif
   return grouped_swiglu_experts_reference(x, w13, w2, offs);
 }

@@ -44,9 +44,10 @@ TORCH_MODULE(GroupedExperts);
 // Its backward runs the two weight-gradient GEMMs on a second stream beside the input-gradient
 // chain (weight_grad_stream.h): a weight-gradient GEMM's tiles are as uneven as the groups (each
 // sums its expert's rows), and while its long tiles finish the other stream's GEMMs take the SMs
-// it leaves idle (bench/NOTES.md 41); on sm_90 the weight gradients are our own kernel, which
-// splits heavy experts' rows (kernels/grouped_wgrad.h, bench/NOTES.md 44). CUDA builds, unless
-// MOETRAIN_WGRAD_STREAM=0; elsewhere the reference.
+// it leaves idle (bench/NOTES.md 41). On one stream (MOETRAIN_WGRAD_STREAM=0 or linear) the
+// weight gradients are our own sm_90 kernel, which splits heavy experts' rows
+// (kernels/grouped_wgrad.h, bench/NOTES.md 44). CUDA tensors in CUDA builds; elsewhere the
+// reference.
 torch::Tensor grouped_swiglu_experts(const torch::Tensor& x, const torch::Tensor& w13, const torch::Tensor& w2,
                                      const torch::Tensor& offs);
 

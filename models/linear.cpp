@@ -20,10 +20,8 @@ struct LinearFunction : torch::autograd::Function<LinearFunction> {
     const torch::Tensor grad_y = grads[0].to(x.scalar_type());  // [..., out]
     const int64_t in = w.size(1), out = w.size(0);
     WeightGradOverlap side(x.device());
-    torch::Tensor dw = side.run([&] {  // [out, in] = Σ_rows dyᵀ·x
-      return grad_y.reshape({-1, out}).t().mm(x.reshape({-1, in}));
-    });
-    torch::Tensor dx = torch::matmul(grad_y, w);  // [..., in]
+    auto [dw, dx] = side.beside([&] { return grad_y.reshape({-1, out}).t().mm(x.reshape({-1, in})); },  // [out, in]
+                                [&] { return torch::matmul(grad_y, w); });                             // [..., in]
     side.join();
     return {dx, dw};
   }

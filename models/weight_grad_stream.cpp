@@ -20,7 +20,7 @@ bool weight_grad_overlap(bool for_experts) {
     const char* v = std::getenv("MOETRAIN_WGRAD_STREAM");
     return std::string(v ? v : "1");
   }();
-  return mode == "1" || (for_experts && mode == "experts");
+  return mode == "1" || mode == (for_experts ? "experts" : "linear");
 #else
   (void)for_experts;
   return false;
@@ -50,18 +50,28 @@ struct WeightGradOverlap::State {
   bool forked = false;
 };
 
-WeightGradOverlap::WeightGradOverlap(const torch::Device& device) {
-  if (!device.is_cuda()) return;
+WeightGradOverlap::WeightGradOverlap(const torch::Device& device, bool enabled) {
+  if (!device.is_cuda() || !enabled) return;
   const c10::cuda::CUDAStream main = c10::cuda::getCurrentCUDAStream(device.index());
   state_ = std::make_unique<State>(State{main, side_stream_for(main)});
 }
 
 torch::Tensor WeightGradOverlap::run(const std::function<torch::Tensor()>& f) {
-  if (!state_) return f();
+  fork();
+  return run_forked(f);
+}
+
+void WeightGradOverlap::fork() {
+  if (!state_) return;
   at::cuda::CUDAEvent fork;  // the side stream starts after everything queued on main so far
   fork.record(state_->main);
   fork.block(state_->side);
   state_->forked = true;
+}
+
+torch::Tensor WeightGradOverlap::run_forked(const std::function<torch::Tensor()>& f) {
+  if (!state_) return f();
+  TORCH_CHECK(state_->forked, "WeightGradOverlap::run_forked: fork() first");
   c10::cuda::CUDAStreamGuard on_side(state_->side);
   return f();
 }
@@ -77,11 +87,28 @@ void WeightGradOverlap::join() {
 #else
 
 struct WeightGradOverlap::State {};
-WeightGradOverlap::WeightGradOverlap(const torch::Device&) {}
+WeightGradOverlap::WeightGradOverlap(const torch::Device&, bool) {}
 torch::Tensor WeightGradOverlap::run(const std::function<torch::Tensor()>& f) { return f(); }
+void WeightGradOverlap::fork() {}
+torch::Tensor WeightGradOverlap::run_forked(const std::function<torch::Tensor()>& f) { return f(); }
 void WeightGradOverlap::join() {}
 
 #endif
+
+std::pair<torch::Tensor, torch::Tensor> WeightGradOverlap::beside(const std::function<torch::Tensor()>& side,
+                                                                  const std::function<torch::Tensor()>& current) {
+  static const bool side_first = [] {
+    const char* v = std::getenv("MOETRAIN_WGRAD_SIDE_FIRST");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  fork();
+  if (side_first) {
+    torch::Tensor s = run_forked(side);
+    return {s, current()};
+  }
+  torch::Tensor c = current();
+  return {run_forked(side), c};
+}
 
 WeightGradOverlap::~WeightGradOverlap() {
   try {

@@ -11,14 +11,16 @@
 
 #include <functional>
 #include <memory>
+#include <utility>
 
 #include <torch/torch.h>
 
 namespace moetrain {
 
 // Which backward nodes use the second stream: MOETRAIN_WGRAD_STREAM unset or "1": all
-// (grouped experts and linear layers); "experts": the grouped experts only; "0": none (the
-// one-stream twins). Read once; an A/B switch for benchmarks. CUDA builds only.
+// (grouped experts and linear layers); "experts": the grouped experts only; "linear": the linear
+// layers only; "0": none (the linear layers' one-stream twin, the experts' node on one stream).
+// Read once; an A/B switch for benchmarks. CUDA builds only.
 bool weight_grad_overlap(bool for_experts);
 
 // Fork/join around one backward on the caller's current stream of `device`:
@@ -28,18 +30,28 @@ bool weight_grad_overlap(bool for_experts);
 //   side.join();                                     // (also on destruction)
 // Everything the side stream reads was queued before its fork, and the current stream waits for
 // the side stream before anything later is queued on it, so no memory is reused under it.
-// Off CUDA (or in a build without CUDA) run() calls the function inline.
+// Off CUDA, in a build without CUDA, or when constructed with enabled = false, run() calls the
+// function inline.
 class WeightGradOverlap {
  public:
-  explicit WeightGradOverlap(const torch::Device& device);
+  explicit WeightGradOverlap(const torch::Device& device, bool enabled = true);
   ~WeightGradOverlap();
   WeightGradOverlap(const WeightGradOverlap&) = delete;
   WeightGradOverlap& operator=(const WeightGradOverlap&) = delete;
 
   torch::Tensor run(const std::function<torch::Tensor()>& f);
+  // {side(), current()}: side() on the side stream and current() on the current stream, both
+  // after everything queued so far. current() is queued first (unless
+  // MOETRAIN_WGRAD_SIDE_FIRST=1, the A/B switch), so the GPU dispatches its blocks first and the
+  // side's persistent blocks take the SMs its tail frees (bench/NOTES.md 44).
+  std::pair<torch::Tensor, torch::Tensor> beside(const std::function<torch::Tensor()>& side,
+                                                 const std::function<torch::Tensor()>& current);
   void join();
 
  private:
+  void fork();  // the side stream waits for everything queued on the current stream so far
+  torch::Tensor run_forked(const std::function<torch::Tensor()>& f);
+
   struct State;
   std::unique_ptr<State> state_;
 };

@@ -13,9 +13,10 @@
 #            ZeRO-1, expert parallel (ep_size = GPUs); CKPT=1 adds activation checkpointing on one GPU
 #   curve    bf16 CUDA vs fp32 CPU loss curves of configs/tiny.yaml, 200 steps
 #            (needs data_cache/linux-docs-sp4096 carried over)
-#   ab       the step under each value of an A/B switch, interleaved twice: AB_VAR (default
-#            MOETRAIN_WGRAD_STREAM) over AB_VALUES (default "1 experts 0"); e.g.
-#            AB_VAR=MOETRAIN_GROUPED_WGRAD AB_VALUES="1 0" (our weight-gradient kernel vs ATen's)
+#   ab       the step under each case of AB_CASES, interleaved twice; a case is one or more
+#            comma-separated env assignments (default: "MOETRAIN_WGRAD_STREAM=1
+#            MOETRAIN_WGRAD_STREAM=experts MOETRAIN_WGRAD_STREAM=0"); e.g. AB_CASES=
+#            "MOETRAIN_GROUPED_WGRAD=1 MOETRAIN_GROUPED_WGRAD=0" (our weight-gradient kernel vs ATen's)
 #   probes   kernel probes without the build: scripts/probe_fine_tiles.py (ATen's grouped GEMM),
 #            scripts/probe_wgmma_wgrad.cu and probe_wgmma_grouped.cu (nvcc, sm_90a) on its shapes
 # TRACE=1: the profile phase also saves a gzipped Chrome trace (trace.json.gz). PROFILE_ROWS: how
@@ -111,12 +112,12 @@ if has dist; then
   stamp dist
 fi
 if has ab; then
-  AB_VAR=${AB_VAR:-MOETRAIN_WGRAD_STREAM}
-  read -ra AB_VALUES_ARR <<<"${AB_VALUES:-1 experts 0}"
+  read -ra AB_CASES_ARR <<<"${AB_CASES:-MOETRAIN_WGRAD_STREAM=1 MOETRAIN_WGRAD_STREAM=experts MOETRAIN_WGRAD_STREAM=0}"
   for round in 1 2; do
-    for v in "${AB_VALUES_ARR[@]}"; do
-      env "$AB_VAR=$v" "$MT" bench "$CONFIG" --steps 12 --warmup 3 "${SETS_ARR[@]}" "${ONE[@]}" 2>&1 \
-        | grep "median step" | sed "s/^/$AB_VAR=$v /"
+    for case in "${AB_CASES_ARR[@]}"; do
+      IFS=, read -ra kv <<<"$case"
+      env "${kv[@]}" "$MT" bench "$CONFIG" --steps 12 --warmup 3 "${SETS_ARR[@]}" "${ONE[@]}" 2>&1 \
+        | grep "median step" | sed "s/^/$case /"
     done
   done >"$OUT/ab.log"
   stamp ab

@@ -40,12 +40,15 @@ torch::Tensor grouped_weight_grad_reference(const torch::Tensor& dy, const torch
 #ifdef MOETRAIN_WITH_CUDA
 namespace {
 
-bool kernel_enabled() {
-  static const bool on = [] {
+bool kernel_enabled(bool beside_main_stream) {
+  static const std::string mode = [] {
     const char* v = std::getenv("MOETRAIN_GROUPED_WGRAD");
-    return v == nullptr || std::string(v) != "0";
+    return std::string(v ? v : "auto");
   }();
-  return on;
+  if (mode == "1") return true;
+  if (mode == "0") return false;
+  TORCH_CHECK(mode == "auto", "MOETRAIN_GROUPED_WGRAD: expected auto, 1 or 0, found '", mode, "'");
+  return !beside_main_stream;
 }
 
 bool device_supported(int device) {
@@ -76,10 +79,11 @@ torch::Tensor workspace_for(const torch::Device& device, cudaStream_t stream, si
 }  // namespace
 #endif
 
-bool grouped_wgrad_kernel_applies(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& offs) {
+bool grouped_wgrad_kernel_applies(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& offs,
+                                  bool beside_main_stream) {
 #ifdef MOETRAIN_WITH_CUDA
   auto aligned = [](const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
-  return kernel_enabled() && dy.is_cuda() && x.device() == dy.device() && offs.device() == dy.device() &&
+  return dy.is_cuda() && kernel_enabled(beside_main_stream) && x.device() == dy.device() && offs.device() == dy.device() &&
          dy.scalar_type() == torch::kBFloat16 && x.scalar_type() == torch::kBFloat16 &&
          offs.scalar_type() == torch::kInt && dy.dim() == 2 && x.dim() == 2 && offs.dim() == 1 &&
          dy.size(0) == x.size(0) && dy.size(0) > 0 && dy.size(0) < (int64_t{1} << 31) && dy.is_contiguous() &&
@@ -89,13 +93,15 @@ bool grouped_wgrad_kernel_applies(const torch::Tensor& dy, const torch::Tensor& 
   (void)dy;
   (void)x;
   (void)offs;
+  (void)beside_main_stream;
   return false;
 #endif
 }
 
-torch::Tensor grouped_weight_grad(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& offs) {
+torch::Tensor grouped_weight_grad(const torch::Tensor& dy, const torch::Tensor& x, const torch::Tensor& offs,
+                                  bool beside_main_stream) {
 #ifdef MOETRAIN_WITH_CUDA
-  if (grouped_wgrad_kernel_applies(dy, x, offs)) {
+  if (grouped_wgrad_kernel_applies(dy, x, offs, beside_main_stream)) {
     const int64_t rows = dy.size(0), groups = offs.size(0), n = dy.size(1), k = x.size(1);
     auto stream = static_cast<cudaStream_t>(kernels::current_stream_of(dy));
     const torch::Tensor ws =
@@ -110,6 +116,8 @@ torch::Tensor grouped_weight_grad(const torch::Tensor& dy, const torch::Tensor& 
     }
   }
   if (dy.is_cuda()) return at::_grouped_mm(dy.t(), x, offs);
+#else
+  (void)beside_main_stream;
 #endif
   return grouped_weight_grad_reference(dy, x, offs);
 }
