@@ -127,7 +127,7 @@ if has probes; then
     python3 "$ROOT/scripts/probe_fine_tiles.py" --counts-dir /tmp
     nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I"$ROOT" -o /tmp/probe_wgrad \
       "$ROOT/scripts/probe_wgmma_wgrad.cu" && /tmp/probe_wgrad /tmp
-    nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -o /tmp/probe_wgmma "$ROOT/scripts/probe_wgmma_grouped.cu" -lcuda \
+    nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I"$ROOT" -o /tmp/probe_wgmma "$ROOT/scripts/probe_wgmma_grouped.cu" -lcuda \
       && /tmp/probe_wgmma
   } >"$OUT/probes.log" 2>&1
   stamp probes

@@ -5,12 +5,13 @@
 // x[rows of g] · w[g]ᵀ, x: [M, K] bf16 rows grouped by expert, w: [E, N, K] bf16 (both K-major:
 // WGMMA's plain layout), out: [M, N] bf16, fp32 accumulation.
 //
-// Status: compiled here (sm_90a, no GPU on this machine); NOT yet run on a GPU. It checks
-// itself against a plain CUDA-core kernel and prints its time beside the FLOP rate; compare with
-// `python3 scripts/probe_fine_tiles.py` (ATen's _grouped_mm on the same shapes) in the same call.
+// Status: run on an H200 (bench/NOTES.md 44): correct; 128 × 256 tiles within ±9 % of ATen's
+// grouped GEMM. It checks itself against a plain CUDA-core kernel and prints its time beside the
+// FLOP rate; compare with `python3 scripts/probe_fine_tiles.py` (ATen's _grouped_mm on the same
+// shapes) in the same call.
 //
 // Build and run on a GPU machine:
-//   nvcc -O3 -std=c++17 -arch=sm_90a -o /tmp/wgmma scripts/probe_wgmma_grouped.cu -lcuda && /tmp/wgmma
+//   nvcc -O3 -std=c++17 -arch=sm_90a -I. -o /tmp/wgmma scripts/probe_wgmma_grouped.cu -lcuda && /tmp/wgmma
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -22,99 +23,26 @@
 #include <random>
 #include <vector>
 
-#define CHECK(x)                                                                        \
-  do {                                                                                  \
-    cudaError_t e_ = (x);                                                               \
-    if (e_ != cudaSuccess) {                                                            \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                     \
-    }                                                                                   \
-  } while (0)
+#include "models/kernels/sm90_wgmma.cuh"
+#include "scripts/probe_common.cuh"
 
 namespace {
+
+using namespace moetrain::kernels::sm90;
+using probe::compare_kernel;
+using probe::fill_normal;
 
 constexpr int BK = 64;  // 64 bf16 = 128 bytes: one swizzle row
 // Tiles: BM = 64 rows per consumer warp group (1 or 2 of them) beside one producer warp group;
 // BN = 128 or 256 columns (64 or 128 fp32 accumulators a consumer thread).
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "WAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra WAIT_%=;\n"
-      "}\n" ::"r"(smem_u32(bar)),
-      "r"(parity)
-      : "memory");
-}
-
-__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int inner, int row) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(
-          smem_u32(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(inner), "r"(row)
-      : "memory");
-}
-
-// Shared-memory matrix descriptor: K-major operand, 128-byte swizzle, 8-row core groups of 1024 bytes.
-__device__ __forceinline__ uint64_t smem_desc(const void* p) {
-  const uint64_t addr = smem_u32(p);
-  return ((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
-}
-
-// d[N/2] += A(64 x 16, smem) · B(16 x N, smem), both K-major; scale_d = 0 overwrites d.
-// (Operand lists generated: one "+f" per accumulator register.)
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "%64, %65, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(da), "l"(db), "r"(scale_d));
-}
-
-__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t da, uint64_t db, int scale_d) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %130, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
-      "%128, %129, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(da), "l"(db), "r"(scale_d));
-}
+// Shared-memory descriptor: K-major operand, 128-byte swizzle, 8-row core groups of 1024 bytes.
+__device__ __forceinline__ uint64_t smem_desc(const void* p) { return smem_desc_sw128(p, 16, 1024); }
 
 template <int BN>
 __device__ __forceinline__ void wgmma_m64k16(float (&d)[BN / 2], uint64_t da, uint64_t db, int scale_d) {
-  if constexpr (BN == 128) wgmma_m64n128k16(d, da, db, scale_d);
-  else wgmma_m64n256k16(d, da, db, scale_d);
+  if constexpr (BN == 128) wgmma_m64n128k16<0, 0>(d, da, db, scale_d);
+  else wgmma_m64n256k16<0, 0>(d, da, db, scale_d);
 }
 
 struct Tile {
@@ -156,7 +84,7 @@ __global__ void __launch_bounds__(128 * (1 + BM / 64), 1)
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], kConsumers);
     }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    mbar_init_fence();
   }
   __syncthreads();
 
@@ -196,13 +124,9 @@ __global__ void __launch_bounds__(128 * (1 + BM / 64), 1)
 #pragma unroll
       for (int kk = 0; kk < BK / 16; ++kk)  // 16 bf16 = 32 bytes along the swizzled row
         wgmma_m64k16<BN>(acc, smem_desc(a + kk * 16), smem_desc(b + kk * 16), (k > 0 || kk > 0) ? 1 : 0);
-      wgmma_commit();
-      wgmma_wait<1>();  // the previous stage's group is done
-      if (prev >= 0 && tid_in_wg == 0) mbar_arrive(&empty[prev]);
-      prev = s;
+      wgmma_commit_release_previous(empty, prev, s, tid_in_wg == 0);
     }
-    wgmma_wait<0>();
-    if (prev >= 0 && tid_in_wg == 0) mbar_arrive(&empty[prev]);
+    wgmma_drain_release(empty, prev, tid_in_wg == 0);
     // epilogue: fragment i of m64nN: row 16·warp + lane/4 + 8·((i/2)%2), col 8·(i/4) + 2·(lane%4) + i%2
     const int row_base = tile.row0 + c * 64 + warp * 16 + lane / 4;
 #pragma unroll
@@ -249,19 +173,6 @@ CUtensorMap make_map(const void* base, uint64_t rows, uint64_t cols, uint32_t bo
     std::exit(1);
   }
   return map;
-}
-
-// Random normal bf16 (Box-Muller over a counter hash): fresh data, no host round trip.
-__global__ void fill_normal(__nv_bfloat16* p, int64_t n, uint64_t seed, float scale) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    uint64_t z = (static_cast<uint64_t>(i) + 1) * 0x9E3779B97F4A7C15ull ^ seed * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    const float u1 = (static_cast<float>(z >> 40) + 1.f) / 16777217.f, u2 = static_cast<float>(z & 0xFFFFFF) / 16777216.f;
-    p[i] = __float2bfloat16(scale * sqrtf(-2.f * logf(u1)) * cospif(2.f * u2));
-  }
 }
 
 // One problem: grouped inputs, offsets and the reference output, shared by every tile config.
@@ -311,21 +222,6 @@ void free_problem(Problem& p) {
     CHECK(cudaFree(q));
 }
 
-// ‖out − ref‖ / ‖ref‖ and the count of non-finite outputs (the output is poisoned before the run)
-__global__ void compare_kernel(const __nv_bfloat16* out, const float* ref, int64_t n, double* sums) {
-  double num = 0, den = 0, bad = 0;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const double o = __bfloat162float(out[i]), r = ref[i];
-    if (!isfinite(o)) bad += 1;
-    else num += (o - r) * (o - r);
-    den += r * r;
-  }
-  atomicAdd(&sums[0], num);
-  atomicAdd(&sums[1], den);
-  atomicAdd(&sums[2], bad);
-}
-
 template <int BM, int BN, int STAGES>
 void run_config(Problem& p, int sms) {
   std::vector<int> tile_starts(p.E);
@@ -357,27 +253,9 @@ void run_config(Problem& p, int sms) {
   double sums[3];
   CHECK(cudaMemcpy(sums, d_sums, sizeof(sums), cudaMemcpyDeviceToHost));
 
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) launch();
-  std::vector<float> ms;
-  for (int i = 0; i < 20; ++i) {
-    CHECK(cudaEventRecord(a));
-    launch();
-    CHECK(cudaEventRecord(b));
-    CHECK(cudaEventSynchronize(b));
-    float t = 0;
-    CHECK(cudaEventElapsedTime(&t, a, b));
-    ms.push_back(t);
-  }
-  CHECK(cudaGetLastError());
-  std::sort(ms.begin(), ms.end());
-  const double med = ms[ms.size() / 2], tflops = 2.0 * p.M * p.N * p.K / (med * 1e-3) / 1e12;
+  const double med = probe::median_ms(launch), tflops = 2.0 * p.M * p.N * p.K / (med * 1e-3) / 1e12;
   std::printf("%4d %5s %5d %5d %4d %4d %2d %9.3f %8.1f %9.2e %8.0f\n", p.E, p.skew ? "skew" : "bal", p.N, p.K, BM, BN,
               STAGES, med, tflops, std::sqrt(sums[0] / sums[1]), sums[2]);
-  CHECK(cudaEventDestroy(a));
-  CHECK(cudaEventDestroy(b));
   CHECK(cudaFree(d_starts));
   CHECK(cudaFree(d_sums));
 }

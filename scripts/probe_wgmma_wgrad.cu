@@ -19,31 +19,14 @@
 #include <vector>
 
 #include "models/kernels/grouped_wgrad_kernels.cu"
-
-#define CHECK(x)                                                                                \
-  do {                                                                                          \
-    cudaError_t e_ = (x);                                                                       \
-    if (e_ != cudaSuccess) {                                                                    \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                             \
-    }                                                                                           \
-  } while (0)
+#include "scripts/probe_common.cuh"
 
 namespace {
 
-constexpr int kRows = 16384 * 6;
+using probe::compare_kernel;
+using probe::fill_normal;
 
-__global__ void fill_normal(__nv_bfloat16* p, int64_t n, uint64_t seed, float scale) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    uint64_t z = (static_cast<uint64_t>(i) + 1) * 0x9E3779B97F4A7C15ull ^ seed * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    const float u1 = (static_cast<float>(z >> 40) + 1.f) / 16777217.f, u2 = static_cast<float>(z & 0xFFFFFF) / 16777216.f;
-    p[i] = __float2bfloat16(scale * sqrtf(-2.f * logf(u1)) * cospif(2.f * u2));
-  }
-}
+constexpr int kRows = 16384 * 6;
 
 // The twin: one thread an output element, its expert's rows summed in fp32.
 __global__ void wgrad_reference(const __nv_bfloat16* dy, const __nv_bfloat16* x, const int* offs, int groups, int n,
@@ -56,20 +39,6 @@ __global__ void wgrad_reference(const __nv_bfloat16* dy, const __nv_bfloat16* x,
   for (int row = g == 0 ? 0 : offs[g - 1]; row < offs[g]; ++row)
     s += __bfloat162float(dy[static_cast<int64_t>(row) * n + r]) * __bfloat162float(x[static_cast<int64_t>(row) * k + col]);
   out[i] = s;
-}
-
-__global__ void compare_kernel(const __nv_bfloat16* out, const float* ref, int64_t n, double* sums) {
-  double num = 0, den = 0, bad = 0;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const double o = __bfloat162float(out[i]), r = ref[i];
-    if (!isfinite(o)) bad += 1;
-    else num += (o - r) * (o - r);
-    den += r * r;
-  }
-  atomicAdd(&sums[0], num);
-  atomicAdd(&sums[1], den);
-  atomicAdd(&sums[2], bad);
 }
 
 std::vector<int> read_counts(const std::string& path, int groups) {
@@ -129,28 +98,12 @@ void run_case(int groups, const char* kind, const char* name, int n, int k, cons
   std::vector<uint16_t> first(n_out), second(n_out);
   CHECK(cudaMemcpy(first.data(), dw, n_out * 2, cudaMemcpyDeviceToHost));
 
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) launch();
-  std::vector<float> ms;
-  for (int i = 0; i < 20; ++i) {
-    CHECK(cudaEventRecord(a));
-    launch();
-    CHECK(cudaEventRecord(b));
-    CHECK(cudaEventSynchronize(b));
-    float t = 0;
-    CHECK(cudaEventElapsedTime(&t, a, b));
-    ms.push_back(t);
-  }
+  const double med = probe::median_ms(launch);
   CHECK(cudaMemcpy(second.data(), dw, n_out * 2, cudaMemcpyDeviceToHost));
   const bool same = first == second;
-  std::sort(ms.begin(), ms.end());
-  const double med = ms[ms.size() / 2], tflops = 2.0 * kRows * n * k / (med * 1e-3) / 1e12;
+  const double tflops = 2.0 * kRows * n * k / (med * 1e-3) / 1e12;
   std::printf("%4d %5s %10s %6d %9.3f %8.1f %9.2e %8.0f %6s\n", groups, kind, name, max_count, med, tflops,
               std::sqrt(h_sums[0] / h_sums[1]), h_sums[2], same ? "yes" : "NO");
-  CHECK(cudaEventDestroy(a));
-  CHECK(cudaEventDestroy(b));
   for (void* p : {static_cast<void*>(dy), static_cast<void*>(x), static_cast<void*>(dw), static_cast<void*>(ref),
                   static_cast<void*>(d_offs), ws, static_cast<void*>(sums)})
     CHECK(cudaFree(p));

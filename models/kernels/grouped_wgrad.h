@@ -6,9 +6,9 @@
 // the result is deterministic; bench/NOTES.md 44), else ATen's grouped GEMM. The reference is a
 // loop of one matmul per expert.
 //
-// Which one, by measurement (NOTES.md 44): ours takes 11–30 % less time than ATen's alone, and
-// the bench step 0.65 ms less when the experts' backward runs on one stream; on a second stream
-// beside the input-gradient chain ATen's gives the faster step (by 0.5–0.7 ms: the SMs its uneven
+// Which one, by measurement (NOTES.md 44): ours takes 6–30 % less time than ATen's alone, and
+// the bench step 0.65–0.85 ms less when the experts' backward runs on one stream; on a second
+// stream beside the input-gradient chain ATen's gives the faster step (by ≈ 0.5 ms: the SMs its uneven
 // tail frees run the main stream's GEMMs, where our persistent kernel holds every SM until its
 // tiles run out). MOETRAIN_GROUPED_WGRAD: "auto" (default) ours except beside another stream,
 // "1" always ours, "0" always ATen's.

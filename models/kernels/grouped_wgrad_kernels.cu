@@ -207,13 +207,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kk = 0; kk < kBK / 16; ++kk)  // 16 rows = 2048 bytes further into both tiles
         wgmma_m64n256k16<1, 1>(acc, smem_desc_sw128(a + kk * 16 * 64, kBoxBytes, 1024),
                                smem_desc_sw128(b + kk * 16 * 64, kBoxBytes, 1024), 1);
-      wgmma_commit();
-      wgmma_wait<1>();  // the previous stage's group is done
-      if (prev >= 0 && tid_in_wg == 0) mbar_arrive(&empty[prev]);
-      prev = s;
+      wgmma_commit_release_previous(empty, prev, s, tid_in_wg == 0);
     }
-    wgmma_wait<0>();
-    if (prev >= 0 && tid_in_wg == 0) mbar_arrive(&empty[prev]);
+    wgmma_drain_release(empty, prev, tid_in_wg == 0);
 
     // Epilogue: fragment i → row 16·warp + lane/4 + 8·((i/2)%2), column 8·(i/4) + 2·(lane%4) + i%2.
     if (tile.chunks > 1) {

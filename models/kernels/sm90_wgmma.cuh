@@ -87,6 +87,22 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
+// The consumer side of a stage ring, after issuing one stage's MMAs: commit them, keep that one
+// group in flight, and release the stage before it (once its group is done) to the producer.
+// `prev` is the stage still held (−1: none); `leader`: the one thread that arrives.
+__device__ __forceinline__ void wgmma_commit_release_previous(uint64_t* empty, int& prev, int stage, bool leader) {
+  wgmma_commit();
+  wgmma_wait<1>();
+  if (prev >= 0 && leader) mbar_arrive(&empty[prev]);
+  prev = stage;
+}
+// The end of a tile's K loop: wait for the last group and release its stage.
+__device__ __forceinline__ void wgmma_drain_release(uint64_t* empty, int& prev, bool leader) {
+  wgmma_wait<0>();
+  if (prev >= 0 && leader) mbar_arrive(&empty[prev]);
+  prev = -1;
+}
+
 // Generic-proxy writes to shared memory (e.g. zeroed rows) made visible to wgmma's async proxy.
 __device__ __forceinline__ void fence_proxy_async_smem() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");

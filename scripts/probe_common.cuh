@@ -1,0 +1,78 @@
+// defines: CHECK, fill_normal, compare_kernel, median_ms — the shared harness of the standalone
+// GEMM probes (scripts/probe_wgmma_*.cu): random bf16 inputs made on the device, an error
+// check against an fp32 reference over NaN-poisoned output, and a median of timed launches.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define CHECK(x)                                                                                \
+  do {                                                                                          \
+    cudaError_t e_ = (x);                                                                       \
+    if (e_ != cudaSuccess) {                                                                    \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                             \
+    }                                                                                           \
+  } while (0)
+
+namespace probe {
+
+// Random normal bf16 (Box-Muller over a counter hash): fresh data, no host round trip.
+__global__ void fill_normal(__nv_bfloat16* p, int64_t n, uint64_t seed, float scale) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint64_t z = (static_cast<uint64_t>(i) + 1) * 0x9E3779B97F4A7C15ull ^ seed * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    const float u1 = (static_cast<float>(z >> 40) + 1.f) / 16777217.f, u2 = static_cast<float>(z & 0xFFFFFF) / 16777216.f;
+    p[i] = __float2bfloat16(scale * sqrtf(-2.f * logf(u1)) * cospif(2.f * u2));
+  }
+}
+
+// sums += {Σ (out − ref)² over finite outputs, Σ ref², count of non-finite outputs}
+__global__ void compare_kernel(const __nv_bfloat16* out, const float* ref, int64_t n, double* sums) {
+  double num = 0, den = 0, bad = 0;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const double o = __bfloat162float(out[i]), r = ref[i];
+    if (!isfinite(o)) bad += 1;
+    else num += (o - r) * (o - r);
+    den += r * r;
+  }
+  atomicAdd(&sums[0], num);
+  atomicAdd(&sums[1], den);
+  atomicAdd(&sums[2], bad);
+}
+
+// Median milliseconds of `reps` launches after 3 warm-up ones.
+template <class F>
+double median_ms(F&& launch, int reps = 20) {
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) launch();
+  std::vector<float> ms;
+  for (int i = 0; i < reps; ++i) {
+    CHECK(cudaEventRecord(a));
+    launch();
+    CHECK(cudaEventRecord(b));
+    CHECK(cudaEventSynchronize(b));
+    float t = 0;
+    CHECK(cudaEventElapsedTime(&t, a, b));
+    ms.push_back(t);
+  }
+  CHECK(cudaGetLastError());
+  CHECK(cudaEventDestroy(a));
+  CHECK(cudaEventDestroy(b));
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+}  // namespace probe
