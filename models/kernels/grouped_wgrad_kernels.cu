@@ -11,6 +11,7 @@
 #include "models/kernels/grouped_wgrad_kernels.h"
 
 #include <algorithm>
+#include <atomic>
 
 #include "models/kernels/sm90_wgmma.cuh"
 
@@ -27,6 +28,7 @@ using namespace sm90;
 constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 3, kConsumers = kBM / 64;
 constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kMaxGroups = 512;
+constexpr int kMaxDevices = 64;
 constexpr int kStageBytes = (kBM + kBN) * kBK * 2;
 constexpr int kBoxBytes = 64 * kBK * 2;        // one TMA box: 64 features × 64 rows of bf16 (8 KB)
 constexpr int kEpilogueBytes = 64 * kBN * 2;  // a consumer's 64 × 256 bf16 output, as 4 boxes
@@ -371,14 +373,20 @@ int launch_grouped_wgrad(const void* dy, const void* x, const int* offs, void* d
   int* counters = reinterpret_cast<int*>(static_cast<float*>(workspace) + plan.slots * dy_cols * x_cols);
   Workspace ws{static_cast<float*>(workspace), counters,
                counters + plan.slots * (dy_cols / kBM) * kConsumers * (x_cols / kBN)};
-  static const bool configured = [] {
-    return cudaFuncSetAttribute(grouped_wgrad_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                static_cast<int>(kSmemBytes)) == cudaSuccess;
-  }();
-  if (!configured) return static_cast<int>(cudaErrorInvalidConfiguration);
   int device = 0, sms = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices)
+    return static_cast<int>(cudaErrorInvalidDevice);
+  // The shared-memory opt-in and the SM count, once per device (host calls, no stream work, so a
+  // graph capture may pass through here).
+  static std::atomic<int> sms_of[kMaxDevices] = {};
+  sms = sms_of[device].load();
+  if (sms == 0) {
+    if (cudaFuncSetAttribute(grouped_wgrad_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(kSmemBytes)) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0)
+      return static_cast<int>(cudaErrorInvalidConfiguration);
+    sms_of[device].store(sms);
+  }
   grouped_wgrad_kernel<<<sms, kThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(
       map_dy, map_x, map_dw, offs, shape, ws);
   return static_cast<int>(cudaGetLastError());
