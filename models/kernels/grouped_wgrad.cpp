@@ -10,6 +10,7 @@
 #include <ATen/ops/_grouped_mm.h>
 
 #ifdef MOETRAIN_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime_api.h>
 
 #include "models/kernels/grouped_wgrad_kernels.h"
@@ -60,19 +61,23 @@ bool device_supported(int device) {
   return it->second;
 }
 
-// One zero-filled workspace per (device, stream): the kernel leaves it zero-filled, and launches
-// on one stream never overlap. Grown outside graph capture only (the trainer's warm-up passes
-// run first); a capture that finds it too small takes ATen's path for that call.
+// One workspace per (device, stream): launches on one stream never overlap (each launch zeroes
+// the counters it uses first). Grown outside graph capture only (the trainer's warm-up passes run
+// first); a capture that finds it too small takes ATen's path for that call. A grown-out buffer
+// is kept, since a captured graph may still hold its address. Replays use the workspace of the
+// stream the graph was captured on: eager launches on that stream must not overlap a replay.
 torch::Tensor workspace_for(const torch::Device& device, cudaStream_t stream, size_t bytes) {
   static std::mutex mu;
   static std::map<std::pair<int, cudaStream_t>, torch::Tensor> cache;
+  static std::vector<torch::Tensor> outgrown;
   std::lock_guard<std::mutex> lock(mu);
   torch::Tensor& ws = cache[{device.index(), stream}];
   if (ws.defined() && static_cast<size_t>(ws.numel()) >= bytes) return ws;
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   if (cudaStreamIsCapturing(stream, &status) != cudaSuccess || status != cudaStreamCaptureStatusNone)
     return torch::Tensor();
-  ws = torch::zeros({static_cast<int64_t>(bytes)}, torch::TensorOptions().dtype(torch::kUInt8).device(device));
+  if (ws.defined()) outgrown.push_back(ws);
+  ws = torch::empty({static_cast<int64_t>(bytes)}, torch::TensorOptions().dtype(torch::kUInt8).device(device));
   return ws;
 }
 
@@ -102,6 +107,7 @@ torch::Tensor grouped_weight_grad(const torch::Tensor& dy, const torch::Tensor& 
                                   bool beside_main_stream) {
 #ifdef MOETRAIN_WITH_CUDA
   if (grouped_wgrad_kernel_applies(dy, x, offs, beside_main_stream)) {
+    const c10::cuda::CUDAGuard on_device(dy.device());  // the launcher uses the current device
     const int64_t rows = dy.size(0), groups = offs.size(0), n = dy.size(1), k = x.size(1);
     auto stream = static_cast<cudaStream_t>(kernels::current_stream_of(dy));
     const torch::Tensor ws =

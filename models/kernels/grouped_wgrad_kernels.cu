@@ -7,7 +7,9 @@
 // K loop runs over the chunk's rows 64 at a time; both operands are [rows, features] in memory,
 // i.e. MN-major for the MMA (dw's rows come from dy's columns, its columns from x's). A chunk
 // ending inside a 64-row step zeroes the rows past its end in its dy tile before the MMA reads it
-// (the rows belong to the next expert or are TMA's zero fill).
+// (the rows belong to the next expert or are TMA's zero fill). Those rows of x are not zeroed: an
+// Inf or NaN in the next expert's x rows would reach this expert's gradient as 0 · Inf (ATen's
+// grouped GEMM keeps the groups apart; review note, next session: zero x's tail rows too).
 #include "models/kernels/grouped_wgrad_kernels.h"
 
 #include <algorithm>
@@ -36,15 +38,16 @@ constexpr size_t kSmemBytes = static_cast<size_t>(kStages) * kStageBytes + kCons
                               2 * kStages * sizeof(uint64_t) + 1024;
 
 struct Shape {
-  int groups, chunk, tiles_m, tiles_n, dy_cols, x_cols;
+  int rows, groups, chunk, tiles_m, tiles_n, dy_cols, x_cols;
 };
 
-// The workspace: fp32 partial tiles of split experts' chunks, per-(split expert, 64-row half
-// tile) arrival counters, and the scheduler's two counters (next tile, finished blocks).
+// The workspace: the scheduler's next-tile counter and the per-(split expert, 64-row half tile)
+// arrival counters (zeroed by the launcher before every launch), then the fp32 partial tiles of
+// split experts' chunks (each written before it is read).
 struct Workspace {
-  float* partial;  // [2·slots, dy_cols, x_cols]
-  int* counters;   // [2·slots, tiles_m·2, tiles_n]
-  int* scheduler;  // [2]
+  int* scheduler;  // [1]
+  int* counters;   // [slots, tiles_m·2, tiles_n]
+  float* partial;  // [slots, dy_cols, x_cols]
 };
 
 struct Tile {
@@ -96,16 +99,27 @@ __global__ void __launch_bounds__(kThreads, 1)
   // tiles from a shared counter, so the long ones start first and the short ones fill in), then
   // the rest, each group in index order. A group owns chunks(g) · per_chunk consecutive tiles; a
   // split group's chunks own consecutive workspace slots. One warp scans the groups twice, 32 at
-  // a time: first the split ones, then the others.
+  // a time: first the split ones, then the others. The end rows are clamped to [0, rows] and made
+  // non-decreasing (a running max), so offsets that break the contract cannot send a load or a
+  // partial out of bounds or leave the stage ring out of step.
   if (threadIdx.x < 32) {
     int tiles_before = 0, slots_before = 0, placed = 0;
     for (int pass = 0; pass < 2; ++pass) {
+      int end_before = 0;
       for (int base = 0; base < shape.groups; base += 32) {
         const int g = base + lane;
-        int end = 0, chunks = 0;
+        int end = g < shape.groups ? min(max(offs[g], 0), shape.rows) : 0;
+        for (int d = 1; d < 32; d *= 2) {
+          const int v = __shfl_up_sync(0xffffffffu, end, d);
+          if (lane >= d) end = max(end, v);
+        }
+        end = max(end, end_before);
+        int start = __shfl_up_sync(0xffffffffu, end, 1);
+        if (lane == 0) start = end_before;
+        end_before = __shfl_sync(0xffffffffu, end, 31);
+        int chunks = 0;
         if (g < shape.groups) {
-          end = offs[g];
-          const int rows = end - (g == 0 ? 0 : offs[g - 1]);
+          const int rows = end - start;
           chunks = rows > shape.chunk ? (rows + shape.chunk - 1) / shape.chunk : 1;
         }
         const bool mine = g < shape.groups && (chunks > 1) == (pass == 0);
@@ -146,7 +160,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 0) {  // producer: one thread takes tiles from the shared counter and issues every load
     if (tid_in_wg == 0) {
       for (int it = 0;;) {
-        const int t = min(atomicAdd(&ws.scheduler[0], 1), total_tiles);  // total_tiles: no more work
+        const int t = min(atomicAdd(ws.scheduler, 1), total_tiles);  // total_tiles: no more work
         const Tile tile = t < total_tiles ? tile_at(t, shape, s_tile_start, s_order, s_row_end, s_slot_base) : Tile{};
         // Each tile takes ≥ 1 stage: its index travels with the first (a tile without rows, and
         // the end, pass a stage without loads).
@@ -166,12 +180,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         if (t == total_tiles) break;
       }
-      // The last block to finish resets the scheduler for the next launch (every block has taken
-      // its final index by then).
-      if (atomicAdd(&ws.scheduler[1], 1) == static_cast<int>(gridDim.x) - 1) {
-        atomicExch(&ws.scheduler[0], 0);
-        atomicExch(&ws.scheduler[1], 0);
-      }
     }
     return;
   }
@@ -188,6 +196,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < kBN / 2; ++i) acc[i] = 0.f;
     int prev = -1;
     if (tile.iters == 0) {  // an expert without rows: release the empty stage, write zeros
+      named_barrier(1 + c, 128);  // every warp has read the stage's tile index before it is reused
       if (tid_in_wg == 0) mbar_arrive(&empty[it % kStages]);
       ++it;
     }
@@ -232,9 +241,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (tid_in_wg == 0) {
         int* counter = ws.counters + (static_cast<int64_t>(tile.slot_base) * shape.tiles_m * kConsumers +
                                       tile.tile_m * kConsumers + c) * shape.tiles_n + tile.tile_n;
-        const bool last = atomicAdd(counter, 1) == tile.chunks - 1;
-        if (last) atomicExch(counter, 0);  // every chunk has arrived: ready for the next launch
-        s_last[c] = last;
+        s_last[c] = atomicAdd(counter, 1) == tile.chunks - 1;
       }
       named_barrier(1 + c, 128);
       if (!s_last[c]) continue;
@@ -321,17 +328,24 @@ bool make_map(CUtensorMap* map, const void* base, int64_t rows, int64_t cols) {
 
 // Partial slots for split experts and the chunk length: the workspace holds ≤ 256 MB of fp32
 // partials; a chunk is ≥ twice the mean rows of an expert and long enough that the split experts'
-// chunks fit (each split expert has > chunk rows, so their chunks number < 2 · rows / chunk).
+// chunks fit (each split expert has > chunk rows, so their chunks number < 2 · rows / chunk ≤
+// slots). Where two slots do not fit (very wide experts) nothing is split.
 struct Plan {
-  int64_t slots, chunk;
+  int64_t slots, chunk, header_ints;  // header: the scheduler and the counters, padded to 16 bytes
 };
 Plan plan_for(int64_t rows, int groups, int64_t dy_cols, int64_t x_cols) {
   const int64_t slot_bytes = dy_cols * x_cols * 4;
-  const int64_t half = std::max<int64_t>(1, std::min<int64_t>(64, (int64_t{256} << 20) / (2 * slot_bytes)));
-  const int64_t mean = (rows + groups - 1) / std::max(groups, 1);
-  int64_t chunk = std::max<int64_t>(2 * mean, (rows + half - 1) / half);
-  chunk = std::max<int64_t>(kBK, (chunk + kBK - 1) / kBK * kBK);
-  return {2 * half, chunk};
+  const int64_t half = std::min<int64_t>(64, (int64_t{256} << 20) / (2 * slot_bytes));
+  Plan plan{0, std::max<int64_t>(kBK, (rows + kBK - 1) / kBK * kBK), 0};
+  if (half >= 1) {
+    const int64_t mean = (rows + groups - 1) / std::max(groups, 1);
+    const int64_t chunk = std::max<int64_t>(2 * mean, (rows + half - 1) / half);
+    plan.slots = 2 * half;
+    plan.chunk = std::max<int64_t>(kBK, (chunk + kBK - 1) / kBK * kBK);
+  }
+  const int64_t counters = plan.slots * (dy_cols / kBM) * kConsumers * (x_cols / kBN);
+  plan.header_ints = (1 + counters + 3) / 4 * 4;
+  return plan;
 }
 
 }  // namespace
@@ -344,8 +358,12 @@ bool grouped_wgrad_supported(int device) {
   int* flag = nullptr;
   if (cudaGetDevice(&previous) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) return false;
   if (cudaMalloc(&flag, sizeof(int)) == cudaSuccess) {
-    has_wgmma_kernel<<<1, 1>>>(flag);
-    if (cudaMemcpy(&found, flag, sizeof(int), cudaMemcpyDeviceToHost) != cudaSuccess) found = 0;
+    if (cudaMemset(flag, 0, sizeof(int)) == cudaSuccess) {
+      has_wgmma_kernel<<<1, 1>>>(flag);
+      if (cudaGetLastError() != cudaSuccess ||
+          cudaMemcpy(&found, flag, sizeof(int), cudaMemcpyDeviceToHost) != cudaSuccess)
+        found = 0;
+    }
     cudaFree(flag);
   }
   cudaSetDevice(previous);
@@ -354,8 +372,7 @@ bool grouped_wgrad_supported(int device) {
 
 size_t grouped_wgrad_workspace_bytes(int64_t rows, int groups, int64_t dy_cols, int64_t x_cols) {
   const Plan plan = plan_for(rows, groups, dy_cols, x_cols);
-  const int64_t counters = plan.slots * (dy_cols / kBM) * kConsumers * (x_cols / kBN);
-  return static_cast<size_t>(plan.slots * dy_cols * x_cols * 4 + (counters + 2) * 4);
+  return static_cast<size_t>(plan.header_ints * 4 + plan.slots * dy_cols * x_cols * 4);
 }
 
 int launch_grouped_wgrad(const void* dy, const void* x, const int* offs, void* dw, int64_t rows, int groups,
@@ -368,11 +385,16 @@ int launch_grouped_wgrad(const void* dy, const void* x, const int* offs, void* d
       !make_map(&map_dw, dw, groups * dy_cols, x_cols))
     return static_cast<int>(cudaErrorInvalidValue);
   const Plan plan = plan_for(rows, groups, dy_cols, x_cols);
-  const Shape shape{groups, static_cast<int>(plan.chunk), static_cast<int>(dy_cols / kBM),
-                    static_cast<int>(x_cols / kBN), static_cast<int>(dy_cols), static_cast<int>(x_cols)};
-  int* counters = reinterpret_cast<int*>(static_cast<float*>(workspace) + plan.slots * dy_cols * x_cols);
-  Workspace ws{static_cast<float*>(workspace), counters,
-               counters + plan.slots * (dy_cols / kBM) * kConsumers * (x_cols / kBN)};
+  const Shape shape{static_cast<int>(rows),         groups,
+                    static_cast<int>(plan.chunk),   static_cast<int>(dy_cols / kBM),
+                    static_cast<int>(x_cols / kBN), static_cast<int>(dy_cols),
+                    static_cast<int>(x_cols)};
+  int* header = static_cast<int*>(workspace);
+  Workspace ws{header, header + 1, reinterpret_cast<float*>(header + plan.header_ints)};
+  // The counters start from zero every launch (a memset node under graph capture).
+  const cudaError_t zeroed =
+      cudaMemsetAsync(header, 0, static_cast<size_t>(plan.header_ints) * 4, static_cast<cudaStream_t>(stream));
+  if (zeroed != cudaSuccess) return static_cast<int>(zeroed);
   int device = 0, sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices)
     return static_cast<int>(cudaErrorInvalidDevice);

@@ -20,13 +20,14 @@ namespace moetrain::kernels {
 // loads (one synchronizing probe launch; call once per device and keep the answer).
 bool grouped_wgrad_supported(int device);
 
-// Bytes of the workspace for these shapes; it must be zero-filled before its first use and is
-// left zero-filled by every launch (one workspace per stream: launches on it must not overlap).
+// Bytes of the workspace for these shapes. It needs no initialization (the launch zeroes its
+// counters on the stream first); launches sharing one workspace must not overlap (one a stream).
 size_t grouped_wgrad_workspace_bytes(int64_t rows, int groups, int64_t dy_cols, int64_t x_cols);
 
 // dy [rows, dy_cols] bf16, x [rows, x_cols] bf16 (rows contiguous, 16-byte aligned),
 // offs [groups] int32 on the device, dw [groups, dy_cols, x_cols] bf16 (every element written;
-// an expert without rows gets zeros). dy_cols % 128 == 0, x_cols % 256 == 0, groups ≤ 512.
+// an expert without rows gets zeros). dy_cols % 128 == 0, x_cols % 256 == 0, groups ≤ 512. Offsets
+// outside [0, rows] or decreasing are clamped to a non-decreasing run inside it (no fault, no hang).
 // Returns a cudaError_t value (0: launched).
 int launch_grouped_wgrad(const void* dy, const void* x, const int* offs, void* dw, int64_t rows, int groups,
                          int64_t dy_cols, int64_t x_cols, void* workspace, void* stream);
