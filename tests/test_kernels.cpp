@@ -5,6 +5,9 @@
 #include <torch/torch.h>
 
 #include "models/kernels/grouped_wgrad.h"
+#ifdef MOETRAIN_WITH_CUDA
+#include "models/kernels/grouped_wgrad_kernels.h"
+#endif
 #include "models/kernels/moe_permute.h"
 #include "models/kernels/rms_norm_fused.h"
 #include "models/kernels/swiglu.h"
@@ -81,6 +84,22 @@ TEST(KernelsCpu, GroupedWeightGradReferenceEqualsAutograd) {
   EXPECT_FALSE(grouped_wgrad_kernel_applies(dy.to(torch::kBFloat16), x.to(torch::kBFloat16), offs));
   EXPECT_TRUE(torch::equal(grouped_weight_grad(dy, x, offs), got));
 }
+
+#ifdef MOETRAIN_WITH_CUDA
+// The weight-gradient kernel's workspace plan (host code): ≤ 256 MB of fp32 partials plus a small
+// counter header whatever the widths; experts too wide for two partial slots get no partials
+// (nothing is split), only the header.
+TEST(KernelsCpu, GroupedWgradWorkspaceStaysWithinItsBudget) {
+  const size_t budget = size_t{256} << 20;
+  for (auto [n, k] : {std::pair<int64_t, int64_t>{1024, 1024}, {1024, 512}, {7168, 2048}, {2048, 7168}}) {
+    const size_t bytes = kernels::grouped_wgrad_workspace_bytes(98304, 64, n, k);
+    EXPECT_GT(bytes, static_cast<size_t>(n * k * 4)) << n << "x" << k << ": room for at least one partial";
+    EXPECT_LE(bytes, budget + (size_t{1} << 20)) << n << "x" << k;
+  }
+  EXPECT_LE(kernels::grouped_wgrad_workspace_bytes(98304, 64, 16384, 16384), size_t{1} << 20)
+      << "1 GB a partial: no partials";
+}
+#endif
 
 // Off the GPU the backward's second stream is no stream: apply_linear is torch::linear (value
 // and gradients bit-equal) and WeightGradOverlap runs its work inline.
