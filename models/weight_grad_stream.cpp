@@ -97,15 +97,7 @@ void WeightGradOverlap::join() {}
 
 std::pair<torch::Tensor, torch::Tensor> WeightGradOverlap::beside(const std::function<torch::Tensor()>& side,
                                                                   const std::function<torch::Tensor()>& current) {
-  static const bool side_first = [] {
-    const char* v = std::getenv("MOETRAIN_WGRAD_SIDE_FIRST");
-    return v != nullptr && std::string(v) == "1";
-  }();
   fork();
-  if (side_first) {
-    torch::Tensor s = run_forked(side);
-    return {s, current()};
-  }
   torch::Tensor c = current();
   return {run_forked(side), c};
 }

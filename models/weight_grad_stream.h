@@ -41,9 +41,9 @@ class WeightGradOverlap {
 
   torch::Tensor run(const std::function<torch::Tensor()>& f);
   // {side(), current()}: side() on the side stream and current() on the current stream, both
-  // after everything queued so far. current() is queued first (unless
-  // MOETRAIN_WGRAD_SIDE_FIRST=1, the A/B switch), so the GPU dispatches its blocks first and the
-  // side's persistent blocks take the SMs its tail frees (bench/NOTES.md 44).
+  // after everything queued so far. current() is queued first, so the GPU dispatches its blocks
+  // first and the side's persistent blocks take the SMs its tail frees (bench/NOTES.md 44; the
+  // other order measured the same).
   std::pair<torch::Tensor, torch::Tensor> beside(const std::function<torch::Tensor()>& side,
                                                  const std::function<torch::Tensor()>& current);
   void join();
