@@ -498,4 +498,16 @@ TEST(KernelsCuda, GroupedWeightGradKernelMatchesReference) {
       }
     }
   }
+  // An Inf in the next expert's first rows (inside the 64-row step where expert 0's 130 rows end)
+  // stays out of expert 0's gradient: both operands' rows past a chunk are zeroed.
+  const torch::Tensor offs = torch::tensor(std::vector<int64_t>{130, 200, 400}).to(torch::kInt).to(torch::kCUDA);
+  torch::Tensor dy = torch::randn({400, N}, bf), x = torch::randn({400, K}, bf);
+  x[130].fill_(std::numeric_limits<float>::infinity());
+  dy[131].fill_(std::numeric_limits<float>::infinity());
+  const torch::Tensor got = grouped_weight_grad(dy, x, offs);
+  EXPECT_TRUE(torch::isfinite(got[0]).all().item<bool>()) << "expert 0 saw the next expert's Inf rows";
+  EXPECT_TRUE(torch::isfinite(got[2]).all().item<bool>());
+  const torch::Tensor want = grouped_weight_grad_reference(dy.slice(0, 0, 130), x.slice(0, 0, 130),
+                                                           offs.slice(0, 0, 1).clone()).to(torch::kFloat)[0];
+  EXPECT_LT(((got[0].to(torch::kFloat) - want).norm() / want.norm()).item<double>(), 4e-3);
 }

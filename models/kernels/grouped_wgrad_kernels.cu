@@ -7,9 +7,8 @@
 // K loop runs over the chunk's rows 64 at a time; both operands are [rows, features] in memory,
 // i.e. MN-major for the MMA (dw's rows come from dy's columns, its columns from x's). A chunk
 // ending inside a 64-row step zeroes the rows past its end in its dy tile before the MMA reads it
-// (the rows belong to the next expert or are TMA's zero fill). Those rows of x are not zeroed: an
-// Inf or NaN in the next expert's x rows would reach this expert's gradient as 0 · Inf (ATen's
-// grouped GEMM keeps the groups apart; review note, next session: zero x's tail rows too).
+// (the rows belong to the next expert or are TMA's zero fill), and in its x tile, so an Inf in the
+// next expert's rows stays out of this expert's gradient (as ATen's grouped GEMM keeps them apart).
 #include "models/kernels/grouped_wgrad_kernels.h"
 
 #include <algorithm>
@@ -206,12 +205,20 @@ __global__ void __launch_bounds__(kThreads, 1)
       __nv_bfloat16* a = sA + s * kBM * kBK + c * 64 * kBK;
       const __nv_bfloat16* b = sB + s * kBN * kBK;
       const int valid = tile.row_end - (tile.row0 + k * kBK);
-      if (valid < kBK) {  // rows past the chunk: zero them in this warp group's dy box
-        unsigned char* bytes = reinterpret_cast<unsigned char*>(a);
-        for (int i = tid_in_wg; i < (kBK - valid) * 8; i += 128)
-          *reinterpret_cast<uint4*>(bytes + (valid + i / 8) * 128 + (i % 8) * 16) = make_uint4(0, 0, 0, 0);
+      if (valid < kBK) {
+        // Rows past the chunk (the next expert's, or TMA's zero fill) are zeroed in both operands,
+        // so an Inf there cannot reach this expert as 0 · Inf: this warp group's dy box, and half
+        // of the x boxes that both warp groups read (hence the barrier over both).
+        const int tail = (kBK - valid) * 8;  // 16-byte pieces past the chunk in one box
+        for (int i = tid_in_wg; i < tail * (1 + kBN / 64 / kConsumers); i += 128) {
+          const int box = i / tail, piece = i % tail;
+          unsigned char* bytes = box == 0 ? reinterpret_cast<unsigned char*>(a)
+                                          : reinterpret_cast<unsigned char*>(sB + s * kBN * kBK +
+                                                                             (c * (kBN / 64 / kConsumers) + box - 1) * 64 * kBK);
+          *reinterpret_cast<uint4*>(bytes + (valid + piece / 8) * 128 + (piece % 8) * 16) = make_uint4(0, 0, 0, 0);
+        }
         fence_proxy_async_smem();
-        named_barrier(1 + c, 128);
+        named_barrier(1 + kConsumers, 128 * kConsumers);
       }
       wgmma_fence();
 #pragma unroll
