@@ -271,7 +271,7 @@ TEST(FusedAdamWCuda, FollowsAdamWReference) {
 
 // train.param_dtype bf16: the fused master-weight AdamW kernel against the reference twin
 // (fp32 masters swapped in, gradients upcast, FusedAdamW's step): odd sizes (scalar path),
-// aligned ones (four at a time), a parameter spanning several blocks, a fp32 norm, a
+// aligned ones (eight or four at a time), a parameter spanning several blocks, a fp32 norm, a
 // parameter without a gradient in the first step, and the clip on every other step.
 // moments: fp32, or bf16 (optim.moment_dtype; both sides round the same fp32 values, which
 // fp32 reassociation can move by an ulp: a rounding may differ in a few elements).
@@ -285,6 +285,7 @@ void fused_master_adamw_matches_the_swap_reference(torch::ScalarType moments) {
       register_parameter("a", torch::randn({64, 32}, o));
       register_parameter("odd", torch::randn({7, 5}, o));
       register_parameter("big", torch::randn({3, 70000}, o));  // 4 blocks of 65,536
+      register_parameter("four", torch::randn({3, 12}, o));     // four at a time (36 elements)
       register_parameter("norm", torch::randn({32}, o));
     }
   };
@@ -311,18 +312,18 @@ void fused_master_adamw_matches_the_swap_reference(torch::ScalarType moments) {
   }
   for (size_t k = 0; k < fast_m.masters().size(); ++k) {
     EXPECT_LT(rel_err(fast_m.masters()[k], ref_m.masters()[k]), moments == torch::kFloat ? 1e-6 : 1e-5) << k;
-    EXPECT_TRUE(torch::equal(fp[k], fast_m.masters()[k].to(torch::kBFloat16))) << k;  // a, odd, big
+    EXPECT_TRUE(torch::equal(fp[k], fast_m.masters()[k].to(torch::kBFloat16))) << k;  // a, odd, big, four
   }
   for (size_t i = 0; i < fp.size(); ++i) {
     const auto& sf = static_cast<torch::optim::AdamWParamState&>(*fast_opt->state().at(fp[i].unsafeGetTensorImpl()));
     const auto& sr = static_cast<torch::optim::AdamWParamState&>(*ref_opt->state().at(rp[i].unsafeGetTensorImpl()));
     EXPECT_EQ(sf.step(), sr.step()) << i;
-    EXPECT_EQ(sf.exp_avg().scalar_type(), i == 3 ? torch::kFloat : moments) << i;
-    EXPECT_EQ(sr.exp_avg_sq().scalar_type(), i == 3 ? torch::kFloat : moments) << i;
+    EXPECT_EQ(sf.exp_avg().scalar_type(), i == 4 ? torch::kFloat : moments) << i;
+    EXPECT_EQ(sr.exp_avg_sq().scalar_type(), i == 4 ? torch::kFloat : moments) << i;
     EXPECT_LT(rel_err(sf.exp_avg().to(torch::kFloat), sr.exp_avg().to(torch::kFloat)), moment_tol) << i;
     EXPECT_LT(rel_err(sf.exp_avg_sq().to(torch::kFloat), sr.exp_avg_sq().to(torch::kFloat)), moment_tol) << i;
   }
-  EXPECT_LT(rel_err(fp[3], rp[3]), 1e-6) << "the fp32 norm";
+  EXPECT_LT(rel_err(fp[4], rp[4]), 1e-6) << "the fp32 norm";
 }
 
 TEST(MasterAdamWCuda, FusedKernelMatchesTheSwapReference) {

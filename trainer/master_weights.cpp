@@ -1,7 +1,9 @@
 #include "trainer/master_weights.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <unordered_map>
 
 #ifdef MOETRAIN_WITH_CUDA
@@ -41,7 +43,13 @@ void cast_params_to_bf16(const std::vector<torch::Tensor>& params) {
 
 bool MasterWeights::fused_step(FusedAdamW& optimizer) {
 #ifdef MOETRAIN_WITH_CUDA
-  constexpr int64_t kChunk = 65536;  // elements per block (a multiple of 4)
+  constexpr int64_t kChunk = 65536;  // elements per block (a multiple of 8)
+  // MOETRAIN_ADAMW_VEC=4: the kernel's four-element accesses where it would take eight (the A/B
+  // of bench/NOTES.md 45).
+  static const int kVec8 = [] {
+    const char* v = std::getenv("MOETRAIN_ADAMW_VEC");
+    return v != nullptr && std::string(v) == "4" ? 4 : 8;
+  }();
   std::unordered_map<const c10::TensorImpl*, size_t> index;
   for (size_t i = 0; i < params_.size(); ++i) {
     if (!params_[i].is_cuda() || params_[i].scalar_type() != torch::kBFloat16 || !params_[i].is_contiguous()) return false;
@@ -93,8 +101,9 @@ bool MasterWeights::fused_step(FusedAdamW& optimizer) {
       e.step_size = static_cast<float>(o.lr() / (1.0 - std::pow(beta1, t)));
       e.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, t)));
       const auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-      e.vec = e.numel % 4 == 0 && aligned(e.master) && aligned(e.grad) && aligned(e.exp_avg) && aligned(e.exp_avg_sq) &&
-              aligned(e.param);
+      const bool all_aligned = aligned(e.master) && aligned(e.grad) && aligned(e.exp_avg) && aligned(e.exp_avg_sq) &&
+                               aligned(e.param);
+      e.vec = !all_aligned ? 1 : e.numel % 8 == 0 ? kVec8 : e.numel % 4 == 0 ? 4 : 1;
       table.push_back(e);
       chunks += (e.numel + kChunk - 1) / kChunk;
     }

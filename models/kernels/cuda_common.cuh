@@ -43,6 +43,38 @@ __device__ __forceinline__ void store4(__nv_bfloat16* p, const Float4& f) {
   r.y = *reinterpret_cast<const unsigned int*>(&b);
   *reinterpret_cast<uint2*>(p) = r;
 }
+// Eight consecutive elements as floats: one 16-byte access of bf16, two of fp32 (pointers
+// 16-byte aligned, 8-element offsets).
+struct Float8 {
+  float v[8];
+};
+__device__ __forceinline__ Float8 load8(const float* p) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  return {{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w}};
+}
+__device__ __forceinline__ Float8 load8(const __nv_bfloat16* p) {
+  const uint4 r = *reinterpret_cast<const uint4*>(p);
+  Float8 f;
+  const unsigned int w[4] = {r.x, r.y, r.z, r.w};
+  for (int j = 0; j < 4; ++j) {
+    const float2 h = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[j]));
+    f.v[2 * j] = h.x;
+    f.v[2 * j + 1] = h.y;
+  }
+  return f;
+}
+__device__ __forceinline__ void store8(float* p, const Float8& f) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(f.v[0], f.v[1], f.v[2], f.v[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(f.v[4], f.v[5], f.v[6], f.v[7]);
+}
+__device__ __forceinline__ void store8(__nv_bfloat16* p, const Float8& f) {
+  unsigned int w[4];
+  for (int j = 0; j < 4; ++j) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(f.v[2 * j], f.v[2 * j + 1]);
+    w[j] = *reinterpret_cast<const unsigned int*>(&h);
+  }
+  *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
 // Whether every pointer is 16-byte aligned (the 4-element accesses of fp32 need it).
 template <class... P>
 inline bool aligned16(const P*... p) {

@@ -38,8 +38,25 @@ __global__ void master_adamw_kernel(const MasterAdamWTensor* __restrict__ tensor
   auto* param = static_cast<__nv_bfloat16*>(t.param);
   auto* exp_avg = static_cast<M*>(t.exp_avg);
   auto* exp_avg_sq = static_cast<M*>(t.exp_avg_sq);
+  if (t.vec == 8) {  // begin and chunk are multiples of 8: so is every i
+    for (int64_t i = begin + threadIdx.x * 8; i + 7 < end; i += kThreads * 8) {
+      const Float8 g = load8(grad + i), p = load8(t.master + i), m = load8(exp_avg + i), v = load8(exp_avg_sq + i);
+      Float8 np, nm, nv;
+      for (int j = 0; j < 8; ++j) {
+        Moments s{m.v[j], v.v[j]};
+        np.v[j] = adamw(p.v[j], g.v[j] / scale, s, t, b1, b2, eps);
+        nm.v[j] = s.m;
+        nv.v[j] = s.v;
+      }
+      store8(t.master + i, np);
+      store8(exp_avg + i, nm);
+      store8(exp_avg_sq + i, nv);
+      store8(param + i, np);
+    }
+    return;
+  }
   int64_t i = begin + threadIdx.x * 4;
-  if (t.vec) {  // begin and chunk are multiples of 4: so is every i
+  if (t.vec == 4) {  // begin and chunk are multiples of 4: so is every i
     for (; i + 3 < end; i += kThreads * 4) {
       const Float4 g = load4(grad + i), p = load4(t.master + i), m = load4(exp_avg + i), v = load4(exp_avg_sq + i);
       Float4 np, nm, nv;

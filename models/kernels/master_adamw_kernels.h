@@ -22,7 +22,7 @@ struct MasterAdamWTensor {
   float decay;          // 1 − lr·weight_decay (decoupled decay)
   float step_size;      // lr / (1 − β1^t)
   float bc2_sqrt;       // sqrt(1 − β2^t)
-  int vec;              // every pointer 16-byte aligned and numel % 4 == 0: four elements per access
+  int vec;              // elements per access: 8 or 4 (every pointer 16-byte aligned, numel a multiple), else 1
 };
 
 // tensors: a device array of n_tensors entries, ordered by first_chunk; n_chunks chunks of
