@@ -329,6 +329,7 @@ int cmd_bench(int argc, char** argv) {
     fb.accum = accum;
     fb.seq_len = tc.seq_len;
     fb.bf16_autocast = tc.dtype == "bf16" && device.is_cuda();
+    fb.bf16_logits = fb.bf16_autocast && tc.logits_dtype == "bf16";
     fb.reducer = reducer.get();
 
     const ParamCounts pc = count_params(cfg.model, tc.seq_len);
@@ -440,6 +441,7 @@ int cmd_bench(int argc, char** argv) {
                         {"bucket_mb", cfg.distributed.bucket_mb},
                         {"activation_checkpointing", tc.activation_checkpointing},
                         {"param_dtype", tc.param_dtype},
+                        {"logits_dtype", fb.bf16_logits ? "bf16" : "fp32"},
                         {"cuda_graph", tc.cuda_graph},
                         {"tokens_per_s_per_gpu", tokens_per_s / static_cast<double>(world)},
                         {"step_ms", ms},

@@ -32,13 +32,22 @@ torch::Tensor mm_in(const torch::Tensor& a, const torch::Tensor& b, torch::Dtype
   return torch::matmul(a, b).to(acc);
 }
 
+// The logits' storage: bf16 when asked for and the GEMM runs in bf16 (autocast; the head's
+// output as HF transformers, torchtitan and Megatron-LM keep it: half the bytes of the [n, V]
+// chunk written by the GEMM and read by both loss kernels), else the accumulation dtype. The
+// loss math reads them into fp32 either way.
+torch::Dtype logits_dtype_for(torch::Dtype mm, torch::Dtype acc, bool bf16_logits) {
+  return bf16_logits && mm == torch::kBFloat16 ? torch::kBFloat16 : acc;
+}
+
 // The loss and the gradient of the logits are recomputed one chunk at a time.
 struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossEntropy> {
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& hidden, const torch::Tensor& weight,
-                               const torch::Tensor& targets, int64_t chunk, int64_t ignore_index) {
+                               const torch::Tensor& targets, int64_t chunk, int64_t ignore_index, bool bf16_logits) {
     const int64_t N = hidden.size(0);
     const auto acc = accumulate_dtype(hidden);
     const auto mm = matmul_dtype(hidden);
+    const auto logits_dtype = logits_dtype_for(mm, acc, bf16_logits);
     const torch::Tensor h_mm = hidden.to(mm), w_mm = weight.to(mm);
     torch::Tensor loss_sum = torch::zeros({}, hidden.options().dtype(acc));
     // The fused kernels (fp32 logits on CUDA) write each row's loss and logsumexp; the
@@ -51,13 +60,13 @@ struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossE
     }
     for (int64_t start = 0; start < N; start += chunk) {
       const int64_t n = std::min(chunk, N - start);
-      const torch::Tensor logits = mm_in(h_mm.narrow(0, start, n), w_mm.t(), acc);  // [n, V]
+      const torch::Tensor logits = mm_in(h_mm.narrow(0, start, n), w_mm.t(), logits_dtype);  // [n, V]
       if (fused) {
         torch::Tensor loss_rows = row_loss.narrow(0, start, n), lse_rows = lse.narrow(0, start, n);
         cross_entropy_rows_fused(logits, targets.narrow(0, start, n), ignore_index, loss_rows, lse_rows);
       } else {
         loss_sum += torch::nn::functional::cross_entropy(
-            logits, targets.narrow(0, start, n),
+            logits.to(acc), targets.narrow(0, start, n),
             torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum).ignore_index(ignore_index));
       }
     }
@@ -67,6 +76,7 @@ struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossE
     ctx->saved_data["chunk"] = chunk;
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["matmul_dtype"] = static_cast<int64_t>(mm);
+    ctx->saved_data["logits_dtype"] = static_cast<int64_t>(logits_dtype);
     return loss_sum / n_valid;
   }
 
@@ -79,6 +89,7 @@ struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossE
     const int64_t N = hidden.size(0);
     const auto acc = accumulate_dtype(hidden);
     const auto mm = static_cast<torch::Dtype>(ctx->saved_data["matmul_dtype"].toInt());
+    const auto logits_dtype = static_cast<torch::Dtype>(ctx->saved_data["logits_dtype"].toInt());
     const torch::Tensor h_mm = hidden.to(mm), w_mm = weight.to(mm);
     const torch::Tensor scale = grad_outputs[0].to(acc) / n_valid;  // d loss / d (row loss)
 
@@ -91,10 +102,12 @@ struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossE
       // d(row loss)/d(logits) = softmax - onehot(target); zero for ignored rows.
       torch::Tensor g_low;  // [n, V] in the matmul dtype
       if (lse.defined()) {
-        g_low = cross_entropy_grad_fused(mm_in(h, w_mm.t(), acc), lse.narrow(0, start, n), t, scale, ignore_index, mm);
+        // the same logits as the forward's (the same GEMM, the same dtype), so lse fits them
+        g_low = cross_entropy_grad_fused(mm_in(h, w_mm.t(), logits_dtype), lse.narrow(0, start, n), t, scale,
+                                         ignore_index, mm);
       } else {
         const torch::Tensor valid = t != ignore_index;
-        torch::Tensor g = torch::softmax(mm_in(h, w_mm.t(), acc), -1);  // [n, V]
+        torch::Tensor g = torch::softmax(mm_in(h, w_mm.t(), logits_dtype).to(acc), -1);  // [n, V]
         g.scatter_add_(1, t.clamp_min(0).unsqueeze(1), -torch::ones({n, 1}, g.options()));
         g = g * (valid.unsqueeze(1).to(acc) * scale);
         g_low = g.to(mm);
@@ -111,19 +124,21 @@ struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossE
         grad_weight += mm_in(g_low.t(), h, acc);  // [V, D]
     }
     return {grad_hidden, grad_weight.to(weight.scalar_type()), torch::Tensor(), torch::Tensor(),
-            torch::Tensor()};
+            torch::Tensor(), torch::Tensor()};
   }
 };
 
 }  // namespace
 
 torch::Tensor chunked_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
-                                    const torch::Tensor& targets, int64_t chunk_tokens, int64_t ignore_index) {
+                                    const torch::Tensor& targets, int64_t chunk_tokens, int64_t ignore_index,
+                                    bool bf16_logits) {
   TORCH_CHECK(hidden.dim() == 2 && targets.dim() == 1 && hidden.size(0) == targets.size(0),
               "chunked_cross_entropy: hidden [N, D] and targets [N] expected, got ", hidden.sizes(), " and ",
               targets.sizes());
   const int64_t chunk = chunk_tokens > 0 ? chunk_tokens : std::max<int64_t>(hidden.size(0), 1);
-  return ChunkedLinearCrossEntropy::apply(hidden, weight, targets.to(torch::kLong).contiguous(), chunk, ignore_index);
+  return ChunkedLinearCrossEntropy::apply(hidden, weight, targets.to(torch::kLong).contiguous(), chunk, ignore_index,
+                                          bf16_logits);
 }
 
 }  // namespace moetrain

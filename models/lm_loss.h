@@ -15,9 +15,11 @@ constexpr int64_t kIgnoreIndex = -100;  // targets equal to this are skipped (as
 // for fp64 inputs). chunk_tokens <= 0 means one chunk. Differentiable in hidden
 // and weight (first order only). Under CUDA bf16 autocast the three matmuls (forward,
 // and the recompute + both gradients in backward) take bf16 operands with fp32
-// accumulation; softmax and sums stay fp32.
+// accumulation; softmax and sums stay fp32. The logits are stored in fp32, or with
+// bf16_logits under that autocast in bf16 (train.logits_dtype: the head's GEMM output as the
+// peers keep it; the loss still reads them into fp32).
 torch::Tensor chunked_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
                                     const torch::Tensor& targets, int64_t chunk_tokens,
-                                    int64_t ignore_index = kIgnoreIndex);
+                                    int64_t ignore_index = kIgnoreIndex, bool bf16_logits = false);
 
 }  // namespace moetrain

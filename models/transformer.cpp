@@ -100,20 +100,20 @@ torch::Tensor TransformerImpl::mtp_forward_cached(int64_t depth_index, const tor
 }
 
 torch::Tensor lm_head_loss(Transformer& model, const torch::Tensor& hidden, const torch::Tensor& targets,
-                           int64_t chunk_tokens) {
+                           int64_t chunk_tokens, bool bf16_logits) {
   return chunked_cross_entropy(hidden.reshape({-1, hidden.size(-1)}), model->head->weight, targets.reshape({-1}),
-                               chunk_tokens);
+                               chunk_tokens, kIgnoreIndex, bf16_logits);
 }
 
 std::vector<torch::Tensor> mtp_head_losses(Transformer& model, const ForwardOut& out, const torch::Tensor& targets,
-                                           int64_t chunk_tokens) {
+                                           int64_t chunk_tokens, bool bf16_logits) {
   std::vector<torch::Tensor> losses;
   const int64_t T = targets.size(1);
   for (size_t j = 0; j < out.mtp_hidden.size(); ++j) {
     const int64_t k = static_cast<int64_t>(j) + 1;
     const torch::Tensor& h = out.mtp_hidden[j];  // [B, T-k, D]
     TORCH_CHECK(h.size(1) == T - k, "mtp_head_losses: depth ", k, " has ", h.size(1), " positions, expected ", T - k);
-    losses.push_back(lm_head_loss(model, h, targets.narrow(1, k, T - k), chunk_tokens));
+    losses.push_back(lm_head_loss(model, h, targets.narrow(1, k, T - k), chunk_tokens, bf16_logits));
   }
   return losses;
 }

@@ -80,9 +80,9 @@ TORCH_MODULE(Transformer);
 
 // Mean cross-entropy of head(hidden) against targets over all positions, chunk_tokens
 // rows of logits at a time (see chunked_cross_entropy; targets == -100 are skipped).
-// hidden: [B, T, D], targets: [B, T] int64 -> scalar (fp32)
+// hidden: [B, T, D], targets: [B, T] int64 -> scalar (fp32). bf16_logits: see chunked_cross_entropy.
 torch::Tensor lm_head_loss(Transformer& model, const torch::Tensor& hidden, const torch::Tensor& targets,
-                           int64_t chunk_tokens);
+                           int64_t chunk_tokens, bool bf16_logits = false);
 
 // The MTP losses L^k_MTP, k = 1..D, of a forward with MTP: depth k scores
 // head(out.mtp_hidden[k-1]) against targets[:, k:] (token t_{i+k+1} for input
@@ -90,6 +90,6 @@ torch::Tensor lm_head_loss(Transformer& model, const torch::Tensor& hidden, cons
 // divides by the T−k tokens actually predicted, as transformers' MtpModel does).
 // targets: [B, T] (the inputs shifted by one) -> D scalars (fp32).
 std::vector<torch::Tensor> mtp_head_losses(Transformer& model, const ForwardOut& out, const torch::Tensor& targets,
-                                           int64_t chunk_tokens);
+                                           int64_t chunk_tokens, bool bf16_logits = false);
 
 }  // namespace moetrain

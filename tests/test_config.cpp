@@ -90,6 +90,10 @@ const BadCase kBadCases[] = {
     {"bf16_moments_fp32_weights", {{"main.yaml", "optim:\n  moment_dtype: bf16\n"}}, {},
      {"optim.moment_dtype: bf16 moments are kept for bf16-stored weights"}},
     {"moment_dtype_unknown", {{"main.yaml", "optim:\n  moment_dtype: fp16\n"}}, {}, {"optim.moment_dtype"}},
+    {"bf16_logits_fp32_compute", {{"main.yaml", "train:\n  logits_dtype: bf16\n"}}, {},
+     {"train.logits_dtype: bf16 logits come from the bf16 head GEMM"}},
+    {"logits_dtype_unknown", {{"main.yaml", "train:\n  logits_dtype: fp8\n"}}, {},
+     {"main.yaml:2:17: train.logits_dtype: expected one of fp32|bf16, found 'fp8'"}},
     {"cuda_graph_zero", {{"main.yaml", "train:\n  device: cuda\n  cuda_graph: true\ndistributed:\n  zero_stage: 1\n"}}, {},
      {"train.cuda_graph: CUDA graphs are for one process with the replicated optimizer"}},
 };

@@ -218,6 +218,27 @@ TEST(LmLossCuda, Bf16AutocastMatchesFp64) {
   EXPECT_EQ(w.grad().scalar_type(), torch::kFloat);
   EXPECT_LT(rel_err(h.grad(), h64.grad()), 2e-2);
   EXPECT_LT(rel_err(w.grad(), w64.grad()), 2e-2);
+
+  // train.logits_dtype bf16: the head's GEMM writes bf16 logits, the loss reads them into fp32
+  torch::Tensor hb = hidden.to(torch::kCUDA).requires_grad_(), wb = weight.to(torch::kCUDA).requires_grad_();
+  torch::Tensor loss_b;
+  {
+    Bf16Autocast autocast;
+    loss_b = chunked_cross_entropy(hb, wb, targets.to(torch::kCUDA), 128, kIgnoreIndex, /*bf16_logits=*/true);
+  }
+  loss_b.backward();
+  EXPECT_EQ(loss_b.scalar_type(), torch::kFloat);
+  EXPECT_NE(loss_b.item<double>(), loss.item<double>()) << "bf16 logits took the fp32 path";
+  EXPECT_LT(std::abs(loss_b.item<double>() - ref.item<double>()) / ref.item<double>(), 5e-3);
+  EXPECT_LT(rel_err(hb.grad(), h64.grad()), 2e-2);
+  EXPECT_LT(rel_err(wb.grad(), w64.grad()), 2e-2);
+  // fp32 (no autocast): the flag changes nothing
+  torch::Tensor h32 = hidden.to(torch::kCUDA).requires_grad_();
+  const torch::Tensor plain = chunked_cross_entropy(h32, weight.to(torch::kCUDA), targets.to(torch::kCUDA), 128);
+  const torch::Tensor flagged =
+      chunked_cross_entropy(hidden.to(torch::kCUDA), weight.to(torch::kCUDA), targets.to(torch::kCUDA), 128,
+                            kIgnoreIndex, /*bf16_logits=*/true);
+  EXPECT_EQ(plain.item<double>(), flagged.item<double>());
 }
 
 TEST(FusedAdamWCuda, FollowsAdamWReference) {

@@ -406,35 +406,39 @@ TEST(KernelsCuda, RouterLogitsUnderAutocastAreFp32) {
 }
 
 TEST(KernelsCuda, CrossEntropyMatchesReference) {
-  // per-row loss and logsumexp against ATen, the gradient against softmax − onehot, both ways
+  // per-row loss and logsumexp against ATen, the gradient against softmax − onehot, both ways,
+  // over fp32 logits and bf16 ones (train.logits_dtype; the reference reads the same bf16 values)
   ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
   ASSERT_TRUE(fused_kernels_available()) << "built without MOETRAIN_CUDA";
   auto opts = torch::TensorOptions().device(torch::kCUDA);
-  for (int64_t V : {1000, 1001}) {  // 1001: the one-column path
-    torch::manual_seed(6);
-    const int64_t n = 257, ignore = -100;
-    auto logits = 4.0 * torch::randn({n, V}, opts);
-    auto targets = torch::randint(V, {n}, opts.dtype(torch::kLong));
-    targets.index_put_({torch::arange(0, n, 7, opts.dtype(torch::kLong))}, ignore);
-    torch::Tensor loss = torch::empty({n}, opts), lse = torch::empty({n}, opts);
-    cross_entropy_rows_fused(logits, targets, ignore, loss, lse);
-    const auto ref_loss = torch::nn::functional::cross_entropy(
-        logits, targets, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone).ignore_index(ignore));
-    EXPECT_LT((loss - ref_loss).abs().max().item<double>(), 1e-5) << V;
-    EXPECT_LT((lse - torch::logsumexp(logits, 1)).abs().max().item<double>(), 1e-5) << V;
+  for (auto logits_dtype : {torch::kFloat32, torch::kBFloat16})
+    for (int64_t V : {1000, 1004, 1001}) {  // 1004: four-wide but not eight; 1001: the one-column path
+      torch::manual_seed(6);
+      const int64_t n = 257, ignore = -100;
+      const auto logits_in = (4.0 * torch::randn({n, V}, opts)).to(logits_dtype);
+      const auto logits = logits_in.to(torch::kFloat);  // the values the kernels read
+      auto targets = torch::randint(V, {n}, opts.dtype(torch::kLong));
+      targets.index_put_({torch::arange(0, n, 7, opts.dtype(torch::kLong))}, ignore);
+      torch::Tensor loss = torch::empty({n}, opts), lse = torch::empty({n}, opts);
+      cross_entropy_rows_fused(logits_in, targets, ignore, loss, lse);
+      const auto ref_loss = torch::nn::functional::cross_entropy(
+          logits, targets, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kNone).ignore_index(ignore));
+      EXPECT_LT((loss - ref_loss).abs().max().item<double>(), 1e-5) << V << " " << logits_dtype;
+      EXPECT_LT((lse - torch::logsumexp(logits, 1)).abs().max().item<double>(), 1e-5) << V << " " << logits_dtype;
 
-    auto scale = torch::full({}, 0.37, opts);
-    const auto valid = (targets != ignore).unsqueeze(1).to(torch::kFloat);
-    auto ref = torch::softmax(logits, 1);
-    ref.scatter_add_(1, targets.clamp_min(0).unsqueeze(1), -torch::ones({n, 1}, opts));
-    ref = ref * valid * scale;
-    for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
-      const auto g = cross_entropy_grad_fused(logits, lse, targets, scale, ignore, dtype);
-      ASSERT_EQ(g.scalar_type(), dtype);
-      const double tol = dtype == torch::kFloat32 ? 1e-6 : 4e-3;  // absolute; |g| <= 0.37
-      EXPECT_LT((g.to(torch::kFloat) - ref).abs().max().item<double>(), tol) << V << " " << dtype;
+      auto scale = torch::full({}, 0.37, opts);
+      const auto valid = (targets != ignore).unsqueeze(1).to(torch::kFloat);
+      auto ref = torch::softmax(logits, 1);
+      ref.scatter_add_(1, targets.clamp_min(0).unsqueeze(1), -torch::ones({n, 1}, opts));
+      ref = ref * valid * scale;
+      for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+        const auto g = cross_entropy_grad_fused(logits_in, lse, targets, scale, ignore, dtype);
+        ASSERT_EQ(g.scalar_type(), dtype);
+        const double tol = dtype == torch::kFloat32 ? 1e-6 : 4e-3;  // absolute; |g| <= 0.37
+        EXPECT_LT((g.to(torch::kFloat) - ref).abs().max().item<double>(), tol)
+            << V << " " << logits_dtype << " " << dtype;
+      }
     }
-  }
 }
 
 TEST(KernelsCuda, GradNormKernelMatchesForeachNorm) {

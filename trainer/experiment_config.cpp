@@ -123,6 +123,7 @@ void visit_config(V& v, ExperimentConfig& c) {
     s.choice("device", t.device, {"cpu", "cuda"});
     s.choice("dtype", t.dtype, {"fp32", "bf16"});
     s.choice("param_dtype", t.param_dtype, {"fp32", "bf16"});
+    s.choice("logits_dtype", t.logits_dtype, {"fp32", "bf16"});
     s.choice("activation_checkpointing", t.activation_checkpointing, {"none", "full"});
     s.boolean("cuda_graph", t.cuda_graph);
     s.integer("eval_every", t.eval_every, 0);
@@ -573,6 +574,8 @@ std::vector<std::pair<std::string, std::string>> validate_config(const Experimen
        "bf16 autocast is for device cuda; CPU training runs in fp32");
   rule(!(t.param_dtype == "bf16" && t.dtype != "bf16"), "train.param_dtype",
        "bf16 weights need bf16 compute: set train.dtype: bf16 (device cuda)");
+  rule(!(t.logits_dtype == "bf16" && t.dtype != "bf16"), "train.logits_dtype",
+       "bf16 logits come from the bf16 head GEMM: set train.dtype: bf16 (device cuda)");
   rule(!(o.moment_dtype == "bf16" && t.param_dtype != "bf16"), "optim.moment_dtype",
        "bf16 moments are kept for bf16-stored weights: set train.param_dtype: bf16");
   rule(!(t.cuda_graph && t.device != "cuda"), "train.cuda_graph", "CUDA graphs need train.device: cuda");

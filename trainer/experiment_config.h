@@ -62,6 +62,10 @@ struct TrainConfig {
   // ≥ 2 dims). bf16: the optimizer keeps their fp32 masters (trainer/master_weights.h, sharded
   // under ZeRO-1) and their gradients are bf16 (accumulated and reduced in bf16); needs dtype bf16.
   std::string param_dtype = "fp32";
+  // fp32 | bf16: how the LM head stores its logits under dtype bf16 (models/lm_loss.h). bf16 is
+  // what HF transformers, torchtitan and Megatron-LM do (the head's GEMM writes bf16, the loss
+  // reads it into fp32): half the bytes of every [chunk, vocab] pass. Evaluation keeps fp32.
+  std::string logits_dtype = "fp32";
   // none | full: recompute every decoder layer in the backward (models/checkpointing.h)
   std::string activation_checkpointing = "none";
   // Capture the step's forward + backward as one CUDA graph and replay it (trainer/cuda_graph.h):

@@ -29,12 +29,12 @@ StepLosses forward_backward(Transformer& model, Balancer& balancer, const std::f
       Bf16AutocastGuard autocast(options.bf16_autocast);
       const torch::Tensor targets = batch.targets.to(device);
       out = model->forward(batch.inputs.to(device), /*with_mtp=*/true);  // + the MTP modules when D > 0
-      lm = lm_head_loss(model, out.hidden, targets, kLossChunkTokens);
+      lm = lm_head_loss(model, out.hidden, targets, kLossChunkTokens, options.bf16_logits);
       if (options.poison_loss) lm = lm + std::numeric_limits<double>::quiet_NaN();
       bl = balancer.losses(out.routing, options.seq_len);
       loss = lm + bl.total();
       if (!out.mtp_hidden.empty()) {  // eq. 25: λ · mean over depths of L^k_MTP
-        mtp = torch::stack(mtp_head_losses(model, out, targets, kLossChunkTokens)).mean();
+        mtp = torch::stack(mtp_head_losses(model, out, targets, kLossChunkTokens, options.bf16_logits)).mean();
         loss = options.mtp_weight_device.defined() ? loss + options.mtp_weight_device * mtp
                                                    : loss + options.mtp_weight * mtp;
       }

@@ -31,6 +31,7 @@ struct ForwardBackwardOptions {
   int64_t accum = 1;           // micro-steps of this global batch
   int64_t seq_len = 0;         // for the sequence-wise balance loss
   bool bf16_autocast = false;  // CUDA: bf16 matmuls over fp32 master weights
+  bool bf16_logits = false;    // with bf16_autocast: the LM head's logits stored in bf16 (train.logits_dtype)
   double mtp_weight = 0.0;     // λ of the MTP loss this step (train.mtp_loss_weight, scheduled)
   // When defined (a 0-dim fp32 tensor on the device), λ is read from it instead: a captured
   // step (trainer/cuda_graph.h) keeps the schedule by refilling it before each replay.

@@ -252,6 +252,7 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   step_fb.accum = accum;
   step_fb.seq_len = tc.seq_len;
   step_fb.bf16_autocast = bf16_autocast;
+  step_fb.bf16_logits = bf16_autocast && tc.logits_dtype == "bf16";
   if (tc.cuda_graph) {
     if (world > 1) throw std::runtime_error("train.cuda_graph: CUDA graphs are for one process (world size 1)");
     const auto opts = torch::TensorOptions().dtype(torch::kLong).device(device);

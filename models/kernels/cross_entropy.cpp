@@ -11,7 +11,8 @@ namespace moetrain {
 
 bool cross_entropy_kernel_ok(const torch::Tensor& logits) {
 #ifdef MOETRAIN_WITH_CUDA
-  return logits.is_cuda() && logits.dim() == 2 && logits.scalar_type() == torch::kFloat && logits.is_contiguous();
+  return logits.is_cuda() && logits.dim() == 2 &&
+         (logits.scalar_type() == torch::kFloat || logits.scalar_type() == torch::kBFloat16) && logits.is_contiguous();
 #else
   (void)logits;
   return false;
@@ -20,7 +21,7 @@ bool cross_entropy_kernel_ok(const torch::Tensor& logits) {
 
 void cross_entropy_rows_fused(const torch::Tensor& logits, const torch::Tensor& targets, int64_t ignore_index,
                               torch::Tensor& loss, torch::Tensor& lse) {
-  if (!cross_entropy_kernel_ok(logits)) throw std::invalid_argument("cross_entropy_rows_fused: contiguous fp32 CUDA logits");
+  if (!cross_entropy_kernel_ok(logits)) throw std::invalid_argument("cross_entropy_rows_fused: contiguous fp32 or bf16 CUDA logits");
 #ifdef MOETRAIN_WITH_CUDA
   const int64_t n = logits.size(0);
   TORCH_CHECK(targets.numel() == n && targets.scalar_type() == torch::kLong && targets.is_contiguous(),
@@ -29,7 +30,8 @@ void cross_entropy_rows_fused(const torch::Tensor& logits, const torch::Tensor& 
                   loss.scalar_type() == torch::kFloat && lse.scalar_type() == torch::kFloat,
               "cross_entropy_rows_fused: loss and lse must be [n] contiguous fp32");
   kernels::check_kernel_launch(
-      kernels::launch_cross_entropy_forward(logits.data_ptr<float>(), targets.data_ptr<int64_t>(), n, logits.size(1),
+      kernels::launch_cross_entropy_forward(logits.data_ptr(), kernels::kernel_dtype_code(logits),
+                                            targets.data_ptr<int64_t>(), n, logits.size(1),
                                             ignore_index, loss.data_ptr<float>(), lse.data_ptr<float>(),
                                             kernels::current_stream_of(logits)),
       "cross-entropy forward");
@@ -41,7 +43,7 @@ void cross_entropy_rows_fused(const torch::Tensor& logits, const torch::Tensor& 
 torch::Tensor cross_entropy_grad_fused(const torch::Tensor& logits, const torch::Tensor& lse, const torch::Tensor& targets,
                                        const torch::Tensor& scale, int64_t ignore_index, torch::ScalarType grad_dtype) {
   if (!cross_entropy_kernel_ok(logits) || (grad_dtype != torch::kFloat && grad_dtype != torch::kBFloat16))
-    throw std::invalid_argument("cross_entropy_grad_fused: contiguous fp32 CUDA logits, fp32/bf16 gradient");
+    throw std::invalid_argument("cross_entropy_grad_fused: contiguous fp32 or bf16 CUDA logits, fp32/bf16 gradient");
 #ifdef MOETRAIN_WITH_CUDA
   const int64_t n = logits.size(0);
   TORCH_CHECK(targets.numel() == n && targets.scalar_type() == torch::kLong && targets.is_contiguous() &&
@@ -51,7 +53,7 @@ torch::Tensor cross_entropy_grad_fused(const torch::Tensor& logits, const torch:
   TORCH_CHECK(k.numel() == 1, "cross_entropy_grad_fused: scale must have one element");
   torch::Tensor grad = torch::empty(logits.sizes(), logits.options().dtype(grad_dtype));
   kernels::check_kernel_launch(
-      kernels::launch_cross_entropy_backward(logits.data_ptr<float>(), lse.data_ptr<float>(),
+      kernels::launch_cross_entropy_backward(logits.data_ptr(), kernels::kernel_dtype_code(logits), lse.data_ptr<float>(),
                                              targets.data_ptr<int64_t>(), k.data_ptr<float>(), n, logits.size(1),
                                              ignore_index, grad.data_ptr(), kernels::kernel_dtype_code(grad_dtype),
                                              kernels::current_stream_of(logits)),

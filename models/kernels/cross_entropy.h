@@ -1,5 +1,5 @@
 // defines: cross_entropy_rows_fused, cross_entropy_grad_fused, cross_entropy_kernel_ok — the LM
-// head's cross-entropy over a chunk of fp32 logits as one CUDA kernel each way
+// head's cross-entropy over a chunk of fp32 or bf16 logits (fp32 math) as one CUDA kernel each way
 // (cross_entropy_kernels.cu). models/lm_loss.cpp keeps the ATen twin and picks.
 #pragma once
 
@@ -7,10 +7,10 @@
 
 namespace moetrain {
 
-// Whether the kernels take these logits: CUDA build, contiguous fp32 CUDA [n, V].
+// Whether the kernels take these logits: CUDA build, contiguous fp32 or bf16 CUDA [n, V].
 bool cross_entropy_kernel_ok(const torch::Tensor& logits);
 
-// logits [n, V] fp32, targets [n] int64 -> writes loss [n] (logsumexp − logit[target]; 0 for
+// logits [n, V] fp32/bf16, targets [n] int64 -> writes loss [n] (logsumexp − logit[target]; 0 for
 // ignore_index rows) and lse [n] (fp32 views the caller owns). No autograd.
 void cross_entropy_rows_fused(const torch::Tensor& logits, const torch::Tensor& targets, int64_t ignore_index,
                               torch::Tensor& loss, torch::Tensor& lse);

@@ -1,8 +1,9 @@
-// The LM head's cross-entropy fused over each row of fp32 logits: the forward reads a row once
-// (online max and sum of exponentials) and writes its loss and logsumexp; the backward reads it
-// once more and writes the logits' gradient straight in the GEMM's dtype. ATen's path makes
-// five passes over the [n, V] fp32 chunk (log_softmax and its write, softmax, the one-hot
-// scatter, the scaling, the bf16 cast).
+// The LM head's cross-entropy fused over each row of logits (fp32, or bf16 as the head's GEMM
+// writes them under autocast; the math is fp32 either way): the forward reads a row once (online
+// max and sum of exponentials) and writes its loss and logsumexp; the backward reads it once more
+// and writes the logits' gradient straight in the GEMM's dtype. ATen's path makes five passes
+// over the [n, V] fp32 chunk (log_softmax and its write, softmax, the one-hot scatter, the
+// scaling, the bf16 cast).
 #include "models/kernels/cross_entropy_kernels.h"
 
 #include <cmath>
@@ -37,22 +38,36 @@ __device__ __forceinline__ void add_one(float& m, float& s, float x) {
   }
 }
 
-__global__ void cross_entropy_forward_kernel(const float* __restrict__ logits, const int64_t* __restrict__ targets,
+// Columns [c, c + W) of a row as floats: W = 8 (bf16, one 16-byte load) or 4 (fp32).
+template <class TL>
+constexpr int kVecWidth = sizeof(TL) == 2 ? 8 : 4;
+template <class TL>
+__device__ __forceinline__ void load_vec(const TL* p, float (&v)[kVecWidth<TL>]) {
+  if constexpr (sizeof(TL) == 2) {
+    const Float8 f = load8(p);
+    for (int j = 0; j < 8; ++j) v[j] = f.v[j];
+  } else {
+    const Float4 f = load4(p);
+    for (int j = 0; j < 4; ++j) v[j] = f.v[j];
+  }
+}
+
+template <class TL>
+__global__ void cross_entropy_forward_kernel(const TL* __restrict__ logits, const int64_t* __restrict__ targets,
                                              int64_t V, int64_t ignore_index, bool vec, float* __restrict__ loss,
                                              float* __restrict__ lse) {
+  constexpr int W = kVecWidth<TL>;
   const int64_t row = blockIdx.x;
-  const float* x = logits + row * V;
+  const TL* x = logits + row * V;
   float m = -INFINITY, s = 0.0f;
   if (vec) {
-    for (int64_t c = 4 * static_cast<int64_t>(threadIdx.x); c < V; c += 4 * kThreads) {
-      const float4 v = *reinterpret_cast<const float4*>(x + c);
-      add_one(m, s, v.x);
-      add_one(m, s, v.y);
-      add_one(m, s, v.z);
-      add_one(m, s, v.w);
+    for (int64_t c = W * static_cast<int64_t>(threadIdx.x); c < V; c += W * kThreads) {
+      float v[W];
+      load_vec(x + c, v);
+      for (int j = 0; j < W; ++j) add_one(m, s, v[j]);
     }
   } else {
-    for (int64_t c = threadIdx.x; c < V; c += kThreads) add_one(m, s, x[c]);
+    for (int64_t c = threadIdx.x; c < V; c += kThreads) add_one(m, s, to_float(x[c]));
   }
   for (int off = 16; off > 0; off >>= 1) {
     const float om = __shfl_xor_sync(0xffffffffu, m, off), os = __shfl_xor_sync(0xffffffffu, s, off);
@@ -76,31 +91,32 @@ __global__ void cross_entropy_forward_kernel(const float* __restrict__ logits, c
       const float l = m + logf(s);
       const int64_t t = targets[row];
       lse[row] = l;
-      loss[row] = t == ignore_index ? 0.0f : (t < 0 || t >= V ? NAN : l - x[t]);
+      loss[row] = t == ignore_index ? 0.0f : (t < 0 || t >= V ? NAN : l - to_float(x[t]));
     }
   }
 }
 
-template <class T>
-__global__ void cross_entropy_backward_kernel(const float* __restrict__ logits, const float* __restrict__ lse,
+template <class TL, class T>
+__global__ void cross_entropy_backward_kernel(const TL* __restrict__ logits, const float* __restrict__ lse,
                                               const int64_t* __restrict__ targets, const float* __restrict__ scale,
                                               int64_t V, int64_t ignore_index, bool vec, T* __restrict__ grad) {
+  constexpr int W = kVecWidth<TL>;
   const int64_t row = blockIdx.x;
-  const float* x = logits + row * V;
+  const TL* x = logits + row * V;
   T* g = grad + row * V;
   const int64_t t = targets[row];
   const float k = t == ignore_index ? 0.0f : scale[0];
   const float l = lse[row];
   if (vec) {
-    for (int64_t c = 4 * static_cast<int64_t>(threadIdx.x); c < V; c += 4 * kThreads) {
-      const float4 v = *reinterpret_cast<const float4*>(x + c);
-      Float4 o{{__expf(v.x - l), __expf(v.y - l), __expf(v.z - l), __expf(v.w - l)}};
-      for (int j = 0; j < 4; ++j) o.v[j] = (o.v[j] - (c + j == t ? 1.0f : 0.0f)) * k;
-      store4(g + c, o);
+    for (int64_t c = W * static_cast<int64_t>(threadIdx.x); c < V; c += W * kThreads) {
+      float v[W];
+      load_vec(x + c, v);
+      for (int j = 0; j < W; ++j) v[j] = (__expf(v[j] - l) - (c + j == t ? 1.0f : 0.0f)) * k;
+      for (int j = 0; j < W; j += 4) store4(g + c + j, Float4{{v[j], v[j + 1], v[j + 2], v[j + 3]}});
     }
   } else {
     for (int64_t c = threadIdx.x; c < V; c += kThreads)
-      g[c] = from_float<T>((__expf(x[c] - l) - (c == t ? 1.0f : 0.0f)) * k);
+      g[c] = from_float<T>((__expf(to_float(x[c]) - l) - (c == t ? 1.0f : 0.0f)) * k);
   }
 }
 
@@ -108,23 +124,29 @@ bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) %
 
 }  // namespace
 
-int launch_cross_entropy_forward(const float* logits, const int64_t* targets, int64_t n, int64_t V,
+int launch_cross_entropy_forward(const void* logits, int logits_dtype, const int64_t* targets, int64_t n, int64_t V,
                                  int64_t ignore_index, float* loss, float* lse, void* stream) {
   if (n == 0) return 0;
-  const bool vec = V % 4 == 0 && aligned(logits, 16);
-  cross_entropy_forward_kernel<<<n, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(logits, targets, V, ignore_index,
-                                                                                     vec, loss, lse);
+  auto s = static_cast<cudaStream_t>(stream);
+  MOETRAIN_DISPATCH_DTYPE(logits_dtype, TL, {
+    const bool vec = V % kVecWidth<TL> == 0 && aligned(logits, 16);
+    cross_entropy_forward_kernel<TL><<<n, kThreads, 0, s>>>(static_cast<const TL*>(logits), targets, V, ignore_index,
+                                                            vec, loss, lse);
+  })
   return static_cast<int>(cudaGetLastError());
 }
 
-int launch_cross_entropy_backward(const float* logits, const float* lse, const int64_t* targets, const float* scale,
-                                  int64_t n, int64_t V, int64_t ignore_index, void* grad, int grad_dtype, void* stream) {
+int launch_cross_entropy_backward(const void* logits, int logits_dtype, const float* lse, const int64_t* targets,
+                                  const float* scale, int64_t n, int64_t V, int64_t ignore_index, void* grad,
+                                  int grad_dtype, void* stream) {
   if (n == 0) return 0;
   auto s = static_cast<cudaStream_t>(stream);
-  MOETRAIN_DISPATCH_DTYPE(grad_dtype, T, {
-    const bool vec = V % 4 == 0 && aligned(logits, 16) && aligned(grad, 4 * static_cast<int>(sizeof(T)));
-    cross_entropy_backward_kernel<T><<<n, kThreads, 0, s>>>(logits, lse, targets, scale, V, ignore_index, vec,
-                                                            static_cast<T*>(grad));
+  MOETRAIN_DISPATCH_DTYPE(logits_dtype, TL, {
+    MOETRAIN_DISPATCH_DTYPE(grad_dtype, T, {
+      const bool vec = V % kVecWidth<TL> == 0 && aligned(logits, 16) && aligned(grad, 4 * static_cast<int>(sizeof(T)));
+      cross_entropy_backward_kernel<TL, T><<<n, kThreads, 0, s>>>(static_cast<const TL*>(logits), lse, targets, scale,
+                                                                  V, ignore_index, vec, static_cast<T*>(grad));
+    })
   })
   return static_cast<int>(cudaGetLastError());
 }
