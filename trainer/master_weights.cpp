@@ -1,9 +1,7 @@
 #include "trainer/master_weights.h"
 
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <unordered_map>
 
 #ifdef MOETRAIN_WITH_CUDA
@@ -44,12 +42,6 @@ void cast_params_to_bf16(const std::vector<torch::Tensor>& params) {
 bool MasterWeights::fused_step(FusedAdamW& optimizer) {
 #ifdef MOETRAIN_WITH_CUDA
   constexpr int64_t kChunk = 65536;  // elements per block (a multiple of 8)
-  // MOETRAIN_ADAMW_VEC=4: the kernel's four-element accesses where it would take eight (the A/B
-  // of bench/NOTES.md 45).
-  static const int kVec8 = [] {
-    const char* v = std::getenv("MOETRAIN_ADAMW_VEC");
-    return v != nullptr && std::string(v) == "4" ? 4 : 8;
-  }();
   std::unordered_map<const c10::TensorImpl*, size_t> index;
   for (size_t i = 0; i < params_.size(); ++i) {
     if (!params_[i].is_cuda() || params_[i].scalar_type() != torch::kBFloat16 || !params_[i].is_contiguous()) return false;
@@ -103,7 +95,7 @@ bool MasterWeights::fused_step(FusedAdamW& optimizer) {
       const auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
       const bool all_aligned = aligned(e.master) && aligned(e.grad) && aligned(e.exp_avg) && aligned(e.exp_avg_sq) &&
                                aligned(e.param);
-      e.vec = !all_aligned ? 1 : e.numel % 8 == 0 ? kVec8 : e.numel % 4 == 0 ? 4 : 1;
+      e.vec = !all_aligned ? 1 : e.numel % 8 == 0 ? 8 : e.numel % 4 == 0 ? 4 : 1;
       table.push_back(e);
       chunks += (e.numel + kChunk - 1) / kChunk;
     }

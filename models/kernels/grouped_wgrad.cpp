@@ -52,20 +52,6 @@ bool kernel_enabled(bool beside_main_stream) {
   return !beside_main_stream;
 }
 
-// MOETRAIN_GROUPED_WGRAD_SMS=N: the kernel's persistent grid on at most N SMs (an experiment:
-// fewer leave SMs to the main stream when the kernel runs beside it; unset or 0: every SM).
-int grid_cap() {
-  static const int cap = [] {
-    const char* v = std::getenv("MOETRAIN_GROUPED_WGRAD_SMS");
-    if (v == nullptr || *v == '\0') return 0;
-    char* end = nullptr;
-    const long n = std::strtol(v, &end, 10);
-    TORCH_CHECK(*end == '\0' && n >= 0 && n <= 1024, "MOETRAIN_GROUPED_WGRAD_SMS: expected a count of SMs, found '", v, "'");
-    return static_cast<int>(n);
-  }();
-  return cap;
-}
-
 bool device_supported(int device) {
   static std::mutex mu;
   static std::map<int, bool> known;
@@ -130,7 +116,7 @@ torch::Tensor grouped_weight_grad(const torch::Tensor& dy, const torch::Tensor& 
       torch::Tensor dw = torch::empty({groups, n, k}, dy.options());
       kernels::check_kernel_launch(kernels::launch_grouped_wgrad(dy.data_ptr(), x.data_ptr(), offs.data_ptr<int>(),
                                                                  dw.data_ptr(), rows, static_cast<int>(groups), n, k,
-                                                                 ws.data_ptr(), stream, grid_cap()),
+                                                                 ws.data_ptr(), stream),
                                    "grouped weight gradient");
       return dw;
     }

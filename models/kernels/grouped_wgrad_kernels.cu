@@ -383,7 +383,7 @@ size_t grouped_wgrad_workspace_bytes(int64_t rows, int groups, int64_t dy_cols, 
 }
 
 int launch_grouped_wgrad(const void* dy, const void* x, const int* offs, void* dw, int64_t rows, int groups,
-                         int64_t dy_cols, int64_t x_cols, void* workspace, void* stream, int max_blocks) {
+                         int64_t dy_cols, int64_t x_cols, void* workspace, void* stream) {
   if (groups < 1 || groups > kMaxGroups || dy_cols % kBM != 0 || x_cols % kBN != 0 || rows < 1 ||
       rows > (int64_t{1} << 31) - 1)
     return static_cast<int>(cudaErrorInvalidValue);
@@ -416,8 +416,7 @@ int launch_grouped_wgrad(const void* dy, const void* x, const int* offs, void* d
       return static_cast<int>(cudaErrorInvalidConfiguration);
     sms_of[device].store(sms);
   }
-  const int blocks = max_blocks > 0 ? std::min(max_blocks, sms) : sms;
-  grouped_wgrad_kernel<<<blocks, kThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(
+  grouped_wgrad_kernel<<<sms, kThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(
       map_dy, map_x, map_dw, offs, shape, ws);
   return static_cast<int>(cudaGetLastError());
 }

@@ -28,9 +28,8 @@ size_t grouped_wgrad_workspace_bytes(int64_t rows, int groups, int64_t dy_cols, 
 // offs [groups] int32 on the device, dw [groups, dy_cols, x_cols] bf16 (every element written;
 // an expert without rows gets zeros). dy_cols % 128 == 0, x_cols % 256 == 0, groups ≤ 512. Offsets
 // outside [0, rows] or decreasing are clamped to a non-decreasing run inside it (no fault, no hang).
-// max_blocks: the persistent grid's size, at most one block an SM (0: every SM); fewer leave
-// SMs to kernels of other streams. Returns a cudaError_t value (0: launched).
+// Returns a cudaError_t value (0: launched).
 int launch_grouped_wgrad(const void* dy, const void* x, const int* offs, void* dw, int64_t rows, int groups,
-                         int64_t dy_cols, int64_t x_cols, void* workspace, void* stream, int max_blocks = 0);
+                         int64_t dy_cols, int64_t x_cols, void* workspace, void* stream);
 
 }  // namespace moetrain::kernels
