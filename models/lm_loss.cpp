@@ -1,6 +1,8 @@
 #include "models/lm_loss.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 
 #include "models/autocast.h"
 #include "models/kernels/cross_entropy.h"
@@ -40,39 +42,79 @@ torch::Dtype logits_dtype_for(torch::Dtype mm, torch::Dtype acc, bool bf16_logit
   return bf16_logits && mm == torch::kBFloat16 ? torch::kBFloat16 : acc;
 }
 
-// The loss and the gradient of the logits are recomputed one chunk at a time.
+// The head's two gradient GEMMs for one chunk: grad_rows = g·W (cuBLAS writes the hidden
+// gradient in place when the dtypes allow), grad_weight += gᵀ·h (accumulated inside the GEMM on
+// CUDA: fp32 out, β = 1). g_low: [n, V] in the matmul dtype.
+void head_chunk_grads(const torch::Tensor& g_low, const torch::Tensor& h, const torch::Tensor& w_mm,
+                      torch::Tensor grad_rows, torch::Tensor& grad_weight, torch::Dtype mm, torch::Dtype acc) {
+  if (grad_rows.scalar_type() == mm) {
+    at::mm_out(grad_rows, g_low, w_mm);  // [n, D]
+  } else {
+    grad_rows.copy_(torch::matmul(g_low, w_mm));
+  }
+  if (g_low.is_cuda() && g_low.scalar_type() == torch::kBFloat16 && acc == torch::kFloat)
+    at::addmm_out(grad_weight, grad_weight, g_low.t(), h, acc);
+  else
+    grad_weight += mm_in(g_low.t(), h, acc);  // [V, D]
+}
+
+// Two schedules, the same math. Fused CUDA path when a backward will follow (grads_in_forward):
+// each chunk's logits give the loss and, while they are at hand, the gradients of the hidden
+// rows and of the head for d(loss) = 1 (the loss is linear in its upstream gradient, so the
+// backward only scales them) — no second logits GEMM and no second pass over them, as Liger
+// Kernel's fused linear cross-entropy. Otherwise (CPU, fp64, evaluation, the reference twin):
+// the forward keeps only the loss, and the backward recomputes each chunk's logits.
 struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossEntropy> {
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& hidden, const torch::Tensor& weight,
-                               const torch::Tensor& targets, int64_t chunk, int64_t ignore_index, bool bf16_logits) {
+                               const torch::Tensor& targets, int64_t chunk, int64_t ignore_index, bool bf16_logits,
+                               bool grads_in_forward) {
     const int64_t N = hidden.size(0);
     const auto acc = accumulate_dtype(hidden);
     const auto mm = matmul_dtype(hidden);
     const auto logits_dtype = logits_dtype_for(mm, acc, bf16_logits);
     const torch::Tensor h_mm = hidden.to(mm), w_mm = weight.to(mm);
     torch::Tensor loss_sum = torch::zeros({}, hidden.options().dtype(acc));
+    const torch::Tensor n_valid = (targets != ignore_index).sum().clamp_min(1).to(acc);
     // The fused kernels (fp32 logits on CUDA) write each row's loss and logsumexp; the
     // backward reuses the logsumexp. Elsewhere ATen's cross_entropy, the reference twin.
     const bool fused = hidden.is_cuda() && acc == torch::kFloat && fused_kernels_available();
+    const bool grads_now = fused && grads_in_forward;
     torch::Tensor row_loss, lse;  // [N] fp32 (fused)
     if (fused) {
       row_loss = torch::empty({N}, hidden.options().dtype(torch::kFloat));
       lse = torch::empty({N}, hidden.options().dtype(torch::kFloat));
     }
+    torch::Tensor grad_hidden, grad_weight, inv_n_valid;  // grads_now: for d(loss) = 1
+    if (grads_now) {
+      grad_hidden = torch::empty_like(hidden);
+      grad_weight = torch::zeros(weight.sizes(), weight.options().dtype(acc));
+      inv_n_valid = n_valid.reciprocal();
+    }
     for (int64_t start = 0; start < N; start += chunk) {
       const int64_t n = std::min(chunk, N - start);
-      const torch::Tensor logits = mm_in(h_mm.narrow(0, start, n), w_mm.t(), logits_dtype);  // [n, V]
+      const torch::Tensor h = h_mm.narrow(0, start, n), t = targets.narrow(0, start, n);
+      const torch::Tensor logits = mm_in(h, w_mm.t(), logits_dtype);  // [n, V]
       if (fused) {
         torch::Tensor loss_rows = row_loss.narrow(0, start, n), lse_rows = lse.narrow(0, start, n);
-        cross_entropy_rows_fused(logits, targets.narrow(0, start, n), ignore_index, loss_rows, lse_rows);
+        cross_entropy_rows_fused(logits, t, ignore_index, loss_rows, lse_rows);
+        if (grads_now) {
+          const torch::Tensor g_low = cross_entropy_grad_fused(logits, lse_rows, t, inv_n_valid, ignore_index, mm);
+          head_chunk_grads(g_low, h, w_mm, grad_hidden.narrow(0, start, n), grad_weight, mm, acc);
+        }
       } else {
         loss_sum += torch::nn::functional::cross_entropy(
-            logits.to(acc), targets.narrow(0, start, n),
+            logits.to(acc), t,
             torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum).ignore_index(ignore_index));
       }
     }
     if (fused) loss_sum = row_loss.sum();
-    const torch::Tensor n_valid = (targets != ignore_index).sum().clamp_min(1).to(acc);
-    ctx->save_for_backward({hidden, weight, targets, n_valid, fused ? lse : torch::Tensor()});
+    ctx->saved_data["grads_in_forward"] = grads_now;
+    if (grads_now) {
+      ctx->save_for_backward({grad_hidden, grad_weight});
+      ctx->saved_data["weight_dtype"] = static_cast<int64_t>(weight.scalar_type());
+    } else {
+      ctx->save_for_backward({hidden, weight, targets, n_valid, fused ? lse : torch::Tensor()});
+    }
     ctx->saved_data["chunk"] = chunk;
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["matmul_dtype"] = static_cast<int64_t>(mm);
@@ -82,6 +124,18 @@ struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossE
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grad_outputs) {
     const auto saved = ctx->get_saved_variables();
+    const tensor_list none{torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor(), torch::Tensor()};
+    if (ctx->saved_data["grads_in_forward"].toBool()) {  // scale the forward's gradients, in one pass each
+      const torch::Tensor &grad_hidden = saved[0], &grad_weight = saved[1];
+      const torch::Tensor g = grad_outputs[0].to(grad_weight.scalar_type());  // 0-dim
+      const auto weight_dtype = static_cast<torch::Dtype>(ctx->saved_data["weight_dtype"].toInt());
+      torch::Tensor dh = torch::empty_like(grad_hidden), dw = torch::empty(grad_weight.sizes(), grad_weight.options().dtype(weight_dtype));
+      at::mul_out(dh, grad_hidden, g);
+      at::mul_out(dw, grad_weight, g);
+      tensor_list out{dh, dw};
+      out.insert(out.end(), none.begin(), none.end());
+      return out;
+    }
     const torch::Tensor &hidden = saved[0], &weight = saved[1], &targets = saved[2], &n_valid = saved[3];
     const torch::Tensor& lse = saved[4];  // defined: the forward took the fused kernels
     const int64_t chunk = ctx->saved_data["chunk"].toInt();
@@ -112,19 +166,11 @@ struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossE
         g = g * (valid.unsqueeze(1).to(acc) * scale);
         g_low = g.to(mm);
       }
-      torch::Tensor grad_rows = grad_hidden.narrow(0, start, n);  // [n, D]
-      if (grad_rows.scalar_type() == mm) {
-        at::mm_out(grad_rows, g_low, w_mm);  // straight into the gradient
-      } else {
-        grad_rows.copy_(torch::matmul(g_low, w_mm));
-      }
-      if (g_low.is_cuda() && g_low.scalar_type() == torch::kBFloat16 && acc == torch::kFloat)
-        at::addmm_out(grad_weight, grad_weight, g_low.t(), h, acc);  // += in the GEMM (fp32 out, β = 1)
-      else
-        grad_weight += mm_in(g_low.t(), h, acc);  // [V, D]
+      head_chunk_grads(g_low, h, w_mm, grad_hidden.narrow(0, start, n), grad_weight, mm, acc);
     }
-    return {grad_hidden, grad_weight.to(weight.scalar_type()), torch::Tensor(), torch::Tensor(),
-            torch::Tensor(), torch::Tensor()};
+    tensor_list out{grad_hidden, grad_weight.to(weight.scalar_type())};
+    out.insert(out.end(), none.begin(), none.end());
+    return out;
   }
 };
 
@@ -132,13 +178,21 @@ struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossE
 
 torch::Tensor chunked_cross_entropy(const torch::Tensor& hidden, const torch::Tensor& weight,
                                     const torch::Tensor& targets, int64_t chunk_tokens, int64_t ignore_index,
-                                    bool bf16_logits) {
+                                    bool bf16_logits, bool grads_in_forward) {
   TORCH_CHECK(hidden.dim() == 2 && targets.dim() == 1 && hidden.size(0) == targets.size(0),
               "chunked_cross_entropy: hidden [N, D] and targets [N] expected, got ", hidden.sizes(), " and ",
               targets.sizes());
   const int64_t chunk = chunk_tokens > 0 ? chunk_tokens : std::max<int64_t>(hidden.size(0), 1);
+  // the gradients in the forward only when a backward will ask for them.
+  // MOETRAIN_LM_GRADS_IN_FORWARD=0: always the recomputing backward (an A/B switch for benchmarks).
+  static const bool allowed = [] {
+    const char* v = std::getenv("MOETRAIN_LM_GRADS_IN_FORWARD");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  const bool backward_follows =
+      allowed && torch::GradMode::is_enabled() && (hidden.requires_grad() || weight.requires_grad());
   return ChunkedLinearCrossEntropy::apply(hidden, weight, targets.to(torch::kLong).contiguous(), chunk, ignore_index,
-                                          bf16_logits);
+                                          bf16_logits, grads_in_forward && backward_follows);
 }
 
 }  // namespace moetrain

@@ -241,6 +241,47 @@ TEST(LmLossCuda, Bf16AutocastMatchesFp64) {
   EXPECT_EQ(plain.item<double>(), flagged.item<double>());
 }
 
+TEST(LmLossCuda, GradientsInTheForwardMatchTheRecomputingBackward) {
+  // the fused path computes the head's gradients beside the loss and scales them in backward;
+  // its twin recomputes the logits in backward. Same loss, same gradients (an upstream gradient
+  // of 0.37: the forward's gradients are for 1 and scaled), fp32 and bf16 logits, bf16 and fp32
+  // weights, an ignored target, a partial last chunk.
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  const int64_t N = 300, D = 64, V = 1000;
+  torch::manual_seed(12);
+  const torch::Tensor hidden = torch::randn({N, D}, torch::kCUDA), weight = 0.2 * torch::randn({V, D}, torch::kCUDA);
+  torch::Tensor targets = torch::randint(V, {N}, torch::TensorOptions().dtype(torch::kLong).device(torch::kCUDA));
+  targets[7] = kIgnoreIndex;
+  for (bool bf16_logits : {false, true})
+    for (auto dtype : {torch::kFloat, torch::kBFloat16}) {
+      std::vector<torch::Tensor> loss(2), dh(2), dw(2);
+      for (int fwd = 0; fwd < 2; ++fwd) {
+        torch::Tensor h = hidden.to(dtype).requires_grad_(), w = weight.to(dtype).requires_grad_();
+        {
+          Bf16Autocast autocast;
+          loss[fwd] = chunked_cross_entropy(h, w, targets, 128, kIgnoreIndex, bf16_logits, /*grads_in_forward=*/fwd == 1);
+        }
+        (0.37 * loss[fwd]).backward();
+        dh[fwd] = h.grad();
+        dw[fwd] = w.grad();
+        ASSERT_EQ(dh[fwd].scalar_type(), dtype);
+        ASSERT_EQ(dw[fwd].scalar_type(), dtype);
+      }
+      const std::string what = std::string("bf16 logits ") + (bf16_logits ? "on, " : "off, ") + c10::toString(dtype);
+      EXPECT_EQ(loss[0].item<double>(), loss[1].item<double>()) << what;
+      // the scale lands after the bf16 rounding of the unit gradient instead of before it
+      const double tol = dtype == torch::kBFloat16 ? 1e-2 : 2e-3;
+      EXPECT_LT(rel_err(dh[1], dh[0]), tol) << what;
+      EXPECT_LT(rel_err(dw[1], dw[0]), tol) << what;
+    }
+  // no backward to follow (evaluation): the loss alone, the same value
+  torch::Tensor h = hidden.clone().requires_grad_(), w = weight.clone().requires_grad_();
+  Bf16Autocast autocast;
+  const double with_grad = chunked_cross_entropy(h, w, targets, 128).item<double>();
+  torch::NoGradGuard no_grad;
+  EXPECT_EQ(chunked_cross_entropy(h, w, targets, 128).item<double>(), with_grad);
+}
+
 TEST(FusedAdamWCuda, FollowsAdamWReference) {
   ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
   torch::manual_seed(3);
