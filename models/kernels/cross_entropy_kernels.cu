@@ -38,19 +38,9 @@ __device__ __forceinline__ void add_one(float& m, float& s, float x) {
   }
 }
 
-// Columns [c, c + W) of a row as floats: W = 8 (bf16, one 16-byte load) or 4 (fp32).
+// Columns a thread reads at once: 8 of bf16 (one 16-byte load) or 4 of fp32.
 template <class TL>
 constexpr int kVecWidth = sizeof(TL) == 2 ? 8 : 4;
-template <class TL>
-__device__ __forceinline__ void load_vec(const TL* p, float (&v)[kVecWidth<TL>]) {
-  if constexpr (sizeof(TL) == 2) {
-    const Float8 f = load8(p);
-    for (int j = 0; j < 8; ++j) v[j] = f.v[j];
-  } else {
-    const Float4 f = load4(p);
-    for (int j = 0; j < 4; ++j) v[j] = f.v[j];
-  }
-}
 
 template <class TL>
 __global__ void cross_entropy_forward_kernel(const TL* __restrict__ logits, const int64_t* __restrict__ targets,
@@ -62,9 +52,8 @@ __global__ void cross_entropy_forward_kernel(const TL* __restrict__ logits, cons
   float m = -INFINITY, s = 0.0f;
   if (vec) {
     for (int64_t c = W * static_cast<int64_t>(threadIdx.x); c < V; c += W * kThreads) {
-      float v[W];
-      load_vec(x + c, v);
-      for (int j = 0; j < W; ++j) add_one(m, s, v[j]);
+      const auto v = load_vec<W>(x + c);
+      for (int j = 0; j < W; ++j) add_one(m, s, v.v[j]);
     }
   } else {
     for (int64_t c = threadIdx.x; c < V; c += kThreads) add_one(m, s, to_float(x[c]));
@@ -109,10 +98,9 @@ __global__ void cross_entropy_backward_kernel(const TL* __restrict__ logits, con
   const float l = lse[row];
   if (vec) {
     for (int64_t c = W * static_cast<int64_t>(threadIdx.x); c < V; c += W * kThreads) {
-      float v[W];
-      load_vec(x + c, v);
-      for (int j = 0; j < W; ++j) v[j] = (__expf(v[j] - l) - (c + j == t ? 1.0f : 0.0f)) * k;
-      for (int j = 0; j < W; j += 4) store4(g + c + j, Float4{{v[j], v[j + 1], v[j + 2], v[j + 3]}});
+      auto v = load_vec<W>(x + c);
+      for (int j = 0; j < W; ++j) v.v[j] = (__expf(v.v[j] - l) - (c + j == t ? 1.0f : 0.0f)) * k;
+      store_vec<W>(g + c, v);
     }
   } else {
     for (int64_t c = threadIdx.x; c < V; c += kThreads)
@@ -143,7 +131,7 @@ int launch_cross_entropy_backward(const void* logits, int logits_dtype, const fl
   auto s = static_cast<cudaStream_t>(stream);
   MOETRAIN_DISPATCH_DTYPE(logits_dtype, TL, {
     MOETRAIN_DISPATCH_DTYPE(grad_dtype, T, {
-      const bool vec = V % kVecWidth<TL> == 0 && aligned(logits, 16) && aligned(grad, 4 * static_cast<int>(sizeof(T)));
+      const bool vec = V % kVecWidth<TL> == 0 && aligned(logits, 16) && aligned(grad, 16);  // 8- to 32-byte stores
       cross_entropy_backward_kernel<TL, T><<<n, kThreads, 0, s>>>(static_cast<const TL*>(logits), lse, targets, scale,
                                                                   V, ignore_index, vec, static_cast<T*>(grad));
     })

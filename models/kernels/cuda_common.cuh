@@ -75,6 +75,27 @@ __device__ __forceinline__ void store8(__nv_bfloat16* p, const Float8& f) {
   }
   *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
 }
+// W (4 or 8) consecutive elements as floats through one name: Float4 / Float8.
+template <int W>
+struct FloatVec;
+template <>
+struct FloatVec<4> {
+  using type = Float4;
+};
+template <>
+struct FloatVec<8> {
+  using type = Float8;
+};
+template <int W, class T>
+__device__ __forceinline__ typename FloatVec<W>::type load_vec(const T* p) {
+  if constexpr (W == 8) return load8(p);
+  else return load4(p);
+}
+template <int W, class T>
+__device__ __forceinline__ void store_vec(T* p, const typename FloatVec<W>::type& f) {
+  if constexpr (W == 8) store8(p, f);
+  else store4(p, f);
+}
 // Whether every pointer is 16-byte aligned (the 4-element accesses of fp32 need it).
 template <class... P>
 inline bool aligned16(const P*... p) {

@@ -25,6 +25,33 @@ __device__ __forceinline__ float adamw(float master, float g, Moments& s, const 
   return master - t.step_size * s.m / denom;
 }
 
+// Elements [begin, end) of one tensor, W at a time (begin and end multiples of W: the caller
+// checked numel and the chunk length).
+template <int W, class M>
+__device__ __forceinline__ void adamw_vectors(const MasterAdamWTensor& t, int64_t begin, int64_t end, float scale,
+                                              float b1, float b2, float eps) {
+  const auto* grad = static_cast<const __nv_bfloat16*>(t.grad);
+  auto* param = static_cast<__nv_bfloat16*>(t.param);
+  auto* exp_avg = static_cast<M*>(t.exp_avg);
+  auto* exp_avg_sq = static_cast<M*>(t.exp_avg_sq);
+  using Vec = typename FloatVec<W>::type;
+  for (int64_t i = begin + threadIdx.x * W; i + W - 1 < end; i += kThreads * W) {
+    const Vec g = load_vec<W>(grad + i), p = load_vec<W>(t.master + i), m = load_vec<W>(exp_avg + i),
+              v = load_vec<W>(exp_avg_sq + i);
+    Vec np, nm, nv;
+    for (int j = 0; j < W; ++j) {
+      Moments s{m.v[j], v.v[j]};
+      np.v[j] = adamw(p.v[j], g.v[j] / scale, s, t, b1, b2, eps);
+      nm.v[j] = s.m;
+      nv.v[j] = s.v;
+    }
+    store_vec<W>(t.master + i, np);
+    store_vec<W>(exp_avg + i, nm);
+    store_vec<W>(exp_avg_sq + i, nv);
+    store_vec<W>(param + i, np);
+  }
+}
+
 // M: the moments' storage type (float or __nv_bfloat16); the arithmetic is fp32 either way.
 template <class M>
 __global__ void master_adamw_kernel(const MasterAdamWTensor* __restrict__ tensors, int n_tensors, int64_t chunk,
@@ -34,45 +61,12 @@ __global__ void master_adamw_kernel(const MasterAdamWTensor* __restrict__ tensor
   const int64_t begin = (c - t.first_chunk) * chunk;
   const int64_t end = begin + chunk < t.numel ? begin + chunk : t.numel;
   const float scale = grad_scale ? *grad_scale : 1.0f;
+  if (t.vec == 8) return adamw_vectors<8, M>(t, begin, end, scale, b1, b2, eps);
+  if (t.vec == 4) return adamw_vectors<4, M>(t, begin, end, scale, b1, b2, eps);
   const auto* grad = static_cast<const __nv_bfloat16*>(t.grad);
   auto* param = static_cast<__nv_bfloat16*>(t.param);
   auto* exp_avg = static_cast<M*>(t.exp_avg);
   auto* exp_avg_sq = static_cast<M*>(t.exp_avg_sq);
-  if (t.vec == 8) {  // begin and chunk are multiples of 8: so is every i
-    for (int64_t i = begin + threadIdx.x * 8; i + 7 < end; i += kThreads * 8) {
-      const Float8 g = load8(grad + i), p = load8(t.master + i), m = load8(exp_avg + i), v = load8(exp_avg_sq + i);
-      Float8 np, nm, nv;
-      for (int j = 0; j < 8; ++j) {
-        Moments s{m.v[j], v.v[j]};
-        np.v[j] = adamw(p.v[j], g.v[j] / scale, s, t, b1, b2, eps);
-        nm.v[j] = s.m;
-        nv.v[j] = s.v;
-      }
-      store8(t.master + i, np);
-      store8(exp_avg + i, nm);
-      store8(exp_avg_sq + i, nv);
-      store8(param + i, np);
-    }
-    return;
-  }
-  int64_t i = begin + threadIdx.x * 4;
-  if (t.vec == 4) {  // begin and chunk are multiples of 4: so is every i
-    for (; i + 3 < end; i += kThreads * 4) {
-      const Float4 g = load4(grad + i), p = load4(t.master + i), m = load4(exp_avg + i), v = load4(exp_avg_sq + i);
-      Float4 np, nm, nv;
-      for (int j = 0; j < 4; ++j) {
-        Moments s{m.v[j], v.v[j]};
-        np.v[j] = adamw(p.v[j], g.v[j] / scale, s, t, b1, b2, eps);
-        nm.v[j] = s.m;
-        nv.v[j] = s.v;
-      }
-      store4(t.master + i, np);
-      store4(exp_avg + i, nm);
-      store4(exp_avg_sq + i, nv);
-      store4(param + i, np);
-    }
-    return;
-  }
   for (int64_t k = begin + threadIdx.x; k < end; k += kThreads) {
     Moments s{to_float(exp_avg[k]), to_float(exp_avg_sq[k])};
     const float np = adamw(t.master[k], to_float(grad[k]) / scale, s, t, b1, b2, eps);
