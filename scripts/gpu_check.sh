@@ -14,9 +14,10 @@
 #   curve    bf16 CUDA vs fp32 CPU loss curves of configs/tiny.yaml, 200 steps
 #            (needs data_cache/linux-docs-sp4096 carried over)
 #   ab       the step under each case of AB_CASES, interleaved twice; a case is one or more
-#            comma-separated env assignments (default: "MOETRAIN_WGRAD_STREAM=1
-#            MOETRAIN_WGRAD_STREAM=experts MOETRAIN_WGRAD_STREAM=0"); e.g. AB_CASES=
-#            "MOETRAIN_GROUPED_WGRAD=1 MOETRAIN_GROUPED_WGRAD=0" (our weight-gradient kernel vs ATen's)
+#            comma-separated env assignments or config overrides `set:KEY=VALUE` (default:
+#            "MOETRAIN_WGRAD_STREAM=1 MOETRAIN_WGRAD_STREAM=experts MOETRAIN_WGRAD_STREAM=0"); e.g.
+#            AB_CASES="MOETRAIN_GROUPED_WGRAD=1 MOETRAIN_GROUPED_WGRAD=0" (our weight-gradient kernel
+#            vs ATen's) or AB_CASES="set:train.logits_dtype=bf16 set:train.logits_dtype=fp32"
 #   probes   kernel probes without the build: scripts/probe_fine_tiles.py (ATen's grouped GEMM),
 #            scripts/probe_wgmma_wgrad.cu and probe_wgmma_grouped.cu (nvcc, sm_90a) on its shapes
 # TRACE=1: the profile phase also saves a gzipped Chrome trace (trace.json.gz). PROFILE_ROWS: how
@@ -115,8 +116,12 @@ if has ab; then
   read -ra AB_CASES_ARR <<<"${AB_CASES:-MOETRAIN_WGRAD_STREAM=1 MOETRAIN_WGRAD_STREAM=experts MOETRAIN_WGRAD_STREAM=0}"
   for round in 1 2; do
     for case in "${AB_CASES_ARR[@]}"; do
-      IFS=, read -ra kv <<<"$case"
-      env "${kv[@]}" "$MT" bench "$CONFIG" --steps 12 --warmup 3 "${SETS_ARR[@]}" "${ONE[@]}" 2>&1 \
+      IFS=, read -ra items <<<"$case"
+      kv=(X_AB_CASE=1) sets=()
+      for item in "${items[@]}"; do
+        if [[ $item == set:* ]]; then sets+=(--set "${item#set:}"); else kv+=("$item"); fi
+      done
+      env "${kv[@]}" "$MT" bench "$CONFIG" --steps 12 --warmup 3 "${SETS_ARR[@]}" "${ONE[@]}" "${sets[@]}" 2>&1 \
         | grep "median step" | sed "s/^/$case /"
     done
   done >"$OUT/ab.log"
