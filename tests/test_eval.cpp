@@ -24,7 +24,7 @@ using moetrain::testing::TempDir;
 using moetrain::testing::write_file;
 using Json = nlohmann::json;
 
-std::string quoted(const std::string& s) { return "'" + s + "'"; }
+std::string quoted(const std::string& s) { return moetrain::testing::shell_quoted(s); }
 
 // The last non-empty line of a command's output, as JSON.
 Json last_json(const RunResult& r) {

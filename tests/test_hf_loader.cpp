@@ -16,6 +16,7 @@
 #include "io/hf.h"
 #include "io/safetensors.h"
 #include "models/transformer.h"
+#include "test_util.h"
 
 namespace moetrain {
 namespace {
@@ -24,30 +25,7 @@ namespace fs = std::filesystem;
 using Json = nlohmann::json;
 using Tensors = std::vector<std::pair<std::string, torch::Tensor>>;
 
-// Not fs::remove_all: the torch 2.11 wheel's libtorch.so exports its own
-// std::filesystem::remove_all, which the dynamic linker binds to and which
-// segfaults (a null call inside it). Plain remove() and iteration are fine.
-void remove_tree(const fs::path& p) {
-  std::error_code ec;
-  if (fs::is_directory(fs::symlink_status(p, ec))) {
-    for (const auto& entry : fs::directory_iterator(p, ec)) remove_tree(entry.path());
-  }
-  fs::remove(p, ec);
-}
-
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "moetrain_hf_XXXXXX").string();
-    if (!mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() { remove_tree(path_); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
+using moetrain::testing::TempDir;
 
 // What transformers 5.17 save_pretrained writes for a tiny DeepseekV3 (trimmed of
 // keys moetrain ignores: bos/eos, use_cache, dtype, ...).
@@ -454,9 +432,9 @@ TEST(HfLoader, SkipsMtpLayers) {
   tensors.push_back({"model.layers.3.input_layernorm.weight", torch::ones({16})});  // MTP layer (= L)
   tensors.push_back({"model.layers.3.mlp.experts.0.gate_proj.weight", torch::ones({8, 16})});
   write_single(dir.path(), tensors);
-  testing::internal::CaptureStderr();
+  ::testing::internal::CaptureStderr();
   EXPECT_EQ(load_hf_weights(dir.path(), *b, cfg), static_cast<int64_t>(tensors.size()) - 2);
-  const std::string err = testing::internal::GetCapturedStderr();
+  const std::string err = ::testing::internal::GetCapturedStderr();
   EXPECT_NE(err.find("skipped 2 tensors of layer(s) 3"), std::string::npos) << err;
   expect_same_tensors(a, b);
 }
@@ -563,9 +541,9 @@ TEST(HfMtp, SaveThenLoadIsExact) {
   save_hf_checkpoint(dir.path(), *a, cfg);
   ModelConfig back = load_hf_config(dir.path());
   EXPECT_EQ(back.num_nextn_predict_layers, 2);
-  testing::internal::CaptureStderr();
+  ::testing::internal::CaptureStderr();
   const int64_t n = load_hf_weights(dir.path(), *b, back);
-  const std::string err = testing::internal::GetCapturedStderr();
+  const std::string err = ::testing::internal::GetCapturedStderr();
   EXPECT_EQ(err, "");  // the copies equal the main tensors: nothing to report
   EXPECT_EQ(n, static_cast<int64_t>(hf_state_dict(*a).size()));
   expect_same_tensors(a, b);
@@ -591,9 +569,9 @@ TEST(HfMtp, CheckpointsWithoutOrWithPartialMtp) {
     write_single(dir.path(), main_only);
     Transformer b = make_model(cfg, 2);
     const torch::Tensor before = b->mtp_module(0).eh_proj->weight.clone();
-    testing::internal::CaptureStderr();
+    ::testing::internal::CaptureStderr();
     load_hf_weights(dir.path(), *b, cfg);
-    const std::string err = testing::internal::GetCapturedStderr();
+    const std::string err = ::testing::internal::GetCapturedStderr();
     EXPECT_NE(err.find("holds no multi-token-prediction tensors (layers 3..3)"), std::string::npos) << err;
     EXPECT_TRUE(torch::equal(b->mtp_module(0).eh_proj->weight, before));
     EXPECT_TRUE(torch::equal(b->head->weight, plain->head->weight));
@@ -614,9 +592,9 @@ TEST(HfMtp, CheckpointsWithoutOrWithPartialMtp) {
       if (kv.first == "model.layers.3.shared_head.head.weight") kv.second = kv.second + 0.5;
     write_single(dir.path(), changed);
     Transformer b = make_model(cfg, 2);
-    testing::internal::CaptureStderr();
+    ::testing::internal::CaptureStderr();
     load_hf_weights(dir.path(), *b, cfg);
-    const std::string err = testing::internal::GetCapturedStderr();
+    const std::string err = ::testing::internal::GetCapturedStderr();
     EXPECT_NE(err.find("'model.layers.3.shared_head.head.weight' differs from the main 'lm_head.weight' by up to 0.5"),
               std::string::npos)
         << err;
@@ -636,9 +614,9 @@ TEST(HfMtp, CheckpointsWithoutOrWithPartialMtp) {
     Transformer two = make_model(mtp_config(2), 5);
     write_single(dir.path(), state_of(two));
     Transformer b = make_model(cfg, 2);
-    testing::internal::CaptureStderr();
+    ::testing::internal::CaptureStderr();
     load_hf_weights(dir.path(), *b, cfg);
-    const std::string err = testing::internal::GetCapturedStderr();
+    const std::string err = ::testing::internal::GetCapturedStderr();
     EXPECT_NE(err.find("of layer(s) 4 >= num_hidden_layers + num_nextn_predict_layers = 4"), std::string::npos) << err;
     EXPECT_TRUE(torch::equal(b->mtp_module(0).eh_proj->weight, two->mtp_module(0).eh_proj->weight));
   }

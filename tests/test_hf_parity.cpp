@@ -27,6 +27,7 @@
 #include "io/safetensors.h"
 #include "models/transformer.h"
 #include "test_paths.h"
+#include "test_util.h"
 
 namespace moetrain {
 namespace {
@@ -35,50 +36,16 @@ namespace fs = std::filesystem;
 
 constexpr double kLogitTol = 1e-4;
 
-// Not fs::remove_all: the torch 2.11 wheel's libtorch.so exports its own
-// std::filesystem::remove_all, which the dynamic linker binds to and which
-// segfaults (a null call inside it). Plain remove() and iteration are fine.
-void remove_tree(const fs::path& p) {
-  std::error_code ec;
-  if (fs::is_directory(fs::symlink_status(p, ec))) {
-    for (const auto& entry : fs::directory_iterator(p, ec)) remove_tree(entry.path());
-  }
-  fs::remove(p, ec);
-}
-
-class TempDir {
- public:
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "moetrain_hf_parity_XXXXXX").string();
-    if (!mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
-    path_ = tmpl;
-  }
-  ~TempDir() {
-    if (!std::getenv("MOETRAIN_KEEP_HF_PARITY")) remove_tree(path_);
-  }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
+using moetrain::testing::TempDir;
 
 // Runs `cmd` through the shell; returns its exit status, stdout+stderr in *output.
 int run_command(const std::string& cmd, std::string* output) {
-  output->clear();
-  FILE* pipe = popen((cmd + " 2>&1").c_str(), "r");
-  if (!pipe) return -1;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, pipe)) > 0) output->append(buf, n);
-  int status = pclose(pipe);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  const moetrain::testing::RunResult r = moetrain::testing::run_capture(cmd);
+  *output = r.output;
+  return r.exit_code;
 }
 
-std::string quoted(const std::string& s) {
-  std::string out = "'";
-  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return out + "'";
-}
+std::string quoted(const std::string& s) { return moetrain::testing::shell_quoted(s); }
 
 struct ParityCase {
   std::string name;
@@ -93,7 +60,7 @@ double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
   return (a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max().item<double>();
 }
 
-class HfParity : public testing::TestWithParam<ParityCase> {
+class HfParity : public ::testing::TestWithParam<ParityCase> {
  protected:
   static void SetUpTestSuite() {
     std::string out;
@@ -115,7 +82,7 @@ TEST_P(HfParity, LogitsMatchTransformers) {
                           << python_msg_;
   const ParityCase& c = GetParam();
   torch::manual_seed(0);
-  TempDir dir;
+  TempDir dir("MOETRAIN_KEEP_HF_PARITY");
   const std::string overrides = (fs::path(dir.path()) / "overrides.json").string();
   std::ofstream(overrides) << c.config;
   const std::string script = quoted(std::string(MOETRAIN_SOURCE_DIR) + "/tests/python/make_hf_reference.py");
@@ -276,8 +243,8 @@ TEST(HfEval, CommandMatchesTransformersLoss) {
   EXPECT_NEAR(j["ppl"].get<double>(), std::exp(expected), 1e-3 * std::exp(expected));
 }
 
-INSTANTIATE_TEST_SUITE_P(Cases, HfParity, testing::ValuesIn(kCases),
-                         [](const testing::TestParamInfo<ParityCase>& info) { return info.param.name; });
+INSTANTIATE_TEST_SUITE_P(Cases, HfParity, ::testing::ValuesIn(kCases),
+                         [](const ::testing::TestParamInfo<ParityCase>& info) { return info.param.name; });
 
 }  // namespace
 }  // namespace moetrain

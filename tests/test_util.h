@@ -1,9 +1,10 @@
-// defines: TempDir, write_file, run_capture, sentence_corpus, tiny_moe_config — small
+// defines: TempDir, shell_quoted, write_file, run_capture, sentence_corpus, tiny_moe_config — small
 // helpers shared by the tests.
 #pragma once
 
 #include <array>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -15,15 +16,17 @@
 
 namespace moetrain::testing {
 
-// A fresh directory under the system temp dir, removed with its contents.
+// A fresh directory under the system temp dir, removed with its contents — unless the
+// environment variable named by keep_env is set (to look at what a failing test wrote).
 class TempDir {
  public:
-  TempDir() {
+  explicit TempDir(const char* keep_env = nullptr) : keep_env_(keep_env) {
     std::random_device rd;
     path_ = std::filesystem::temp_directory_path() / ("moetrain-test-" + std::to_string(rd()) + std::to_string(rd()));
     std::filesystem::create_directories(path_);
   }
   ~TempDir() {
+    if (keep_env_ != nullptr && std::getenv(keep_env_) != nullptr) return;
     std::error_code ec;
     std::filesystem::remove_all(path_, ec);
   }
@@ -33,8 +36,16 @@ class TempDir {
   std::string file(const std::string& name) const { return (path_ / name).string(); }
 
  private:
+  const char* keep_env_;
   std::filesystem::path path_;
 };
+
+// s as one single-quoted shell word.
+inline std::string shell_quoted(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
 
 inline std::string write_file(const std::filesystem::path& path, const std::string& text) {
   std::filesystem::create_directories(path.parent_path());
