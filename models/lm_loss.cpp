@@ -129,7 +129,8 @@ struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossE
       const torch::Tensor &grad_hidden = saved[0], &grad_weight = saved[1];
       const torch::Tensor g = grad_outputs[0].to(grad_weight.scalar_type());  // 0-dim
       const auto weight_dtype = static_cast<torch::Dtype>(ctx->saved_data["weight_dtype"].toInt());
-      torch::Tensor dh = torch::empty_like(grad_hidden), dw = torch::empty(grad_weight.sizes(), grad_weight.options().dtype(weight_dtype));
+      torch::Tensor dh = torch::empty_like(grad_hidden);
+      torch::Tensor dw = torch::empty(grad_weight.sizes(), grad_weight.options().dtype(weight_dtype));
       at::mul_out(dh, grad_hidden, g);
       at::mul_out(dw, grad_weight, g);
       tensor_list out{dh, dw};
