@@ -36,7 +36,6 @@
 #include "trainer/expert_parallel.h"
 #include "trainer/master_weights.h"
 #include "trainer/optim.h"
-#include "trainer/optimizer_overlap.h"
 #include "trainer/train_step.h"
 #include "trainer/zero.h"
 
@@ -77,17 +76,6 @@ double peak_memory_gb(const torch::Device& device, bool reserved = false) {
 
 void sync(const torch::Device& device) {
   if (device.is_cuda()) torch::cuda::synchronize();
-}
-
-// Waits for the current stream only: what a training step's time is made of (with
-// train.overlap_optimizer, step t's update runs on a side stream beside step t+1's forward, as
-// in `moetrain train`; a device-wide sync would serialize them again).
-void sync_main_stream(const torch::Device& device) {
-#ifdef MOETRAIN_WITH_CUDA
-  if (device.is_cuda()) c10::cuda::getCurrentCUDAStream(device.index()).synchronize();
-#else
-  (void)device;
-#endif
 }
 
 double median(std::vector<double> v) {
@@ -364,12 +352,6 @@ int cmd_bench(int argc, char** argv) {
           },
           options);
     };
-    // train.overlap_optimizer: each update beside the next step's forward, as the trainer runs it
-    std::unique_ptr<OptimizerOverlap> overlap;
-    if (tc.overlap_optimizer) {
-      if (world > 1) throw UsageError("moetrain bench: train.overlap_optimizer runs one process");
-      overlap = std::make_unique<OptimizerOverlap>(*model);
-    }
     // train.cuda_graph: the forward + backward captured once over a fixed token buffer
     std::unique_ptr<CapturedForwardBackward> graph;
     torch::Tensor graph_tokens, graph_mtp_weight;
@@ -409,7 +391,7 @@ int cmd_bench(int argc, char** argv) {
         // the global norm on the device (each expert shard once), the clipping inside the fused update
         const torch::Tensor norm = ep.grad_norm();
         if (std::isfinite(clip)) optimizer->clip_next_step(norm, clip);
-        built.step_replicated(overlap.get());
+        built.step_replicated();
       }
       ++step_index;
       last_counts = balancer.counts().clone();
@@ -418,10 +400,10 @@ int cmd_bench(int argc, char** argv) {
     std::vector<double> step_ms;
     double last_loss = 0.0;
     for (int64_t i = 0; i < warmup + steps; ++i) {
-      sync_main_stream(device);
+      sync(device);
       const auto t0 = Clock::now();
       train_step();
-      sync_main_stream(device);
+      sync(device);
       const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
       if (i >= warmup) step_ms.push_back(ms);
       if (i + 1 == warmup + steps) last_loss = sums.means(accum)[0];
@@ -431,8 +413,6 @@ int cmd_bench(int argc, char** argv) {
                   << std::flush;
     }
     if (pg.is_main()) std::cerr << "\n";
-    if (overlap) overlap->join();
-    sync(device);
     if (!std::isfinite(last_loss)) throw std::runtime_error("moetrain bench: the loss became non-finite");
 
     nlohmann::json profile = nullptr;
@@ -463,7 +443,6 @@ int cmd_bench(int argc, char** argv) {
                         {"param_dtype", tc.param_dtype},
                         {"logits_dtype", fb.bf16_logits ? "bf16" : "fp32"},
                         {"cuda_graph", tc.cuda_graph},
-                        {"overlap_optimizer", overlap != nullptr},
                         {"tokens_per_s_per_gpu", tokens_per_s / static_cast<double>(world)},
                         {"step_ms", ms},
                         {"step_ms_min", *std::min_element(step_ms.begin(), step_ms.end())},

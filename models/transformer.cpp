@@ -34,7 +34,6 @@ ForwardOut TransformerImpl::forward(const torch::Tensor& tokens, bool with_mtp) 
   TORCH_CHECK(tokens.dim() == 2, "tokens must be [B, T], got ", tokens.sizes());
   const int64_t T = tokens.size(1), D = cfg.num_nextn_predict_layers;
   ForwardOut out;
-  if (before_stage) before_stage(0);
   const torch::Tensor emb = embed(tokens);  // [B, T, D]
   const RopeTables rope = rope_tables(T, emb);
   const bool checkpoint = activation_checkpointing && torch::GradMode::is_enabled();
@@ -42,13 +41,11 @@ ForwardOut TransformerImpl::forward(const torch::Tensor& tokens, bool with_mtp) 
   // it (DecoderLayerImpl::forward_stream); checkpointed layers take and return whole values.
   ResidualStream stream{emb, {}};
   for (int64_t i = 0; i < cfg.num_hidden_layers; ++i) {
-    if (before_stage && i > 0) before_stage(i);
     if (checkpoint)
       stream = {checkpointed_layer_forward(layer(i), stream.value(), rope, out.routing), {}};
     else
       stream = layer(i).forward_stream(stream, rope, out.routing);
   }
-  if (before_stage) before_stage(cfg.num_hidden_layers);
   out.hidden = stream.delta.defined() ? norm->forward_add(stream.h, stream.delta).second : norm(stream.h);
   if (!with_mtp || D == 0) return out;
 

@@ -14,8 +14,6 @@
 // modules in depth order. A forward without MTP gives the main-model prefix.
 #pragma once
 
-#include <functional>
-
 #include <torch/torch.h>
 
 #include <vector>
@@ -67,11 +65,6 @@ struct TransformerImpl : torch::nn::Module {
   // Training memory: recompute each main-model decoder layer in the backward instead of
   // keeping its activations (models/checkpointing.h). Only when gradients are on.
   bool activation_checkpointing = false;
-  // A scheduling hook, called by forward() before the first use of stage s's parameters: s = 0
-  // before the embedding (and layer 0), s = i before layer i, s = L before the final norm (and
-  // the MTP modules). The trainer's optimizer overlap (trainer/optimizer_overlap.h) waits
-  // there for each stage's parameter update; the model knows nothing of streams. Null: no calls.
-  std::function<void(int64_t)> before_stage;
   torch::nn::Embedding embed{nullptr};  // [V, D]
   torch::nn::ModuleList layers{nullptr};
   RMSNorm norm{nullptr};                // [D]

@@ -94,13 +94,6 @@ const BadCase kBadCases[] = {
      {"train.logits_dtype: bf16 logits come from the bf16 head GEMM"}},
     {"logits_dtype_unknown", {{"main.yaml", "train:\n  logits_dtype: fp8\n"}}, {},
      {"main.yaml:2:17: train.logits_dtype: expected one of fp32|bf16, found 'fp8'"}},
-    {"overlap_optimizer_fp32_weights",
-     {{"main.yaml", "train:\n  device: cuda\n  dtype: bf16\n  overlap_optimizer: true\n"}}, {},
-     {"train.overlap_optimizer: the overlapped optimizer step is the fused master-weight step"}},
-    {"overlap_optimizer_zero",
-     {{"main.yaml", "train:\n  device: cuda\n  dtype: bf16\n  param_dtype: bf16\n  overlap_optimizer: true\n"
-                    "distributed:\n  zero_stage: 1\n"}}, {},
-     {"train.overlap_optimizer: the overlapped optimizer step is for one process"}},
     {"cuda_graph_zero", {{"main.yaml", "train:\n  device: cuda\n  cuda_graph: true\ndistributed:\n  zero_stage: 1\n"}}, {},
      {"train.cuda_graph: CUDA graphs are for one process with the replicated optimizer"}},
 };

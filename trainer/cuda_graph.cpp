@@ -1,8 +1,6 @@
 #include "trainer/cuda_graph.h"
 
-#include <cstdlib>
 #include <stdexcept>
-#include <string>
 
 #ifdef MOETRAIN_WITH_CUDA
 #include <ATen/cuda/CUDAEvent.h>
@@ -76,26 +74,6 @@ StepLosses CapturedForwardBackward::run() {
     after.record(side);
     after.block(current);
     state_->captured = true;
-  }
-  // (experiment, bench/NOTES.md 50: the replay on a high-priority stream, so an optimizer update
-  // queued beside it on a normal one takes only the SMs the step leaves)
-  static const bool high_priority = [] {
-    const char* v = std::getenv("MOETRAIN_GRAPH_HIGH_PRIORITY");
-    return v && std::string(v) == "1";
-  }();
-  if (high_priority) {
-    const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream();
-    const c10::cuda::CUDAStream high = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, current.device_index());
-    at::cuda::CUDAEvent in, out;
-    in.record(current);
-    in.block(high);
-    {
-      c10::cuda::CUDAStreamGuard on_high(high);
-      state_->graph.replay();
-    }
-    out.record(high);
-    out.block(current);
-    return state_->sums;
   }
   state_->graph.replay();
   return state_->sums;

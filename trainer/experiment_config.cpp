@@ -126,7 +126,6 @@ void visit_config(V& v, ExperimentConfig& c) {
     s.choice("logits_dtype", t.logits_dtype, {"fp32", "bf16"});
     s.choice("activation_checkpointing", t.activation_checkpointing, {"none", "full"});
     s.boolean("cuda_graph", t.cuda_graph);
-    s.boolean("overlap_optimizer", t.overlap_optimizer);
     s.integer("eval_every", t.eval_every, 0);
     s.integer("eval_batches", t.eval_batches, 1);
     s.real("mtp_loss_weight", t.mtp_loss_weight, kNonNegative);
@@ -582,10 +581,6 @@ std::vector<std::pair<std::string, std::string>> validate_config(const Experimen
   rule(!(t.cuda_graph && t.device != "cuda"), "train.cuda_graph", "CUDA graphs need train.device: cuda");
   rule(!(t.cuda_graph && (c.distributed.ep_size > 1 || c.distributed.zero_stage > 0)), "train.cuda_graph",
        "CUDA graphs are for one process with the replicated optimizer: set distributed.ep_size 1, zero_stage 0");
-  rule(!(t.overlap_optimizer && (t.device != "cuda" || t.param_dtype != "bf16")), "train.overlap_optimizer",
-       "the overlapped optimizer step is the fused master-weight step: set train.device: cuda, train.param_dtype: bf16");
-  rule(!(t.overlap_optimizer && (c.distributed.ep_size > 1 || c.distributed.zero_stage > 0)), "train.overlap_optimizer",
-       "the overlapped optimizer step is for one process with the replicated optimizer: set distributed.ep_size 1, zero_stage 0");
   rule(t.seq_len > m.num_nextn_predict_layers, "train.seq_len",
        fmt::format("multi-token prediction needs seq_len ({}) > model.num_nextn_predict_layers ({})", t.seq_len,
                    m.num_nextn_predict_layers));

@@ -71,10 +71,6 @@ struct TrainConfig {
   // Capture the step's forward + backward as one CUDA graph and replay it (trainer/cuda_graph.h):
   // device cuda, one process, the replicated optimizer.
   bool cuda_graph = false;
-  // Queue each step's optimizer update on a side stream, stage by stage, beside the next step's
-  // forward, which waits for each layer's update just before it (trainer/optimizer_overlap.h):
-  // device cuda, param_dtype bf16, one process, the replicated optimizer.
-  bool overlap_optimizer = false;
   int64_t eval_every = 100;    // 0: only at the end
   int64_t eval_batches = 8;
   double mtp_loss_weight = 0.3;  // λ of the MTP loss (eq. 25); with num_nextn_predict_layers > 0

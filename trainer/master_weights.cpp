@@ -1,11 +1,8 @@
 #include "trainer/master_weights.h"
 
-#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <unordered_map>
-
-#include "trainer/optimizer_overlap.h"
 
 #ifdef MOETRAIN_WITH_CUDA
 #include "models/kernels/launch.h"
@@ -42,7 +39,7 @@ void cast_params_to_bf16(const std::vector<torch::Tensor>& params) {
     if (p.scalar_type() != torch::kBFloat16) const_cast<torch::Tensor&>(p).set_data(p.data().to(torch::kBFloat16));
 }
 
-bool MasterWeights::fused_step(FusedAdamW& optimizer, OptimizerOverlap* overlap) {
+bool MasterWeights::fused_step(FusedAdamW& optimizer) {
 #ifdef MOETRAIN_WITH_CUDA
   constexpr int64_t kChunk = 65536;  // elements per block (a multiple of 8)
   std::unordered_map<const c10::TensorImpl*, size_t> index;
@@ -61,8 +58,8 @@ bool MasterWeights::fused_step(FusedAdamW& optimizer, OptimizerOverlap* overlap)
   std::vector<torch::Tensor> kept;  // the params' gradients, given back after the step
   for (const auto& p : params_) kept.push_back(p.grad());
   std::vector<kernels::MasterAdamWTensor> table;
-  std::vector<int64_t> stage_of_entry;  // the overlap's stage of each entry (0 without one)
-  std::vector<torch::Tensor> grads;     // contiguous bf16 gradients, alive until the launch
+  std::vector<torch::Tensor> grads;  // contiguous bf16 gradients, alive until the launch
+  int64_t chunks = 0;
   for (auto& group : optimizer.param_groups()) {
     const auto& o = static_cast<const torch::optim::AdamWOptions&>(group.options());
     for (auto& p : group.params()) {
@@ -91,6 +88,7 @@ bool MasterWeights::fused_step(FusedAdamW& optimizer, OptimizerOverlap* overlap)
       e.exp_avg_sq = st.exp_avg_sq().data_ptr();
       e.param = p.data_ptr();
       e.numel = p.numel();
+      e.first_chunk = chunks;
       e.decay = static_cast<float>(1.0 - o.lr() * o.weight_decay());
       e.step_size = static_cast<float>(o.lr() / (1.0 - std::pow(beta1, t)));
       e.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, t)));
@@ -99,70 +97,32 @@ bool MasterWeights::fused_step(FusedAdamW& optimizer, OptimizerOverlap* overlap)
                                aligned(e.param);
       e.vec = !all_aligned ? 1 : e.numel % 8 == 0 ? 8 : e.numel % 4 == 0 ? 4 : 1;
       table.push_back(e);
-      stage_of_entry.push_back(overlap ? overlap->stage_of(p) : 0);
+      chunks += (e.numel + kChunk - 1) / kChunk;
     }
   }
-  // One launch per stage (one without an overlap), over the stage's entries: the table ordered
-  // by stage, first_chunk counted from each stage's start.
-  const int64_t n_stages = overlap ? overlap->stages() : 1;
-  std::vector<size_t> order(table.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return stage_of_entry[a] < stage_of_entry[b]; });
-  std::vector<kernels::MasterAdamWTensor> sorted;
-  std::vector<size_t> stage_begin(static_cast<size_t>(n_stages) + 1, 0);
-  std::vector<int64_t> stage_chunks(static_cast<size_t>(n_stages), 0);
-  for (size_t i : order) {
-    const auto s = static_cast<size_t>(stage_of_entry[i]);
-    kernels::MasterAdamWTensor e = table[i];
-    e.first_chunk = stage_chunks[s];
-    stage_chunks[s] += (e.numel + kChunk - 1) / kChunk;
-    sorted.push_back(e);
-    stage_begin[s + 1] = sorted.size();
-  }
-  for (size_t s = 1; s < stage_begin.size(); ++s) stage_begin[s] = std::max(stage_begin[s], stage_begin[s - 1]);
   const torch::Device device = params_[0].device();
-  torch::Tensor scale = optimizer.pending_grad_scale();
-  if (scale.defined()) scale = scale.to(device, torch::kFloat).contiguous();
-  auto launch = [&] {
-    // the fp32 parameters (norms) take the optimizer's own step first, same clip (it consumes
-    // it); the bf16 ones are hidden from it for that step and keep their gradients afterwards
-    for (auto& p : params_) p.mutable_grad() = torch::Tensor();
-    optimizer.step();
-    for (size_t i = 0; i < params_.size(); ++i) params_[i].mutable_grad() = kept[i];
-    if (sorted.empty()) {
-      for (int64_t s = 0; overlap && s < n_stages; ++s) overlap->finish_stage(s);
-      return;
-    }
+  if (!table.empty()) {
     // the table through pinned memory: an asynchronous copy, no host sync
     const torch::Tensor dev =
-        kernels::upload_table(sorted.data(), sorted.size() * sizeof(kernels::MasterAdamWTensor), device);
-    const auto* entries = reinterpret_cast<const kernels::MasterAdamWTensor*>(dev.data_ptr());
-    for (int64_t s = 0; s < n_stages; ++s) {
-      const size_t b = stage_begin[static_cast<size_t>(s)], e = stage_begin[static_cast<size_t>(s) + 1];
-      if (e > b)
-        kernels::check_kernel_launch(
-            kernels::launch_master_adamw(entries + b, static_cast<int>(e - b), stage_chunks[static_cast<size_t>(s)],
-                                         kChunk, static_cast<float>(beta1), static_cast<float>(beta2),
-                                         static_cast<float>(first.eps()),
-                                         scale.defined() ? scale.data_ptr<float>() : nullptr,
-                                         moment_dtype_ == torch::kBFloat16, kernels::current_stream_of(dev)),
-            "master AdamW");
-      if (overlap) overlap->finish_stage(s);
-    }
-  };
-  if (!overlap) {
-    launch();
-  } else {
-    std::vector<torch::Tensor> used = grads;  // read on the side stream
-    used.push_back(scale);
-    for (const auto& group : optimizer.param_groups())  // the fp32 norms' gradients
-      for (const auto& p : group.params())
-        if (p.grad().defined()) used.push_back(p.grad());
-    overlap->update(used, launch);
+        kernels::upload_table(table.data(), table.size() * sizeof(kernels::MasterAdamWTensor), device);
+    torch::Tensor scale = optimizer.pending_grad_scale();
+    if (scale.defined()) scale = scale.to(device, torch::kFloat).contiguous();
+    kernels::check_kernel_launch(
+        kernels::launch_master_adamw(reinterpret_cast<const kernels::MasterAdamWTensor*>(dev.data_ptr()),
+                                     static_cast<int>(table.size()), chunks, kChunk, static_cast<float>(beta1),
+                                     static_cast<float>(beta2), static_cast<float>(first.eps()),
+                                     scale.defined() ? scale.data_ptr<float>() : nullptr,
+                                     moment_dtype_ == torch::kBFloat16, kernels::current_stream_of(dev)),
+        "master AdamW");
   }
+  // the fp32 parameters (norms) take the optimizer's own step, same clip (it consumes it);
+  // the bf16 ones are hidden from it for that step and keep their gradients afterwards
+  for (auto& p : params_) p.mutable_grad() = torch::Tensor();
+  optimizer.step();
+  for (size_t i = 0; i < params_.size(); ++i) params_[i].mutable_grad() = kept[i];
   return true;
 #else
-  (void)optimizer, (void)overlap;
+  (void)optimizer;
   return false;
 #endif
 }
@@ -198,9 +158,9 @@ int64_t MasterWeights::bytes() const {
   return b;
 }
 
-void MasterWeights::step(FusedAdamW& optimizer, bool fused, OptimizerOverlap* overlap) {
+void MasterWeights::step(FusedAdamW& optimizer, bool fused) {
   torch::NoGradGuard no_grad;
-  if (fused && fused_step(optimizer, overlap)) return;
+  if (fused && fused_step(optimizer)) return;
   // fp32 copies of the gradients (peak: +4 bytes a parameter)
   std::vector<torch::Tensor> kept(params_.size()), grads32(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) {

@@ -33,8 +33,6 @@
 
 namespace moetrain {
 
-class OptimizerOverlap;
-
 // For a scope, `params[i]` holds the data of `with[i]` (same shape; any dtype); the previous
 // data comes back on destruction. Gradients are left alone.
 class ParamSwap {
@@ -75,9 +73,7 @@ class MasterWeights {
   // step. The reference twin (CPU, or fused = false): the params hold the masters and fp32
   // copies of their gradients (and bf16 moments fp32 copies, rounded back after) while
   // optimizer.step() runs.
-  // overlap (train.overlap_optimizer, fused only): the update queued on its side stream, one
-  // launch per model stage, each stage's event recorded after it (trainer/optimizer_overlap.h).
-  void step(FusedAdamW& optimizer, bool fused = true, OptimizerOverlap* overlap = nullptr);
+  void step(FusedAdamW& optimizer, bool fused = true);
 
   // The params hold their fp32 masters while the result lives (checkpoint saves).
   std::unique_ptr<ParamSwap> expose() const { return std::make_unique<ParamSwap>(params_, masters_); }
@@ -87,7 +83,7 @@ class MasterWeights {
 
  private:
   // The fused step; false (nothing done) where it does not apply.
-  bool fused_step(FusedAdamW& optimizer, OptimizerOverlap* overlap);
+  bool fused_step(FusedAdamW& optimizer);
   // The existing moments of params_ in `dtype` (a no-op for those already in it).
   void store_moments_as(FusedAdamW& optimizer, torch::ScalarType dtype) const;
 

@@ -30,7 +30,6 @@
 #include "trainer/expert_parallel.h"
 #include "trainer/grad_reducer.h"
 #include "trainer/metrics.h"
-#include "trainer/optimizer_overlap.h"
 #include "trainer/optim.h"
 #include "trainer/train_step.h"
 #include "trainer/zero.h"
@@ -187,21 +186,8 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   // train.param_dtype bf16: the matrices become bf16, their fp32 masters go to the optimizer
   // (trainer/master_weights.h) — after the resume, which loads fp32 weights
   built.use_bf16_weights(*model);
-  // train.overlap_optimizer: each update queued beside the next forward, which waits for each
-  // layer's part (trainer/optimizer_overlap.h); before anything else reads the parameters
-  // (evaluation, checkpoints, the sample) the trainer joins it
-  std::unique_ptr<OptimizerOverlap> overlap;
-  if (tc.overlap_optimizer) {
-    if (world > 1) throw std::runtime_error("train.overlap_optimizer: one process only (world size 1)");
-    overlap = std::make_unique<OptimizerOverlap>(*model);
-  }
-  auto join_update = [&] {
-    if (overlap) overlap->join();
-  };
-
   int64_t last_saved_step = result.resumed_step;
   auto save_now = [&](int64_t steps_done) {
-    join_update();
     TrainingState st{steps_done, loader.state(), result.skipped_steps, consecutive_skips, spikes.recent()};
     const auto fp32_weights = built.expose_fp32_weights();  // checkpoints hold the fp32 masters
     if (zero) {  // every rank writes its optimizer shard; rank 0 the rest and the commit
@@ -244,7 +230,6 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   auto log_window_start = Clock::now();
   int64_t log_window_tokens = 0;
   auto run_eval = [&](int64_t step) {
-    join_update();
     EvalResult e = evaluate(model, loader, cfg, device);
     result.val_loss = e.loss;
     result.val_ppl = std::exp(e.loss);
@@ -354,7 +339,7 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
         zero_opt->step();  // the shard's AdamW, then all-gather of the parameters
       } else {
         if (std::isfinite(max_norm)) optimizer->clip_next_step(norm, max_norm);
-        built.step_replicated(overlap.get());
+        built.step_replicated();
       }
       balancer.after_step(step + 1, (step + 1) * tokens_per_step);
     }
@@ -408,7 +393,6 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
       return result;
     }
   }
-  join_update();
   if (last_saved_step != result.steps) save_now(result.steps);
   run_eval(result.steps);
 

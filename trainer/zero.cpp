@@ -404,10 +404,9 @@ void ModelOptimizer::use_bf16_weights(torch::nn::Module& model) {
     masters = std::make_unique<MasterWeights>(bf16_weight_params(model), moment_dtype);
 }
 
-void ModelOptimizer::step_replicated(OptimizerOverlap* overlap) {
-  TORCH_CHECK(!overlap || masters, "train.overlap_optimizer: needs train.param_dtype: bf16 (the fused master step)");
+void ModelOptimizer::step_replicated() {
   if (masters)
-    masters->step(*replicated, /*fused=*/true, overlap);
+    masters->step(*replicated);
   else
     replicated->step();
 }

@@ -157,9 +157,8 @@ struct ModelOptimizer {
   torch::ScalarType moment_dtype = torch::kFloat;  // optim.moment_dtype (the masters' moments)
 
   void use_bf16_weights(torch::nn::Module& model);
-  // The replicated optimizer's step (on the masters when the weights are bf16); overlap: queued
-  // beside the next forward (bf16 weights on CUDA; trainer/optimizer_overlap.h).
-  void step_replicated(OptimizerOverlap* overlap = nullptr);
+  // The replicated optimizer's step (on the masters when the weights are bf16).
+  void step_replicated();
   // The parameters hold fp32 weights while the result lives (checkpoint saves; collective
   // under ZeRO-1); null when they are fp32 already.
   std::unique_ptr<ParamSwap> expose_fp32_weights();
