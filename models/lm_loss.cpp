@@ -93,13 +93,15 @@ struct ChunkedLinearCrossEntropy : torch::autograd::Function<ChunkedLinearCrossE
     for (int64_t start = 0; start < N; start += chunk) {
       const int64_t n = std::min(chunk, N - start);
       const torch::Tensor h = h_mm.narrow(0, start, n), t = targets.narrow(0, start, n);
-      const torch::Tensor logits = mm_in(h, w_mm.t(), logits_dtype);  // [n, V]
+      torch::Tensor logits = mm_in(h, w_mm.t(), logits_dtype);  // [n, V]
       if (fused) {
         torch::Tensor loss_rows = row_loss.narrow(0, start, n), lse_rows = lse.narrow(0, start, n);
-        cross_entropy_rows_fused(logits, t, ignore_index, loss_rows, lse_rows);
-        if (grads_now) {
-          const torch::Tensor g_low = cross_entropy_grad_fused(logits, lse_rows, t, inv_n_valid, ignore_index, mm);
+        if (grads_now) {  // one kernel, one read of the logits (the gradient over them when bf16)
+          const torch::Tensor g_low =
+              cross_entropy_rows_and_grad_fused(logits, t, inv_n_valid, ignore_index, loss_rows, lse_rows, mm);
           head_chunk_grads(g_low, h, w_mm, grad_hidden.narrow(0, start, n), grad_weight, mm, acc);
+        } else {
+          cross_entropy_rows_fused(logits, t, ignore_index, loss_rows, lse_rows);
         }
       } else {
         loss_sum += torch::nn::functional::cross_entropy(

@@ -1,6 +1,7 @@
 #include "models/moe.h"
 
 #include "models/autocast.h"
+#include "models/kernels/fan_out.h"
 #include "models/kernels/moe_permute.h"
 #include "models/kernels/swiglu.h"
 
@@ -96,13 +97,15 @@ void MoEImpl::shard_experts(std::shared_ptr<ExpertDispatcher> d) {
 }
 
 MoEOutput MoEImpl::forward(const torch::Tensor& x) {
-  const torch::Tensor flat = x.reshape({-1, x.size(-1)});  // [N, D]
+  // [N, D], read by the router, the shared and the routed experts: one node sums its three
+  // gradients in one pass (models/kernels/fan_out.h)
+  const auto [to_router, to_shared, to_routed] = fan_out3(x.reshape({-1, x.size(-1)}));
   MoEOutput out;
-  out.routing = gate(flat);
+  out.routing = gate(to_router);
   if (x.dim() == 3) out.routing.seq_len = x.size(1);
   // the shared experts' output rides into the routed sum's kernel (no separate [N, D] add)
-  const torch::Tensor shared = shared_experts ? shared_experts(flat) : torch::Tensor();
-  const torch::Tensor y = moe_routed_experts(*experts, flat, out.routing.topk_idx, out.routing.topk_weight,
+  const torch::Tensor shared = shared_experts ? shared_experts(to_shared) : torch::Tensor();
+  const torch::Tensor y = moe_routed_experts(*experts, to_routed, out.routing.topk_idx, out.routing.topk_weight,
                                              out.routing.counts, dispatcher.get(), shared);
   out.y = y.view(x.sizes());
   return out;

@@ -12,6 +12,7 @@
 #include <ATen/ops/_grouped_mm.h>
 
 #include "models/kernels/cross_entropy.h"
+#include "models/kernels/fan_out.h"
 #include "models/kernels/grouped_wgrad.h"
 #include "models/kernels/mla_rope.h"
 #include "models/kernels/moe_permute.h"
@@ -437,8 +438,50 @@ TEST(KernelsCuda, CrossEntropyMatchesReference) {
         const double tol = dtype == torch::kFloat32 ? 1e-6 : 4e-3;  // absolute; |g| <= 0.37
         EXPECT_LT((g.to(torch::kFloat) - ref).abs().max().item<double>(), tol)
             << V << " " << logits_dtype << " " << dtype;
+        // the one-kernel twin: the same loss, lse and gradient bits as the two kernels; with
+        // the gradient's dtype equal to the logits' it is written over them
+        torch::Tensor logits_copy = logits_in.clone();
+        torch::Tensor loss1 = torch::empty({n}, opts), lse1 = torch::empty({n}, opts);
+        const auto g1 = cross_entropy_rows_and_grad_fused(logits_copy, targets, scale, ignore, loss1, lse1, dtype);
+        EXPECT_TRUE(torch::equal(loss1, loss)) << V << " " << logits_dtype << " " << dtype;
+        EXPECT_TRUE(torch::equal(lse1, lse)) << V << " " << logits_dtype << " " << dtype;
+        EXPECT_TRUE(torch::equal(g1, g)) << V << " " << logits_dtype << " " << dtype;
+        EXPECT_EQ(g1.data_ptr() == logits_copy.data_ptr(), dtype == logits_dtype) << V << " " << logits_dtype;
       }
     }
+}
+
+TEST(KernelsCuda, FanOutSumsItsBranchesGradients) {
+  // x read by three branches through fan_out3 (one node, one three-way sum kernel) against x
+  // read three times (autograd's adds): fp32 and bf16, a size off the 8-element grid, and a
+  // branch that takes no part in the loss (its gradient undefined, not zeros)
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  ASSERT_TRUE(fused_kernels_available()) << "built without MOETRAIN_CUDA";
+  auto opts = torch::TensorOptions().device(torch::kCUDA);
+  for (auto dtype : {torch::kFloat32, torch::kBFloat16})
+    for (int64_t branches : {3, 2}) {
+      torch::manual_seed(8);
+      const auto x0 = torch::randn({37, 13}, opts).to(dtype);
+      const auto w = torch::randn({3, 37, 13}, opts).to(dtype);
+      auto loss_of = [&](const std::array<torch::Tensor, 3>& o) {
+        torch::Tensor loss = (o[0] * w[0]).sum() + (o[1].sin() * w[1]).sum();
+        if (branches == 3) loss = loss + (o[2] * o[2] * w[2]).sum();
+        return loss;
+      };
+      auto x = x0.clone().requires_grad_(true), x_ref = x0.clone().requires_grad_(true);
+      const auto outs = fan_out3(x);
+      EXPECT_NE(outs[0].grad_fn(), nullptr);
+      loss_of(outs).backward();
+      loss_of({x_ref, x_ref, x_ref}).backward();
+      const double tol = dtype == torch::kFloat32 ? 1e-6 : 1e-2;  // bf16: one rounding against two
+      EXPECT_LT((x.grad().to(torch::kFloat) - x_ref.grad().to(torch::kFloat)).abs().max().item<double>(),
+                tol * x_ref.grad().abs().max().item<double>())
+          << dtype << " " << branches;
+    }
+  // the sum itself: bit-equal to fp32 adds for fp32 tensors with the vector path's tail
+  const auto a = torch::randn({1003}, opts), b = torch::randn({1003}, opts), c = torch::randn({1003}, opts);
+  EXPECT_TRUE(torch::allclose(sum_gradients({a, b, c}), a + b + c, 0, 1e-6));
+  EXPECT_TRUE(torch::equal(sum_gradients({a, torch::Tensor(), c}), a + c));
 }
 
 TEST(KernelsCuda, GradNormKernelMatchesForeachNorm) {

@@ -65,4 +65,33 @@ torch::Tensor cross_entropy_grad_fused(const torch::Tensor& logits, const torch:
 #endif
 }
 
+torch::Tensor cross_entropy_rows_and_grad_fused(torch::Tensor& logits, const torch::Tensor& targets,
+                                                const torch::Tensor& scale, int64_t ignore_index, torch::Tensor& loss,
+                                                torch::Tensor& lse, torch::ScalarType grad_dtype) {
+  if (!cross_entropy_kernel_ok(logits) || (grad_dtype != torch::kFloat && grad_dtype != torch::kBFloat16))
+    throw std::invalid_argument("cross_entropy_rows_and_grad_fused: contiguous fp32 or bf16 CUDA logits, fp32/bf16 gradient");
+#ifdef MOETRAIN_WITH_CUDA
+  const int64_t n = logits.size(0);
+  TORCH_CHECK(targets.numel() == n && targets.scalar_type() == torch::kLong && targets.is_contiguous(),
+              "cross_entropy_rows_and_grad_fused: targets must be [n] contiguous int64");
+  TORCH_CHECK(loss.numel() == n && lse.numel() == n && loss.is_contiguous() && lse.is_contiguous() &&
+                  loss.scalar_type() == torch::kFloat && lse.scalar_type() == torch::kFloat,
+              "cross_entropy_rows_and_grad_fused: loss and lse must be [n] contiguous fp32");
+  const torch::Tensor k = scale.to(logits.device(), torch::kFloat).contiguous();
+  TORCH_CHECK(k.numel() == 1, "cross_entropy_rows_and_grad_fused: scale must have one element");
+  torch::Tensor grad = logits.scalar_type() == grad_dtype ? logits : torch::empty(logits.sizes(), logits.options().dtype(grad_dtype));
+  kernels::check_kernel_launch(
+      kernels::launch_cross_entropy_forward_grad(logits.data_ptr(), kernels::kernel_dtype_code(logits),
+                                                 targets.data_ptr<int64_t>(), k.data_ptr<float>(), n, logits.size(1),
+                                                 ignore_index, loss.data_ptr<float>(), lse.data_ptr<float>(),
+                                                 grad.data_ptr(), kernels::kernel_dtype_code(grad_dtype),
+                                                 kernels::current_stream_of(logits)),
+      "cross-entropy forward + gradient");
+  return grad;
+#else
+  (void)targets, (void)scale, (void)ignore_index, (void)loss, (void)lse;
+  return {};
+#endif
+}
+
 }  // namespace moetrain

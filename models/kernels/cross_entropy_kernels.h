@@ -1,4 +1,5 @@
-// defines: launch_cross_entropy_forward, launch_cross_entropy_backward — raw CUDA launchers of
+// defines: launch_cross_entropy_forward, launch_cross_entropy_backward,
+// launch_cross_entropy_forward_grad — raw CUDA launchers of
 // the LM head's fused cross-entropy over fp32 or bf16 logits rows (no torch headers). Called only from
 // models/kernels/cross_entropy.cpp.
 #pragma once
@@ -19,5 +20,11 @@ int launch_cross_entropy_forward(const void* logits, int logits_dtype, const int
 int launch_cross_entropy_backward(const void* logits, int logits_dtype, const float* lse, const int64_t* targets,
                                   const float* scale, int64_t n, int64_t V, int64_t ignore_index, void* grad,
                                   int grad_dtype, void* stream);
+
+// Both in one kernel: loss and lse as the forward, grad as the backward from the same read of
+// each row (the gradient's read hits the caches). grad may be logits itself (same dtype).
+int launch_cross_entropy_forward_grad(const void* logits, int logits_dtype, const int64_t* targets, const float* scale,
+                                      int64_t n, int64_t V, int64_t ignore_index, float* loss, float* lse, void* grad,
+                                      int grad_dtype, void* stream);
 
 }  // namespace moetrain::kernels

@@ -62,7 +62,11 @@ std::pair<torch::Tensor, torch::Tensor> norm_backward(const torch::Tensor& x, co
                           partial.data_ptr<float>(), &partial_rows, rows, dim, kernel_dtype_code(x),
                           kernel_dtype_code(out_dtype), current_stream_of(x)),
                       "rms_norm backward");
-  return {grad_x, partial.narrow(0, 0, partial_rows).sum(0)};
+  torch::Tensor grad_w = torch::empty({dim}, x.options().dtype(torch::kFloat));
+  check_kernel_launch(kernels::launch_column_sum(partial.data_ptr<float>(), partial_rows, dim, grad_w.data_ptr<float>(),
+                                                 current_stream_of(x)),
+                      "rms_norm weight gradient");
+  return {grad_x, grad_w};
 }
 
 struct RMSNormFunction : torch::autograd::Function<RMSNormFunction> {

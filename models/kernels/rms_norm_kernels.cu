@@ -176,7 +176,39 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kBackwardBlocksPerSM<VECS
   }
 }
 
+// The weight gradient from the backward's partial rows: [rows, dim] fp32 -> [dim]. A block owns
+// 32 columns; its 16 warps stride the rows (each warp reads 128 contiguous bytes a row), then
+// one warp adds the 16 sums in a fixed order (deterministic). ATen's sum(0) over the same
+// [264, 1024] buffer took ≈ 9 µs a call, 49 calls a bench-1b step (bench/NOTES.md 51).
+constexpr int kColumnSumRows = 16;
+__global__ void __launch_bounds__(32 * kColumnSumRows)
+    column_sum_kernel(const float* __restrict__ in, int64_t rows, int64_t dim, float* __restrict__ out) {
+  __shared__ float part[kColumnSumRows][33];
+  const int64_t c = blockIdx.x * 32 + threadIdx.x;
+  float s = 0.f;
+  if (c < dim) {
+#pragma unroll 4
+    for (int64_t r = threadIdx.y; r < rows; r += kColumnSumRows) s += in[r * dim + c];
+  }
+  part[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < dim) {
+    float t = 0.f;
+#pragma unroll
+    for (int w = 0; w < kColumnSumRows; ++w) t += part[w][threadIdx.x];
+    out[c] = t;
+  }
+}
+
 }  // namespace
+
+int launch_column_sum(const float* in, int64_t rows, int64_t dim, float* out, void* stream) {
+  if (dim == 0) return 0;
+  const dim3 block(32, kColumnSumRows);
+  const auto blocks = static_cast<unsigned>((dim + 31) / 32);
+  column_sum_kernel<<<blocks, block, 0, static_cast<cudaStream_t>(stream)>>>(in, rows, dim, out);
+  return static_cast<int>(cudaGetLastError());
+}
 
 int64_t rms_norm_backward_partials(int64_t rows) {
   const int64_t blocks = grid_for(rows, kWarpsPerBlock, kMaxBackwardWarps / kWarpsPerBlock);

@@ -26,5 +26,8 @@ int launch_rms_norm_backward(const void* x, int64_t x_stride, const float* weigh
                              int64_t* partial_rows_written, int64_t rows, int64_t dim, int x_dtype, int out_dtype,
                              void* stream);
 int64_t rms_norm_backward_partials(int64_t rows);
+// out[c] = Σ_r in[r, c] for in: [rows, dim] fp32 contiguous (the backward's weight-gradient
+// partials), out: [dim] fp32; the order of the additions is fixed (deterministic).
+int launch_column_sum(const float* in, int64_t rows, int64_t dim, float* out, void* stream);
 
 }  // namespace moetrain::kernels
