@@ -41,8 +41,9 @@ double max_rel_err(const torch::Tensor& a, const torch::Tensor& b, double atol) 
 
 TEST(KernelsCuda, SwigluPackedMatchesReference) {
   ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
-  // F = 256: four columns per access; F = 257: one (odd width, unaligned up half)
-  for (int64_t f : {256, 257}) {
+  // F = 256: eight columns per access in bf16, four in fp32; F = 260: four (not a multiple of
+  // eight); F = 257: one (odd width, unaligned up half)
+  for (int64_t f : {256, 260, 257}) {
     for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
       torch::manual_seed(0);
       auto opts = torch::TensorOptions().device(torch::kCUDA).dtype(dtype);

@@ -2,6 +2,8 @@
 // saved intermediate). Math in fp32 whatever the storage type.
 #include "models/kernels/swiglu_kernels.h"
 
+#include <type_traits>
+
 #include "models/kernels/cuda_common.cuh"
 
 namespace moetrain::kernels {
@@ -19,42 +21,42 @@ __device__ __forceinline__ void silu_mul_grad(float g, float u, float go, float&
 
 // Packed: gu [rows, 2·cols] holds the gate in columns [0, cols) and the up projection in
 // [cols, 2·cols) of each row (one GEMM against [w1; w3]); out / grad_out [rows, cols];
-// grad_gu like gu. Work item i covers four columns (vec) or one; Index is 32-bit whenever
+// grad_gu like gu. Work item i covers W columns: 8 of bf16 (16-byte accesses; the backward
+// ran at ≈ 2.6 TB/s with 8-byte ones, bench/NOTES.md 53), 4, or 1. Index is 32-bit whenever
 // the item count fits, so the row split costs no 64-bit division (cf. the RoPE kernels).
-template <class T, class Index>
-__global__ void swiglu_packed_forward_kernel(const T* __restrict__ gu, T* __restrict__ out, Index rows, Index cols,
-                                             bool vec) {
-  const Index w = vec ? 4 : 1, per_row = cols / w, items = rows * per_row;
+template <class T, class Index, int W>
+__global__ void swiglu_packed_forward_kernel(const T* __restrict__ gu, T* __restrict__ out, Index rows, Index cols) {
+  const Index per_row = cols / W, items = rows * per_row;
   for (Index i = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; i < items;
        i += static_cast<Index>(gridDim.x) * blockDim.x) {
-    const Index r = i / per_row, c = (i - r * per_row) * w;
+    const Index r = i / per_row, c = (i - r * per_row) * W;
     const T* g = gu + static_cast<int64_t>(r) * 2 * cols + c;
     T* o = out + static_cast<int64_t>(r) * cols + c;
-    if (vec) {
-      const Float4 gv = load4(g), uv = load4(g + cols);
-      Float4 ov;
-      for (int j = 0; j < 4; ++j) ov.v[j] = silu_mul(gv.v[j], uv.v[j]);
-      store4(o, ov);
+    if constexpr (W > 1) {
+      const auto gv = load_vec<W>(g), uv = load_vec<W>(g + cols);
+      auto ov = gv;
+      for (int j = 0; j < W; ++j) ov.v[j] = silu_mul(gv.v[j], uv.v[j]);
+      store_vec<W>(o, ov);
     } else {
       *o = from_float<T>(silu_mul(to_float(g[0]), to_float(g[cols])));
     }
   }
 }
 
-template <class T, class Index>
+template <class T, class Index, int W>
 __global__ void swiglu_packed_backward_kernel(const T* __restrict__ gu, const T* __restrict__ grad_out,
-                                              T* __restrict__ grad_gu, Index rows, Index cols, bool vec) {
-  const Index w = vec ? 4 : 1, per_row = cols / w, items = rows * per_row;
+                                              T* __restrict__ grad_gu, Index rows, Index cols) {
+  const Index per_row = cols / W, items = rows * per_row;
   for (Index i = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; i < items;
        i += static_cast<Index>(gridDim.x) * blockDim.x) {
-    const Index r = i / per_row, c = (i - r * per_row) * w;
+    const Index r = i / per_row, c = (i - r * per_row) * W;
     const int64_t in = static_cast<int64_t>(r) * 2 * cols + c, o = static_cast<int64_t>(r) * cols + c;
-    if (vec) {
-      const Float4 gv = load4(gu + in), uv = load4(gu + in + cols), go = load4(grad_out + o);
-      Float4 dg, du;
-      for (int j = 0; j < 4; ++j) silu_mul_grad(gv.v[j], uv.v[j], go.v[j], dg.v[j], du.v[j]);
-      store4(grad_gu + in, dg);
-      store4(grad_gu + in + cols, du);
+    if constexpr (W > 1) {
+      const auto gv = load_vec<W>(gu + in), uv = load_vec<W>(gu + in + cols), go = load_vec<W>(grad_out + o);
+      auto dg = gv, du = uv;
+      for (int j = 0; j < W; ++j) silu_mul_grad(gv.v[j], uv.v[j], go.v[j], dg.v[j], du.v[j]);
+      store_vec<W>(grad_gu + in, dg);
+      store_vec<W>(grad_gu + in + cols, du);
     } else {
       float dg, du;
       silu_mul_grad(to_float(gu[in]), to_float(gu[in + cols]), to_float(grad_out[o]), dg, du);
@@ -63,10 +65,6 @@ __global__ void swiglu_packed_backward_kernel(const T* __restrict__ gu, const T*
     }
   }
 }
-
-}  // namespace
-
-namespace {
 
 // Runs f(Index{}) with a 32-bit index type when `items` fits, else 64-bit.
 template <class F>
@@ -78,22 +76,39 @@ void with_index_type(int64_t items, F&& f) {
   }
 }
 
+// Columns a work item covers: 8 for bf16 (16 bytes), 4 for fp32 (16 bytes) or bf16 (8), else 1.
+template <class T>
+int swiglu_width(int64_t cols, bool aligned) {
+  if (!aligned) return 1;
+  if (sizeof(T) == 2 && cols % 8 == 0) return 8;
+  return cols % 4 == 0 ? 4 : 1;
+}
+
+// Runs launch(T{}, Index{}, std::integral_constant<int, W>{}) for the dtype, the index type and
+// the width that fit.
+template <class F>
+void dispatch_swiglu(int dtype, int64_t rows, int64_t cols, bool aligned, F&& launch) {
+  MOETRAIN_DISPATCH_DTYPE(dtype, T, {
+    const int w = swiglu_width<T>(cols, aligned);
+    with_index_type(rows * (cols / w), [&](auto index) {
+      if (w == 8) launch(T{}, index, std::integral_constant<int, 8>{});
+      else if (w == 4) launch(T{}, index, std::integral_constant<int, 4>{});
+      else launch(T{}, index, std::integral_constant<int, 1>{});
+    });
+  })
+}
+
 }  // namespace
 
 int launch_swiglu_packed_forward(const void* gu, void* out, int64_t rows, int64_t cols, int dtype, void* stream) {
   constexpr int kBlock = 256;
   auto s = static_cast<cudaStream_t>(stream);
-  const bool vec = cols % 4 == 0 && aligned16(gu, out);
-  const int64_t items = rows * (vec ? cols / 4 : cols);
-  with_index_type(items, [&](auto index) {
+  dispatch_swiglu(dtype, rows, cols, aligned16(gu, out), [&](auto t, auto index, auto width) {
+    using T = decltype(t);
     using Index = decltype(index);
-    if (dtype == 0) {
-      swiglu_packed_forward_kernel<float, Index><<<grid_for(items, kBlock), kBlock, 0, s>>>(
-          static_cast<const float*>(gu), static_cast<float*>(out), rows, cols, vec);
-    } else {
-      swiglu_packed_forward_kernel<__nv_bfloat16, Index><<<grid_for(items, kBlock), kBlock, 0, s>>>(
-          static_cast<const __nv_bfloat16*>(gu), static_cast<__nv_bfloat16*>(out), rows, cols, vec);
-    }
+    constexpr int W = decltype(width)::value;
+    swiglu_packed_forward_kernel<T, Index, W><<<grid_for(rows * (cols / W), kBlock), kBlock, 0, s>>>(
+        static_cast<const T*>(gu), static_cast<T*>(out), static_cast<Index>(rows), static_cast<Index>(cols));
   });
   return static_cast<int>(cudaGetLastError());
 }
@@ -102,19 +117,13 @@ int launch_swiglu_packed_backward(const void* gu, const void* grad_out, void* gr
                                   int dtype, void* stream) {
   constexpr int kBlock = 256;
   auto s = static_cast<cudaStream_t>(stream);
-  const bool vec = cols % 4 == 0 && aligned16(gu, grad_out, grad_gu);
-  const int64_t items = rows * (vec ? cols / 4 : cols);
-  with_index_type(items, [&](auto index) {
+  dispatch_swiglu(dtype, rows, cols, aligned16(gu, grad_out, grad_gu), [&](auto t, auto index, auto width) {
+    using T = decltype(t);
     using Index = decltype(index);
-    if (dtype == 0) {
-      swiglu_packed_backward_kernel<float, Index><<<grid_for(items, kBlock), kBlock, 0, s>>>(
-          static_cast<const float*>(gu), static_cast<const float*>(grad_out), static_cast<float*>(grad_gu), rows,
-          cols, vec);
-    } else {
-      swiglu_packed_backward_kernel<__nv_bfloat16, Index><<<grid_for(items, kBlock), kBlock, 0, s>>>(
-          static_cast<const __nv_bfloat16*>(gu), static_cast<const __nv_bfloat16*>(grad_out),
-          static_cast<__nv_bfloat16*>(grad_gu), rows, cols, vec);
-    }
+    constexpr int W = decltype(width)::value;
+    swiglu_packed_backward_kernel<T, Index, W><<<grid_for(rows * (cols / W), kBlock), kBlock, 0, s>>>(
+        static_cast<const T*>(gu), static_cast<const T*>(grad_out), static_cast<T*>(grad_gu),
+        static_cast<Index>(rows), static_cast<Index>(cols));
   });
   return static_cast<int>(cudaGetLastError());
 }
