@@ -94,6 +94,8 @@ const BadCase kBadCases[] = {
      {"train.logits_dtype: bf16 logits come from the bf16 head GEMM"}},
     {"logits_dtype_unknown", {{"main.yaml", "train:\n  logits_dtype: fp8\n"}}, {},
      {"main.yaml:2:17: train.logits_dtype: expected one of fp32|bf16, found 'fp8'"}},
+    {"split_masters_fp32_weights", {{"main.yaml", "optim:\n  master_storage: split\n"}}, {},
+     {"optim.master_storage: split masters are for bf16-stored weights with the replicated optimizer"}},
     {"cuda_graph_zero", {{"main.yaml", "train:\n  device: cuda\n  cuda_graph: true\ndistributed:\n  zero_stage: 1\n"}}, {},
      {"train.cuda_graph: CUDA graphs are for one process with the replicated optimizer"}},
 };

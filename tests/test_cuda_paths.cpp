@@ -338,7 +338,9 @@ TEST(FusedAdamWCuda, FollowsAdamWReference) {
 // parameter without a gradient in the first step, and the clip on every other step.
 // moments: fp32, or bf16 (optim.moment_dtype; both sides round the same fp32 values, which
 // fp32 reassociation can move by an ulp: a rounding may differ in a few elements).
-void fused_master_adamw_matches_the_swap_reference(torch::ScalarType moments) {
+// split: the fused kernel on split masters (optim.master_storage: split) against the fp32-master
+// reference.
+void fused_master_adamw_matches_the_swap_reference(torch::ScalarType moments, bool split = false) {
   ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
   const double moment_tol = moments == torch::kFloat ? 1e-6 : 1e-3;
   struct Net : torch::nn::Module {
@@ -353,7 +355,7 @@ void fused_master_adamw_matches_the_swap_reference(torch::ScalarType moments) {
     }
   };
   Net fast, ref;
-  MasterWeights fast_m(bf16_weight_params(fast), moments), ref_m(bf16_weight_params(ref), moments);
+  MasterWeights fast_m(bf16_weight_params(fast), moments, split), ref_m(bf16_weight_params(ref), moments);
   OptimConfig cfg;
   cfg.lr = 1e-2;
   cfg.weight_decay = 0.1;
@@ -395,6 +397,11 @@ TEST(MasterAdamWCuda, FusedKernelMatchesTheSwapReference) {
 
 TEST(MasterAdamWCuda, Bf16MomentsFusedKernelMatchesTheSwapReference) {
   fused_master_adamw_matches_the_swap_reference(torch::kBFloat16);
+}
+
+TEST(MasterAdamWCuda, SplitMastersFusedKernelMatchesTheSwapReference) {
+  fused_master_adamw_matches_the_swap_reference(torch::kBFloat16, /*split=*/true);
+  fused_master_adamw_matches_the_swap_reference(torch::kFloat, /*split=*/true);
 }
 
 }  // namespace

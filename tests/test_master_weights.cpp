@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 
 #include "io/safetensors.h"
+#include "models/kernels/master_adamw_kernels.h"
 #include "models/transformer.h"
 #include "test_paths.h"
 #include "test_util.h"
@@ -124,6 +125,83 @@ TEST(MasterWeights, StepsLikeAdamWOnFp32Copies) {
   const auto& st = static_cast<torch::optim::AdamWParamState&>(*opt->state().at(toy.w1.unsafeGetTensorImpl()));
   EXPECT_EQ(st.exp_avg().scalar_type(), torch::kFloat);
   EXPECT_EQ(st.step(), 5);
+}
+
+// optim.master_storage split: the fp32 master as its bf16 weight (round to nearest even) and
+// an int16 remainder. Exact for every value but the exact ties rounded down (stored one ulp
+// lower, still rounding to the same weight): random values over 2⁻¹³⁰..2¹²⁰, ±0, subnormals,
+// ties both ways, values rounding up across a power of two. The ATen codec agrees with the
+// kernel's (master_adamw_kernels.h) bit for bit.
+TEST(MasterWeights, SplitMasterRemainderJoinsBackExactly) {
+  torch::manual_seed(9);
+  std::vector<uint32_t> bits;
+  const torch::Tensor random = torch::randint(0, 1LL << 32, {20000}, torch::kLong);
+  for (int64_t i = 0; i < random.numel(); ++i) {
+    const auto b = static_cast<uint32_t>(random[i].item<int64_t>());
+    if (((b >> 23) & 0xff) < 0xf8) bits.push_back(b);  // finite, below 2¹²⁰ (no bf16 overflow)
+  }
+  for (uint32_t sign : {0u, 0x80000000u}) {
+    for (uint32_t b : {0x00000000u, 0x00000001u, 0x007fffffu, 0x3f800000u, 0x3f808000u, 0x3f818000u, 0x3f7fffffu,
+                       0x3f7f8000u, 0x3f7f8001u, 0x3f80ffffu, 0x40ff8000u})
+      bits.push_back(b | sign);
+  }
+  const auto n = static_cast<int64_t>(bits.size());
+  torch::Tensor as_int = torch::empty({n}, torch::kInt32);
+  for (int64_t i = 0; i < n; ++i) as_int[i] = static_cast<int32_t>(bits[static_cast<size_t>(i)]);
+  const torch::Tensor m = as_int.view(torch::kFloat);
+  const torch::Tensor w = m.to(torch::kBFloat16);
+  const torch::Tensor lo = split_master_remainder(m);
+  ASSERT_EQ(lo.scalar_type(), torch::kInt16);
+  const torch::Tensor joined = join_split_master(w, lo);
+  int64_t ties_down = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t b = bits[static_cast<size_t>(i)];
+    const auto w_bits = static_cast<uint16_t>(w.view(torch::kInt16)[i].item<int16_t>());
+    const auto l = lo[i].item<int16_t>();
+    EXPECT_EQ(l, kernels::split_master_lo(b, w_bits)) << std::hex << b;
+    const auto got = static_cast<uint32_t>(joined.view(torch::kInt32)[i].item<int32_t>());
+    EXPECT_EQ(got, kernels::join_master_bits(w_bits, l)) << std::hex << b;
+    const bool tie_down = b - (static_cast<uint32_t>(w_bits) << 16) == 0x8000u;
+    ties_down += tie_down;
+    EXPECT_EQ(got, tie_down ? b - 1 : b) << std::hex << b;  // exact, or one ulp lower at a tie
+    // the joined master rounds to the same weight
+    EXPECT_EQ(joined[i].to(torch::kBFloat16).view(torch::kInt16).item<int16_t>(), static_cast<int16_t>(w_bits));
+  }
+  EXPECT_GE(ties_down, 2);  // 0x3f808000 and its negative: 1.0 + half an ulp rounds to even 1.0
+}
+
+// A split-master run steps like an fp32-master run: the same weights and masters after five
+// steps (the reference path here; the fused kernel against it: tests/test_cuda_paths.cpp).
+TEST(MasterWeights, SplitMastersStepLikeFp32Masters) {
+  Toy toy, ref;
+  MasterWeights masters(bf16_weight_params(toy), torch::kBFloat16, /*split=*/true);
+  MasterWeights ref_masters(bf16_weight_params(ref), torch::kBFloat16);
+  EXPECT_EQ(masters.bytes() * 2, ref_masters.bytes());
+  auto opt = build_optimizer(toy, toy_optim());
+  auto ref_opt = build_optimizer(ref, toy_optim());
+  std::vector<torch::Tensor> ps = toy.parameters(), rs = ref.parameters();
+  for (int s = 0; s < 5; ++s) {
+    for (size_t i = 0; i < ps.size(); ++i) {
+      const torch::Tensor g = toy_grad(ps[i], static_cast<int64_t>(i), s).to(ps[i].scalar_type());
+      ps[i].mutable_grad() = g.clone();
+      rs[i].mutable_grad() = g.clone();
+    }
+    masters.step(*opt, /*fused=*/false);
+    ref_masters.step(*ref_opt, /*fused=*/false);
+  }
+  const auto got = masters.masters(), want = ref_masters.masters();
+  for (size_t k = 0; k < 2; ++k) {
+    // one ulp apart at most, where a tie was rounded down on the way (none expected here)
+    EXPECT_LE((got[k].view(torch::kInt32) - want[k].view(torch::kInt32)).abs().max().item<int32_t>(), 1) << k;
+    EXPECT_TRUE(torch::equal(ps[k == 0 ? 0 : 2], rs[k == 0 ? 0 : 2])) << k;  // the bf16 weights
+  }
+  EXPECT_TRUE(torch::equal(toy.norm, ref.norm));
+  {
+    const auto swap = masters.expose();  // checkpoints see the joined fp32 masters
+    EXPECT_EQ(toy.w1.scalar_type(), torch::kFloat);
+    EXPECT_TRUE(torch::equal(toy.w1.detach(), got[0]));
+  }
+  EXPECT_EQ(toy.w1.scalar_type(), torch::kBFloat16);
 }
 
 // optim.moment_dtype bf16: the same fp32 AdamW arithmetic, only the stored moments rounded —

@@ -112,6 +112,7 @@ void visit_config(V& v, ExperimentConfig& c) {
     s.int_list("milestones", o.milestones, 1);
     s.real("multistep_factor", o.multistep_factor, Range{0.0, 1.0, true});
     s.choice("moment_dtype", o.moment_dtype, {"fp32", "bf16"});
+    s.choice("master_storage", o.master_storage, {"fp32", "split"});
   });
   v.section("train", [&](V& s) {
     TrainConfig& t = c.train;
@@ -576,6 +577,10 @@ std::vector<std::pair<std::string, std::string>> validate_config(const Experimen
        "bf16 weights need bf16 compute: set train.dtype: bf16 (device cuda)");
   rule(!(t.logits_dtype == "bf16" && t.dtype != "bf16"), "train.logits_dtype",
        "bf16 logits come from the bf16 head GEMM: set train.dtype: bf16 (device cuda)");
+  rule(!(o.master_storage == "split" && (t.param_dtype != "bf16" || c.distributed.zero_stage > 0)),
+       "optim.master_storage",
+       "split masters are for bf16-stored weights with the replicated optimizer: set train.param_dtype: bf16, "
+       "distributed.zero_stage: 0");
   rule(!(o.moment_dtype == "bf16" && t.param_dtype != "bf16"), "optim.moment_dtype",
        "bf16 moments are kept for bf16-stored weights: set train.param_dtype: bf16");
   rule(!(t.cuda_graph && t.device != "cuda"), "train.cuda_graph", "CUDA graphs need train.device: cuda");

@@ -48,6 +48,11 @@ struct OptimConfig {
   // bf16; replicated or ZeRO-1). bf16 is DeepSeek-V3's choice (§3.3.2): fp32 arithmetic,
   // bf16 storage — 8 bytes a parameter less and a faster optimizer step (bench/NOTES.md).
   std::string moment_dtype = "fp32";
+  // fp32 | split: how the replicated optimizer keeps the fp32 masters of the bf16-stored weights.
+  // split: the bf16 weight itself plus a 16-bit remainder (the master's low bits, exact but for
+  // exact rounding ties) — 2 bytes a parameter instead of 4 and 18 bytes of optimizer traffic
+  // instead of 20 (trainer/master_weights.h; bench/NOTES.md 55).
+  std::string master_storage = "fp32";
 };
 
 struct TrainConfig {

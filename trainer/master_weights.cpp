@@ -65,13 +65,13 @@ bool MasterWeights::fused_step(FusedAdamW& optimizer) {
     for (auto& p : group.params()) {
       auto it = index.find(p.unsafeGetTensorImpl());
       if (it == index.end() || !p.grad().defined()) continue;
-      torch::Tensor& master = masters_[it->second];
+      torch::Tensor& master = masters_[it->second];  // fp32, or the int16 remainder (split)
       auto& slot = optimizer.state()[p.unsafeGetTensorImpl()];
       if (!slot) {  // as AdamW::step initialises it (zeros like the master), in the moments' dtype
         auto st = std::make_unique<torch::optim::AdamWParamState>();
         st->step(0);
-        st->exp_avg(torch::zeros_like(master, moment_dtype_));
-        st->exp_avg_sq(torch::zeros_like(master, moment_dtype_));
+        st->exp_avg(torch::zeros(master.sizes(), master.options().dtype(moment_dtype_)));
+        st->exp_avg_sq(torch::zeros(master.sizes(), master.options().dtype(moment_dtype_)));
         slot = std::move(st);
       }
       auto& st = static_cast<torch::optim::AdamWParamState&>(*slot);
@@ -82,7 +82,8 @@ bool MasterWeights::fused_step(FusedAdamW& optimizer) {
       const double t = static_cast<double>(st.step());
       grads.push_back(p.grad().to(torch::kBFloat16).contiguous());
       kernels::MasterAdamWTensor e{};
-      e.master = master.data_ptr<float>();
+      e.master = split_ ? nullptr : master.data_ptr<float>();
+      e.master_lo = split_ ? master.data_ptr<int16_t>() : nullptr;
       e.grad = grads.back().data_ptr();
       e.exp_avg = st.exp_avg().data_ptr();
       e.exp_avg_sq = st.exp_avg_sq().data_ptr();
@@ -93,7 +94,7 @@ bool MasterWeights::fused_step(FusedAdamW& optimizer) {
       e.step_size = static_cast<float>(o.lr() / (1.0 - std::pow(beta1, t)));
       e.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, t)));
       const auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-      const bool all_aligned = aligned(e.master) && aligned(e.grad) && aligned(e.exp_avg) && aligned(e.exp_avg_sq) &&
+      const bool all_aligned = aligned(master.data_ptr()) && aligned(e.grad) && aligned(e.exp_avg) && aligned(e.exp_avg_sq) &&
                                aligned(e.param);
       e.vec = !all_aligned ? 1 : e.numel % 8 == 0 ? 8 : e.numel % 4 == 0 ? 4 : 1;
       table.push_back(e);
@@ -112,7 +113,7 @@ bool MasterWeights::fused_step(FusedAdamW& optimizer) {
                                      static_cast<int>(table.size()), chunks, kChunk, static_cast<float>(beta1),
                                      static_cast<float>(beta2), static_cast<float>(first.eps()),
                                      scale.defined() ? scale.data_ptr<float>() : nullptr,
-                                     moment_dtype_ == torch::kBFloat16, kernels::current_stream_of(dev)),
+                                     moment_dtype_ == torch::kBFloat16, split_, kernels::current_stream_of(dev)),
         "master AdamW");
   }
   // the fp32 parameters (norms) take the optimizer's own step, same clip (it consumes it);
@@ -127,8 +128,8 @@ bool MasterWeights::fused_step(FusedAdamW& optimizer) {
 #endif
 }
 
-MasterWeights::MasterWeights(std::vector<torch::Tensor> params, torch::ScalarType moment_dtype)
-    : params_(std::move(params)), moment_dtype_(moment_dtype) {
+MasterWeights::MasterWeights(std::vector<torch::Tensor> params, torch::ScalarType moment_dtype, bool split)
+    : params_(std::move(params)), moment_dtype_(moment_dtype), split_(split) {
   TORCH_CHECK(moment_dtype == torch::kFloat || moment_dtype == torch::kBFloat16,
               "MasterWeights: the moments are stored in fp32 or bf16, not ", moment_dtype);
   torch::NoGradGuard no_grad;
@@ -136,9 +137,38 @@ MasterWeights::MasterWeights(std::vector<torch::Tensor> params, torch::ScalarTyp
   for (const auto& p : params_) {
     TORCH_CHECK(p.scalar_type() == torch::kFloat, "MasterWeights: the masters come from fp32 parameters, got ",
                 p.scalar_type());
-    masters_.push_back(p.data().clone());
+    masters_.push_back(split_ ? split_master_remainder(p.data()) : p.data().clone());
   }
-  cast_params_to_bf16(params_);
+  cast_params_to_bf16(params_);  // (the weight of a split master: the same rounding)
+}
+
+std::vector<torch::Tensor> MasterWeights::masters() const {
+  if (!split_) return masters_;
+  std::vector<torch::Tensor> out;
+  out.reserve(masters_.size());
+  for (size_t i = 0; i < masters_.size(); ++i) out.push_back(join_split_master(params_[i].data(), masters_[i]));
+  return out;
+}
+
+torch::Tensor split_master_remainder(const torch::Tensor& master) {
+  TORCH_CHECK(master.scalar_type() == torch::kFloat, "split_master_remainder: fp32 masters, got ", master.scalar_type());
+  torch::NoGradGuard no_grad;
+  const torch::Tensor m = master.contiguous();
+  // the bit patterns as unsigned values in int64: no overflow, no shift of a negative number
+  const torch::Tensor m_bits = m.view(torch::kInt32).to(torch::kLong).bitwise_and(0xffffffffLL);
+  const torch::Tensor w_bits = m.to(torch::kBFloat16).view(torch::kInt16).to(torch::kLong).bitwise_and(0xffffLL);
+  return (m_bits - w_bits * 65536).clamp(-32768, 32767).to(torch::kInt16);
+}
+
+torch::Tensor join_split_master(const torch::Tensor& weight, const torch::Tensor& remainder) {
+  TORCH_CHECK(weight.scalar_type() == torch::kBFloat16 && remainder.scalar_type() == torch::kInt16 &&
+                  weight.sizes() == remainder.sizes(),
+              "join_split_master: a bf16 weight and an int16 remainder of one shape");
+  torch::NoGradGuard no_grad;
+  const torch::Tensor w_bits = weight.contiguous().view(torch::kInt16).to(torch::kLong).bitwise_and(0xffffLL);
+  const torch::Tensor bits = (w_bits * 65536 + remainder.to(torch::kLong)).bitwise_and(0xffffffffLL);
+  // values ≥ 2³¹ wrap to the negative int32 of the same bits
+  return torch::where(bits >= 0x80000000LL, bits - 0x100000000LL, bits).to(torch::kInt32).view(torch::kFloat);
 }
 
 void MasterWeights::store_moments_as(FusedAdamW& optimizer, torch::ScalarType dtype) const {
@@ -169,8 +199,9 @@ void MasterWeights::step(FusedAdamW& optimizer, bool fused) {
     grads32[i] = kept[i].to(torch::kFloat);
     params_[i].mutable_grad() = torch::Tensor();
   }
+  std::vector<torch::Tensor> fp32 = split_ ? masters() : masters_;  // fp32: the masters themselves
   {
-    ParamSwap swap(params_, masters_);
+    ParamSwap swap(params_, fp32);
     for (size_t i = 0; i < params_.size(); ++i) params_[i].mutable_grad() = grads32[i];
     grads32.clear();
     store_moments_as(optimizer, torch::kFloat);  // AdamW's arithmetic in fp32 ...
@@ -179,7 +210,8 @@ void MasterWeights::step(FusedAdamW& optimizer, bool fused) {
     for (auto& p : params_) p.mutable_grad() = torch::Tensor();
   }
   for (size_t i = 0; i < params_.size(); ++i) {
-    params_[i].data().copy_(masters_[i]);
+    params_[i].data().copy_(fp32[i]);
+    if (split_) masters_[i] = split_master_remainder(fp32[i]);
     params_[i].mutable_grad() = kept[i];
   }
 }

@@ -56,13 +56,25 @@ std::vector<torch::Tensor> bf16_weight_params(torch::nn::Module& model);
 // Replaces each parameter's data by its bf16 rounding (a no-op for bf16 ones).
 void cast_params_to_bf16(const std::vector<torch::Tensor>& params);
 
-// The replicated optimizer's masters (zero_stage 0): a full fp32 copy of each parameter.
+// A split fp32 master (optim.master_storage: split; the kernel's codec in
+// models/kernels/master_adamw_kernels.h): the weight w = master rounded to nearest even bf16
+// and this int16 remainder, bits(master) − bits(w)·2¹⁶ (+2¹⁵, an exact tie rounded down, is
+// stored as 2¹⁵ − 1: the master one fp32 ulp lower, still rounding to w). master: fp32.
+torch::Tensor split_master_remainder(const torch::Tensor& master);
+// The fp32 master from its bf16 weight and int16 remainder: exact.
+torch::Tensor join_split_master(const torch::Tensor& weight, const torch::Tensor& remainder);
+
+// The replicated optimizer's masters (zero_stage 0): a full fp32 copy of each parameter, or
+// (split) its low half.
 class MasterWeights {
  public:
   // Copies `params`' current (fp32) values as the masters, then casts the params to bf16.
   // moment_dtype: how their AdamW moments are stored (fp32 or bf16); moments of another
   // dtype (a resume: checkpoints load them as fp32) are converted at the next step.
-  explicit MasterWeights(std::vector<torch::Tensor> params, torch::ScalarType moment_dtype = torch::kFloat);
+  // split (optim.master_storage: split): each master kept as its bf16 weight (the param itself)
+  // and an int16 remainder (split_master_remainder), 2 bytes a parameter instead of 4.
+  explicit MasterWeights(std::vector<torch::Tensor> params, torch::ScalarType moment_dtype = torch::kFloat,
+                         bool split = false);
 
   // The optimizer step on the masters (a clip set by clip_next_step applies), then each
   // param gets the bf16 rounding of its updated master; the params keep their gradients (as
@@ -76,9 +88,10 @@ class MasterWeights {
   void step(FusedAdamW& optimizer, bool fused = true);
 
   // The params hold their fp32 masters while the result lives (checkpoint saves).
-  std::unique_ptr<ParamSwap> expose() const { return std::make_unique<ParamSwap>(params_, masters_); }
+  std::unique_ptr<ParamSwap> expose() const { return std::make_unique<ParamSwap>(params_, masters()); }
 
-  const std::vector<torch::Tensor>& masters() const { return masters_; }
+  // The fp32 masters (joined from weight and remainder when split: new tensors).
+  std::vector<torch::Tensor> masters() const;
   int64_t bytes() const;
 
  private:
@@ -87,8 +100,9 @@ class MasterWeights {
   // The existing moments of params_ in `dtype` (a no-op for those already in it).
   void store_moments_as(FusedAdamW& optimizer, torch::ScalarType dtype) const;
 
-  std::vector<torch::Tensor> params_, masters_;
+  std::vector<torch::Tensor> params_, masters_;  // masters_: fp32, or int16 remainders (split_)
   torch::ScalarType moment_dtype_;
+  bool split_ = false;
 };
 
 }  // namespace moetrain

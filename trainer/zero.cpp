@@ -386,6 +386,7 @@ ModelOptimizer build_model_optimizer(torch::nn::Module& model, const ExperimentC
   ModelOptimizer o;
   o.bf16_weights = cfg.train.param_dtype == "bf16";
   o.moment_dtype = cfg.optim.moment_dtype == "bf16" ? torch::kBFloat16 : torch::kFloat;
+  o.split_masters = cfg.optim.master_storage == "split";
   if (cfg.distributed.zero_stage == 1) {
     std::vector<std::pair<std::string, torch::Tensor>> named;
     for (const auto& p : model.named_parameters()) named.emplace_back(p.key(), p.value());
@@ -401,7 +402,7 @@ void ModelOptimizer::use_bf16_weights(torch::nn::Module& model) {
   if (zero)
     zero->use_bf16_params();
   else if (!masters)
-    masters = std::make_unique<MasterWeights>(bf16_weight_params(model), moment_dtype);
+    masters = std::make_unique<MasterWeights>(bf16_weight_params(model), moment_dtype, split_masters);
 }
 
 void ModelOptimizer::step_replicated() {

@@ -155,6 +155,7 @@ struct ModelOptimizer {
   std::unique_ptr<MasterWeights> masters;  // bf16 weights with the replicated optimizer
   bool bf16_weights = false;               // train.param_dtype bf16
   torch::ScalarType moment_dtype = torch::kFloat;  // optim.moment_dtype (the masters' moments)
+  bool split_masters = false;                      // optim.master_storage: split
 
   void use_bf16_weights(torch::nn::Module& model);
   // The replicated optimizer's step (on the masters when the weights are bf16).
