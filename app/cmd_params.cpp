@@ -65,7 +65,8 @@ int cmd_params(int argc, char** argv) {
     const bool zero = cfg.distributed.zero_stage == 1;
     const double held = zero ? std::ceil(all_params / static_cast<double>(world)) : all_params;
     const double adam = (cfg.optim.moment_dtype == "bf16" ? 4.0 : 8.0) * held;  // two moments
-    const double masters = bf16_weights ? 4.0 * held : 0.0;
+    // fp32 masters, or their int16 remainders beside the bf16 weights (optim.master_storage split)
+    const double masters = bf16_weights ? (cfg.optim.master_storage == "split" ? 2.0 : 4.0) * held : 0.0;
     const double act_bytes = (cfg.train.dtype == "bf16" ? 2.0 : 4.0) * activation_elements_per_token(m) *
                              static_cast<double>(cfg.train.micro_batch * cfg.train.seq_len);
 
@@ -106,7 +107,8 @@ int cmd_params(int argc, char** argv) {
       const std::string zero_note = zero ? fmt::format("  (ZeRO-1: ÷ {} ranks)", world) : "";
       std::cout << fmt::format("  {:<20} {:>12}\n", fmt::format("weights ({})", cfg.train.param_dtype), gib(weights));
       std::cout << fmt::format("  {:<20} {:>12}\n", fmt::format("gradients ({})", cfg.train.param_dtype), gib(grads));
-      if (bf16_weights) std::cout << fmt::format("  {:<20} {:>12}{}\n", "masters (fp32)", gib(masters), zero_note);
+      if (bf16_weights) std::cout << fmt::format("  {:<20} {:>12}{}\n", cfg.optim.master_storage == "split" ? "masters (split)" : "masters (fp32)",
+                                                 gib(masters), zero_note);
       std::cout << fmt::format("  {:<20} {:>12}{}\n", fmt::format("optimizer (Adam {})", cfg.optim.moment_dtype), gib(adam),
                                zero_note);
       std::cout << fmt::format("  {:<20} {:>12}  (estimate)\n", "activations", gib(act_bytes));

@@ -105,8 +105,10 @@ if has dist; then
     "$MT" bench "$CONFIG" --steps 8 --warmup 3 "${SETS_ARR[@]}" 2>&1 | grep -E "median step|^\{"  # eager, as the ranks
     # replicated (overlapped all-reduce, then the reference after the backward), ZeRO-1, EP
     for v in ${DIST_VARIANTS:-zero_stage=0 overlap_grad_reduce=false zero_stage=1 ep_size=$n}; do
+      extra=()  # ZeRO-1 shards full fp32 masters (split masters are the replicated optimizer's)
+      [[ $v == zero_stage=1 ]] && extra=(--set optim.master_storage=fp32)
       "$MT" launch --nproc "$n" -- bench "$CONFIG" --steps 8 --warmup 3 --set train.global_batch=$((8 * n)) \
-        --set distributed.backend=nccl --set distributed.$v "${SETS_ARR[@]}" 2>&1 | grep -E "median step|^\{|rror"
+        --set distributed.backend=nccl --set distributed.$v "${extra[@]}" "${SETS_ARR[@]}" 2>&1 | grep -E "median step|^\{|rror"
     done
     [ -n "${CKPT:-}" ] && "$MT" bench "$CONFIG" --steps 8 --warmup 3 --set train.activation_checkpointing=full 2>&1 | grep -E "median step|^\{"
   } >"$OUT/dist.log" 2>&1

@@ -76,13 +76,16 @@ TEST(Cli, ParamsMemoryZeroDividesTheOptimizerByWorldSize) {
     EXPECT_EQ(r.exit_code, 0) << r.output;
     return nlohmann::json::parse(r.output)["memory_bytes"];
   };
-  const auto one = mem(""), zero4 = mem(" --world-size 4 --set distributed.zero_stage=1"),
-             plain4 = mem(" --world-size 4");
+  // (ZeRO-1 shards full fp32 masters: bench-1b's split ones are the replicated optimizer's)
+  const auto one = mem(" --set optim.master_storage=fp32"),
+             zero4 = mem(" --world-size 4 --set distributed.zero_stage=1 --set optim.master_storage=fp32"),
+             plain4 = mem(" --world-size 4 --set optim.master_storage=fp32");
   EXPECT_NEAR(zero4["optimizer"].get<double>(), one["optimizer"].get<double>() / 4, 8.0);
   EXPECT_EQ(zero4["weights"], one["weights"]);
   EXPECT_EQ(zero4["grads"], one["grads"]);
   EXPECT_EQ(plain4["optimizer"], one["optimizer"]) << "zero_stage 0 replicates the optimizer";
-  auto r = run_capture(bin() + " params " + cfg("bench-1b") + " --memory --world-size 4 --set distributed.zero_stage=1");
+  auto r = run_capture(bin() + " params " + cfg("bench-1b") +
+                       " --memory --world-size 4 --set distributed.zero_stage=1 --set optim.master_storage=fp32");
   EXPECT_NE(r.output.find("ZeRO-1: ÷ 4 ranks"), std::string::npos) << r.output;
   EXPECT_EQ(run_capture(bin() + " params " + cfg("bench-1b") + " --memory --world-size 0").exit_code, 2);
 }
@@ -95,19 +98,23 @@ TEST(Cli, ParamsMemoryBf16WeightsShardTheMasters) {
     EXPECT_EQ(r.exit_code, 0) << r.output;
     return nlohmann::json::parse(r.output)["memory_bytes"];
   };
-  const auto fp32 = mem(" --set train.param_dtype=fp32 --set optim.moment_dtype=fp32"),
-             bf16 = mem(" --set train.param_dtype=bf16 --set optim.moment_dtype=fp32"),
-             bf16_moments = mem(" --set train.param_dtype=bf16 --set optim.moment_dtype=bf16"),
-             zero4 = mem(" --set train.param_dtype=bf16 --world-size 4 --set distributed.zero_stage=1");
+  const std::string full = " --set optim.master_storage=fp32";  // split masters: below
+  const auto fp32 = mem(" --set train.param_dtype=fp32 --set optim.moment_dtype=fp32" + full),
+             bf16 = mem(" --set train.param_dtype=bf16 --set optim.moment_dtype=fp32" + full),
+             bf16_moments = mem(" --set train.param_dtype=bf16 --set optim.moment_dtype=bf16" + full),
+             zero4 = mem(" --set train.param_dtype=bf16 --world-size 4 --set distributed.zero_stage=1" + full),
+             split = mem(" --set train.param_dtype=bf16 --set optim.master_storage=split");
   EXPECT_EQ(fp32["masters"].get<double>(), 0.0);
   EXPECT_NEAR(bf16_moments["optimizer"].get<double>(), bf16["optimizer"].get<double>() / 2, 1.0)
       << "optim.moment_dtype bf16: 2-byte moments";
   EXPECT_NEAR(bf16["grads"].get<double>(), fp32["grads"].get<double>() / 2, 1.0);
   EXPECT_NEAR(bf16["masters"].get<double>(), 2 * bf16["grads"].get<double>(), 1.0);
   EXPECT_NEAR(zero4["masters"].get<double>(), bf16["masters"].get<double>() / 4, 4.0);
+  EXPECT_NEAR(split["masters"].get<double>(), bf16["masters"].get<double>() / 2, 1.0) << "int16 remainders";
   EXPECT_EQ(zero4["weights"], bf16["weights"]);
   auto r = run_capture(bin() + " params " + cfg("bench-1b") +
-                       " --memory --set train.dtype=bf16 --set train.param_dtype=bf16 --world-size 4 --set distributed.zero_stage=1");
+                       " --memory --set train.dtype=bf16 --set train.param_dtype=bf16 --world-size 4 --set distributed.zero_stage=1"
+                       " --set optim.master_storage=fp32");
   EXPECT_NE(r.output.find("masters (fp32)"), std::string::npos) << r.output;
 }
 
