@@ -414,7 +414,9 @@ TEST(KernelsCuda, CrossEntropyMatchesReference) {
   ASSERT_TRUE(fused_kernels_available()) << "built without MOETRAIN_CUDA";
   auto opts = torch::TensorOptions().device(torch::kCUDA);
   for (auto logits_dtype : {torch::kFloat32, torch::kBFloat16})
-    for (int64_t V : {1000, 1004, 1001}) {  // 1004: four-wide but not eight; 1001: the one-column path
+    // 1004: four-wide but not eight; 1001: the one-column path; 32768: bench-1b's vocabulary (the
+    // one-kernel form writes the gradient over the logits while thread 0 forms the loss)
+    for (int64_t V : {1000, 1004, 1001, 32768}) {
       torch::manual_seed(6);
       const int64_t n = 257, ignore = -100;
       const auto logits_in = (4.0 * torch::randn({n, V}, opts)).to(logits_dtype);

@@ -45,7 +45,8 @@ template <class TL>
 constexpr int kVecWidth = sizeof(TL) == 2 ? 8 : 4;
 
 // The row's logsumexp, in every thread of the block (online max and sum over the row, then
-// the warps' pairs merged by warp 0 and broadcast through shared memory).
+// the warps' pairs merged by warp 0 and broadcast through shared memory). Once per kernel: a
+// second call would rewrite the shared values before every thread has read them.
 template <class TL>
 __device__ float row_logsumexp(const TL* x, int64_t V, bool vec) {
   constexpr int W = kVecWidth<TL>;
@@ -82,13 +83,18 @@ __device__ float row_logsumexp(const TL* x, int64_t V, bool vec) {
   return result;
 }
 
-// Thread 0 writes the row's loss and logsumexp.
+// The target's logit, read by thread 0 (0 for an ignored or out-of-range target).
 template <class TL>
-__device__ void write_row_loss(const TL* x, int64_t V, int64_t t, int64_t ignore_index, float l, float* loss,
+__device__ float target_logit(const TL* x, int64_t V, int64_t t) {
+  return threadIdx.x == 0 && t >= 0 && t < V ? to_float(x[t]) : 0.0f;
+}
+
+// Thread 0 writes the row's loss and logsumexp from the target's logit (target_logit).
+__device__ void write_row_loss(float x_t, int64_t V, int64_t t, int64_t ignore_index, float l, float* loss,
                                float* lse) {
   if (threadIdx.x != 0) return;
   *lse = l;
-  *loss = t == ignore_index ? 0.0f : (t < 0 || t >= V ? NAN : l - to_float(x[t]));
+  *loss = t == ignore_index ? 0.0f : (t < 0 || t >= V ? NAN : l - x_t);
 }
 
 // g = (exp(x − lse) − onehot(t)) · k over the row. x and g may be the same row (the gradient
@@ -114,8 +120,10 @@ __global__ void cross_entropy_forward_kernel(const TL* __restrict__ logits, cons
                                              float* __restrict__ lse) {
   const int64_t row = blockIdx.x;
   const TL* x = logits + row * V;
+  const int64_t t = targets[row];
+  const float x_t = target_logit(x, V, t);
   const float l = row_logsumexp(x, V, vec);
-  write_row_loss(x, V, targets[row], ignore_index, l, loss + row, lse + row);
+  write_row_loss(x_t, V, t, ignore_index, l, loss + row, lse + row);
 }
 
 template <class TL, class T>
@@ -134,8 +142,11 @@ __global__ void cross_entropy_forward_grad_kernel(const TL* logits, const int64_
                                                   bool vec, float* __restrict__ loss, float* __restrict__ lse, T* grad) {
   const int64_t row = blockIdx.x, t = targets[row];
   const TL* x = logits + row * V;
+  // read before row_logsumexp's barriers: past them the other threads write the gradient,
+  // over these very logits when grad aliases them
+  const float x_t = target_logit(x, V, t);
   const float l = row_logsumexp(x, V, vec);
-  write_row_loss(x, V, t, ignore_index, l, loss + row, lse + row);
+  write_row_loss(x_t, V, t, ignore_index, l, loss + row, lse + row);
   write_row_grad(x, grad + row * V, V, t, l, t == ignore_index ? 0.0f : scale[0], vec);
 }
 
