@@ -94,8 +94,8 @@ bool MasterWeights::fused_step(FusedAdamW& optimizer) {
       e.step_size = static_cast<float>(o.lr() / (1.0 - std::pow(beta1, t)));
       e.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(beta2, t)));
       const auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-      const bool all_aligned = aligned(master.data_ptr()) && aligned(e.grad) && aligned(e.exp_avg) && aligned(e.exp_avg_sq) &&
-                               aligned(e.param);
+      const bool all_aligned = aligned(master.data_ptr()) && aligned(e.grad) && aligned(e.exp_avg) &&
+                               aligned(e.exp_avg_sq) && aligned(e.param);
       e.vec = !all_aligned ? 1 : e.numel % 8 == 0 ? 8 : e.numel % 4 == 0 ? 4 : 1;
       table.push_back(e);
       chunks += (e.numel + kChunk - 1) / kChunk;

@@ -13,11 +13,11 @@ namespace moetrain::kernels {
 // constants, computed on the host in double: PyTorch's fused AdamW (ADAMW mode) arithmetic.
 struct MasterAdamWTensor {
   float* master;       // the fp32 master, or null when it is split (master_lo)
-  int16_t* master_lo;  // split masters: master = join(param, master_lo) (split_master_bits below)
+  int16_t* master_lo;  // split masters: the master's remainder (split_master_lo / join_master_bits below)
   const void* grad;    // bf16
-  void* exp_avg;     // fp32, or bf16 (launch_master_adamw's bf16_moments)
+  void* exp_avg;       // fp32, or bf16 (launch_master_adamw's bf16_moments)
   void* exp_avg_sq;
-  void* param;       // bf16: the rounding of the updated master
+  void* param;         // bf16: the rounding of the updated master
   int64_t numel;
   int64_t first_chunk;  // chunks of the tensors before this one
   float decay;          // 1 − lr·weight_decay (decoupled decay)
