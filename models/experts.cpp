@@ -7,6 +7,7 @@
 
 #include <ATen/ops/_grouped_mm.h>
 
+#include <tuple>
 #include <vector>
 
 namespace moetrain {
@@ -31,12 +32,13 @@ torch::Tensor GroupedExpertsImpl::expert_forward(int64_t e, const torch::Tensor&
   return torch::matmul(h, w2[e].t());  // [n, D]
 }
 
-torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& x, const torch::Tensor& counts) {
+torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& x, const torch::Tensor& counts,
+                                          const torch::Tensor& row_scale) {
   if (uses_grouped_mm(x)) {
     // offs[j] = end row of expert j (int32, cumulative); empty groups are fine.
     const torch::Tensor offs = counts.cumsum(0).to(torch::kInt);
     auto bf16 = [](const torch::Tensor& t) { return t.to(torch::kBFloat16); };  // differentiable; no-op if bf16
-    return grouped_swiglu_experts(bf16(x).contiguous(), bf16(w13), bf16(w2), offs);
+    return grouped_swiglu_experts(bf16(x).contiguous(), bf16(w13), bf16(w2), offs, row_scale);
   }
   // Portable path: one slice per expert. Reads the counts on the host.
   const torch::Tensor host_counts = counts.to(torch::kCPU, torch::kLong);
@@ -50,24 +52,32 @@ torch::Tensor GroupedExpertsImpl::forward(const torch::Tensor& x, const torch::T
   }
   TORCH_CHECK(start == x.size(0), "expert counts sum to ", start, " but x has ", x.size(0), " rows");
   if (outs.empty()) return x * 0;  // no rows at all: keep the graph connected to x
-  return torch::cat(outs, 0);
+  const torch::Tensor out = torch::cat(outs, 0);  // [M, D]
+  // w2 is linear: scaling its output equals scaling its input h
+  return row_scale.defined() ? (out * row_scale.unsqueeze(1)).to(out.scalar_type()) : out;
 }
 
 torch::Tensor grouped_swiglu_experts_reference(const torch::Tensor& x, const torch::Tensor& w13,
-                                               const torch::Tensor& w2, const torch::Tensor& offs) {
-  const torch::Tensor h = swiglu_packed(at::_grouped_mm(x, w13.transpose(-2, -1), offs));  // [M, 2I] -> [M, I]
-  return at::_grouped_mm(h, w2.transpose(-2, -1), offs);                                   // [M, D]
+                                               const torch::Tensor& w2, const torch::Tensor& offs,
+                                               const torch::Tensor& row_scale) {
+  const torch::Tensor h13 = at::_grouped_mm(x, w13.transpose(-2, -1), offs);  // [M, 2I]
+  const torch::Tensor h = row_scale.defined() ? swiglu_packed_scaled_reference(h13, row_scale) : swiglu_packed(h13);  // [M, I]
+  return at::_grouped_mm(h, w2.transpose(-2, -1), offs);  // [M, D]
 }
 
 #ifdef MOETRAIN_WITH_CUDA
 namespace {
 
 struct GroupedSwiGLUFunction : torch::autograd::Function<GroupedSwiGLUFunction> {
+  // row_scale: [M] fp32 when scaled, else an empty placeholder (never undefined: autograd's
+  // apply asks every tensor argument for its device).
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w13,
-                               const torch::Tensor& w2, const torch::Tensor& offs) {
-    const torch::Tensor h13 = at::_grouped_mm(x, w13.transpose(-2, -1), offs);  // [M, 2I]
-    const torch::Tensor h = swiglu_packed(h13);                                  // [M, I]
-    ctx->save_for_backward({x, w13, w2, offs, h13, h});
+                               const torch::Tensor& w2, const torch::Tensor& offs, const torch::Tensor& row_scale,
+                               bool scaled) {
+    const torch::Tensor h13 = at::_grouped_mm(x, w13.transpose(-2, -1), offs);                 // [M, 2I]
+    const torch::Tensor h = scaled ? swiglu_packed_scaled(h13, row_scale) : swiglu_packed(h13);  // [M, I]
+    ctx->save_for_backward({x, w13, w2, offs, h13, h, row_scale});
+    ctx->saved_data["scaled"] = scaled;
     return at::_grouped_mm(h, w2.transpose(-2, -1), offs);  // [M, D]
   }
 
@@ -75,7 +85,7 @@ struct GroupedSwiGLUFunction : torch::autograd::Function<GroupedSwiGLUFunction> 
                                                torch::autograd::tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
     const torch::Tensor &x = saved[0], &w13 = saved[1], &w2 = saved[2], &offs = saved[3], &h13 = saved[4],
-                        &h = saved[5];
+                        &h = saved[5], &row_scale = saved[6];
     const torch::Tensor grad_y = grads[0].to(x.scalar_type()).contiguous();  // [M, D]
     // main: dh = grad_y·w2 -> dh13 = swiglu'(dh) -> dx = dh13·w13 -> join
     // side: dw2 = grad_yᵀ·h  -> (after dh13) dw13 = dh13ᵀ·x  (grouped_weight_grad: ATen's grouped
@@ -85,11 +95,16 @@ struct GroupedSwiGLUFunction : torch::autograd::Function<GroupedSwiGLUFunction> 
     WeightGradOverlap side(x.device(), two_streams);
     const auto [dw2, dh] = side.beside([&] { return grouped_weight_grad(grad_y, h, offs, two_streams); },  // [E, D, I]
                                        [&] { return at::_grouped_mm(grad_y, w2, offs); });                // [M, I]
-    const torch::Tensor dh13 = swiglu_packed_backward(h13, dh);                                            // [M, 2I]
+    torch::Tensor dh13, grad_scale;  // [M, 2I], [M]
+    if (ctx->saved_data["scaled"].toBool()) {
+      std::tie(dh13, grad_scale) = swiglu_packed_scaled_backward(h13, row_scale, dh);
+    } else {
+      dh13 = swiglu_packed_backward(h13, dh);
+    }
     auto [dw13, dx] = side.beside([&] { return grouped_weight_grad(dh13, x, offs, two_streams); },  // [E, 2I, D]
                                   [&] { return at::_grouped_mm(dh13, w13, offs); });                // [M, D]
     side.join();
-    return {dx, dw13, dw2, torch::Tensor()};
+    return {dx, dw13, dw2, torch::Tensor(), grad_scale, torch::Tensor()};
   }
 };
 
@@ -97,11 +112,17 @@ struct GroupedSwiGLUFunction : torch::autograd::Function<GroupedSwiGLUFunction> 
 #endif
 
 torch::Tensor grouped_swiglu_experts(const torch::Tensor& x, const torch::Tensor& w13, const torch::Tensor& w2,
-                                     const torch::Tensor& offs) {
+                                     const torch::Tensor& offs, const torch::Tensor& row_scale) {
+  TORCH_CHECK(!row_scale.defined() || (row_scale.dim() == 1 && row_scale.size(0) == x.size(0) &&
+                                       row_scale.scalar_type() == torch::kFloat32),
+              "grouped_swiglu_experts: row_scale must be fp32 [", x.size(0), "], got ", row_scale.sizes());
 #ifdef MOETRAIN_WITH_CUDA
-  if (x.is_cuda()) return GroupedSwiGLUFunction::apply(x, w13, w2, offs);
+  if (x.is_cuda())
+    return GroupedSwiGLUFunction::apply(
+        x, w13, w2, offs, row_scale.defined() ? row_scale.contiguous() : torch::empty({0}, x.options().dtype(torch::kFloat)),
+        row_scale.defined());
 #endif
-  return grouped_swiglu_experts_reference(x, w13, w2, offs);
+  return grouped_swiglu_experts_reference(x, w13, w2, offs, row_scale);
 }
 
 torch::Tensor moe_experts_reference(GroupedExpertsImpl& experts, const torch::Tensor& x,

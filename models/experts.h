@@ -17,11 +17,13 @@ struct GroupedExpertsImpl : torch::nn::Module {
   GroupedExpertsImpl(int64_t n_experts, int64_t dim, int64_t inter, double init_std);
 
   // x: [M, D] rows grouped by expert (expert 0's rows first), counts: [E] int64 with
-  // sum M -> [M, D]. CUDA with bf16 operands — bf16 tensors, or fp32 master weights under
+  // sum M, row_scale: undefined or [M] fp32 -> [M, D]; with row_scale, row r's SwiGLU output is
+  // scaled by row_scale[r] before w2 (the gate weight applied inside the expert; equal to scaling
+  // its output, as w2 is linear). CUDA with bf16 operands — bf16 tensors, or fp32 master weights under
   // bf16 autocast, cast to bf16 here as autocast casts a matmul's — runs torch's grouped
   // GEMM (at::_grouped_mm, counts stay on the device); otherwise one matmul per expert on
   // its slice (counts read on the host).
-  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& counts);
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& counts, const torch::Tensor& row_scale = {});
 
   // One expert on its rows: x: [n, D] -> [n, D]
   torch::Tensor expert_forward(int64_t e, const torch::Tensor& x);
@@ -40,7 +42,8 @@ struct GroupedExpertsImpl : torch::nn::Module {
 TORCH_MODULE(GroupedExperts);
 
 // The grouped path's GEMMs and SwiGLU as one autograd node. x: [M, D] bf16 rows grouped by
-// expert, w13: [E, 2I, D] and w2: [E, D, I] bf16, offs: [E] int32 end row of each group -> [M, D].
+// expert, w13: [E, 2I, D] and w2: [E, D, I] bf16, offs: [E] int32 end row of each group,
+// row_scale: undefined or [M] fp32 (h = row_scale ⊙ silu(g)·u, differentiable in row_scale) -> [M, D].
 // Its backward runs the two weight-gradient GEMMs on a second stream beside the input-gradient
 // chain (weight_grad_stream.h): a weight-gradient GEMM's tiles are as uneven as the groups (each
 // sums its expert's rows), and while its long tiles finish the other stream's GEMMs take the SMs
@@ -49,11 +52,13 @@ TORCH_MODULE(GroupedExperts);
 // (kernels/grouped_wgrad.h, bench/NOTES.md 44). CUDA tensors in CUDA builds; elsewhere the
 // reference.
 torch::Tensor grouped_swiglu_experts(const torch::Tensor& x, const torch::Tensor& w13, const torch::Tensor& w2,
-                                     const torch::Tensor& offs);
+                                     const torch::Tensor& offs, const torch::Tensor& row_scale = {});
 
-// The twin: the same GEMMs and SwiGLU kernel through ATen's autograd, on one stream.
+// The twin: the same GEMMs and SwiGLU kernel (the scaled SwiGLU in ATen ops) through ATen's
+// autograd, on one stream.
 torch::Tensor grouped_swiglu_experts_reference(const torch::Tensor& x, const torch::Tensor& w13,
-                                               const torch::Tensor& w2, const torch::Tensor& offs);
+                                               const torch::Tensor& w2, const torch::Tensor& offs,
+                                               const torch::Tensor& row_scale = {});
 
 // The reference: for each expert, find its (token, k) pairs, run it, and add the
 // gate-weighted result back. x: [N, D], topk_idx / topk_weight: [N, K] -> [N, D]

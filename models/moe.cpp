@@ -5,6 +5,9 @@
 #include "models/kernels/moe_permute.h"
 #include "models/kernels/swiglu.h"
 
+#include <cstdlib>
+#include <string>
+
 namespace moetrain {
 
 ExpertPermutation moe_sort_by_expert_reference(const torch::Tensor& topk_idx, const torch::Tensor& counts) {
@@ -44,26 +47,46 @@ torch::Tensor moe_permute(const torch::Tensor& x, const ExpertPermutation& perm)
 
 torch::Tensor moe_unpermute(const torch::Tensor& y, const ExpertPermutation& perm,
                             const torch::Tensor& topk_weight, int64_t n_tokens, const torch::Tensor& base) {
-  if (perm.inv.defined() && moe_unpermute_kernel_ok(y, topk_weight) && topk_weight.size(0) == n_tokens)
-    return moe_unpermute_fused(y, perm.inv, topk_weight, base);
+  if (perm.inv.defined() && moe_unpermute_kernel_ok(y, topk_weight) && perm.inv.numel() == n_tokens * perm.top_k)
+    return moe_unpermute_fused(y, perm.inv, perm.top_k, topk_weight, base);
   return moe_unpermute_reference(y, perm, topk_weight, n_tokens, base);
 }
 
 torch::Tensor moe_unpermute_reference(const torch::Tensor& y, const ExpertPermutation& perm,
                                       const torch::Tensor& topk_weight, int64_t n_tokens, const torch::Tensor& base) {
-  const auto acc = topk_weight.scalar_type();
-  const torch::Tensor w = topk_weight.flatten().index_select(0, perm.order).unsqueeze(1);  // [N·K, 1]
+  const auto acc = topk_weight.defined() ? topk_weight.scalar_type() : at::promote_types(y.scalar_type(), torch::kFloat);
   const torch::Tensor zeros = torch::zeros({n_tokens, y.size(1)}, y.options().dtype(acc));
-  const torch::Tensor out = zeros.index_add(0, perm.token_idx, y.to(acc) * w).to(y.scalar_type());  // [N, D]
+  torch::Tensor rows = y.to(acc);  // [N·K, D]
+  if (topk_weight.defined()) rows = rows * topk_weight.flatten().index_select(0, perm.order).unsqueeze(1);
+  const torch::Tensor out = zeros.index_add(0, perm.token_idx, rows).to(y.scalar_type());  // [N, D]
   return base.defined() ? out + base : out;
+}
+
+bool gates_inside_experts_by_default() {
+  // MOETRAIN_GATES_IN_EXPERTS=0: the gates applied in the unpermute (an A/B switch for benchmarks)
+  static const bool on = [] {
+    const char* v = std::getenv("MOETRAIN_GATES_IN_EXPERTS");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
 }
 
 torch::Tensor moe_routed_experts(GroupedExpertsImpl& experts, const torch::Tensor& x,
                                  const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
                                  const torch::Tensor& counts, ExpertDispatcher* dispatcher,
-                                 const torch::Tensor& base) {
+                                 const torch::Tensor& base, GatePlacement gates) {
   const ExpertPermutation perm = moe_sort_by_expert(topk_idx, counts);
   const torch::Tensor rows = moe_permute(x, perm);        // [N·K, D]
+  const bool local = !dispatcher || dispatcher->size() == 1;
+  const bool inside = gates == GatePlacement::kInsideExperts ||
+                      (gates == GatePlacement::kDefault && gates_inside_experts_by_default());
+  if (inside && local && experts.uses_grouped_mm(rows) && perm.inv.defined()) {
+    // w2 is linear, so Σ_k g_k·w2(h_k) = Σ_k w2(g_k·h_k): each row's gate scales its SwiGLU output
+    // inside the experts' node, and the unpermute is a plain sum whose backward is a gather — it
+    // neither keeps the experts' [N·K, D] output nor reads it again for the gates' gradient.
+    const torch::Tensor row_gate = topk_weight.flatten().index_select(0, perm.order).to(torch::kFloat);  // [N·K]
+    return moe_unpermute(experts.forward(rows, counts, row_gate), perm, torch::Tensor(), x.size(0), base);
+  }
   torch::Tensor out;
   if (dispatcher && dispatcher->size() > 1) {  // expert parallelism: all-to-all rows + counts, and back
     const ExpertDispatch d = dispatcher->dispatch(rows, counts);

@@ -38,7 +38,7 @@ ExpertPermutation moe_sort_by_expert_reference(const torch::Tensor& topk_idx, co
 // moe_permute_reference (index_select), its twin.
 torch::Tensor moe_permute(const torch::Tensor& x, const ExpertPermutation& perm);
 torch::Tensor moe_permute_reference(const torch::Tensor& x, const ExpertPermutation& perm);
-// y: [N·K, D] expert outputs in expert order, topk_weight: [N, K] -> [N, D]:
+// y: [N·K, D] expert outputs in expert order, topk_weight: [N, K] or undefined (all ones) -> [N, D]:
 // out[n] = base[n] + sum_k topk_weight[n, k] · y[row of (n, k)], the sum accumulated in
 // topk_weight's dtype (fp32) and returned in y's dtype; base (undefined: none) is the shared
 // experts' output. CUDA: the fused gather kernel, which adds the base inside its fp32 sum;
@@ -48,13 +48,21 @@ torch::Tensor moe_unpermute(const torch::Tensor& y, const ExpertPermutation& per
 torch::Tensor moe_unpermute_reference(const torch::Tensor& y, const ExpertPermutation& perm,
                                       const torch::Tensor& topk_weight, int64_t n_tokens,
                                       const torch::Tensor& base = {});
+// Where the gate weights multiply the routed experts' outputs: in the unpermute's sum (the
+// textbook form; its backward reads the experts' outputs again for the gates' gradient), or on
+// each row's SwiGLU output inside the experts' grouped node, before w2 (equal, as w2 is linear;
+// the unpermute becomes a plain sum and keeps nothing — bench/NOTES.md 56). Inside needs the
+// grouped-GEMM path and all experts local; elsewhere the unpermute applies them. kDefault:
+// inside unless MOETRAIN_GATES_IN_EXPERTS=0.
+enum class GatePlacement { kDefault, kInUnpermute, kInsideExperts };
+
 // The routed experts' sum plus `base` (undefined: none): x: [N, D], topk_idx / topk_weight:
 // [N, K], counts: [E] -> [N, D]. With a dispatcher, `experts` holds only its shard and the
 // rows travel (null: all local).
 torch::Tensor moe_routed_experts(GroupedExpertsImpl& experts, const torch::Tensor& x,
                                  const torch::Tensor& topk_idx, const torch::Tensor& topk_weight,
                                  const torch::Tensor& counts, ExpertDispatcher* dispatcher = nullptr,
-                                 const torch::Tensor& base = {});
+                                 const torch::Tensor& base = {}, GatePlacement gates = GatePlacement::kDefault);
 
 struct MoEOutput {
   torch::Tensor y;       // [B, T, D]

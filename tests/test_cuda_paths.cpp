@@ -42,52 +42,60 @@ struct Bf16Autocast {
 TEST(MoeCuda, GroupedMmUnderAutocastMatchesFp64Loop) {
   ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
   const int64_t E = 8, D = 64, I = 32, N = 512, K = 2;
-  torch::manual_seed(7);
-  GroupedExperts fast(E, D, I, 0.05), ref(E, D, I, 0.05);
-  {
-    torch::NoGradGuard no_grad;
-    ref->w13.copy_(fast->w13);
-    ref->w2.copy_(fast->w2);
-  }
-  ref->to(torch::kDouble);
-  fast->to(torch::kCUDA);  // fp32 master weights on the GPU
+  // the gates in the unpermute's sum, and inside the experts (on each row's SwiGLU output)
+  for (GatePlacement gates : {GatePlacement::kInUnpermute, GatePlacement::kInsideExperts}) {
+    const bool inside = gates == GatePlacement::kInsideExperts;
+    torch::manual_seed(7);
+    GroupedExperts fast(E, D, I, 0.05), ref(E, D, I, 0.05);
+    {
+      torch::NoGradGuard no_grad;
+      ref->w13.copy_(fast->w13);
+      ref->w2.copy_(fast->w2);
+    }
+    ref->to(torch::kDouble);
+    fast->to(torch::kCUDA);  // fp32 master weights on the GPU
 
-  const torch::Tensor x = torch::randn({N, D});
-  const torch::Tensor idx = std::get<1>(torch::rand({N, E}).topk(K, 1));  // K distinct experts per token
-  const torch::Tensor weight = torch::rand({N, K});
-  const torch::Tensor grad_out = torch::randn({N, D});
+    const torch::Tensor x = torch::randn({N, D});
+    const torch::Tensor idx = std::get<1>(torch::rand({N, E}).topk(K, 1));  // K distinct experts per token
+    const torch::Tensor weight = torch::rand({N, K});
+    const torch::Tensor grad_out = torch::randn({N, D});
 
-  // reference: float64 per-expert loop on the CPU
-  torch::Tensor x_ref = x.to(torch::kDouble).requires_grad_();
-  torch::Tensor y_ref = moe_experts_reference(*ref, x_ref, idx, weight.to(torch::kDouble));
-  (y_ref * grad_out.to(torch::kDouble)).sum().backward();
+    // reference: float64 per-expert loop on the CPU
+    torch::Tensor x_ref = x.to(torch::kDouble).requires_grad_();
+    torch::Tensor w_ref = weight.to(torch::kDouble).requires_grad_();
+    torch::Tensor y_ref = moe_experts_reference(*ref, x_ref, idx, w_ref);
+    (y_ref * grad_out.to(torch::kDouble)).sum().backward();
 
-  // fast: sort → grouped GEMM → scatter under bf16 autocast
-  torch::Tensor x_gpu = x.to(torch::kCUDA).requires_grad_();
-  const torch::Tensor idx_gpu = idx.to(torch::kCUDA);
-  const torch::Tensor counts =
-      torch::zeros({E}, idx_gpu.options()).scatter_add_(0, idx_gpu.flatten(), torch::ones({N * K}, idx_gpu.options()));
-  torch::Tensor y;
-  {
-    Bf16Autocast autocast;
-    ASSERT_TRUE(fast->uses_grouped_mm(x_gpu));
-    y = moe_routed_experts(*fast, x_gpu, idx_gpu, weight.to(torch::kCUDA), counts);
-  }
-  EXPECT_FALSE(fast->uses_grouped_mm(x_gpu)) << "fp32 without autocast keeps the exact loop";
-  (y.to(torch::kFloat) * grad_out.to(torch::kCUDA)).sum().backward();
+    // fast: sort → grouped GEMM → scatter under bf16 autocast
+    torch::Tensor x_gpu = x.to(torch::kCUDA).requires_grad_();
+    torch::Tensor w_gpu = weight.to(torch::kCUDA).requires_grad_();
+    const torch::Tensor idx_gpu = idx.to(torch::kCUDA);
+    const torch::Tensor counts = torch::zeros({E}, idx_gpu.options())
+                                     .scatter_add_(0, idx_gpu.flatten(), torch::ones({N * K}, idx_gpu.options()));
+    torch::Tensor y;
+    {
+      Bf16Autocast autocast;
+      ASSERT_TRUE(fast->uses_grouped_mm(x_gpu));
+      y = moe_routed_experts(*fast, x_gpu, idx_gpu, w_gpu, counts, nullptr, {}, gates);
+    }
+    EXPECT_FALSE(fast->uses_grouped_mm(x_gpu)) << "fp32 without autocast keeps the exact loop";
+    (y.to(torch::kFloat) * grad_out.to(torch::kCUDA)).sum().backward();
 
-  EXPECT_LT(rel_err(y, y_ref), 1e-2);
-  EXPECT_LT(rel_err(x_gpu.grad(), x_ref.grad()), 2e-2);
-  for (auto [a, b] : {std::pair{fast->w13, ref->w13}, std::pair{fast->w2, ref->w2}}) {
-    ASSERT_TRUE(a.grad().defined());
-    EXPECT_EQ(a.grad().scalar_type(), torch::kFloat);  // gradients reach the fp32 master weights
-    EXPECT_LT(rel_err(a.grad(), b.grad()), 2e-2);
+    EXPECT_LT(rel_err(y, y_ref), 1e-2) << inside;
+    EXPECT_LT(rel_err(x_gpu.grad(), x_ref.grad()), 2e-2) << inside;
+    EXPECT_LT(rel_err(w_gpu.grad(), w_ref.grad()), 2e-2) << inside;  // the gates' gradient
+    for (auto [a, b] : {std::pair{fast->w13, ref->w13}, std::pair{fast->w2, ref->w2}}) {
+      ASSERT_TRUE(a.grad().defined());
+      EXPECT_EQ(a.grad().scalar_type(), torch::kFloat);  // gradients reach the fp32 master weights
+      EXPECT_LT(rel_err(a.grad(), b.grad()), 2e-2) << inside;
+    }
   }
 }
 
 // The experts' one-node grouped path (weight gradients on a second stream) against its twin,
 // ATen's autograd over the same GEMMs and SwiGLU kernel on one stream: uneven groups, an empty
-// one, the last one longest; output and all three gradients agree to bf16 rounding. The widths
+// one, the last one longest; output and all gradients (the rows' gates' too, when the SwiGLU
+// output is gate-scaled) agree to bf16 rounding. The widths
 // (D = I = 256) fit our weight-gradient kernel (taken with MOETRAIN_GROUPED_WGRAD=1 or on one
 // stream; the 300-row group is then split in two chunks).
 TEST(MoeCuda, GroupedSwiGLUNodeMatchesTheAutogradPath) {
@@ -100,22 +108,28 @@ TEST(MoeCuda, GroupedSwiGLUNodeMatchesTheAutogradPath) {
   const torch::Tensor offs = counts.cumsum(0).to(torch::kInt).to(torch::kCUDA);
   const torch::Tensor x0 = torch::randn({M, D}, bf), w13_0 = torch::randn({E, 2 * I, D}, bf) * 0.1,
                       w2_0 = torch::randn({E, D, I}, bf) * 0.1, grad_y = torch::randn({M, D}, bf);
-  auto run = [&](bool fused) {
-    torch::Tensor x = x0.clone().requires_grad_(), w13 = w13_0.clone().requires_grad_(),
-                  w2 = w2_0.clone().requires_grad_();
-    const torch::Tensor y = fused ? grouped_swiglu_experts(x, w13, w2, offs)
-                                  : grouped_swiglu_experts_reference(x, w13, w2, offs);
-    y.backward(grad_y);
-    return std::vector<torch::Tensor>{y.detach(), x.grad(), w13.grad(), w2.grad()};
-  };
-  const auto fused = run(true), ref = run(false);
-  const char* names[] = {"y", "dx", "dw13", "dw2"};
-  for (size_t i = 0; i < fused.size(); ++i) {
-    ASSERT_TRUE(fused[i].defined()) << names[i];
-    EXPECT_EQ(fused[i].sizes(), ref[i].sizes()) << names[i];
-    EXPECT_LT(rel_err(fused[i], ref[i]), 1e-2) << names[i];
+  const torch::Tensor gate0 = torch::rand({M}, bf.dtype(torch::kFloat));
+  for (bool scaled : {false, true}) {  // with each row's gate on its SwiGLU output (models/moe.h)
+    auto run = [&](bool fused) {
+      torch::Tensor x = x0.clone().requires_grad_(), w13 = w13_0.clone().requires_grad_(),
+                    w2 = w2_0.clone().requires_grad_(), gate = gate0.clone().requires_grad_();
+      const torch::Tensor g = scaled ? gate : torch::Tensor();
+      const torch::Tensor y = fused ? grouped_swiglu_experts(x, w13, w2, offs, g)
+                                    : grouped_swiglu_experts_reference(x, w13, w2, offs, g);
+      y.backward(grad_y);
+      std::vector<torch::Tensor> out{y.detach(), x.grad(), w13.grad(), w2.grad()};
+      if (scaled) out.push_back(gate.grad());
+      return out;
+    };
+    const auto fused = run(true), ref = run(false);
+    const char* names[] = {"y", "dx", "dw13", "dw2", "dgate"};
+    for (size_t i = 0; i < fused.size(); ++i) {
+      ASSERT_TRUE(fused[i].defined()) << names[i] << " scaled " << scaled;
+      EXPECT_EQ(fused[i].sizes(), ref[i].sizes()) << names[i] << " scaled " << scaled;
+      EXPECT_LT(rel_err(fused[i], ref[i]), 1e-2) << names[i] << " scaled " << scaled;
+    }
+    EXPECT_EQ(fused[3][1].abs().sum().item<float>(), 0.0f) << "an empty group's weight gradient is zero";
   }
-  EXPECT_EQ(fused[3][1].abs().sum().item<float>(), 0.0f) << "an empty group's weight gradient is zero";
 }
 
 // apply_linear's node (weight gradient on a second stream) against its twin torch::linear: bf16

@@ -59,6 +59,24 @@ TEST(KernelsCpu, SwigluPackedBackwardClosedFormEqualsAutograd) {
   EXPECT_TRUE(torch::allclose(closed, gu.grad(), 1e-12, 1e-12));
 }
 
+// The gate-scaled SwiGLU (the routed experts' h = g_r · silu(gate)·up): off the GPU it is its
+// reference, and its closed-form backward equals autograd through the reference in both inputs.
+TEST(KernelsCpu, SwigluPackedScaledBackwardClosedFormEqualsAutograd) {
+  torch::manual_seed(4);
+  auto gu = torch::randn({5, 3, 12}, torch::kFloat64).requires_grad_(true);
+  auto scale = torch::rand({5, 3}, torch::kFloat64).requires_grad_(true);
+  auto go = torch::randn({5, 3, 6}, torch::kFloat64);
+  const torch::Tensor out = swiglu_packed_scaled(gu, scale);
+  EXPECT_TRUE(torch::allclose(out, swiglu_packed_reference(gu) * scale.unsqueeze(-1), 1e-12, 1e-12));
+  out.backward(go);
+  const auto [grad_gu, grad_scale] = swiglu_packed_scaled_backward(gu.detach(), scale.detach(), go);
+  ASSERT_EQ(grad_gu.sizes(), gu.sizes());
+  ASSERT_EQ(grad_scale.sizes(), scale.sizes());
+  EXPECT_TRUE(torch::allclose(grad_gu, gu.grad(), 1e-12, 1e-12));
+  EXPECT_TRUE(torch::allclose(grad_scale, scale.grad(), 1e-12, 1e-12));
+  EXPECT_THROW(swiglu_packed_scaled(gu.detach(), torch::rand({5})), c10::Error);  // one weight a row
+}
+
 // The experts' weight-gradient twin against autograd: y[rows of e] = x[rows of e] · w[e]ᵀ,
 // L = Σ y ⊙ dy, so dL/dw[e] = dy[rows of e]ᵀ · x[rows of e]; empty groups get zeros. Off the GPU
 // grouped_weight_grad is that twin and never takes the kernel.
@@ -146,7 +164,7 @@ TEST(KernelsCpu, MoePermuteKernelsRefuseCpuTensors) {
   auto x = torch::randn({3, 8});
   EXPECT_FALSE(moe_permute_kernel_ok(x));
   EXPECT_THROW(moe_permute_fused(x, torch::arange(6), 2, torch::kFloat32), std::invalid_argument);
-  EXPECT_THROW(moe_unpermute_fused(torch::randn({6, 8}), torch::arange(6), torch::rand({3, 2})), std::invalid_argument);
+  EXPECT_THROW(moe_unpermute_fused(torch::randn({6, 8}), torch::arange(6), 2, torch::rand({3, 2})), std::invalid_argument);
   // the inverse of a permutation
   const auto order = torch::tensor({2, 0, 3, 1}, torch::kLong);
   EXPECT_TRUE(torch::equal(moe_inverse_order(order), torch::tensor({1, 3, 0, 2}, torch::kLong)));

@@ -51,6 +51,8 @@ TEST_F(MoETest, SortByExpertIsStableAndCounted) {
   // unpermute with unit weights of the identity "experts" gives K·x.
   const torch::Tensor back = moe_unpermute(moe_permute(x, p), p, torch::ones({3, 2}, torch::kDouble), 3);
   EXPECT_TRUE(torch::allclose(back, 2 * x));
+  // no weights (the gates applied inside the experts): the plain sum
+  EXPECT_TRUE(torch::allclose(moe_unpermute(moe_permute(x, p), p, torch::Tensor(), 3), 2 * x));
 }
 
 TEST_F(MoETest, GroupedMatchesLoopOutputsAndGradients) {

@@ -53,35 +53,47 @@ struct PermuteFunction : torch::autograd::Function<PermuteFunction> {
 };
 
 struct UnpermuteFunction : torch::autograd::Function<UnpermuteFunction> {
-  // base: empty (none), or [N, D] in y's dtype (its gradient is grad_out itself). Never
-  // undefined: autograd's apply asks every tensor argument for its device.
+  // topk_weight: [N, K] fp32, or empty for the unweighted sum (then y is not saved: the backward
+  // only gathers). base: empty (none), or [N, D] in y's dtype (its gradient is grad_out itself).
+  // Never undefined: autograd's apply asks every tensor argument for its device.
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& y,
-                               const torch::Tensor& topk_weight, const torch::Tensor& inv, const torch::Tensor& base) {
-    const int64_t n = topk_weight.size(0), top_k = topk_weight.size(1), dim = y.size(1);
+                               const torch::Tensor& topk_weight, const torch::Tensor& inv, const torch::Tensor& base,
+                               int64_t top_k) {
+    const bool weighted = topk_weight.numel() > 0;
+    const int64_t n = inv.numel() / top_k, dim = y.size(1);
     torch::Tensor out = torch::empty({n, dim}, y.options());
     check_kernel_launch(kernels::launch_moe_unpermute_forward(
-                            y.data_ptr(), topk_weight.data_ptr<float>(), inv.data_ptr<int64_t>(),
+                            y.data_ptr(), weighted ? topk_weight.data_ptr<float>() : nullptr, inv.data_ptr<int64_t>(),
                             base.numel() > 0 ? base.data_ptr() : nullptr, out.data_ptr(), n, top_k, dim,
                             kernel_dtype_code(y), current_stream_of(y)),
                         "moe_unpermute forward");
-    ctx->save_for_backward({y, topk_weight, inv});
+    ctx->save_for_backward({weighted ? y : torch::Tensor(), topk_weight, inv});
     ctx->saved_data["has_base"] = base.numel() > 0;
+    ctx->saved_data["weighted"] = weighted;
+    ctx->saved_data["top_k"] = top_k;
+    ctx->saved_data["rows"] = y.size(0);
+    ctx->saved_data["y_dtype"] = static_cast<int64_t>(y.scalar_type());
     return out;
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
     const auto saved = ctx->get_saved_variables();
     const torch::Tensor &y = saved[0], &topk_weight = saved[1], &inv = saved[2];
-    const torch::Tensor grad_out = grads[0].to(y.scalar_type()).contiguous();
-    const int64_t n = topk_weight.size(0), top_k = topk_weight.size(1), dim = y.size(1);
-    torch::Tensor grad_y = torch::empty_like(y);
-    torch::Tensor grad_w = torch::empty_like(topk_weight);
-    check_kernel_launch(kernels::launch_moe_unpermute_backward(y.data_ptr(), topk_weight.data_ptr<float>(),
-                                                               inv.data_ptr<int64_t>(), grad_out.data_ptr(),
-                                                               grad_y.data_ptr(), grad_w.data_ptr<float>(), n, top_k,
-                                                               dim, kernel_dtype_code(y), current_stream_of(y)),
+    const bool weighted = ctx->saved_data["weighted"].toBool();
+    const int64_t top_k = ctx->saved_data["top_k"].toInt(), n = inv.numel() / top_k;
+    const auto y_dtype = static_cast<torch::ScalarType>(ctx->saved_data["y_dtype"].toInt());
+    const torch::Tensor grad_out = grads[0].to(y_dtype).contiguous();
+    const int64_t dim = grad_out.size(1);
+    torch::Tensor grad_y = torch::empty({ctx->saved_data["rows"].toInt(), dim}, grad_out.options());
+    torch::Tensor grad_w = weighted ? torch::empty_like(topk_weight) : torch::Tensor();
+    check_kernel_launch(kernels::launch_moe_unpermute_backward(
+                            weighted ? y.data_ptr() : nullptr, weighted ? topk_weight.data_ptr<float>() : nullptr,
+                            inv.data_ptr<int64_t>(), grad_out.data_ptr(), grad_y.data_ptr(),
+                            weighted ? grad_w.data_ptr<float>() : nullptr, n, top_k, dim, kernel_dtype_code(y_dtype),
+                            current_stream_of(grad_out)),
                         "moe_unpermute backward");
-    return {grad_y, grad_w, torch::Tensor(), ctx->saved_data["has_base"].toBool() ? grads[0] : torch::Tensor()};
+    return {grad_y, grad_w, torch::Tensor(), ctx->saved_data["has_base"].toBool() ? grads[0] : torch::Tensor(),
+            torch::Tensor()};
   }
 };
 
@@ -131,8 +143,9 @@ bool moe_permute_kernel_ok(const torch::Tensor& x) {
 }
 
 bool moe_unpermute_kernel_ok(const torch::Tensor& y, const torch::Tensor& topk_weight) {
-  return moe_permute_kernel_ok(y) && topk_weight.device() == y.device() && topk_weight.dim() == 2 &&
-         topk_weight.scalar_type() == torch::kFloat;
+  return moe_permute_kernel_ok(y) && (!topk_weight.defined() || (topk_weight.device() == y.device() &&
+                                                                  topk_weight.dim() == 2 &&
+                                                                  topk_weight.scalar_type() == torch::kFloat));
 }
 
 torch::Tensor moe_permute_fused(const torch::Tensor& x, const torch::Tensor& inv, int64_t top_k,
@@ -145,18 +158,26 @@ torch::Tensor moe_permute_fused(const torch::Tensor& x, const torch::Tensor& inv
   throw std::invalid_argument("moe_permute_fused: needs an fp32/bf16 CUDA tensor and a CUDA build");
 }
 
-torch::Tensor moe_unpermute_fused(const torch::Tensor& y, const torch::Tensor& inv,
+torch::Tensor moe_unpermute_fused(const torch::Tensor& y, const torch::Tensor& inv, int64_t top_k,
                                   const torch::Tensor& topk_weight, const torch::Tensor& base) {
 #ifdef MOETRAIN_WITH_CUDA
   if (moe_unpermute_kernel_ok(y, topk_weight)) {
-    const bool base_ok = !base.defined() || (base.dim() == 2 && base.size(0) == topk_weight.size(0) &&
-                                             base.size(1) == y.size(1) && base.device() == y.device());
+    TORCH_CHECK(top_k > 0 && inv.numel() == y.size(0) && inv.numel() % top_k == 0,
+                "moe_unpermute_fused: inv must hold N·top_k = ", y.size(0), " rows, got ", inv.numel(), " (top_k ",
+                top_k, ")");
+    const int64_t n = inv.numel() / top_k;
+    TORCH_CHECK(!topk_weight.defined() || topk_weight.sizes() == torch::IntArrayRef({n, top_k}),
+                "moe_unpermute_fused: topk_weight must be [", n, ", ", top_k, "], got ", topk_weight.sizes());
+    const bool base_ok = !base.defined() || (base.dim() == 2 && base.size(0) == n && base.size(1) == y.size(1) &&
+                                             base.device() == y.device());
     TORCH_CHECK(base_ok, "moe_unpermute_fused: base must be [N, D] on y's device, got ", base.sizes());
-    const torch::Tensor b = base.defined() ? base.to(y.scalar_type()).contiguous() : torch::empty({0}, y.options());
-    return UnpermuteFunction::apply(y.contiguous(), topk_weight.contiguous(), inv.contiguous(), b);
+    const torch::Tensor empty = torch::empty({0}, y.options());
+    const torch::Tensor b = base.defined() ? base.to(y.scalar_type()).contiguous() : empty;
+    const torch::Tensor w = topk_weight.defined() ? topk_weight.contiguous() : empty.to(torch::kFloat);
+    return UnpermuteFunction::apply(y.contiguous(), w, inv.contiguous(), b, top_k);
   }
 #endif
-  (void)inv, (void)base;
+  (void)inv, (void)top_k, (void)base;
   throw std::invalid_argument("moe_unpermute_fused: needs fp32/bf16 CUDA rows, fp32 gates and a CUDA build");
 }
 

@@ -25,13 +25,15 @@ bool moe_expert_order_kernel_ok(const torch::Tensor& topk_idx, int64_t n_experts
 torch::Tensor moe_permute_fused(const torch::Tensor& x, const torch::Tensor& inv, int64_t top_k,
                                 torch::ScalarType rows_dtype);
 
-// y: [N·K, D] fp32/bf16 CUDA, inv: [N·K], topk_weight: [N, K] fp32, base: undefined or [N, D]
-// -> [N, D] in y's dtype: out[n] = base[n] + Σ_k topk_weight[n, k] · y[inv[n·K + k]] (fp32 sums;
-// the base is the shared experts' output, added here instead of by a separate pass)
-torch::Tensor moe_unpermute_fused(const torch::Tensor& y, const torch::Tensor& inv, const torch::Tensor& topk_weight,
-                                  const torch::Tensor& base = {});
+// y: [N·K, D] fp32/bf16 CUDA, inv: [N·K], topk_weight: [N, K] fp32 or undefined (all ones),
+// base: undefined or [N, D] -> [N, D] in y's dtype: out[n] = base[n] + Σ_k topk_weight[n, k] ·
+// y[inv[n·K + k]] (fp32 sums; the base is the shared experts' output, added here instead of by a
+// separate pass). Unweighted, the backward is a gather and y is not kept for it.
+torch::Tensor moe_unpermute_fused(const torch::Tensor& y, const torch::Tensor& inv, int64_t top_k,
+                                  const torch::Tensor& topk_weight, const torch::Tensor& base = {});
 
-// Whether the fused kernels take these operands (CUDA build, CUDA tensors, fp32/bf16, fp32 gates).
+// Whether the fused kernels take these operands (CUDA build, CUDA tensors, fp32/bf16, fp32 gates
+// or none).
 bool moe_permute_kernel_ok(const torch::Tensor& x);
 bool moe_unpermute_kernel_ok(const torch::Tensor& y, const torch::Tensor& topk_weight);
 

@@ -57,7 +57,7 @@ __global__ void unpermute_forward_kernel(const T* __restrict__ y, const float* _
     for_columns(dim, w.lane, vec, [&](int64_t c, int m) {
       Float4 acc = base ? load_n(base + n * dim + c, m) : Float4{{0.f, 0.f, 0.f, 0.f}};
       for (int64_t j = 0; j < k; ++j) {
-        const float wj = weight[n * k + j];
+        const float wj = weight ? weight[n * k + j] : 1.f;
         const Float4 v = load_n(y + inv[n * k + j] * dim + c, m);
         for (int e = 0; e < m; ++e) acc.v[e] += wj * v.v[e];
       }
@@ -66,6 +66,8 @@ __global__ void unpermute_forward_kernel(const T* __restrict__ y, const float* _
   }
 }
 
+// weight == nullptr: the unweighted sum (the gates applied inside the experts), so grad_y is a
+// gather of grad_out and neither y nor grad_w is touched.
 template <class T>
 __global__ void unpermute_backward_kernel(const T* __restrict__ y, const float* __restrict__ weight,
                                           const int64_t* __restrict__ inv, const T* __restrict__ grad_out,
@@ -76,9 +78,13 @@ __global__ void unpermute_backward_kernel(const T* __restrict__ y, const float* 
     const T* g = grad_out + n * dim;
     for (int64_t j = 0; j < k; ++j) {
       const int64_t row = inv[n * k + j];
+      T* gy = grad_y + row * dim;
+      if (weight == nullptr) {
+        for_columns(dim, w.lane, vec, [&](int64_t c, int m) { store_n(gy + c, load_n(g + c, m), m); });
+        continue;
+      }
       const float wj = weight[n * k + j];
       const T* yr = y + row * dim;
-      T* gy = grad_y + row * dim;
       float dot = 0.f;
       for_columns(dim, w.lane, vec, [&](int64_t c, int m) {
         const Float4 gc = load_n(g + c, m), yc = load_n(yr + c, m);
@@ -228,7 +234,7 @@ int launch_moe_unpermute_backward(const void* y, const float* w, const int64_t* 
   MOETRAIN_DISPATCH_DTYPE(y_dtype, T, {
     unpermute_backward_kernel<T><<<blocks_for(n_tokens), kWarpsPerBlock * 32, 0, s>>>(
         static_cast<const T*>(y), w, inv, static_cast<const T*>(grad_out), static_cast<T*>(grad_y), grad_w,
-        n_tokens, k, dim, dim % 4 == 0 && aligned16(y, grad_out, grad_y));
+        n_tokens, k, dim, dim % 4 == 0 && aligned16(grad_out, grad_y) && (y == nullptr || aligned16(y)));
   })
   return static_cast<int>(cudaGetLastError());
 }

@@ -18,10 +18,12 @@ int launch_moe_permute_forward(const void* x, const int64_t* inv, void* rows, in
 int launch_moe_permute_backward(const void* grad_rows, const int64_t* inv, void* grad_x, int64_t n_tokens, int64_t k,
                                 int64_t dim, int rows_dtype, int x_dtype, void* stream);
 // out[n] = Σ_k w[n·K + k] · y[inv[n·K + k]]  (y: [M, D] y_dtype, w fp32, out [N, D] y_dtype)
-// base: null, or [N, D] in y's dtype added to every sum (the shared experts' output)
+// base: null, or [N, D] in y's dtype added to every sum (the shared experts' output);
+// w: null for the unweighted sum (the gates applied inside the experts)
 int launch_moe_unpermute_forward(const void* y, const float* w, const int64_t* inv, const void* base, void* out,
                                  int64_t n_tokens, int64_t k, int64_t dim, int y_dtype, void* stream);
 // grad_y[inv[n·K + k]] = w[n·K + k] · grad_out[n];  grad_w[n·K + k] = <grad_out[n], y[inv[n·K + k]]>
+// w == null (unweighted): grad_y[inv[n·K + k]] = grad_out[n]; y and grad_w unused (may be null)
 int launch_moe_unpermute_backward(const void* y, const float* w, const int64_t* inv, const void* grad_out,
                                   void* grad_y, float* grad_w, int64_t n_tokens, int64_t k, int64_t dim, int y_dtype,
                                   void* stream);

@@ -24,21 +24,24 @@ __device__ __forceinline__ void silu_mul_grad(float g, float u, float go, float&
 // grad_gu like gu. Work item i covers W columns: 8 of bf16 (16-byte accesses; the backward
 // ran at ≈ 2.6 TB/s with 8-byte ones, bench/NOTES.md 53), 4, or 1. Index is 32-bit whenever
 // the item count fits, so the row split costs no 64-bit division (cf. the RoPE kernels).
+// row_scale (nullptr: none): out[r] = row_scale[r] · silu(g)·u, scaled in fp32 before the one rounding.
 template <class T, class Index, int W>
-__global__ void swiglu_packed_forward_kernel(const T* __restrict__ gu, T* __restrict__ out, Index rows, Index cols) {
+__global__ void swiglu_packed_forward_kernel(const T* __restrict__ gu, const float* __restrict__ row_scale,
+                                             T* __restrict__ out, Index rows, Index cols) {
   const Index per_row = cols / W, items = rows * per_row;
   for (Index i = blockIdx.x * static_cast<Index>(blockDim.x) + threadIdx.x; i < items;
        i += static_cast<Index>(gridDim.x) * blockDim.x) {
     const Index r = i / per_row, c = (i - r * per_row) * W;
     const T* g = gu + static_cast<int64_t>(r) * 2 * cols + c;
     T* o = out + static_cast<int64_t>(r) * cols + c;
+    const float s = row_scale ? row_scale[r] : 1.0f;
     if constexpr (W > 1) {
       const auto gv = load_vec<W>(g), uv = load_vec<W>(g + cols);
       auto ov = gv;
-      for (int j = 0; j < W; ++j) ov.v[j] = silu_mul(gv.v[j], uv.v[j]);
+      for (int j = 0; j < W; ++j) ov.v[j] = s * silu_mul(gv.v[j], uv.v[j]);
       store_vec<W>(o, ov);
     } else {
-      *o = from_float<T>(silu_mul(to_float(g[0]), to_float(g[cols])));
+      *o = from_float<T>(s * silu_mul(to_float(g[0]), to_float(g[cols])));
     }
   }
 }
@@ -63,6 +66,46 @@ __global__ void swiglu_packed_backward_kernel(const T* __restrict__ gu, const T*
       grad_gu[in] = from_float<T>(dg);
       grad_gu[in + cols] = from_float<T>(du);
     }
+  }
+}
+
+// The scaled backward: out = s·silu(g)·u per row r, so d/dg and d/du take grad_out·s, and
+// grad_scale[r] = Σ_c grad_out[r, c]·silu(g)·u — a row sum, hence one warp a row (lane `lane`
+// owns columns lane·W + k·32·W; the warp's sum is deterministic, no atomics).
+template <class T, int W>
+__global__ void swiglu_scaled_backward_kernel(const T* __restrict__ gu, const T* __restrict__ grad_out,
+                                              const float* __restrict__ row_scale, T* __restrict__ grad_gu,
+                                              float* __restrict__ grad_scale, int64_t rows, int64_t cols) {
+  const int lane = threadIdx.x % 32;
+  const int64_t first = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x / 32;
+  for (int64_t r = first; r < rows; r += stride) {
+    const float s = row_scale[r];
+    const T* g = gu + r * 2 * cols;
+    const T* go = grad_out + r * cols;
+    T* dgu = grad_gu + r * 2 * cols;
+    float dot = 0.f;
+    for (int64_t c = static_cast<int64_t>(lane) * W; c < cols; c += 32 * W) {
+      if constexpr (W > 1) {
+        const auto gv = load_vec<W>(g + c), uv = load_vec<W>(g + cols + c), gov = load_vec<W>(go + c);
+        auto dg = gv, du = uv;
+        for (int j = 0; j < W; ++j) {
+          dot += gov.v[j] * silu_mul(gv.v[j], uv.v[j]);
+          silu_mul_grad(gv.v[j], uv.v[j], gov.v[j] * s, dg.v[j], du.v[j]);
+        }
+        store_vec<W>(dgu + c, dg);
+        store_vec<W>(dgu + cols + c, du);
+      } else {
+        const float gf = to_float(g[c]), uf = to_float(g[cols + c]), gof = to_float(go[c]);
+        float dg, du;
+        dot += gof * silu_mul(gf, uf);
+        silu_mul_grad(gf, uf, gof * s, dg, du);
+        dgu[c] = from_float<T>(dg);
+        dgu[cols + c] = from_float<T>(du);
+      }
+    }
+    dot = warp_sum(dot);
+    if (lane == 0) grad_scale[r] = dot;
   }
 }
 
@@ -100,7 +143,8 @@ void dispatch_swiglu(int dtype, int64_t rows, int64_t cols, bool aligned, F&& la
 
 }  // namespace
 
-int launch_swiglu_packed_forward(const void* gu, void* out, int64_t rows, int64_t cols, int dtype, void* stream) {
+int launch_swiglu_packed_forward(const void* gu, const float* row_scale, void* out, int64_t rows, int64_t cols,
+                                 int dtype, void* stream) {
   constexpr int kBlock = 256;
   auto s = static_cast<cudaStream_t>(stream);
   dispatch_swiglu(dtype, rows, cols, aligned16(gu, out), [&](auto t, auto index, auto width) {
@@ -108,7 +152,8 @@ int launch_swiglu_packed_forward(const void* gu, void* out, int64_t rows, int64_
     using Index = decltype(index);
     constexpr int W = decltype(width)::value;
     swiglu_packed_forward_kernel<T, Index, W><<<grid_for(rows * (cols / W), kBlock), kBlock, 0, s>>>(
-        static_cast<const T*>(gu), static_cast<T*>(out), static_cast<Index>(rows), static_cast<Index>(cols));
+        static_cast<const T*>(gu), row_scale, static_cast<T*>(out), static_cast<Index>(rows),
+        static_cast<Index>(cols));
   });
   return static_cast<int>(cudaGetLastError());
 }
@@ -125,6 +170,26 @@ int launch_swiglu_packed_backward(const void* gu, const void* grad_out, void* gr
         static_cast<const T*>(gu), static_cast<const T*>(grad_out), static_cast<T*>(grad_gu),
         static_cast<Index>(rows), static_cast<Index>(cols));
   });
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_swiglu_scaled_backward(const void* gu, const void* grad_out, const float* row_scale, void* grad_gu,
+                                  float* grad_scale, int64_t rows, int64_t cols, int dtype, void* stream) {
+  constexpr int kBlock = 256, kRowsPerBlock = kBlock / 32;
+  auto s = static_cast<cudaStream_t>(stream);
+  const int grid = grid_for(rows, kRowsPerBlock);  // one warp a row
+  MOETRAIN_DISPATCH_DTYPE(dtype, T, {
+    const int w = swiglu_width<T>(cols, aligned16(gu, grad_out, grad_gu));
+    auto launch = [&](auto width) {
+      constexpr int W = decltype(width)::value;
+      swiglu_scaled_backward_kernel<T, W><<<grid, kBlock, 0, s>>>(static_cast<const T*>(gu),
+                                                                  static_cast<const T*>(grad_out), row_scale,
+                                                                  static_cast<T*>(grad_gu), grad_scale, rows, cols);
+    };
+    if (w == 8) launch(std::integral_constant<int, 8>{});
+    else if (w == 4) launch(std::integral_constant<int, 4>{});
+    else launch(std::integral_constant<int, 1>{});
+  })
   return static_cast<int>(cudaGetLastError());
 }
 
