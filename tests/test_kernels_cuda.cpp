@@ -39,55 +39,36 @@ double max_rel_err(const torch::Tensor& a, const torch::Tensor& b, double atol) 
 
 }  // namespace
 
+// Plain and gate-scaled (the routed experts' h = g_r · silu(gate)·up, whose backward also returns
+// each row's gate gradient, a warp's sum over the row) against the ATen references in fp32.
 TEST(KernelsCuda, SwigluPackedMatchesReference) {
   ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
-  // F = 256: eight columns per access in bf16, four in fp32; F = 260: four (not a multiple of
-  // eight); F = 257: one (odd width, unaligned up half)
-  for (int64_t f : {256, 260, 257}) {
-    for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
-      torch::manual_seed(0);
-      auto opts = torch::TensorOptions().device(torch::kCUDA).dtype(dtype);
-      auto gu = torch::randn({3, 343, 2 * f}, opts).requires_grad_(true);
-      auto gu32 = gu.detach().to(torch::kFloat32).requires_grad_(true);
-      auto out = swiglu_packed(gu);
-      auto ref = swiglu_packed_reference(gu32);
-      ASSERT_EQ(out.sizes(), ref.sizes());
-      const double tol = dtype == torch::kFloat32 ? 1e-5 : 1.0 / 128;
-      EXPECT_LT(max_rel_err(out, ref, 1e-3), tol) << dtype << " F " << f;
-      auto go = torch::randn_like(ref).to(dtype);
-      out.backward(go);
-      ref.backward(go.to(torch::kFloat32));
-      EXPECT_LT(max_rel_err(gu.grad(), gu32.grad(), 1e-2), 2 * tol) << dtype << " F " << f;
-    }
-  }
-}
-
-// The gate-scaled SwiGLU the routed experts run (h = g_r · silu(gate)·up; the backward also
-// returns each row's gate gradient, a warp's sum over the row) against its ATen reference in
-// fp32: widths on the 8-, 4- and 1-column paths.
-TEST(KernelsCuda, SwigluScaledMatchesReference) {
-  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
-  for (int64_t f : {512, 260, 257}) {
-    for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
-      torch::manual_seed(1);
-      auto opts = torch::TensorOptions().device(torch::kCUDA);
-      auto gu = torch::randn({1031, 2 * f}, opts.dtype(dtype)).requires_grad_(true);
-      auto scale = torch::rand({1031}, opts).requires_grad_(true);
-      auto gu32 = gu.detach().to(torch::kFloat32).requires_grad_(true);
-      auto scale32 = scale.detach().clone().requires_grad_(true);
-      auto out = swiglu_packed_scaled(gu, scale);
-      auto ref = swiglu_packed_scaled_reference(gu32, scale32);
-      ASSERT_EQ(out.sizes(), ref.sizes());
-      ASSERT_EQ(out.scalar_type(), dtype);
-      const double tol = dtype == torch::kFloat32 ? 1e-5 : 1.0 / 128;
-      EXPECT_LT(max_rel_err(out, ref, 1e-3), tol) << dtype << " F " << f;
-      auto go = torch::randn_like(ref).to(dtype);
-      out.backward(go);
-      ref.backward(go.to(torch::kFloat32));
-      EXPECT_LT(max_rel_err(gu.grad(), gu32.grad(), 1e-2), 2 * tol) << dtype << " F " << f;
-      // a row's gate gradient is a sum over F (cancellation): against the largest one
-      const double g_scale = scale32.grad().abs().max().item<double>();
-      EXPECT_LT((scale.grad() - scale32.grad()).abs().max().item<double>() / g_scale, 1e-5) << dtype << " F " << f;
+  // F = 256 / 512: eight columns per access in bf16, four in fp32; F = 260: four (not a multiple
+  // of eight); F = 257: one (odd width, unaligned up half)
+  for (bool scaled : {false, true}) {
+    for (int64_t f : {scaled ? 512 : 256, 260, 257}) {
+      for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
+        torch::manual_seed(0);
+        auto opts = torch::TensorOptions().device(torch::kCUDA);
+        auto gu = torch::randn({3, 343, 2 * f}, opts.dtype(dtype)).requires_grad_(true);
+        auto scale = torch::rand({3, 343}, opts).requires_grad_(true);
+        auto gu32 = gu.detach().to(torch::kFloat32).requires_grad_(true);
+        auto scale32 = scale.detach().clone().requires_grad_(true);
+        auto out = scaled ? swiglu_packed_scaled(gu, scale) : swiglu_packed(gu);
+        auto ref = scaled ? swiglu_packed_scaled_reference(gu32, scale32) : swiglu_packed_reference(gu32);
+        ASSERT_EQ(out.sizes(), ref.sizes());
+        ASSERT_EQ(out.scalar_type(), dtype);
+        const double tol = dtype == torch::kFloat32 ? 1e-5 : 1.0 / 128;
+        EXPECT_LT(max_rel_err(out, ref, 1e-3), tol) << dtype << " F " << f << " scaled " << scaled;
+        auto go = torch::randn_like(ref).to(dtype);
+        out.backward(go);
+        ref.backward(go.to(torch::kFloat32));
+        EXPECT_LT(max_rel_err(gu.grad(), gu32.grad(), 1e-2), 2 * tol) << dtype << " F " << f << " scaled " << scaled;
+        if (!scaled) continue;
+        // a row's gate gradient is a sum over F (cancellation): against the largest one
+        const double g_scale = scale32.grad().abs().max().item<double>();
+        EXPECT_LT((scale.grad() - scale32.grad()).abs().max().item<double>() / g_scale, 1e-5) << dtype << " F " << f;
+      }
     }
   }
 }
