@@ -114,8 +114,9 @@ struct GroupedSwiGLUFunction : torch::autograd::Function<GroupedSwiGLUFunction> 
 torch::Tensor grouped_swiglu_experts(const torch::Tensor& x, const torch::Tensor& w13, const torch::Tensor& w2,
                                      const torch::Tensor& offs, const torch::Tensor& row_scale) {
   TORCH_CHECK(!row_scale.defined() || (row_scale.dim() == 1 && row_scale.size(0) == x.size(0) &&
-                                       row_scale.scalar_type() == torch::kFloat32),
-              "grouped_swiglu_experts: row_scale must be fp32 [", x.size(0), "], got ", row_scale.sizes());
+                                       row_scale.scalar_type() == torch::kFloat32 && row_scale.device() == x.device()),
+              "grouped_swiglu_experts: row_scale must be fp32 [", x.size(0), "] on ", x.device(), ", got ",
+              row_scale.sizes(), " ", row_scale.scalar_type(), " on ", row_scale.device());
 #ifdef MOETRAIN_WITH_CUDA
   if (x.is_cuda())
     return GroupedSwiGLUFunction::apply(

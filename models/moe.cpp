@@ -80,7 +80,7 @@ torch::Tensor moe_routed_experts(GroupedExpertsImpl& experts, const torch::Tenso
   const bool local = !dispatcher || dispatcher->size() == 1;
   const bool inside = gates == GatePlacement::kInsideExperts ||
                       (gates == GatePlacement::kDefault && gates_inside_experts_by_default());
-  if (inside && local && experts.uses_grouped_mm(rows) && perm.inv.defined()) {
+  if (inside && local && experts.uses_grouped_mm(rows)) {
     // w2 is linear, so Σ_k g_k·w2(h_k) = Σ_k w2(g_k·h_k): each row's gate scales its SwiGLU output
     // inside the experts' node, and the unpermute is a plain sum whose backward is a gather — it
     // neither keeps the experts' [N·K, D] output nor reads it again for the gates' gradient.

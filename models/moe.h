@@ -40,8 +40,8 @@ torch::Tensor moe_permute(const torch::Tensor& x, const ExpertPermutation& perm)
 torch::Tensor moe_permute_reference(const torch::Tensor& x, const ExpertPermutation& perm);
 // y: [N·K, D] expert outputs in expert order, topk_weight: [N, K] or undefined (all ones) -> [N, D]:
 // out[n] = base[n] + sum_k topk_weight[n, k] · y[row of (n, k)], the sum accumulated in
-// topk_weight's dtype (fp32) and returned in y's dtype; base (undefined: none) is the shared
-// experts' output. CUDA: the fused gather kernel, which adds the base inside its fp32 sum;
+// topk_weight's dtype (fp32; without weights in fp32 or y's dtype if wider) and returned in
+// y's dtype; base (undefined: none) is the shared experts' output. CUDA: the fused gather kernel, which adds the base inside its fp32 sum;
 // elsewhere moe_unpermute_reference (an fp32 index_add, then + base), its twin.
 torch::Tensor moe_unpermute(const torch::Tensor& y, const ExpertPermutation& perm,
                             const torch::Tensor& topk_weight, int64_t n_tokens, const torch::Tensor& base = {});
@@ -52,7 +52,9 @@ torch::Tensor moe_unpermute_reference(const torch::Tensor& y, const ExpertPermut
 // textbook form; its backward reads the experts' outputs again for the gates' gradient), or on
 // each row's SwiGLU output inside the experts' grouped node, before w2 (equal, as w2 is linear;
 // the unpermute becomes a plain sum and keeps nothing — bench/NOTES.md 56). Inside needs the
-// grouped-GEMM path and all experts local; elsewhere the unpermute applies them. kDefault:
+// grouped-GEMM path (GroupedExpertsImpl::uses_grouped_mm of the permuted rows) and all experts
+// local; elsewhere the unpermute applies them. The two round differently in bf16 (the gate
+// before h's rounding, not after the output's), so they agree to bf16 rounding, not bitwise. kDefault:
 // inside unless MOETRAIN_GATES_IN_EXPERTS=0.
 enum class GatePlacement { kDefault, kInUnpermute, kInsideExperts };
 

@@ -75,7 +75,7 @@ TEST(MoeCuda, GroupedMmUnderAutocastMatchesFp64Loop) {
     torch::Tensor y;
     {
       Bf16Autocast autocast;
-      ASSERT_TRUE(fast->uses_grouped_mm(x_gpu));
+      ASSERT_TRUE(fast->uses_grouped_mm(x_gpu));  // so kInsideExperts takes the inside path (local experts)
       y = moe_routed_experts(*fast, x_gpu, idx_gpu, w_gpu, counts, nullptr, {}, gates);
     }
     EXPECT_FALSE(fast->uses_grouped_mm(x_gpu)) << "fp32 without autocast keeps the exact loop";

@@ -67,7 +67,9 @@ TEST(KernelsCpu, SwigluPackedScaledBackwardClosedFormEqualsAutograd) {
   auto scale = torch::rand({5, 3}, torch::kFloat64).requires_grad_(true);
   auto go = torch::randn({5, 3, 6}, torch::kFloat64);
   const torch::Tensor out = swiglu_packed_scaled(gu, scale);
-  EXPECT_TRUE(torch::allclose(out, swiglu_packed_reference(gu) * scale.unsqueeze(-1), 1e-12, 1e-12));
+  const torch::Tensor g = gu.detach().narrow(-1, 0, 6), u = gu.detach().narrow(-1, 6, 6);
+  const torch::Tensor by_hand = g / (1 + torch::exp(-g)) * u * scale.detach().unsqueeze(-1);  // s·silu(g)·u
+  EXPECT_TRUE(torch::allclose(out, by_hand, 1e-12, 1e-12));
   out.backward(go);
   const auto [grad_gu, grad_scale] = swiglu_packed_scaled_backward(gu.detach(), scale.detach(), go);
   ASSERT_EQ(grad_gu.sizes(), gu.sizes());
@@ -75,6 +77,7 @@ TEST(KernelsCpu, SwigluPackedScaledBackwardClosedFormEqualsAutograd) {
   EXPECT_TRUE(torch::allclose(grad_gu, gu.grad(), 1e-12, 1e-12));
   EXPECT_TRUE(torch::allclose(grad_scale, scale.grad(), 1e-12, 1e-12));
   EXPECT_THROW(swiglu_packed_scaled(gu.detach(), torch::rand({5})), c10::Error);  // one weight a row
+  EXPECT_THROW(swiglu_packed_scaled_backward(gu.detach(), scale.detach(), go.narrow(-1, 0, 5)), c10::Error);
 }
 
 // The experts' weight-gradient twin against autograd: y[rows of e] = x[rows of e] · w[e]ᵀ,

@@ -139,6 +139,10 @@ std::pair<torch::Tensor, torch::Tensor> swiglu_packed_scaled_backward(const torc
                                                                       const torch::Tensor& grad_out) {
   check_scaled_shapes(gu, scale);
   const int64_t f = gu.size(-1) / 2;
+  std::vector<int64_t> out_shape = gu.sizes().vec();
+  out_shape.back() = f;
+  TORCH_CHECK(grad_out.sizes() == torch::IntArrayRef(out_shape), "swiglu_packed_scaled_backward: grad_out must be ",
+              torch::IntArrayRef(out_shape), ", got ", grad_out.sizes());
 #ifdef MOETRAIN_WITH_CUDA
   if (swiglu_scaled_kernel_ok(gu, scale)) {
     const torch::Tensor g = gu.contiguous(), s = scale.contiguous(), go = grad_out.to(gu.scalar_type()).contiguous();
