@@ -331,6 +331,10 @@ int cmd_bench(int argc, char** argv) {
     fb.bf16_autocast = tc.dtype == "bf16" && device.is_cuda();
     fb.bf16_logits = fb.bf16_autocast && tc.logits_dtype == "bf16";
     fb.reducer = reducer.get();
+    // one process: the clipping norm summed during the backward (trainer/grad_norm_tracker.h)
+    const std::unique_ptr<GradNormTracker> norm_tracker =
+        norm_tracker_for(ep.replicated_params(), world == 1 && !zero && !ep.enabled());
+    fb.norm_tracker = norm_tracker.get();
 
     const ParamCounts pc = count_params(cfg.model, tc.seq_len);
     const int64_t tokens_per_step = tc.global_batch * tc.seq_len;
@@ -389,7 +393,7 @@ int cmd_bench(int argc, char** argv) {
         else
           ep.reduce_gradients();
         // the global norm on the device (each expert shard once), the clipping inside the fused update
-        const torch::Tensor norm = ep.grad_norm();
+        const torch::Tensor norm = sums.grad_norm.defined() ? sums.grad_norm : ep.grad_norm();
         if (std::isfinite(clip)) optimizer->clip_next_step(norm, clip);
         built.step_replicated();
       }

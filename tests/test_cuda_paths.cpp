@@ -13,8 +13,12 @@
 #include "models/experts.h"
 #include "models/linear.h"
 #include "models/lm_loss.h"
+#include "trainer/balance.h"
+#include "trainer/cuda_graph.h"
+#include "trainer/grad_norm_tracker.h"
 #include "trainer/master_weights.h"
 #include "trainer/optim.h"
+#include "trainer/train_step.h"
 #include "models/moe.h"
 #include "models/rope.h"
 #include "models/transformer.h"
@@ -416,6 +420,62 @@ TEST(MasterAdamWCuda, Bf16MomentsFusedKernelMatchesTheSwapReference) {
 TEST(MasterAdamWCuda, SplitMastersFusedKernelMatchesTheSwapReference) {
   fused_master_adamw_matches_the_swap_reference(torch::kBFloat16, /*split=*/true);
   fused_master_adamw_matches_the_swap_reference(torch::kFloat, /*split=*/true);
+}
+
+// The clipping norm summed during the backward on a side stream (trainer/grad_norm_tracker.h)
+// against the pass over the gradients after it (ExpertParallel::grad_norm's: the same chunks in
+// the same order): bit-equal, eager with two micro-steps and in two replays of a captured graph
+// (other tokens each time), with bf16 weights under autocast as the trainer runs.
+TEST(GradNormTrackerCuda, MatchesTheNormAfterTheBackwardEagerAndGraphed) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  ModelConfig cfg;  // the debug shape: dense first layer, then MoE layers
+  torch::manual_seed(5);
+  Transformer model(cfg);
+  model->to(torch::kCUDA);
+  cast_params_to_bf16(bf16_weight_params(*model));
+  Balancer balancer(BalanceConfig{}, cfg, model->routers());
+  const std::vector<torch::Tensor> params = model->parameters();
+  GradNormTracker tracker(params);
+  const auto long_opts = torch::TensorOptions().dtype(torch::kLong).device(torch::kCUDA);
+  const int64_t seq = 32;
+  ForwardBackwardOptions fb;
+  fb.accum = 2;
+  fb.seq_len = seq;
+  fb.bf16_autocast = true;
+  fb.norm_tracker = &tracker;
+  auto over = [&](const torch::Tensor& tokens) {  // [4, seq + 1]: two micro-batches of two rows
+    return forward_backward(
+        model, balancer,
+        [&](int64_t m) {
+          const torch::Tensor rows = tokens.narrow(0, 2 * m, 2);
+          return Batch{rows.narrow(1, 0, seq), rows.narrow(1, 1, seq)};
+        },
+        fb);
+  };
+  auto expect_equal_to_after = [&](const torch::Tensor& got, const std::string& what) {
+    std::vector<torch::Tensor> grads;
+    for (const auto& p : params)
+      if (p.grad().defined()) grads.push_back(p.grad());
+    ASSERT_EQ(grads.size(), params.size()) << what << ": every parameter has a gradient";
+    const torch::Tensor want = grad_squares_sum(grads).to(torch::kDouble).sqrt();
+    ASSERT_TRUE(got.defined()) << what;
+    EXPECT_GT(got.item<double>(), 0.0) << what;
+    EXPECT_TRUE(torch::equal(got, want)) << what << ": " << got.item<double>() << " vs " << want.item<double>();
+  };
+
+  model->zero_grad();
+  const StepLosses eager = over(torch::randint(cfg.vocab_size, {4, seq + 1}, long_opts));
+  EXPECT_EQ(tracker.summed_in_backward(), static_cast<int64_t>(params.size())) << "all summed beside the backward";
+  expect_equal_to_after(eager.grad_norm, "eager");
+
+  const torch::Tensor graph_tokens = torch::randint(cfg.vocab_size, {4, seq + 1}, long_opts);
+  CapturedForwardBackward graph([&] { return over(graph_tokens); }, params, [&] { balancer.discard_step(); });
+  for (int replay = 0; replay < 2; ++replay) {
+    graph_tokens.copy_(torch::randint(cfg.vocab_size, {4, seq + 1}, long_opts));
+    const StepLosses sums = graph.run();
+    torch::cuda::synchronize();
+    expect_equal_to_after(sums.grad_norm, "replay " + std::to_string(replay));
+  }
 }
 
 }  // namespace

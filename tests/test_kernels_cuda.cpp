@@ -532,6 +532,21 @@ TEST(KernelsCuda, GradNormKernelMatchesForeachNorm) {
   double exact = 0.0;
   for (const auto& g : grads) exact += g.to(torch::kDouble).pow(2).sum().item<double>();
   EXPECT_NEAR(got, std::sqrt(exact), 1e-5 * std::sqrt(exact));
+
+  // the per-tensor chunk sums (the norm summed during the backward) add up to the list kernel's
+  // sum bit for bit, each chunk near the reference's
+  int64_t chunks = 0;
+  for (const auto& g : grads) chunks += sum_of_squares_chunk_count(g.numel());
+  const torch::Tensor buffer = torch::full({chunks}, -1.0f, opts), reference = torch::full({chunks}, -1.0f, opts);
+  int64_t at = 0;
+  for (const auto& g : grads) {
+    const int64_t n = sum_of_squares_chunk_count(g.numel());
+    sum_of_squares_chunks_into(g, buffer.narrow(0, at, n));
+    sum_of_squares_chunks_reference(g, reference.narrow(0, at, n));
+    at += n;
+  }
+  EXPECT_TRUE(torch::equal(buffer.sum(), sum_of_squares_fused(grads))) << "the same chunks, the same order";
+  EXPECT_TRUE(torch::allclose(buffer, reference, 1e-5, 1e-6));
 }
 
 // Our Hopper weight-gradient kernel against the fp32 per-expert loop and ATen's grouped GEMM:

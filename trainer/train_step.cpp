@@ -19,7 +19,7 @@ StepLosses forward_backward(Transformer& model, Balancer& balancer, const std::f
                             const ForwardBackwardOptions& options) {
   const torch::Device device = model->embed->weight.device();
   auto zero = [&] { return torch::zeros({}, torch::TensorOptions().dtype(torch::kFloat64).device(device)); };
-  StepLosses sums{zero(), zero(), zero(), zero(), zero()};
+  StepLosses sums{zero(), zero(), zero(), zero(), zero(), torch::Tensor()};
   for (int64_t m = 0; m < options.accum; ++m) {
     Batch batch = micro_batch(m);
     torch::Tensor loss, lm, mtp;
@@ -42,6 +42,7 @@ StepLosses forward_backward(Transformer& model, Balancer& balancer, const std::f
     }
     const bool last = m + 1 == options.accum;
     if (last && options.reducer) options.reducer->prepare();
+    if (last && options.norm_tracker) options.norm_tracker->prepare();
     // (test-only: a NaN in the first parameter's gradient as it accumulates, so it also reaches
     // the other ranks through the reduction)
     torch::Tensor poisoned = options.poison_grad && last ? model->parameters().front() : torch::Tensor();
@@ -59,6 +60,7 @@ StepLosses forward_backward(Transformer& model, Balancer& balancer, const std::f
     sums.z += bl.z.detach().to(torch::kFloat64);
   }
   if (options.reducer) options.reducer->finish();
+  if (options.norm_tracker) sums.grad_norm = options.norm_tracker->finish();
   return sums;
 }
 

@@ -15,6 +15,7 @@
 #include "data/dataset.h"
 #include "models/transformer.h"
 #include "trainer/balance.h"
+#include "trainer/grad_norm_tracker.h"
 #include "trainer/grad_reducer.h"
 
 namespace moetrain {
@@ -23,6 +24,9 @@ namespace moetrain {
 // mtp is the unweighted mean over MTP depths (0 without MTP modules), comparable with lm.
 struct StepLosses {
   torch::Tensor lm, aux, seq_aux, z, mtp;
+  // With ForwardBackwardOptions::norm_tracker: ‖g‖₂ of the step's gradients (0-dim fp64 on the
+  // device, summed during the backward); undefined otherwise (ExpertParallel::grad_norm).
+  torch::Tensor grad_norm;
   // [lm, aux, seq_aux, z, mtp] means on the CPU: the one host sync of a step.
   std::vector<double> means(int64_t accum) const;
 };
@@ -41,6 +45,9 @@ struct ForwardBackwardOptions {
   // Data parallel: averages the gradients over the ranks during the last micro-step's
   // backward (trainer/grad_reducer.h); null = the caller reduces them (or one process).
   GradReducer* reducer = nullptr;
+  // One process: sums the gradient norm during the last micro-step's backward into
+  // StepLosses::grad_norm (trainer/grad_norm_tracker.h); null = the caller computes it after.
+  GradNormTracker* norm_tracker = nullptr;
 };
 
 // micro_batch(m) is micro-batch m (CPU or device tensors). Gradients are ADDED to the

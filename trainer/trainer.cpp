@@ -130,7 +130,7 @@ void all_reduce_losses(ProcessGroup& pg, StepLosses& sums) {
   if (pg.world_size() == 1) return;
   torch::Tensor all = torch::stack({sums.lm, sums.aux, sums.seq_aux, sums.z, sums.mtp});
   pg.all_reduce(all, ReduceOp::kSum);
-  sums = StepLosses{all[0], all[1], all[2], all[3], all[4]};
+  sums = StepLosses{all[0], all[1], all[2], all[3], all[4], sums.grad_norm};
 }
 
 }  // namespace
@@ -253,6 +253,10 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
   step_fb.seq_len = tc.seq_len;
   step_fb.bf16_autocast = bf16_autocast;
   step_fb.bf16_logits = bf16_autocast && tc.logits_dtype == "bf16";
+  // one process: the clipping norm summed during the backward (trainer/grad_norm_tracker.h)
+  const std::unique_ptr<GradNormTracker> norm_tracker =
+      norm_tracker_for(ep.replicated_params(), world == 1 && !zero && !ep.enabled());
+  step_fb.norm_tracker = norm_tracker.get();
   if (tc.cuda_graph) {
     if (world > 1) throw std::runtime_error("train.cuda_graph: CUDA graphs are for one process (world size 1)");
     const auto opts = torch::TensorOptions().dtype(torch::kLong).device(device);
@@ -322,7 +326,7 @@ TrainResult train(const ExperimentConfig& cfg, const TrainOptions& options) {
     const double max_norm = cfg.optim.grad_clip > 0.0 ? cfg.optim.grad_clip : std::numeric_limits<double>::infinity();
     // replicated optimizer: the global norm on the device (each expert shard once), read once;
     // the clipping folded into the fused AdamW step
-    const torch::Tensor norm = zero ? torch::Tensor() : ep.grad_norm();
+    const torch::Tensor norm = zero ? torch::Tensor() : sums.grad_norm.defined() ? sums.grad_norm : ep.grad_norm();
     const double grad_norm = zero ? zero_opt->clip_grad_norm(max_norm)  // global: the shards' squares all-reduced
                                   : norm.item<double>();
     const std::vector<double> maxvio_layers = balancer.maxvio_per_layer();

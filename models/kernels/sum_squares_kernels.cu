@@ -29,11 +29,9 @@ __device__ __forceinline__ float chunk_sum_squares(const T* x, int64_t begin, in
   return acc;
 }
 
-__global__ void sum_squares_kernel(const SumSquaresTensor* __restrict__ tensors, int n_tensors, int64_t chunk,
-                                   float* __restrict__ partials) {
-  const int64_t c = blockIdx.x;
-  const SumSquaresTensor t = tensors[entry_of_chunk(tensors, n_tensors, c)];
-  const int64_t begin = (c - t.first_chunk) * chunk;
+// Σ x² of chunk c (local to t) by the whole block; the result in thread 0.
+__device__ __forceinline__ float block_chunk_sum_squares(const SumSquaresTensor& t, int64_t c, int64_t chunk) {
+  const int64_t begin = c * chunk;
   const int64_t end = begin + chunk < t.numel ? begin + chunk : t.numel;
   float acc = t.dtype == 1 ? chunk_sum_squares(static_cast<const __nv_bfloat16*>(t.data), begin, end, t.vec)
                            : chunk_sum_squares(static_cast<const float*>(t.data), begin, end, t.vec);
@@ -44,8 +42,23 @@ __global__ void sum_squares_kernel(const SumSquaresTensor* __restrict__ tensors,
   if (threadIdx.x < 32) {
     acc = threadIdx.x < kThreads / 32 ? warps[threadIdx.x] : 0.0f;
     acc = warp_sum(acc);
-    if (threadIdx.x == 0) partials[c] = acc;
   }
+  return acc;
+}
+
+__global__ void sum_squares_kernel(const SumSquaresTensor* __restrict__ tensors, int n_tensors, int64_t chunk,
+                                   float* __restrict__ partials) {
+  const int64_t c = blockIdx.x;
+  const SumSquaresTensor t = tensors[entry_of_chunk(tensors, n_tensors, c)];
+  const float acc = block_chunk_sum_squares(t, c - t.first_chunk, chunk);
+  if (threadIdx.x == 0) partials[c] = acc;
+}
+
+// One tensor passed by value: no table in device memory (so a graph capture holds no pointer
+// into a host staging buffer).
+__global__ void sum_squares_one_kernel(SumSquaresTensor t, int64_t chunk, float* __restrict__ partials) {
+  const float acc = block_chunk_sum_squares(t, blockIdx.x, chunk);
+  if (threadIdx.x == 0) partials[blockIdx.x] = acc;
 }
 
 }  // namespace
@@ -55,6 +68,14 @@ int launch_sum_squares(const SumSquaresTensor* tensors, int n_tensors, int64_t n
   if (n_tensors == 0 || n_chunks == 0) return 0;
   sum_squares_kernel<<<static_cast<unsigned>(n_chunks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       tensors, n_tensors, chunk, partials);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_sum_squares_one(SumSquaresTensor t, int64_t chunk, float* partials, void* stream) {
+  const int64_t n_chunks = (t.numel + chunk - 1) / chunk;
+  if (n_chunks == 0) return 0;
+  sum_squares_one_kernel<<<static_cast<unsigned>(n_chunks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      t, chunk, partials);
   return static_cast<int>(cudaGetLastError());
 }
 

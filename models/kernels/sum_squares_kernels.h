@@ -20,4 +20,9 @@ struct SumSquaresTensor {
 int launch_sum_squares(const SumSquaresTensor* tensors, int n_tensors, int64_t n_chunks, int64_t chunk, float* partials,
                        void* stream);
 
+// One tensor t (first_chunk unused): a block per chunk writes partials[c] = Σ x² of its chunk
+// c, the same per-chunk sums launch_sum_squares writes for t inside a list (the gradient norm
+// summed parameter by parameter as the backward finishes them: trainer/grad_norm_tracker.h).
+int launch_sum_squares_one(SumSquaresTensor t, int64_t chunk, float* partials, void* stream);
+
 }  // namespace moetrain::kernels
