@@ -20,7 +20,7 @@ namespace moetrain {
 bool norm_in_backward_enabled() {
   static const bool enabled = [] {
     const char* v = std::getenv("MOETRAIN_NORM_IN_BACKWARD");
-    return v == nullptr || std::strcmp(v, "0") != 0;
+    return v != nullptr && std::strcmp(v, "1") == 0;
   }();
   return enabled;
 }

@@ -3,7 +3,8 @@
 // side CUDA stream beside the backward's own kernels.
 //
 // After the backward, ExpertParallel::grad_norm reads every gradient once more (2.5 GB at
-// bench-1b, 0.55 ms alone on the GPU, between the backward and AdamW: bench/NOTES.md 57).
+// bench-1b, 0.55 ms alone on the GPU, between the backward and AdamW). An experiment, off by
+// default (norm_in_backward_enabled): measured, the step did not get faster (bench/NOTES.md 57).
 // Here a hook after each parameter's gradient accumulation (the GradReducer's hook point)
 // queues that gradient's per-chunk Σ g² (models/kernels/sum_squares.h) on a side stream, into
 // the parameter's slice of one fp32 buffer laid out as sum_of_squares_fused lays out its
@@ -36,8 +37,10 @@
 
 namespace moetrain {
 
-// MOETRAIN_NORM_IN_BACKWARD unset or "1": the trainer and the bench use a GradNormTracker on
-// CUDA in one process; "0": the norm after the backward (the A/B switch). Read once.
+// MOETRAIN_NORM_IN_BACKWARD=1: the trainer and the bench use a GradNormTracker on CUDA in one
+// process; unset or "0": the norm after the backward, the default — the step measured no faster
+// with the tracker (bench/NOTES.md 57: the side stream's reads delay the persistent GEMMs as
+// much as they save). Read once.
 bool norm_in_backward_enabled();
 
 class GradNormTracker;
