@@ -447,6 +447,8 @@ int cmd_bench(int argc, char** argv) {
                         {"param_dtype", tc.param_dtype},
                         {"logits_dtype", fb.bf16_logits ? "bf16" : "fp32"},
                         {"cuda_graph", tc.cuda_graph},
+                        {"graph_memsets_replaced", graph ? graph->replaced_memsets() : 0},
+                        {"norm_in_backward", norm_tracker != nullptr},
                         {"tokens_per_s_per_gpu", tokens_per_s / static_cast<double>(world)},
                         {"step_ms", ms},
                         {"step_ms_min", *std::min_element(step_ms.begin(), step_ms.end())},
@@ -466,11 +468,12 @@ int cmd_bench(int argc, char** argv) {
                         {"maxvio_layers", maxvio},
                         {"profile", profile}};
     std::cout << fmt::format("{}{}: median step {:.1f} ms, {:.0f} tokens/s, {:.1f} TFLOP/s{}, MFU {}, peak memory {:.1f} GB "
-                             "({:.1f} GB reserved), MaxVio of the last step {:.2f} mean / {:.2f} max over MoE layers\n",
+                             "({:.1f} GB reserved), MaxVio of the last step {:.2f} mean / {:.2f} max over MoE layers{}\n",
                              name, world > 1 ? fmt::format(" × {}", world) : "", ms, tokens_per_s, tflops,
                              world > 1 ? " per GPU" : "",
                              peak ? fmt::format("{:.1f} %", 100.0 * tflops / *peak) : "n/a", j["peak_mem_gb"].get<double>(),
-                             j["peak_reserved_gb"].get<double>(), maxvio_mean, maxvio_max);
+                             j["peak_reserved_gb"].get<double>(), maxvio_mean, maxvio_max,
+                             graph ? fmt::format("; CUDA graph, {} memset nodes as kernels", graph->replaced_memsets()) : "");
     std::cout << j.dump() << "\n";
     return 0;
   });

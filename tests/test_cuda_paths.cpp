@@ -10,6 +10,13 @@
 #include <ATen/autocast_mode.h>
 #include <torch/torch.h>
 
+#ifdef MOETRAIN_WITH_CUDA
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#endif
+
 #include "models/experts.h"
 #include "models/linear.h"
 #include "models/lm_loss.h"
@@ -477,5 +484,64 @@ TEST(GradNormTrackerCuda, MatchesTheNormAfterTheBackwardEagerAndGraphed) {
     expect_equal_to_after(sums.grad_norm, "replay " + std::to_string(replay));
   }
 }
+
+#ifdef MOETRAIN_WITH_CUDA
+// A captured graph's memset nodes as kernel nodes (trainer/cuda_graph.h): 1-, 2- and 4-byte
+// elements, a pitched 2D memset, a memset between two kernels that write and read its bytes, one
+// over the size limit left alone; the replay writes what the memsets would have, in order.
+TEST(CudaGraphCuda, MemsetNodesBecomeKernelsThatWriteTheSameBytes) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  const auto opts = torch::TensorOptions().device(torch::kCUDA);
+  const torch::Tensor bytes = torch::zeros({64}, opts.dtype(torch::kUInt8));
+  const torch::Tensor halves = torch::zeros({7}, opts.dtype(torch::kInt16));
+  const torch::Tensor words = torch::zeros({5}, opts.dtype(torch::kInt32));
+  const torch::Tensor grid = torch::zeros({4, 16}, opts.dtype(torch::kUInt8));  // rows 16 bytes apart
+  const torch::Tensor big = torch::zeros({1 << 16}, opts.dtype(torch::kInt32));  // 256 KiB: over the limit
+  torch::Tensor sum;
+  at::cuda::CUDAGraph graph(/*keep_graph=*/true);
+  const c10::cuda::CUDAStream stream = c10::cuda::getStreamFromPool(false, 0);
+  {
+    c10::cuda::CUDAStreamGuard guard(stream);
+    graph.capture_begin();
+    words.add_(100);  // a kernel before the memset: overwritten by it
+    ASSERT_EQ(cudaMemsetAsync(words.data_ptr(), 0x01, 8, stream.stream()), cudaSuccess);  // words[0:2] = 0x01010101
+    sum = words.sum();  // a kernel after it reads its bytes
+    ASSERT_EQ(cudaMemsetAsync(bytes.data_ptr(), 0xAB, 33, stream.stream()), cudaSuccess);
+    ASSERT_EQ(cudaMemset2DAsync(grid.data_ptr(), 16, 0x7F, 3, 2, stream.stream()), cudaSuccess);  // 3 bytes × 2 rows
+    ASSERT_EQ(cudaMemsetAsync(big.data_ptr(), 0x02, big.numel() * 4, stream.stream()), cudaSuccess);
+    graph.capture_end();
+  }
+  // 2- and 4-byte elements (cuBLAS's counters are 32-bit) as nodes of their own
+  auto add_memset = [&](const torch::Tensor& t, unsigned value) {
+    cudaMemsetParams m{};
+    m.dst = t.data_ptr();
+    m.value = value;
+    m.elementSize = static_cast<unsigned>(t.element_size());
+    m.width = static_cast<size_t>(t.numel());
+    m.height = 1;
+    cudaGraphNode_t node = nullptr;
+    ASSERT_EQ(cudaGraphAddMemsetNode(&node, graph.raw_cuda_graph(), nullptr, 0, &m), cudaSuccess);
+  };
+  const torch::Tensor quads = torch::zeros({3}, opts.dtype(torch::kInt32));
+  add_memset(halves, 0x1234);
+  add_memset(quads, 0x12345678);
+  EXPECT_EQ(replace_memset_nodes(graph.raw_cuda_graph(), int64_t{64} << 10), 5) << "the 256 KiB memset stays";
+  graph.instantiate();
+  graph.replay();
+  torch::cuda::synchronize();
+  const int64_t word = 0x01010101;
+  EXPECT_TRUE(torch::equal(words.cpu(), torch::tensor({word, word, 100, 100, 100}, torch::kInt32)));
+  EXPECT_EQ(sum.item<int64_t>(), 2 * word + 300);
+  const torch::Tensor b = bytes.cpu();
+  EXPECT_TRUE(torch::equal(b.narrow(0, 0, 33), torch::full({33}, 0xAB, torch::kUInt8)));
+  EXPECT_TRUE(torch::equal(b.narrow(0, 33, 31), torch::zeros({31}, torch::kUInt8))) << "past the memset";
+  torch::Tensor want_grid = torch::zeros({4, 16}, torch::kUInt8);
+  want_grid.narrow(0, 0, 2).narrow(1, 0, 3).fill_(0x7F);
+  EXPECT_TRUE(torch::equal(grid.cpu(), want_grid));
+  EXPECT_TRUE(torch::equal(big.cpu(), torch::full({1 << 16}, 0x02020202, torch::kInt32)));
+  EXPECT_TRUE(torch::equal(halves.cpu(), torch::full({7}, 0x1234, torch::kInt16)));
+  EXPECT_TRUE(torch::equal(quads.cpu(), torch::full({3}, 0x12345678, torch::kInt32)));
+}
+#endif
 
 }  // namespace

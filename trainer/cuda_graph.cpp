@@ -1,6 +1,9 @@
 #include "trainer/cuda_graph.h"
 
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
+#include <vector>
 
 #ifdef MOETRAIN_WITH_CUDA
 #include <ATen/cuda/CUDAEvent.h>
@@ -8,6 +11,10 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime_api.h>
+
+#include "models/kernels/graph_memset_kernels.h"
 #endif
 
 namespace moetrain {
@@ -20,12 +27,70 @@ bool cuda_graphs_available() {
 #endif
 }
 
+bool graph_memsets_as_kernels() {
+  static const bool as_kernels = [] {
+    const char* v = std::getenv("MOETRAIN_GRAPH_MEMSETS");
+    return v == nullptr || std::strcmp(v, "keep") != 0;
+  }();
+  return as_kernels;
+}
+
+int64_t replace_memset_nodes(void* cuda_graph, int64_t max_bytes) {
+#ifdef MOETRAIN_WITH_CUDA
+  const auto graph = static_cast<cudaGraph_t>(cuda_graph);
+  size_t n = 0;
+  C10_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &n));
+  std::vector<cudaGraphNode_t> nodes(n);
+  C10_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &n));
+  // The edges of a node in one direction: the nodes and the edges' data (all default: true).
+  auto edges = [](cudaGraphNode_t node, bool incoming, std::vector<cudaGraphNode_t>& other) {
+    size_t count = 0;
+    auto query = incoming ? cudaGraphNodeGetDependencies : cudaGraphNodeGetDependentNodes;
+    C10_CUDA_CHECK(query(node, nullptr, nullptr, &count));
+    other.resize(count);
+    std::vector<cudaGraphEdgeData> data(count);
+    C10_CUDA_CHECK(query(node, other.data(), data.data(), &count));
+    for (const cudaGraphEdgeData& d : data)
+      if (d.from_port != 0 || d.to_port != 0 || d.type != cudaGraphDependencyTypeDefault) return false;
+    return true;
+  };
+  int64_t replaced = 0;
+  for (cudaGraphNode_t node : nodes) {
+    cudaGraphNodeType type{};
+    C10_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+    if (type != cudaGraphNodeTypeMemset) continue;
+    cudaMemsetParams m{};
+    C10_CUDA_CHECK(cudaGraphMemsetNodeGetParams(node, &m));
+    if (static_cast<int64_t>(m.width * m.height * m.elementSize) > max_bytes) continue;
+    std::vector<cudaGraphNode_t> before, after;
+    if (!edges(node, /*incoming=*/true, before) || !edges(node, /*incoming=*/false, after)) continue;
+    kernels::MemsetNodeArgs args{m.dst, m.pitch, m.value, m.elementSize, m.width, m.height};
+    void* kernel_args[] = {&args};
+    cudaKernelNodeParams k{};
+    k.func = const_cast<void*>(kernels::memset_node_kernel());
+    k.gridDim = dim3(kernels::memset_node_blocks(args));
+    k.blockDim = dim3(kernels::kMemsetNodeThreads);
+    k.kernelParams = kernel_args;  // copied by the call
+    cudaGraphNode_t kernel = nullptr;
+    C10_CUDA_CHECK(cudaGraphAddKernelNode(&kernel, graph, before.data(), before.size(), &k));
+    C10_CUDA_CHECK(cudaGraphDestroyNode(node));  // and its edges
+    for (cudaGraphNode_t next : after) C10_CUDA_CHECK(cudaGraphAddDependencies(graph, &kernel, &next, nullptr, 1));
+    ++replaced;
+  }
+  return replaced;
+#else
+  (void)cuda_graph, (void)max_bytes;
+  return 0;
+#endif
+}
+
 struct CapturedForwardBackward::State {
 #ifdef MOETRAIN_WITH_CUDA
-  at::cuda::CUDAGraph graph;
+  at::cuda::CUDAGraph graph{/*keep_graph=*/true};  // edited (replace_memset_nodes) before instantiate()
 #endif
   StepLosses sums;  // the graph's outputs (updated in place by every replay)
   bool captured = false;
+  int64_t replaced_memsets = 0;
 };
 
 CapturedForwardBackward::CapturedForwardBackward(std::function<StepLosses()> fb, std::vector<torch::Tensor> params,
@@ -40,6 +105,8 @@ CapturedForwardBackward::CapturedForwardBackward(std::function<StepLosses()> fb,
 CapturedForwardBackward::~CapturedForwardBackward() = default;
 
 bool CapturedForwardBackward::captured() const { return state_->captured; }
+
+int64_t CapturedForwardBackward::replaced_memsets() const { return state_->replaced_memsets; }
 
 void CapturedForwardBackward::drop_grads() {
   for (auto& p : params_) p.mutable_grad() = torch::Tensor();
@@ -69,6 +136,9 @@ StepLosses CapturedForwardBackward::run() {
       state_->graph.capture_begin();
       state_->sums = fb_();
       state_->graph.capture_end();
+      if (graph_memsets_as_kernels())
+        state_->replaced_memsets = replace_memset_nodes(state_->graph.raw_cuda_graph(), int64_t{64} << 10);
+      state_->graph.instantiate();
     }
     at::cuda::CUDAEvent after;
     after.record(side);

@@ -9,8 +9,12 @@
 // on every replay, so nothing may set them to None (no zero_grad; MasterWeights keeps them).
 // The optimizer step runs eagerly after the replay (its step counts and learning rate change
 // every step). Single process only: the data-parallel reducers' hooks are not captured.
+// Before the graph is instantiated, its small memset nodes (the 4-byte counters cuBLAS and
+// cuDNN reset before many of their kernels: ≈ 160 a bench-1b step) become kernel nodes
+// (replace_memset_nodes).
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <vector>
@@ -39,6 +43,8 @@ class CapturedForwardBackward {
   StepLosses run();
 
   bool captured() const;
+  // Memset nodes of the captured graph replaced by kernel nodes (0 before the capture).
+  int64_t replaced_memsets() const;
 
   static constexpr int kWarmupPasses = 2;
 
@@ -54,5 +60,16 @@ class CapturedForwardBackward {
 
 // Whether this build can capture CUDA graphs (MOETRAIN_WITH_CUDA).
 bool cuda_graphs_available();
+
+// Replaces every memset node of at most max_bytes in `cuda_graph` (a cudaGraph_t not yet
+// instantiated) by a kernel node that writes the same bytes, with the same dependencies and
+// dependents; returns how many. Between two kernels a memset node costs ≈ 9 µs of a graph's
+// chain (≈ 4 µs of latency on each side), a kernel node ≈ 2 µs (bench/NOTES.md 58). A node
+// with edges of non-default type is left as it is. Throws on a CUDA error; 0 without CUDA.
+int64_t replace_memset_nodes(void* cuda_graph, int64_t max_bytes);
+
+// MOETRAIN_GRAPH_MEMSETS=keep: captured steps keep their memset nodes (the A/B switch); unset
+// or anything else: replace_memset_nodes up to 64 KiB. Read once.
+bool graph_memsets_as_kernels();
 
 }  // namespace moetrain
