@@ -529,9 +529,9 @@ TEST(CudaGraphCuda, MemsetNodesBecomeKernelsThatWriteTheSameBytes) {
   graph.instantiate();
   graph.replay();
   torch::cuda::synchronize();
-  const int64_t word = 0x01010101;
-  EXPECT_TRUE(torch::equal(words.cpu(), torch::tensor({word, word, 100, 100, 100}, torch::kInt32)));
-  EXPECT_EQ(sum.item<int64_t>(), 2 * word + 300);
+  const int32_t word = 0x01010101;
+  EXPECT_TRUE(torch::equal(words.cpu(), torch::tensor(std::vector<int32_t>{word, word, 100, 100, 100})));
+  EXPECT_EQ(sum.item<int64_t>(), 2 * int64_t{word} + 300);
   const torch::Tensor b = bytes.cpu();
   EXPECT_TRUE(torch::equal(b.narrow(0, 0, 33), torch::full({33}, 0xAB, torch::kUInt8)));
   EXPECT_TRUE(torch::equal(b.narrow(0, 33, 31), torch::zeros({31}, torch::kUInt8))) << "past the memset";
