@@ -39,6 +39,16 @@ double rel_err(const torch::Tensor& got, const torch::Tensor& want) {
   return ((g - w).norm() / w.norm()).item<double>();
 }
 
+// The debug shape (a dense first layer, then MoE layers) on the GPU with bf16 matrices, as
+// train.param_dtype: bf16 holds them.
+Transformer bf16_debug_model(const ModelConfig& cfg, uint64_t seed) {
+  torch::manual_seed(seed);
+  Transformer model(cfg);
+  model->to(torch::kCUDA);
+  cast_params_to_bf16(bf16_weight_params(*model));
+  return model;
+}
+
 struct Bf16Autocast {
   Bf16Autocast() {
     at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
@@ -179,11 +189,8 @@ TEST(LinearCuda, NodeMatchesTorchLinear) {
 // bf16 noise (the MoE's atomically accumulated sums aside, they are bit-equal).
 TEST(TransformerCuda, PendingResidualAddMatchesTheValuePath) {
   ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
-  ModelConfig cfg;  // the debug shape: dense first layer, then MoE layers
-  torch::manual_seed(21);
-  Transformer model(cfg);
-  model->to(torch::kCUDA);
-  cast_params_to_bf16(bf16_weight_params(*model));  // train.param_dtype: bf16
+  ModelConfig cfg;  // the debug shape
+  Transformer model = bf16_debug_model(cfg, 21);
   const auto long_opts = torch::TensorOptions().dtype(torch::kLong).device(torch::kCUDA);
   const torch::Tensor tokens = torch::randint(cfg.vocab_size, {2, 33}, long_opts);
   const torch::Tensor grad_hidden = torch::randn({2, 33, cfg.hidden_size}, torch::kCUDA);
@@ -435,11 +442,8 @@ TEST(MasterAdamWCuda, SplitMastersFusedKernelMatchesTheSwapReference) {
 // (other tokens each time), with bf16 weights under autocast as the trainer runs.
 TEST(GradNormTrackerCuda, MatchesTheNormAfterTheBackwardEagerAndGraphed) {
   ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
-  ModelConfig cfg;  // the debug shape: dense first layer, then MoE layers
-  torch::manual_seed(5);
-  Transformer model(cfg);
-  model->to(torch::kCUDA);
-  cast_params_to_bf16(bf16_weight_params(*model));
+  ModelConfig cfg;  // the debug shape
+  Transformer model = bf16_debug_model(cfg, 5);
   Balancer balancer(BalanceConfig{}, cfg, model->routers());
   const std::vector<torch::Tensor> params = model->parameters();
   GradNormTracker tracker(params);
