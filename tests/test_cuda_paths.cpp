@@ -15,6 +15,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
+
+#include "models/kernels/graph_memset_kernels.h"
 #endif
 
 #include "models/experts.h"
@@ -507,14 +509,38 @@ TEST(CudaGraphCuda, MemsetNodesBecomeKernelsThatWriteTheSameBytes) {
   {
     c10::cuda::CUDAStreamGuard guard(stream);
     graph.capture_begin();
+    // (EXPECT, not ASSERT, inside the capture: the capture must end)
     words.add_(100);  // a kernel before the memset: overwritten by it
-    ASSERT_EQ(cudaMemsetAsync(words.data_ptr(), 0x01, 8, stream.stream()), cudaSuccess);  // words[0:2] = 0x01010101
+    EXPECT_EQ(cudaMemsetAsync(words.data_ptr(), 0x01, 8, stream.stream()), cudaSuccess);  // words[0:2] = 0x01010101
     sum = words.sum();  // a kernel after it reads its bytes
-    ASSERT_EQ(cudaMemsetAsync(bytes.data_ptr(), 0xAB, 33, stream.stream()), cudaSuccess);
-    ASSERT_EQ(cudaMemset2DAsync(grid.data_ptr(), 16, 0x7F, 3, 2, stream.stream()), cudaSuccess);  // 3 bytes × 2 rows
-    ASSERT_EQ(cudaMemsetAsync(big.data_ptr(), 0x02, big.numel() * 4, stream.stream()), cudaSuccess);
+    EXPECT_EQ(cudaMemsetAsync(bytes.data_ptr(), 0xAB, 33, stream.stream()), cudaSuccess);
+    EXPECT_EQ(cudaMemset2DAsync(grid.data_ptr(), 16, 0x7F, 3, 2, stream.stream()), cudaSuccess);  // 3 bytes × 2 rows
+    EXPECT_EQ(cudaMemsetAsync(big.data_ptr(), 0x02, big.numel() * 4, stream.stream()), cudaSuccess);
     graph.capture_end();
   }
+  // The graph's nodes of one type, and a node's dependency / dependent counts.
+  auto nodes_of = [&](cudaGraphNodeType want) {
+    size_t n = 0;
+    cudaGraphGetNodes(graph.raw_cuda_graph(), nullptr, &n);
+    std::vector<cudaGraphNode_t> all(n), out;
+    cudaGraphGetNodes(graph.raw_cuda_graph(), all.data(), &n);
+    for (cudaGraphNode_t node : all) {
+      cudaGraphNodeType type{};
+      cudaGraphNodeGetType(node, &type);
+      if (type == want) out.push_back(node);
+    }
+    return out;
+  };
+  auto degree = [](cudaGraphNode_t node) {
+    size_t in = 0, out = 0;
+    cudaGraphNodeGetDependencies(node, nullptr, nullptr, &in);
+    cudaGraphNodeGetDependentNodes(node, nullptr, nullptr, &out);
+    return std::make_pair(in, out);
+  };
+  // the captured chain: add_ -> memset(words) -> sum -> memset(bytes) -> memset2D -> memset(big)
+  const std::vector<cudaGraphNode_t> captured_memsets = nodes_of(cudaGraphNodeTypeMemset);
+  ASSERT_EQ(captured_memsets.size(), 4u);
+  const size_t kernels_before = nodes_of(cudaGraphNodeTypeKernel).size();
   // 2- and 4-byte elements (cuBLAS's counters are 32-bit) as nodes of their own
   auto add_memset = [&](const torch::Tensor& t, unsigned value) {
     cudaMemsetParams m{};
@@ -530,6 +556,24 @@ TEST(CudaGraphCuda, MemsetNodesBecomeKernelsThatWriteTheSameBytes) {
   add_memset(halves, 0x1234);
   add_memset(quads, 0x12345678);
   EXPECT_EQ(replace_memset_nodes(graph.raw_cuda_graph(), int64_t{64} << 10), 5) << "the 256 KiB memset stays";
+  const std::vector<cudaGraphNode_t> memsets_left = nodes_of(cudaGraphNodeTypeMemset);
+  ASSERT_EQ(memsets_left.size(), 1u);
+  EXPECT_EQ(degree(memsets_left[0]), std::make_pair(size_t{1}, size_t{0})) << "the last of the chain";
+  const std::vector<cudaGraphNode_t> kernels_after = nodes_of(cudaGraphNodeTypeKernel);
+  EXPECT_EQ(kernels_after.size(), kernels_before + 5);
+  // the new kernels keep the chain's edges: in the chain, one in and one out (the last one's
+  // successor is the big memset); the two added nodes stay roots without dependents
+  int64_t chained = 0, roots = 0;
+  for (cudaGraphNode_t node : kernels_after) {
+    cudaKernelNodeParams k{};
+    cudaGraphKernelNodeGetParams(node, &k);
+    if (k.func != kernels::memset_node_kernel()) continue;
+    const auto d = degree(node);
+    if (d == std::make_pair(size_t{1}, size_t{1})) ++chained;
+    if (d == std::make_pair(size_t{0}, size_t{0})) ++roots;
+  }
+  EXPECT_EQ(chained, 3);
+  EXPECT_EQ(roots, 2);
   graph.instantiate();
   graph.replay();
   torch::cuda::synchronize();

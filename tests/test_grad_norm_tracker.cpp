@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <stdexcept>
 #include <vector>
 
@@ -93,5 +94,24 @@ TEST(GradNormTracker, EqualsTheNormOfTheFinalGradients) {
 TEST(GradNormTracker, RefusesBadParameters) {
   EXPECT_THROW(GradNormTracker({}), std::invalid_argument);
   EXPECT_THROW(GradNormTracker({torch::zeros({2})}), std::invalid_argument) << "does not require grad";
-  EXPECT_EQ(norm_tracker_for({torch::zeros({2}).requires_grad_()}, true), nullptr) << "CPU parameters: not used";
+  const torch::Tensor p = torch::zeros({2}).requires_grad_();
+  {
+    GradNormTracker first({p});
+    EXPECT_THROW(GradNormTracker({p}), std::invalid_argument) << "a parameter takes one post-accumulation hook";
+  }
+  GradNormTracker again({p});  // the first one's hooks were removed with it
+}
+
+TEST(GradNormTracker, UsedOnCudaInOneProcessWhenAskedFor) {
+  // (a test process of its own under ctest: the switch is read once, here first)
+  setenv("MOETRAIN_NORM_IN_BACKWARD", "1", 1);
+  ASSERT_TRUE(norm_in_backward_enabled());
+  const torch::Tensor cpu = torch::zeros({2}).requires_grad_();
+  EXPECT_EQ(norm_tracker_for({cpu}, /*one_process=*/true), nullptr) << "CPU parameters";
+  EXPECT_EQ(norm_tracker_for({}, /*one_process=*/true), nullptr);
+  if (torch::cuda::is_available()) {
+    const torch::Tensor gpu = torch::zeros({2}, torch::kCUDA).requires_grad_();
+    EXPECT_NE(norm_tracker_for({gpu}, /*one_process=*/true), nullptr);
+    EXPECT_EQ(norm_tracker_for({gpu}, /*one_process=*/false), nullptr) << "data, expert or ZeRO parallel";
+  }
 }

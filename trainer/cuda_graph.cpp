@@ -36,13 +36,21 @@ bool graph_memsets_as_kernels() {
 }
 
 int64_t replace_memset_nodes(void* cuda_graph, int64_t max_bytes) {
-#ifdef MOETRAIN_WITH_CUDA
+#if defined(MOETRAIN_WITH_CUDA) && CUDART_VERSION >= 13000  // the edge-data forms of the graph API
   const auto graph = static_cast<cudaGraph_t>(cuda_graph);
   size_t n = 0;
   C10_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &n));
   std::vector<cudaGraphNode_t> nodes(n);
   C10_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &n));
-  // The edges of a node in one direction: the nodes and the edges' data (all default: true).
+  // Edges cannot be removed from a graph with allocation or free nodes (captured under
+  // PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync): leave such a graph as it is.
+  for (cudaGraphNode_t node : nodes) {
+    cudaGraphNodeType type{};
+    C10_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+    if (type == cudaGraphNodeTypeMemAlloc || type == cudaGraphNodeTypeMemFree) return 0;
+  }
+  // The edges of a node in one direction: the nodes and the edges' data (all default: true;
+  // programmatic edges join kernel nodes only, so a memset's are default, checked all the same).
   auto edges = [](cudaGraphNode_t node, bool incoming, std::vector<cudaGraphNode_t>& other) {
     size_t count = 0;
     auto query = incoming ? cudaGraphNodeGetDependencies : cudaGraphNodeGetDependentNodes;

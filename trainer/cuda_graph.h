@@ -64,8 +64,10 @@ bool cuda_graphs_available();
 // Replaces every memset node of at most max_bytes in `cuda_graph` (a cudaGraph_t not yet
 // instantiated) by a kernel node that writes the same bytes, with the same dependencies and
 // dependents; returns how many. Between two kernels a memset node costs ≈ 9 µs of a graph's
-// chain (≈ 4 µs of latency on each side), a kernel node ≈ 2 µs (bench/NOTES.md 58). A node
-// with edges of non-default type is left as it is. Throws on a CUDA error; 0 without CUDA.
+// chain (≈ 4 µs of latency on each side), a kernel node ≈ 2 µs (bench/NOTES.md 58). The new
+// nodes run on the device current at the call (the graph's). A node with edges of non-default
+// type is left as it is, and so is a graph with memory allocation or free nodes (edges cannot
+// be removed there). Throws on a CUDA error; 0 without CUDA or with a CUDA runtime before 13.
 int64_t replace_memset_nodes(void* cuda_graph, int64_t max_bytes);
 
 // MOETRAIN_GRAPH_MEMSETS=keep: captured steps keep their memset nodes (the A/B switch); unset

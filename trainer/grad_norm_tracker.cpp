@@ -26,7 +26,7 @@ bool norm_in_backward_enabled() {
 }
 
 std::unique_ptr<GradNormTracker> norm_tracker_for(const std::vector<torch::Tensor>& params, bool one_process) {
-  if (!one_process || params.empty() || !params.front().is_cuda() || !norm_in_backward_enabled()) return nullptr;
+  if (!norm_in_backward_enabled() || !one_process || params.empty() || !params.front().is_cuda()) return nullptr;
   return std::make_unique<GradNormTracker>(params);
 }
 
@@ -43,6 +43,7 @@ struct GradNormTracker::Streams {
   // (both come from the low-priority pool), and its short blocks take SMs as they free up.
   explicit Streams(c10::DeviceIndex device) : side(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device)) {}
   c10::cuda::CUDAStream side;
+  at::cuda::CUDAEvent fork;         // re-recorded by each hook: a wait takes its latest record
   std::vector<torch::Tensor> held;  // gradients read on the side stream since prepare()
 #endif
 };
@@ -68,18 +69,41 @@ GradNormTracker::GradNormTracker(const std::vector<torch::Tensor>& params) {
 #ifdef MOETRAIN_WITH_CUDA
   if (device.is_cuda()) streams_ = std::make_unique<Streams>(device.index());
 #endif
+  for (const Slot& s : slots_)
+    if (torch::autograd::impl::post_acc_grad_hooks(s.param))
+      throw std::invalid_argument("GradNormTracker: a parameter already has a post-accumulation hook (a GradReducer's?)");
   for (size_t i = 0; i < slots_.size(); ++i)
     torch::autograd::impl::set_post_acc_grad_hooks(slots_[i].param, std::make_unique<Hook>(this, i));
 }
 
 GradNormTracker::~GradNormTracker() {
-  for (const Slot& s : slots_) torch::autograd::impl::set_post_acc_grad_hooks(s.param, nullptr);
+  for (size_t i = 0; i < slots_.size(); ++i) {  // only the hooks that are still this tracker's
+    const auto* hook = dynamic_cast<const Hook*>(torch::autograd::impl::post_acc_grad_hooks(slots_[i].param).get());
+    if (hook != nullptr && hook->tracker == this) torch::autograd::impl::set_post_acc_grad_hooks(slots_[i].param, nullptr);
+  }
+}
+
+int64_t GradNormTracker::summed_in_backward() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return summed_in_backward_;
+}
+
+void GradNormTracker::join_side_stream() {
+#ifdef MOETRAIN_WITH_CUDA
+  if (!streams_) return;
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(buffer_.device().index());
+  at::cuda::CUDAEvent join;
+  join.record(streams_->side);
+  join.block(current);
+  streams_->held.clear();  // after the join: the current stream is past every read
+#endif
 }
 
 void GradNormTracker::prepare() {
   std::lock_guard<std::mutex> lock(mutex_);
   torch::NoGradGuard no_grad;
-  buffer_.zero_();  // on the current stream: every side-stream sum forks after it
+  join_side_stream();  // a backward that threw before finish() may have left sums queued there
+  buffer_.zero_();     // on the current stream: every side-stream sum forks after it
   for (Slot& s : slots_) s.summed = false;
   summed_in_backward_ = 0;
   armed_ = true;
@@ -101,9 +125,8 @@ void GradNormTracker::on_gradient(size_t slot) {
   if (streams_) {
     // the side stream starts after everything queued so far on the stream that accumulated it
     const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(s.param.device().index());
-    at::cuda::CUDAEvent fork;
-    fork.record(current);
-    fork.block(streams_->side);
+    streams_->fork.record(current);
+    streams_->fork.block(streams_->side);
     streams_->held.push_back(s.param.grad());
     c10::cuda::CUDAStreamGuard on_side(streams_->side);
     sum_slot(s);
@@ -120,15 +143,7 @@ torch::Tensor GradNormTracker::finish() {
   torch::NoGradGuard no_grad;
   for (Slot& s : slots_)  // gradients of earlier micro-steps only; none: zeros
     if (!s.summed && s.param.grad().defined()) sum_slot(s);
-#ifdef MOETRAIN_WITH_CUDA
-  if (streams_) {
-    const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(buffer_.device().index());
-    at::cuda::CUDAEvent join;
-    join.record(streams_->side);
-    join.block(current);
-    streams_->held.clear();  // after the join: the current stream is past every read
-  }
-#endif
+  join_side_stream();
   // as ExpertParallel::grad_norm: the fp32 sum of the partials, its root in fp64
   return buffer_.sum().to(torch::kDouble).sqrt();
 }

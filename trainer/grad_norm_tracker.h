@@ -19,7 +19,8 @@
 // accumulation, which overwrites the first. A parameter with a gradient that the armed
 // backward did not touch (earlier micro-steps only) is summed in finish(); one without a
 // gradient counts as zeros. Each gradient read on the side stream is held until finish()
-// joins it, so its memory cannot be reused under the read.
+// joins it, so the allocator cannot reuse its memory during the backward (after the join the
+// current stream is past the read; later work forks from it).
 //
 // Under CUDA-graph capture (trainer/cuda_graph.h) the side-stream work is captured as a fork
 // and join of the graph; the buffer lives outside the graph's pool and the norm is one of the
@@ -51,36 +52,38 @@ std::unique_ptr<GradNormTracker> norm_tracker_for(const std::vector<torch::Tenso
 
 class GradNormTracker {
  public:
-  // Hooks every parameter of `params` (all on one device, none hooked by a GradReducer). The
-  // order is the order of the chunks in the buffer: pass ExpertParallel's replicated_params()
-  // for results bit-equal to its grad_norm().
+  // Hooks every parameter of `params` (all on one device; a parameter takes one
+  // post-accumulation hook: one already hooked, e.g. by a GradReducer, is refused). The order
+  // is the order of the chunks in the buffer: pass ExpertParallel's replicated_params() for
+  // results bit-equal to its grad_norm().
   explicit GradNormTracker(const std::vector<torch::Tensor>& params);
   ~GradNormTracker();  // removes the hooks
   GradNormTracker(const GradNormTracker&) = delete;
   GradNormTracker& operator=(const GradNormTracker&) = delete;
 
-  // The next backward is the last of this step: zero the buffer (on the current stream) and
-  // sum each gradient as it becomes final.
+  // The next backward is the last of this step: zero the buffer (on the current stream, after
+  // any side-stream sum left by a backward that threw before finish()) and sum each gradient
+  // as it becomes final.
   void prepare();
   // After that backward: sums what the hooks did not, joins the side stream into the current
   // one, -> ‖g‖₂ over all gradients, a 0-dim fp64 tensor on the parameters' device.
   torch::Tensor finish();
 
   // Hook runs of the last armed backward (tests: every parameter's sum was queued there).
-  int64_t summed_in_backward() const { return summed_in_backward_; }
+  int64_t summed_in_backward();
 
  private:
   struct Hook;
   struct Slot {
     torch::Tensor param;
     torch::Tensor partials;  // its chunks' slice of buffer_
-    torch::Tensor held;      // the gradient the side stream reads (until finish)
     bool summed = false;     // queued by the armed backward
   };
-  struct Streams;  // CUDA: the side stream and the fork / join event
+  struct Streams;  // CUDA: the side stream, its fork event and the gradients it reads
 
   void on_gradient(size_t slot);
   void sum_slot(Slot& s);  // on the current stream
+  void join_side_stream();  // the current stream waits for the side stream; its reads released
 
   std::vector<Slot> slots_;
   torch::Tensor buffer_;  // fp32 [Σ chunks] on the parameters' device

@@ -56,6 +56,9 @@ GradReducer::GradReducer(const std::vector<torch::Tensor>& params, ProcessGroup&
   buckets_ = std::move(sorted);
   for (size_t b = 0; b < buckets_.size(); ++b)
     for (size_t slot : buckets_[b].slots) slots_[slot].bucket = b;
+  for (const Slot& s : slots_)
+    if (torch::autograd::impl::post_acc_grad_hooks(s.param))
+      throw std::invalid_argument("GradReducer: a parameter already has a post-accumulation hook");
   for (size_t i = 0; i < slots_.size(); ++i)
     torch::autograd::impl::set_post_acc_grad_hooks(slots_[i].param, std::make_unique<Hook>(this, i));
 }
