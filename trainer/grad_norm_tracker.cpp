@@ -43,8 +43,7 @@ struct GradNormTracker::Streams {
   // (both come from the low-priority pool), and its short blocks take SMs as they free up.
   explicit Streams(c10::DeviceIndex device) : side(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device)) {}
   c10::cuda::CUDAStream side;
-  at::cuda::CUDAEvent fork;         // re-recorded by each hook: a wait takes its latest record
-  std::vector<torch::Tensor> held;  // gradients read on the side stream since prepare()
+  std::vector<torch::Tensor> held;  // gradients read on the side stream and not yet joined
 #endif
 };
 
@@ -90,7 +89,9 @@ int64_t GradNormTracker::summed_in_backward() {
 
 void GradNormTracker::join_side_stream() {
 #ifdef MOETRAIN_WITH_CUDA
-  if (!streams_) return;
+  // Nothing queued there since the last join: nothing to wait for (and under graph capture the
+  // side stream is not part of the capture until a hook forks it).
+  if (!streams_ || streams_->held.empty()) return;
   const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(buffer_.device().index());
   at::cuda::CUDAEvent join;
   join.record(streams_->side);
@@ -102,7 +103,7 @@ void GradNormTracker::join_side_stream() {
 void GradNormTracker::prepare() {
   std::lock_guard<std::mutex> lock(mutex_);
   torch::NoGradGuard no_grad;
-  join_side_stream();  // a backward that threw before finish() may have left sums queued there
+  join_side_stream();  // a backward that threw before finish() may have left sums queued
   buffer_.zero_();     // on the current stream: every side-stream sum forks after it
   for (Slot& s : slots_) s.summed = false;
   summed_in_backward_ = 0;
@@ -125,8 +126,9 @@ void GradNormTracker::on_gradient(size_t slot) {
   if (streams_) {
     // the side stream starts after everything queued so far on the stream that accumulated it
     const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(s.param.device().index());
-    streams_->fork.record(current);
-    streams_->fork.block(streams_->side);
+    at::cuda::CUDAEvent fork;
+    fork.record(current);
+    fork.block(streams_->side);
     streams_->held.push_back(s.param.grad());
     c10::cuda::CUDAStreamGuard on_side(streams_->side);
     sum_slot(s);

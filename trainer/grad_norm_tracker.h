@@ -79,7 +79,7 @@ class GradNormTracker {
     torch::Tensor partials;  // its chunks' slice of buffer_
     bool summed = false;     // queued by the armed backward
   };
-  struct Streams;  // CUDA: the side stream, its fork event and the gradients it reads
+  struct Streams;  // CUDA: the side stream and the gradients it reads
 
   void on_gradient(size_t slot);
   void sum_slot(Slot& s);  // on the current stream
