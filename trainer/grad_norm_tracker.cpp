@@ -14,6 +14,7 @@
 #endif
 
 #include "models/kernels/sum_squares.h"
+#include "trainer/post_acc_hooks.h"
 
 namespace moetrain {
 
@@ -68,11 +69,7 @@ GradNormTracker::GradNormTracker(const std::vector<torch::Tensor>& params) {
 #ifdef MOETRAIN_WITH_CUDA
   if (device.is_cuda()) streams_ = std::make_unique<Streams>(device.index());
 #endif
-  for (const Slot& s : slots_)
-    if (torch::autograd::impl::post_acc_grad_hooks(s.param))
-      throw std::invalid_argument("GradNormTracker: a parameter already has a post-accumulation hook (a GradReducer's?)");
-  for (size_t i = 0; i < slots_.size(); ++i)
-    torch::autograd::impl::set_post_acc_grad_hooks(slots_[i].param, std::make_unique<Hook>(this, i));
+  install_post_acc_grad_hooks(params, "GradNormTracker", [this](size_t i) { return std::make_unique<Hook>(this, i); });
 }
 
 GradNormTracker::~GradNormTracker() {
