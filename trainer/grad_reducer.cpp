@@ -1,12 +1,15 @@
 #include "trainer/grad_reducer.h"
 
 #include <algorithm>
+#include <iostream>
 #include <stdexcept>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <torch/csrc/autograd/function_hook.h>
 #include <torch/csrc/autograd/variable.h>
+
+#include "trainer/post_acc_hooks.h"
 
 namespace moetrain {
 
@@ -56,15 +59,22 @@ GradReducer::GradReducer(const std::vector<torch::Tensor>& params, ProcessGroup&
   buckets_ = std::move(sorted);
   for (size_t b = 0; b < buckets_.size(); ++b)
     for (size_t slot : buckets_[b].slots) slots_[slot].bucket = b;
-  for (const Slot& s : slots_)
-    if (torch::autograd::impl::post_acc_grad_hooks(s.param))
-      throw std::invalid_argument("GradReducer: a parameter already has a post-accumulation hook");
-  for (size_t i = 0; i < slots_.size(); ++i)
-    torch::autograd::impl::set_post_acc_grad_hooks(slots_[i].param, std::make_unique<Hook>(this, i));
+  std::vector<torch::Tensor> hooked;  // in slot order
+  for (const Slot& s : slots_) hooked.push_back(s.param);
+  install_post_acc_grad_hooks(hooked, "GradReducer", [this](size_t i) { return std::make_unique<Hook>(this, i); });
 }
 
 GradReducer::~GradReducer() {
   for (const Slot& s : slots_) torch::autograd::impl::set_post_acc_grad_hooks(s.param, nullptr);
+  // A bucket started without finish() (its backward threw): its all-reduce writes into the
+  // gradients in place, so it must end before they can be freed.
+  for (Bucket& b : buckets_) {
+    try {
+      b.work.wait();  // a no-op for one never started or already waited for
+    } catch (const std::exception& e) {
+      std::cerr << "GradReducer: an unfinished all-reduce failed: " << e.what() << "\n";
+    }
+  }
 }
 
 void GradReducer::prepare() {
