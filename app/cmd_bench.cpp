@@ -448,6 +448,7 @@ int cmd_bench(int argc, char** argv) {
                         {"logits_dtype", fb.bf16_logits ? "bf16" : "fp32"},
                         {"cuda_graph", tc.cuda_graph},
                         {"graph_memsets_replaced", graph ? graph->replaced_memsets() : 0},
+                        {"graph_high_priority_kernels", graph ? graph->high_priority_kernels() : 0},
                         {"norm_in_backward", norm_tracker != nullptr},
                         {"tokens_per_s_per_gpu", tokens_per_s / static_cast<double>(world)},
                         {"step_ms", ms},
@@ -473,7 +474,12 @@ int cmd_bench(int argc, char** argv) {
                              world > 1 ? " per GPU" : "",
                              peak ? fmt::format("{:.1f} %", 100.0 * tflops / *peak) : "n/a", j["peak_mem_gb"].get<double>(),
                              j["peak_reserved_gb"].get<double>(), maxvio_mean, maxvio_max,
-                             graph ? fmt::format("; CUDA graph, {} memset nodes as kernels", graph->replaced_memsets()) : "");
+                             graph ? fmt::format("; CUDA graph, {} memset nodes as kernels{}", graph->replaced_memsets(),
+                                                 graph->high_priority_kernels() > 0
+                                                     ? fmt::format(", {} kernel nodes by priority",
+                                                                   graph->high_priority_kernels())
+                                                     : "")
+                                   : "");
     std::cout << j.dump() << "\n";
     return 0;
   });

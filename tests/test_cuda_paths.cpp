@@ -11,6 +11,7 @@
 #include <torch/torch.h>
 
 #ifdef MOETRAIN_WITH_CUDA
+#include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -481,13 +482,19 @@ TEST(GradNormTrackerCuda, MatchesTheNormAfterTheBackwardEagerAndGraphed) {
   EXPECT_EQ(tracker.summed_in_backward(), static_cast<int64_t>(params.size())) << "all summed beside the backward";
   expect_equal_to_after(eager.grad_norm, "eager");
 
-  const torch::Tensor graph_tokens = torch::randint(cfg.vocab_size, {4, seq + 1}, long_opts);
-  CapturedForwardBackward graph([&] { return over(graph_tokens); }, params, [&] { balancer.discard_step(); });
-  for (int replay = 0; replay < 2; ++replay) {
-    graph_tokens.copy_(torch::randint(cfg.vocab_size, {4, seq + 1}, long_opts));
-    const StepLosses sums = graph.run();
-    torch::cuda::synchronize();
-    expect_equal_to_after(sums.grad_norm, "replay " + std::to_string(replay));
+  // torch's instantiation, then ours with the nodes' priorities (graph_node_priority())
+  for (bool by_priority : {false, true}) {
+    const torch::Tensor graph_tokens = torch::randint(cfg.vocab_size, {4, seq + 1}, long_opts);
+    CapturedForwardBackward graph([&] { return over(graph_tokens); }, params, [&] { balancer.discard_step(); },
+                                  by_priority);
+    for (int replay = 0; replay < 2; ++replay) {
+      graph_tokens.copy_(torch::randint(cfg.vocab_size, {4, seq + 1}, long_opts));
+      const StepLosses sums = graph.run();
+      torch::cuda::synchronize();
+      expect_equal_to_after(sums.grad_norm, "replay " + std::to_string(replay) + (by_priority ? ", by priority" : ""));
+    }
+    if (by_priority) EXPECT_GT(graph.high_priority_kernels(), 0) << "the chain's kernels carry the stream's priority";
+    else EXPECT_EQ(graph.high_priority_kernels(), 0);
   }
 }
 
@@ -589,6 +596,54 @@ TEST(CudaGraphCuda, MemsetNodesBecomeKernelsThatWriteTheSameBytes) {
   EXPECT_TRUE(torch::equal(big.cpu(), torch::full({1 << 16}, 0x02020202, torch::kInt32)));
   EXPECT_TRUE(torch::equal(halves.cpu(), torch::full({7}, 0x1234, torch::kInt16)));
   EXPECT_TRUE(torch::equal(quads.cpu(), torch::full({3}, 0x12345678, torch::kInt32)));
+}
+
+// What graph_node_priority() relies on: a kernel captured on a high-priority stream carries that
+// priority as its node's attribute, one on a default stream does not, and a memset between two
+// raised kernels becomes a raised kernel node; the graph instantiated with
+// cudaGraphInstantiateFlagUseNodePriority replays in dependency order.
+TEST(CudaGraphCuda, CapturedStreamPriorityReachesKernelNodesAndMemsetKernels) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  const auto opts = torch::TensorOptions().device(torch::kCUDA);
+  const torch::Tensor a = torch::zeros({1000}, opts), b = torch::zeros({1000}, opts);
+  const torch::Tensor words = torch::full({4}, 7, opts.dtype(torch::kInt32));
+  torch::Tensor total;
+  at::cuda::CUDAGraph graph(/*keep_graph=*/true);
+  const c10::cuda::CUDAStream high = c10::cuda::getStreamFromPool(/*isHighPriority=*/true, 0);
+  const c10::cuda::CUDAStream low = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, 0);
+  ASSERT_NE(high.priority(), 0) << "this device has no stream priorities";
+  {
+    c10::cuda::CUDAStreamGuard guard(high);
+    graph.capture_begin();
+    a.add_(1);  // raised
+    at::cuda::CUDAEvent fork;
+    fork.record(high);
+    fork.block(low);
+    {
+      c10::cuda::CUDAStreamGuard on_low(low);
+      b.add_(2);  // default
+    }
+    EXPECT_EQ(cudaMemsetAsync(words.data_ptr(), 0, words.numel() * 4, high.stream()), cudaSuccess);
+    total = a.sum() + words.sum();  // raised, after the memset
+    at::cuda::CUDAEvent join;
+    join.record(low);
+    join.block(high);
+    graph.capture_end();
+  }
+  const int64_t raised = count_priority_kernel_nodes(graph.raw_cuda_graph());
+  EXPECT_GE(raised, 2) << "a.add_ and the sums";
+  EXPECT_EQ(replace_memset_nodes(graph.raw_cuda_graph(), int64_t{64} << 10), 1);
+  EXPECT_EQ(count_priority_kernel_nodes(graph.raw_cuda_graph()), raised + 1) << "the memset's kernel is raised";
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiateWithFlags(&exec, graph.raw_cuda_graph(), cudaGraphInstantiateFlagUseNodePriority),
+            cudaSuccess);
+  for (int replay = 1; replay <= 2; ++replay) {
+    ASSERT_EQ(cudaGraphLaunch(exec, c10::cuda::getCurrentCUDAStream().stream()), cudaSuccess);
+    torch::cuda::synchronize();
+    EXPECT_EQ(total.item<float>(), 1000.0f * replay) << "the memset zeroed words before the sum";
+    EXPECT_TRUE(torch::equal(b.cpu(), torch::full({1000}, 2.0f * replay)));
+  }
+  cudaGraphExecDestroy(exec);
 }
 #endif
 

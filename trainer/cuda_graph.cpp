@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <stdexcept>
 #include <vector>
 
@@ -33,6 +34,37 @@ bool graph_memsets_as_kernels() {
     return v == nullptr || std::strcmp(v, "keep") != 0;
   }();
   return as_kernels;
+}
+
+bool graph_node_priority() {
+  static const bool on = [] {
+    const char* v = std::getenv("MOETRAIN_GRAPH_PRIORITY");
+    return v != nullptr && std::strcmp(v, "nodes") == 0;
+  }();
+  return on;
+}
+
+int64_t count_priority_kernel_nodes(void* cuda_graph) {
+#ifdef MOETRAIN_WITH_CUDA
+  const auto graph = static_cast<cudaGraph_t>(cuda_graph);
+  size_t n = 0;
+  C10_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &n));
+  std::vector<cudaGraphNode_t> nodes(n);
+  C10_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &n));
+  int64_t raised = 0;
+  for (cudaGraphNode_t node : nodes) {
+    cudaGraphNodeType type{};
+    C10_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+    if (type != cudaGraphNodeTypeKernel) continue;
+    cudaLaunchAttributeValue value{};
+    C10_CUDA_CHECK(cudaGraphKernelNodeGetAttribute(node, cudaLaunchAttributePriority, &value));
+    raised += value.priority != 0;
+  }
+  return raised;
+#else
+  (void)cuda_graph;
+  return 0;
+#endif
 }
 
 int64_t replace_memset_nodes(void* cuda_graph, int64_t max_bytes) {
@@ -81,6 +113,23 @@ int64_t replace_memset_nodes(void* cuda_graph, int64_t max_bytes) {
     k.kernelParams = kernel_args;  // copied by the call
     cudaGraphNode_t kernel = nullptr;
     C10_CUDA_CHECK(cudaGraphAddKernelNode(&kernel, graph, before.data(), before.size(), &k));
+    // A memset node has no priority; its kernel takes the highest of its neighbouring kernels'
+    // (under graph_node_priority() a memset on the chain between two raised kernels stays raised).
+    std::optional<int> priority;
+    for (const auto* side : {&before, &after})
+      for (cudaGraphNode_t other : *side) {
+        cudaGraphNodeType other_type{};
+        C10_CUDA_CHECK(cudaGraphNodeGetType(other, &other_type));
+        if (other_type != cudaGraphNodeTypeKernel) continue;
+        cudaLaunchAttributeValue v{};
+        C10_CUDA_CHECK(cudaGraphKernelNodeGetAttribute(other, cudaLaunchAttributePriority, &v));
+        if (!priority || v.priority < *priority) priority = v.priority;  // lower numbers rank higher
+      }
+    if (priority && *priority != 0) {
+      cudaLaunchAttributeValue v{};
+      v.priority = *priority;
+      C10_CUDA_CHECK(cudaGraphKernelNodeSetAttribute(kernel, cudaLaunchAttributePriority, &v));
+    }
     C10_CUDA_CHECK(cudaGraphDestroyNode(node));  // and its edges
     for (cudaGraphNode_t next : after) C10_CUDA_CHECK(cudaGraphAddDependencies(graph, &kernel, &next, nullptr, 1));
     ++replaced;
@@ -95,17 +144,23 @@ int64_t replace_memset_nodes(void* cuda_graph, int64_t max_bytes) {
 struct CapturedForwardBackward::State {
 #ifdef MOETRAIN_WITH_CUDA
   at::cuda::CUDAGraph graph{/*keep_graph=*/true};  // edited (replace_memset_nodes) before instantiate()
+  cudaGraphExec_t own_exec = nullptr;  // graph_node_priority(): instantiated and launched by us
+  ~State() {
+    if (own_exec != nullptr) cudaGraphExecDestroy(own_exec);
+  }
 #endif
   StepLosses sums;  // the graph's outputs (updated in place by every replay)
   bool captured = false;
   int64_t replaced_memsets = 0;
+  int64_t high_priority_kernels = 0;
 };
 
 CapturedForwardBackward::CapturedForwardBackward(std::function<StepLosses()> fb, std::vector<torch::Tensor> params,
-                                                 std::function<void()> after_warmup)
+                                                 std::function<void()> after_warmup, bool by_node_priority)
     : fb_(std::move(fb)),
       params_(std::move(params)),
       after_warmup_(std::move(after_warmup)),
+      by_node_priority_(by_node_priority),
       state_(std::make_unique<State>()) {
   if (!cuda_graphs_available()) throw std::runtime_error("train.cuda_graph: this build has no CUDA (MOETRAIN_CUDA)");
 }
@@ -116,6 +171,8 @@ bool CapturedForwardBackward::captured() const { return state_->captured; }
 
 int64_t CapturedForwardBackward::replaced_memsets() const { return state_->replaced_memsets; }
 
+int64_t CapturedForwardBackward::high_priority_kernels() const { return state_->high_priority_kernels; }
+
 void CapturedForwardBackward::drop_grads() {
   for (auto& p : params_) p.mutable_grad() = torch::Tensor();
 }
@@ -124,7 +181,8 @@ StepLosses CapturedForwardBackward::run() {
 #ifdef MOETRAIN_WITH_CUDA
   if (!state_->captured) {
     const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream();
-    const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, current.device_index());
+    const bool by_priority = by_node_priority_;
+    const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(by_priority, current.device_index());
     at::cuda::CUDAEvent before;  // the side stream starts after everything queued so far
     before.record(current);
     before.block(side);
@@ -146,14 +204,25 @@ StepLosses CapturedForwardBackward::run() {
       state_->graph.capture_end();
       if (graph_memsets_as_kernels())
         state_->replaced_memsets = replace_memset_nodes(state_->graph.raw_cuda_graph(), int64_t{64} << 10);
-      state_->graph.instantiate();
+      if (by_priority) {
+        cudaGraph_t raw = state_->graph.raw_cuda_graph();
+        state_->high_priority_kernels = count_priority_kernel_nodes(raw);
+        C10_CUDA_CHECK(cudaGraphInstantiateWithFlags(
+            &state_->own_exec, raw, cudaGraphInstantiateFlagAutoFreeOnLaunch | cudaGraphInstantiateFlagUseNodePriority));
+      } else {
+        state_->graph.instantiate();
+      }
     }
     at::cuda::CUDAEvent after;
     after.record(side);
     after.block(current);
     state_->captured = true;
   }
-  state_->graph.replay();
+  if (state_->own_exec != nullptr) {
+    C10_CUDA_CHECK(cudaGraphLaunch(state_->own_exec, c10::cuda::getCurrentCUDAStream()));
+  } else {
+    state_->graph.replay();
+  }
   return state_->sums;
 #else
   return fb_();

@@ -11,7 +11,7 @@
 // every step). Single process only: the data-parallel reducers' hooks are not captured.
 // Before the graph is instantiated, its small memset nodes (the 4-byte counters cuBLAS and
 // cuDNN reset before many of their kernels: ≈ 160 a bench-1b step) become kernel nodes
-// (replace_memset_nodes).
+// (replace_memset_nodes); with graph_node_priority() the chain's nodes outrank the side streams'.
 #pragma once
 
 #include <cstdint>
@@ -25,13 +25,24 @@
 
 namespace moetrain {
 
+// MOETRAIN_GRAPH_PRIORITY=nodes: the step is captured on a high-priority stream, so its main
+// chain's kernel nodes carry that priority while the side streams' (the experts' weight
+// gradients) keep the default, and the graph is instantiated with
+// cudaGraphInstantiateFlagUseNodePriority and launched by us (torch's CUDAGraph::instantiate
+// passes no such flag): when a persistent GEMM's blocks retire, the block scheduler hands the
+// freed SMs to the chain first. Unset or anything else: torch's instantiation and replay.
+// Read once. The step draws no random numbers (no dropout), so skipping torch's replay (which
+// advances the captured generators' offsets) changes nothing.
+bool graph_node_priority();
+
 class CapturedForwardBackward {
  public:
   // fb: one eager forward + backward (the trainer's forward_backward over fixed buffers);
   // params: the parameters whose gradients it writes; after_warmup: undoes what the warm-up
-  // passes left behind (the balancer's expert counts) before the capture.
+  // passes left behind (the balancer's expert counts) before the capture; by_node_priority: see
+  // graph_node_priority().
   CapturedForwardBackward(std::function<StepLosses()> fb, std::vector<torch::Tensor> params,
-                          std::function<void()> after_warmup);
+                          std::function<void()> after_warmup, bool by_node_priority = graph_node_priority());
   ~CapturedForwardBackward();
   CapturedForwardBackward(const CapturedForwardBackward&) = delete;
   CapturedForwardBackward& operator=(const CapturedForwardBackward&) = delete;
@@ -45,6 +56,9 @@ class CapturedForwardBackward {
   bool captured() const;
   // Memset nodes of the captured graph replaced by kernel nodes (0 before the capture).
   int64_t replaced_memsets() const;
+  // Kernel nodes of the captured graph that carry a raised priority (graph_node_priority():
+  // those captured on the high-priority capture stream; 0 otherwise or before the capture).
+  int64_t high_priority_kernels() const;
 
   static constexpr int kWarmupPasses = 2;
 
@@ -55,6 +69,7 @@ class CapturedForwardBackward {
   std::function<StepLosses()> fb_;
   std::vector<torch::Tensor> params_;
   std::function<void()> after_warmup_;
+  bool by_node_priority_;
   std::unique_ptr<State> state_;
 };
 
@@ -73,5 +88,9 @@ int64_t replace_memset_nodes(void* cuda_graph, int64_t max_bytes);
 // MOETRAIN_GRAPH_MEMSETS=keep: captured steps keep their memset nodes (the A/B switch); unset
 // or anything else: replace_memset_nodes up to 64 KiB. Read once.
 bool graph_memsets_as_kernels();
+
+
+// Kernel nodes of `cuda_graph` (a cudaGraph_t) whose priority attribute is not the default.
+int64_t count_priority_kernel_nodes(void* cuda_graph);
 
 }  // namespace moetrain

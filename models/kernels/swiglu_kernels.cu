@@ -10,11 +10,16 @@ namespace moetrain::kernels {
 
 namespace {
 
-__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
+// σ(g) with the approximate reciprocal (one MUFU.RCP): an IEEE division compiles to a dozen
+// instructions with a slow path, and the routed backward runs on the few SMs the weight-gradient
+// GEMM beside it leaves free, where instructions, not bytes, bound it (bench/NOTES.md 59). For
+// g < −87 the denominator passes 2^126 and the quotient is 0, σ's limit.
+__device__ __forceinline__ float sigmoid(float g) { return __fdividef(1.0f, 1.0f + __expf(-g)); }
 
-// d/dg [g·σ(g)·u] = u·σ(g)·(1 + g·(1 − σ(g))); d/du = g·σ(g)
-__device__ __forceinline__ void silu_mul_grad(float g, float u, float go, float& dg, float& du) {
-  const float s = 1.0f / (1.0f + __expf(-g));
+__device__ __forceinline__ float silu_mul(float g, float u) { return g * sigmoid(g) * u; }
+
+// d/dg [g·σ(g)·u] = u·σ(g)·(1 + g·(1 − σ(g))); d/du = g·σ(g); s = σ(g)
+__device__ __forceinline__ void silu_mul_grad(float g, float u, float s, float go, float& dg, float& du) {
   dg = go * u * s * (1.0f + g * (1.0f - s));
   du = go * g * s;
 }
@@ -57,12 +62,13 @@ __global__ void swiglu_packed_backward_kernel(const T* __restrict__ gu, const T*
     if constexpr (W > 1) {
       const auto gv = load_vec<W>(gu + in), uv = load_vec<W>(gu + in + cols), go = load_vec<W>(grad_out + o);
       auto dg = gv, du = uv;
-      for (int j = 0; j < W; ++j) silu_mul_grad(gv.v[j], uv.v[j], go.v[j], dg.v[j], du.v[j]);
+      for (int j = 0; j < W; ++j) silu_mul_grad(gv.v[j], uv.v[j], sigmoid(gv.v[j]), go.v[j], dg.v[j], du.v[j]);
       store_vec<W>(grad_gu + in, dg);
       store_vec<W>(grad_gu + in + cols, du);
     } else {
+      const float gf = to_float(gu[in]);
       float dg, du;
-      silu_mul_grad(to_float(gu[in]), to_float(gu[in + cols]), to_float(grad_out[o]), dg, du);
+      silu_mul_grad(gf, to_float(gu[in + cols]), sigmoid(gf), to_float(grad_out[o]), dg, du);
       grad_gu[in] = from_float<T>(dg);
       grad_gu[in + cols] = from_float<T>(du);
     }
@@ -90,16 +96,18 @@ __global__ void swiglu_scaled_backward_kernel(const T* __restrict__ gu, const T*
         const auto gv = load_vec<W>(g + c), uv = load_vec<W>(g + cols + c), gov = load_vec<W>(go + c);
         auto dg = gv, du = uv;
         for (int j = 0; j < W; ++j) {
-          dot += gov.v[j] * silu_mul(gv.v[j], uv.v[j]);
-          silu_mul_grad(gv.v[j], uv.v[j], gov.v[j] * s, dg.v[j], du.v[j]);
+          const float sg = sigmoid(gv.v[j]);
+          dot += gov.v[j] * gv.v[j] * sg * uv.v[j];
+          silu_mul_grad(gv.v[j], uv.v[j], sg, gov.v[j] * s, dg.v[j], du.v[j]);
         }
         store_vec<W>(dgu + c, dg);
         store_vec<W>(dgu + cols + c, du);
       } else {
         const float gf = to_float(g[c]), uf = to_float(g[cols + c]), gof = to_float(go[c]);
+        const float sg = sigmoid(gf);
         float dg, du;
-        dot += gof * silu_mul(gf, uf);
-        silu_mul_grad(gf, uf, gof * s, dg, du);
+        dot += gof * gf * sg * uf;
+        silu_mul_grad(gf, uf, sg, gof * s, dg, du);
         dgu[c] = from_float<T>(dg);
         dgu[cols + c] = from_float<T>(du);
       }
