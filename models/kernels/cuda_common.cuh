@@ -52,8 +52,8 @@ __device__ __forceinline__ Float8 load8(const float* p) {
   const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
   return {{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w}};
 }
-__device__ __forceinline__ Float8 load8(const __nv_bfloat16* p) {
-  const uint4 r = *reinterpret_cast<const uint4*>(p);
+// Eight bf16 values' bits (one 16-byte word) as floats.
+__device__ __forceinline__ Float8 widen8(const uint4& r) {
   Float8 f;
   const unsigned int w[4] = {r.x, r.y, r.z, r.w};
   for (int j = 0; j < 4; ++j) {
@@ -62,6 +62,23 @@ __device__ __forceinline__ Float8 load8(const __nv_bfloat16* p) {
     f.v[2 * j + 1] = h.y;
   }
   return f;
+}
+__device__ __forceinline__ Float8 widen8(const Float8& f) { return f; }
+__device__ __forceinline__ Float8 load8(const __nv_bfloat16* p) { return widen8(*reinterpret_cast<const uint4*>(p)); }
+// Eight elements as loaded, before widening (4 registers of bf16, 8 of fp32): what a kernel
+// holds while many loads are in flight.
+template <class T>
+struct Raw8Of {
+  using type = Float8;
+};
+template <>
+struct Raw8Of<__nv_bfloat16> {
+  using type = uint4;
+};
+template <class T>
+__device__ __forceinline__ typename Raw8Of<T>::type load_raw8(const T* p) {
+  if constexpr (sizeof(T) == 2) return *reinterpret_cast<const uint4*>(p);
+  else return load8(p);
 }
 __device__ __forceinline__ void store8(float* p, const Float8& f) {
   reinterpret_cast<float4*>(p)[0] = make_float4(f.v[0], f.v[1], f.v[2], f.v[3]);
