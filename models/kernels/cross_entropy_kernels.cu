@@ -40,6 +40,26 @@ __device__ __forceinline__ void add_one(float& m, float& s, float x) {
   }
 }
 
+// W values at once: their max first, then one rescale of the running sum and W exponentials
+// with the fast exp (add_one per value cost up to 2 accurate expf and a divergent branch each,
+// and kept the kernel at ≈ 2.3 TB/s, instruction-bound: bench/NOTES.md 60). A value equal to
+// the new max contributes exactly 1 (so +inf logits give lse = +inf, not NaN); a vector of
+// -inf contributes nothing.
+template <class Vec>
+__device__ __forceinline__ void add_vec(float& m, float& s, const Vec& v) {
+  constexpr int W = sizeof(v.v) / sizeof(v.v[0]);
+  float vm = v.v[0];
+#pragma unroll
+  for (int j = 1; j < W; ++j) vm = fmaxf(vm, v.v[j]);
+  const float nm = fmaxf(m, vm);
+  if (nm == -INFINITY) return;
+  float acc = 0.0f;
+#pragma unroll
+  for (int j = 0; j < W; ++j) acc += v.v[j] == nm ? 1.0f : __expf(v.v[j] - nm);
+  s = (m == nm ? s : s * __expf(m - nm)) + acc;
+  m = nm;
+}
+
 // Columns a thread reads at once: 8 of bf16 (one 16-byte load) or 4 of fp32.
 template <class TL>
 constexpr int kVecWidth = sizeof(TL) == 2 ? 8 : 4;
@@ -53,8 +73,7 @@ __device__ float row_logsumexp(const TL* x, int64_t V, bool vec) {
   float m = -INFINITY, s = 0.0f;
   if (vec) {
     for (int64_t c = W * static_cast<int64_t>(threadIdx.x); c < V; c += W * kThreads) {
-      const auto v = load_vec<W>(x + c);
-      for (int j = 0; j < W; ++j) add_one(m, s, v.v[j]);
+      add_vec(m, s, load_vec<W>(x + c));
     }
   } else {
     for (int64_t c = threadIdx.x; c < V; c += kThreads) add_one(m, s, to_float(x[c]));
