@@ -197,9 +197,9 @@ TEST(KernelsCuda, MoePermutationMatchesReference) {
   ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
   ASSERT_TRUE(fused_kernels_available()) << "built without MOETRAIN_CUDA";
   const int64_t N = 777, E = 16;
-  // dims: 128 and 72 the wide paths (8 columns an access; 72 leaves lanes idle), 1288 more than a
-  // fan-out's four chunks of 256 columns, 68 four columns an access, 70 one; K = 10: more rows
-  // than a wide gather-sum holds (the four-column loop), K = 6 within
+  // dims: 128 and 72 the wide gather-sums (8 columns an access; 72 leaves lanes idle), 1288 several
+  // passes of 256 columns, 68 four columns an access, 70 one; K = 10: more rows than a wide
+  // gather-sum holds (the four-column loop), K = 6 within
   for (int64_t K : {6, 10})
   for (auto dtype : {torch::kFloat32, torch::kBFloat16}) {
     for (int64_t dim : {128, 72, 1288, 68, 70}) {

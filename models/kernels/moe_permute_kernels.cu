@@ -4,7 +4,6 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 
 #include "models/kernels/cuda_common.cuh"
 
@@ -23,37 +22,13 @@ __device__ __forceinline__ WarpIndex warp_index() {
           static_cast<int64_t>(gridDim.x) * kWarpsPerBlock};
 }
 
-// The wide paths (dim % 8 == 0, every pointer 16-byte aligned): 16-byte accesses of 8 elements,
-// and a lane's loads issued before any of them is used — a fan-out reads kFanChunks pieces of
-// its source row at once, a gather-sum all k ≤ kMaxWideK rows — so each lane keeps several loads
-// in flight. The 4-element loops kept one (a load, then the add that waits for it) and ran at
-// ≈ 2.5 TB/s (bench/NOTES.md 60). Sums keep the narrow loops' order (base, then j = 0, 1, ...).
-constexpr int kWide = 8, kMaxWideK = 8, kFanChunks = 4;
-
-// dst[inv_n[j]] = src for j < k (a token's row to each of its k expert rows)
-template <class TS, class TD>
-__device__ __forceinline__ void fan_out_row_wide(const TS* __restrict__ src, const int64_t* __restrict__ inv_n,
-                                                 TD* __restrict__ dst, int64_t k, int64_t dim, int lane) {
-  constexpr int64_t step = 32 * kWide;
-  for (int64_t c0 = kWide * lane; c0 < dim; c0 += step * kFanChunks) {
-    typename Raw8Of<TS>::type v[kFanChunks];
-#pragma unroll
-    for (int q = 0; q < kFanChunks; ++q)
-      if (c0 + q * step < dim) v[q] = load_raw8(src + c0 + q * step);
-    for (int64_t j = 0; j < k; ++j) {
-      TD* d = dst + inv_n[j] * dim;
-#pragma unroll
-      for (int q = 0; q < kFanChunks; ++q) {
-        if (c0 + q * step >= dim) continue;
-        if constexpr (std::is_same_v<TS, TD> && sizeof(TS) == 2) {
-          *reinterpret_cast<uint4*>(d + c0 + q * step) = v[q];  // the bits as they are
-        } else {
-          store8(d + c0 + q * step, widen8(v[q]));
-        }
-      }
-    }
-  }
-}
+// The wide gather-sum (dim % 8 == 0, every pointer 16-byte aligned, k ≤ kMaxWideK): 16-byte
+// accesses of 8 elements, and all k rows' loads issued before the first add, so each lane keeps
+// k loads in flight where the 4-element loop kept one (a load, then the add that waits for it):
+// 93 → 72 µs a call at bench-1b (bench/NOTES.md 60). The sum keeps the narrow loop's order
+// (base, then j = 0, 1, ...). The fan-outs (permute forward, unweighted unpermute backward) stay
+// four-column loops: the same treatment made them slower (74 → 97 µs).
+constexpr int kWide = 8, kMaxWideK = 8;
 
 // out_n = base_n + Σ_{j<k} w_n[j] · src[inv_n[j]] (base_n, w_n: nullptr for none / 1); k ≤ kMaxWideK
 template <class TS, class TD>
@@ -82,15 +57,10 @@ __device__ __forceinline__ void gather_sum_row_wide(const TS* __restrict__ src, 
 
 template <class TX, class TR>
 __global__ void permute_forward_kernel(const TX* __restrict__ x, const int64_t* __restrict__ inv,
-                                       TR* __restrict__ rows, int64_t n_tokens, int64_t k, int64_t dim, bool vec,
-                                       bool wide) {
+                                       TR* __restrict__ rows, int64_t n_tokens, int64_t k, int64_t dim, bool vec) {
   const WarpIndex w = warp_index();
   for (int64_t n = w.first; n < n_tokens; n += w.stride) {
     const TX* src = x + n * dim;
-    if (wide) {
-      fan_out_row_wide(src, inv + n * k, rows, k, dim, w.lane);
-      continue;
-    }
     for (int64_t j = 0; j < k; ++j) {
       TR* dst = rows + inv[n * k + j] * dim;
       for_columns(dim, w.lane, vec, [&](int64_t c, int m) { store_n(dst + c, load_n(src + c, m), m); });
@@ -150,14 +120,10 @@ template <class T>
 __global__ void unpermute_backward_kernel(const T* __restrict__ y, const float* __restrict__ weight,
                                           const int64_t* __restrict__ inv, const T* __restrict__ grad_out,
                                           T* __restrict__ grad_y, float* __restrict__ grad_w, int64_t n_tokens,
-                                          int64_t k, int64_t dim, bool vec, bool wide) {
+                                          int64_t k, int64_t dim, bool vec) {
   const WarpIndex w = warp_index();
   for (int64_t n = w.first; n < n_tokens; n += w.stride) {
     const T* g = grad_out + n * dim;
-    if (wide && weight == nullptr) {
-      fan_out_row_wide(g, inv + n * k, grad_y, k, dim, w.lane);
-      continue;
-    }
     for (int64_t j = 0; j < k; ++j) {
       const int64_t row = inv[n * k + j];
       T* gy = grad_y + row * dim;
@@ -271,15 +237,15 @@ __global__ void expert_scatter_kernel(const int64_t* __restrict__ expert, int64_
 
 int blocks_for(int64_t n_tokens) { return grid_for(n_tokens, kWarpsPerBlock); }
 
-// Whether rows of `dim` take the wide paths (a gather-sum also needs k ≤ kMaxWideK; pointers'
-// alignment is the caller's check).
-// MOETRAIN_PERMUTE_WIDE=0 keeps the four-column loops (the A/B switch of bench/NOTES.md 60).
-bool wide_rows(int64_t dim, int64_t k, bool gather) {
+// Whether a gather-sum over rows of `dim` with k rows a token takes the wide path (the pointers'
+// alignment is the caller's check). MOETRAIN_PERMUTE_WIDE=0 keeps the four-column loop (the A/B
+// switch of bench/NOTES.md 60).
+bool wide_gather(int64_t dim, int64_t k) {
   static const bool enabled = [] {
     const char* v = std::getenv("MOETRAIN_PERMUTE_WIDE");
     return v == nullptr || std::strcmp(v, "0") != 0;
   }();
-  return enabled && dim % kWide == 0 && (!gather || k <= kMaxWideK);
+  return enabled && dim % kWide == 0 && k <= kMaxWideK;
 }
 
 }  // namespace
@@ -290,8 +256,7 @@ int launch_moe_permute_forward(const void* x, const int64_t* inv, void* rows, in
   MOETRAIN_DISPATCH_DTYPE(x_dtype, TX, {
     MOETRAIN_DISPATCH_DTYPE(rows_dtype, TR, {
       permute_forward_kernel<TX, TR><<<blocks_for(n_tokens), kWarpsPerBlock * 32, 0, s>>>(
-          static_cast<const TX*>(x), inv, static_cast<TR*>(rows), n_tokens, k, dim, dim % 4 == 0 && aligned16(x, rows),
-          wide_rows(dim, k, /*gather=*/false) && aligned16(x, rows));
+          static_cast<const TX*>(x), inv, static_cast<TR*>(rows), n_tokens, k, dim, dim % 4 == 0 && aligned16(x, rows));
     })
   })
   return static_cast<int>(cudaGetLastError());
@@ -304,7 +269,7 @@ int launch_moe_permute_backward(const void* grad_rows, const int64_t* inv, void*
     MOETRAIN_DISPATCH_DTYPE(x_dtype, TX, {
       permute_backward_kernel<TR, TX><<<blocks_for(n_tokens), kWarpsPerBlock * 32, 0, s>>>(
           static_cast<const TR*>(grad_rows), inv, static_cast<TX*>(grad_x), n_tokens, k, dim,
-          dim % 4 == 0 && aligned16(grad_rows, grad_x), wide_rows(dim, k, /*gather=*/true) && aligned16(grad_rows, grad_x));
+          dim % 4 == 0 && aligned16(grad_rows, grad_x), wide_gather(dim, k) && aligned16(grad_rows, grad_x));
     })
   })
   return static_cast<int>(cudaGetLastError());
@@ -314,7 +279,7 @@ int launch_moe_unpermute_forward(const void* y, const float* w, const int64_t* i
                                  int64_t n_tokens, int64_t k, int64_t dim, int y_dtype, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   const bool aligned = aligned16(y, out) && (base == nullptr || aligned16(base));
-  const bool vec = dim % 4 == 0 && aligned, wide = wide_rows(dim, k, /*gather=*/true) && aligned;
+  const bool vec = dim % 4 == 0 && aligned, wide = wide_gather(dim, k) && aligned;
   MOETRAIN_DISPATCH_DTYPE(y_dtype, T, {
     unpermute_forward_kernel<T><<<blocks_for(n_tokens), kWarpsPerBlock * 32, 0, s>>>(
         static_cast<const T*>(y), w, inv, static_cast<const T*>(base), static_cast<T*>(out), n_tokens, k, dim, vec,
@@ -331,7 +296,7 @@ int launch_moe_unpermute_backward(const void* y, const float* w, const int64_t* 
   MOETRAIN_DISPATCH_DTYPE(y_dtype, T, {
     unpermute_backward_kernel<T><<<blocks_for(n_tokens), kWarpsPerBlock * 32, 0, s>>>(
         static_cast<const T*>(y), w, inv, static_cast<const T*>(grad_out), static_cast<T*>(grad_y), grad_w,
-        n_tokens, k, dim, dim % 4 == 0 && aligned, wide_rows(dim, k, /*gather=*/false) && aligned);
+        n_tokens, k, dim, dim % 4 == 0 && aligned);
   })
   return static_cast<int>(cudaGetLastError());
 }
