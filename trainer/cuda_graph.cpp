@@ -44,22 +44,38 @@ bool graph_node_priority() {
   return on;
 }
 
-int64_t count_priority_kernel_nodes(void* cuda_graph) {
 #ifdef MOETRAIN_WITH_CUDA
-  const auto graph = static_cast<cudaGraph_t>(cuda_graph);
+namespace {
+
+std::vector<cudaGraphNode_t> graph_nodes(cudaGraph_t graph) {
   size_t n = 0;
   C10_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &n));
   std::vector<cudaGraphNode_t> nodes(n);
   C10_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &n));
+  return nodes;
+}
+
+cudaGraphNodeType node_type(cudaGraphNode_t node) {
+  cudaGraphNodeType type{};
+  C10_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+  return type;
+}
+
+// A kernel node's priority attribute (0: the default; lower numbers rank higher).
+int kernel_priority(cudaGraphNode_t kernel) {
+  cudaLaunchAttributeValue value{};
+  C10_CUDA_CHECK(cudaGraphKernelNodeGetAttribute(kernel, cudaLaunchAttributePriority, &value));
+  return value.priority;
+}
+
+}  // namespace
+#endif
+
+int64_t count_priority_kernel_nodes(void* cuda_graph) {
+#ifdef MOETRAIN_WITH_CUDA
   int64_t raised = 0;
-  for (cudaGraphNode_t node : nodes) {
-    cudaGraphNodeType type{};
-    C10_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
-    if (type != cudaGraphNodeTypeKernel) continue;
-    cudaLaunchAttributeValue value{};
-    C10_CUDA_CHECK(cudaGraphKernelNodeGetAttribute(node, cudaLaunchAttributePriority, &value));
-    raised += value.priority != 0;
-  }
+  for (cudaGraphNode_t node : graph_nodes(static_cast<cudaGraph_t>(cuda_graph)))
+    raised += node_type(node) == cudaGraphNodeTypeKernel && kernel_priority(node) != 0;
   return raised;
 #else
   (void)cuda_graph;
@@ -70,15 +86,11 @@ int64_t count_priority_kernel_nodes(void* cuda_graph) {
 int64_t replace_memset_nodes(void* cuda_graph, int64_t max_bytes) {
 #if defined(MOETRAIN_WITH_CUDA) && CUDART_VERSION >= 13000  // the edge-data forms of the graph API
   const auto graph = static_cast<cudaGraph_t>(cuda_graph);
-  size_t n = 0;
-  C10_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &n));
-  std::vector<cudaGraphNode_t> nodes(n);
-  C10_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &n));
+  const std::vector<cudaGraphNode_t> nodes = graph_nodes(graph);
   // Edges cannot be removed from a graph with allocation or free nodes (captured under
   // PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync): leave such a graph as it is.
   for (cudaGraphNode_t node : nodes) {
-    cudaGraphNodeType type{};
-    C10_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+    const cudaGraphNodeType type = node_type(node);
     if (type == cudaGraphNodeTypeMemAlloc || type == cudaGraphNodeTypeMemFree) return 0;
   }
   // The edges of a node in one direction: the nodes and the edges' data (all default: true;
@@ -96,9 +108,7 @@ int64_t replace_memset_nodes(void* cuda_graph, int64_t max_bytes) {
   };
   int64_t replaced = 0;
   for (cudaGraphNode_t node : nodes) {
-    cudaGraphNodeType type{};
-    C10_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
-    if (type != cudaGraphNodeTypeMemset) continue;
+    if (node_type(node) != cudaGraphNodeTypeMemset) continue;
     cudaMemsetParams m{};
     C10_CUDA_CHECK(cudaGraphMemsetNodeGetParams(node, &m));
     if (static_cast<int64_t>(m.width * m.height * m.elementSize) > max_bytes) continue;
@@ -118,12 +128,9 @@ int64_t replace_memset_nodes(void* cuda_graph, int64_t max_bytes) {
     std::optional<int> priority;
     for (const auto* side : {&before, &after})
       for (cudaGraphNode_t other : *side) {
-        cudaGraphNodeType other_type{};
-        C10_CUDA_CHECK(cudaGraphNodeGetType(other, &other_type));
-        if (other_type != cudaGraphNodeTypeKernel) continue;
-        cudaLaunchAttributeValue v{};
-        C10_CUDA_CHECK(cudaGraphKernelNodeGetAttribute(other, cudaLaunchAttributePriority, &v));
-        if (!priority || v.priority < *priority) priority = v.priority;  // lower numbers rank higher
+        if (node_type(other) != cudaGraphNodeTypeKernel) continue;
+        const int p = kernel_priority(other);
+        if (!priority || p < *priority) priority = p;  // lower numbers rank higher
       }
     if (priority && *priority != 0) {
       cudaLaunchAttributeValue v{};
