@@ -482,7 +482,8 @@ TEST(GradNormTrackerCuda, MatchesTheNormAfterTheBackwardEagerAndGraphed) {
   EXPECT_EQ(tracker.summed_in_backward(), static_cast<int64_t>(params.size())) << "all summed beside the backward";
   expect_equal_to_after(eager.grad_norm, "eager");
 
-  // torch's instantiation, then ours with the nodes' priorities (graph_node_priority())
+  // captured on a default stream, then on one of raised priority (graph_node_priority())
+  int64_t raised[2] = {0, 0};
   for (bool by_priority : {false, true}) {
     const torch::Tensor graph_tokens = torch::randint(cfg.vocab_size, {4, seq + 1}, long_opts);
     CapturedForwardBackward graph([&] { return over(graph_tokens); }, params, [&] { balancer.discard_step(); },
@@ -493,9 +494,10 @@ TEST(GradNormTrackerCuda, MatchesTheNormAfterTheBackwardEagerAndGraphed) {
       torch::cuda::synchronize();
       expect_equal_to_after(sums.grad_norm, "replay " + std::to_string(replay) + (by_priority ? ", by priority" : ""));
     }
-    if (by_priority) EXPECT_GT(graph.high_priority_kernels(), 0) << "the chain's kernels carry the stream's priority";
-    else EXPECT_EQ(graph.high_priority_kernels(), 0);
+    raised[by_priority] = graph.high_priority_kernels();
   }
+  EXPECT_GT(raised[0], 0) << "the tracker's sums, captured on its high-priority stream";
+  EXPECT_GT(raised[1], raised[0]) << "the chain's kernels carry the capture stream's priority";
 }
 
 #ifdef MOETRAIN_WITH_CUDA
@@ -598,10 +600,10 @@ TEST(CudaGraphCuda, MemsetNodesBecomeKernelsThatWriteTheSameBytes) {
   EXPECT_TRUE(torch::equal(quads.cpu(), torch::full({3}, 0x12345678, torch::kInt32)));
 }
 
-// What graph_node_priority() relies on: a kernel captured on a high-priority stream carries that
-// priority as its node's attribute, one on a default stream does not, and a memset between two
-// raised kernels becomes a raised kernel node; the graph instantiated with
-// cudaGraphInstantiateFlagUseNodePriority replays in dependency order.
+// What graph_node_priority() relies on: a kernel captured on a stream of raised priority carries
+// it as its node's attribute, one on a default stream does not, and a memset whose neighbours
+// include a raised kernel and a default one becomes a kernel node of the raised priority; the
+// graph replays in dependency order (torch instantiates it with the nodes' priorities).
 TEST(CudaGraphCuda, CapturedStreamPriorityReachesKernelNodesAndMemsetKernels) {
   ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
   const auto opts = torch::TensorOptions().device(torch::kCUDA);
@@ -623,27 +625,37 @@ TEST(CudaGraphCuda, CapturedStreamPriorityReachesKernelNodesAndMemsetKernels) {
       c10::cuda::CUDAStreamGuard on_low(low);
       b.add_(2);  // default
     }
-    EXPECT_EQ(cudaMemsetAsync(words.data_ptr(), 0, words.numel() * 4, high.stream()), cudaSuccess);
-    total = a.sum() + words.sum();  // raised, after the memset
     at::cuda::CUDAEvent join;
     join.record(low);
     join.block(high);
+    // after a.add_ (raised) and b.add_ (default), before the sums (raised)
+    EXPECT_EQ(cudaMemsetAsync(words.data_ptr(), 0, words.numel() * 4, high.stream()), cudaSuccess);
+    total = a.sum() + words.sum();  // raised
     graph.capture_end();
   }
+  size_t n = 0;
+  cudaGraphGetNodes(graph.raw_cuda_graph(), nullptr, &n);
+  std::vector<cudaGraphNode_t> nodes(n);
+  cudaGraphGetNodes(graph.raw_cuda_graph(), nodes.data(), &n);
+  int64_t kernels = 0;
+  for (cudaGraphNode_t node : nodes) {
+    cudaGraphNodeType type{};
+    cudaGraphNodeGetType(node, &type);
+    kernels += type == cudaGraphNodeTypeKernel;
+  }
   const int64_t raised = count_priority_kernel_nodes(graph.raw_cuda_graph());
-  EXPECT_GE(raised, 2) << "a.add_ and the sums";
+  EXPECT_GE(raised, 3) << "a.add_ and the sums";
+  EXPECT_EQ(kernels - raised, 1) << "b.add_ on the default stream keeps the default";
   EXPECT_EQ(replace_memset_nodes(graph.raw_cuda_graph(), int64_t{64} << 10), 1);
-  EXPECT_EQ(count_priority_kernel_nodes(graph.raw_cuda_graph()), raised + 1) << "the memset's kernel is raised";
-  cudaGraphExec_t exec = nullptr;
-  ASSERT_EQ(cudaGraphInstantiateWithFlags(&exec, graph.raw_cuda_graph(), cudaGraphInstantiateFlagUseNodePriority),
-            cudaSuccess);
+  EXPECT_EQ(count_priority_kernel_nodes(graph.raw_cuda_graph()), raised + 1)
+      << "the memset's kernel takes the highest of its neighbours' priorities";
+  graph.instantiate();
   for (int replay = 1; replay <= 2; ++replay) {
-    ASSERT_EQ(cudaGraphLaunch(exec, c10::cuda::getCurrentCUDAStream().stream()), cudaSuccess);
+    graph.replay();
     torch::cuda::synchronize();
     EXPECT_EQ(total.item<float>(), 1000.0f * replay) << "the memset zeroed words before the sum";
     EXPECT_TRUE(torch::equal(b.cpu(), torch::full({1000}, 2.0f * replay)));
   }
-  cudaGraphExecDestroy(exec);
 }
 #endif
 

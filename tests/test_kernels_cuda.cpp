@@ -285,14 +285,21 @@ TEST(KernelsCuda, MoePermuteWritesBf16RowsUnderAutocast) {
   auto opts = torch::TensorOptions().device(torch::kCUDA);
   auto topk_idx = torch::tensor({{0, 2}, {1, 0}, {2, 1}}, opts.dtype(torch::kLong));
   const ExpertPermutation perm = moe_sort_by_expert(topk_idx, torch::bincount(topk_idx.flatten(), {}, 3));
-  auto x = torch::randn({3, 16}, opts);
+  auto x = torch::randn({3, 16}, opts).requires_grad_(true);
   at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
   at::autocast::set_autocast_enabled(at::kCUDA, true);
   auto rows = moe_permute(x, perm);
   at::autocast::set_autocast_enabled(at::kCUDA, false);
   at::autocast::clear_cache();
   EXPECT_EQ(rows.scalar_type(), torch::kBFloat16);
-  EXPECT_TRUE(torch::equal(rows, moe_permute_reference(x, perm).to(torch::kBFloat16)));
+  EXPECT_TRUE(torch::equal(rows, moe_permute_reference(x.detach(), perm).to(torch::kBFloat16)));
+  // the backward: bf16 row gradients summed into fp32 x's (the wide gather-sum across dtypes)
+  const torch::Tensor go = torch::randn({6, 16}, opts).to(torch::kBFloat16);
+  rows.backward(go);
+  auto x_ref = x.detach().clone().requires_grad_(true);
+  moe_permute_reference(x_ref, perm).backward(go.to(torch::kFloat));
+  ASSERT_EQ(x.grad().scalar_type(), torch::kFloat);
+  EXPECT_TRUE(torch::allclose(x.grad(), x_ref.grad(), /*rtol=*/1e-6, /*atol=*/0));
 }
 
 // Both launch paths: 16-byte chunks (every width a multiple of 8 elements) and the

@@ -124,7 +124,8 @@ int64_t replace_memset_nodes(void* cuda_graph, int64_t max_bytes) {
     cudaGraphNode_t kernel = nullptr;
     C10_CUDA_CHECK(cudaGraphAddKernelNode(&kernel, graph, before.data(), before.size(), &k));
     // A memset node has no priority; its kernel takes the highest of its neighbouring kernels'
-    // (under graph_node_priority() a memset on the chain between two raised kernels stays raised).
+    // (under graph_node_priority() a memset on the chain stays with the chain; one on a default
+    // stream right after a chain kernel is raised with it, which costs nothing measurable).
     std::optional<int> priority;
     for (const auto* side : {&before, &after})
       for (cudaGraphNode_t other : *side) {
@@ -151,10 +152,6 @@ int64_t replace_memset_nodes(void* cuda_graph, int64_t max_bytes) {
 struct CapturedForwardBackward::State {
 #ifdef MOETRAIN_WITH_CUDA
   at::cuda::CUDAGraph graph{/*keep_graph=*/true};  // edited (replace_memset_nodes) before instantiate()
-  cudaGraphExec_t own_exec = nullptr;  // graph_node_priority(): instantiated and launched by us
-  ~State() {
-    if (own_exec != nullptr) cudaGraphExecDestroy(own_exec);
-  }
 #endif
   StepLosses sums;  // the graph's outputs (updated in place by every replay)
   bool captured = false;
@@ -188,8 +185,10 @@ StepLosses CapturedForwardBackward::run() {
 #ifdef MOETRAIN_WITH_CUDA
   if (!state_->captured) {
     const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream();
-    const bool by_priority = by_node_priority_;
-    const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(by_priority, current.device_index());
+    // priority −1: above the weight-gradient stream's default, below the norm tracker's greatest
+    // (another pool, so never the tracker's stream)
+    const int capture_priority = by_node_priority_ ? -1 : 0;
+    const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(capture_priority, current.device_index());
     at::cuda::CUDAEvent before;  // the side stream starts after everything queued so far
     before.record(current);
     before.block(side);
@@ -211,25 +210,15 @@ StepLosses CapturedForwardBackward::run() {
       state_->graph.capture_end();
       if (graph_memsets_as_kernels())
         state_->replaced_memsets = replace_memset_nodes(state_->graph.raw_cuda_graph(), int64_t{64} << 10);
-      if (by_priority) {
-        cudaGraph_t raw = state_->graph.raw_cuda_graph();
-        state_->high_priority_kernels = count_priority_kernel_nodes(raw);
-        C10_CUDA_CHECK(cudaGraphInstantiateWithFlags(
-            &state_->own_exec, raw, cudaGraphInstantiateFlagAutoFreeOnLaunch | cudaGraphInstantiateFlagUseNodePriority));
-      } else {
-        state_->graph.instantiate();
-      }
+      state_->high_priority_kernels = count_priority_kernel_nodes(state_->graph.raw_cuda_graph());
+      state_->graph.instantiate();  // with cudaGraphInstantiateFlagUseNodePriority (torch 2.11)
     }
     at::cuda::CUDAEvent after;
     after.record(side);
     after.block(current);
     state_->captured = true;
   }
-  if (state_->own_exec != nullptr) {
-    C10_CUDA_CHECK(cudaGraphLaunch(state_->own_exec, c10::cuda::getCurrentCUDAStream()));
-  } else {
-    state_->graph.replay();
-  }
+  state_->graph.replay();
   return state_->sums;
 #else
   return fb_();

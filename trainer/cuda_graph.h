@@ -11,7 +11,7 @@
 // every step). Single process only: the data-parallel reducers' hooks are not captured.
 // Before the graph is instantiated, its small memset nodes (the 4-byte counters cuBLAS and
 // cuDNN reset before many of their kernels: ≈ 160 a bench-1b step) become kernel nodes
-// (replace_memset_nodes); with graph_node_priority() the chain's nodes outrank the side streams'.
+// (replace_memset_nodes). With graph_node_priority() the chain's nodes outrank the side streams'.
 #pragma once
 
 #include <cstdint>
@@ -25,14 +25,13 @@
 
 namespace moetrain {
 
-// MOETRAIN_GRAPH_PRIORITY=nodes: the step is captured on a high-priority stream, so its main
-// chain's kernel nodes carry that priority while the side streams' (the experts' weight
-// gradients) keep the default, and the graph is instantiated with
-// cudaGraphInstantiateFlagUseNodePriority and launched by us (torch's CUDAGraph::instantiate
-// passes no such flag): when a persistent GEMM's blocks retire, the block scheduler hands the
-// freed SMs to the chain first. Unset or anything else: torch's instantiation and replay.
-// Read once. The step draws no random numbers (no dropout), so skipping torch's replay (which
-// advances the captured generators' offsets) changes nothing.
+// MOETRAIN_GRAPH_PRIORITY=nodes: the step is captured on a stream of raised priority (−1; the
+// clipping-norm tracker's side stream keeps the greatest), so the main chain's kernel nodes
+// carry it (CUDA copies a stream's priority into the kernel nodes it captures) while the second
+// stream's weight gradients keep the default. torch 2.11 instantiates captured graphs with
+// cudaGraphInstantiateFlagUseNodePriority, so when a persistent GEMM's blocks retire the freed
+// SMs go to the chain's blocks first. Measured no faster on bench-1b (bench/NOTES.md 59): off
+// unless set. Read once.
 bool graph_node_priority();
 
 class CapturedForwardBackward {
@@ -56,8 +55,9 @@ class CapturedForwardBackward {
   bool captured() const;
   // Memset nodes of the captured graph replaced by kernel nodes (0 before the capture).
   int64_t replaced_memsets() const;
-  // Kernel nodes of the captured graph that carry a raised priority (graph_node_priority():
-  // those captured on the high-priority capture stream; 0 otherwise or before the capture).
+  // Kernel nodes of the captured graph with a raised priority: those captured on streams of
+  // raised priority (the capture stream under graph_node_priority(), the norm tracker's side
+  // stream) and the memset kernels among them; 0 before the capture.
   int64_t high_priority_kernels() const;
 
   static constexpr int kWarmupPasses = 2;

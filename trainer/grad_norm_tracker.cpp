@@ -40,8 +40,9 @@ struct GradNormTracker::Hook : torch::autograd::PostAccumulateGradHook {
 
 struct GradNormTracker::Streams {
 #ifdef MOETRAIN_WITH_CUDA
-  // A high-priority pool stream: never the capture stream or the weight-gradient side stream
-  // (both come from the low-priority pool), and its short blocks take SMs as they free up.
+  // A pool stream of the greatest priority: never the capture stream (the default pool, or
+  // priority −1 under MOETRAIN_GRAPH_PRIORITY=nodes) or the weight-gradient side stream (the
+  // default pool), and its short blocks take SMs as they free up.
   explicit Streams(c10::DeviceIndex device) : side(c10::cuda::getStreamFromPool(/*isHighPriority=*/true, device)) {}
   c10::cuda::CUDAStream side;
   std::vector<torch::Tensor> held;  // gradients read on the side stream and not yet joined

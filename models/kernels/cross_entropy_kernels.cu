@@ -43,8 +43,10 @@ __device__ __forceinline__ void add_one(float& m, float& s, float x) {
 // W values at once: their max first, then one rescale of the running sum and W exponentials
 // with the fast exp (add_one per value cost up to 2 accurate expf and a divergent branch each,
 // and kept the kernel at ≈ 2.3 TB/s, instruction-bound: bench/NOTES.md 60). A value equal to
-// the new max contributes exactly 1 (so +inf logits give lse = +inf, not NaN); a vector of
-// -inf contributes nothing.
+// the new max contributes exactly 1 (no inf − inf within a thread; `merge` across threads still
+// makes a row with +inf in two threads NaN, as before); a vector of −inf contributes nothing. A
+// NaN among finite values makes the sum NaN; one seen while the thread's max is still −inf (all
+// else −inf) is lost, as add_one loses it.
 template <class Vec>
 __device__ __forceinline__ void add_vec(float& m, float& s, const Vec& v) {
   constexpr int W = sizeof(v.v) / sizeof(v.v[0]);

@@ -13,7 +13,7 @@ namespace {
 // σ(g) with the approximate reciprocal (one MUFU.RCP): an IEEE division compiles to a dozen
 // instructions with a slow path, and the routed backward runs on the few SMs the weight-gradient
 // GEMM beside it leaves free, where instructions, not bytes, bound it (bench/NOTES.md 59). For
-// g < −87 the denominator passes 2^126 and the quotient is 0, σ's limit.
+// g < −87.34 (ln 2^126) the denominator passes 2^126 and the quotient is 0, σ's limit.
 __device__ __forceinline__ float sigmoid(float g) { return __fdividef(1.0f, 1.0f + __expf(-g)); }
 
 __device__ __forceinline__ float silu_mul(float g, float u) { return g * sigmoid(g) * u; }
