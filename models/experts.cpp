@@ -1,6 +1,7 @@
 #include "models/experts.h"
 
 #include "models/autocast.h"
+#include "models/kernels/grouped_gemm.h"
 #include "models/kernels/grouped_wgrad.h"
 #include "models/kernels/swiglu.h"
 #include "models/weight_grad_stream.h"
@@ -74,11 +75,11 @@ struct GroupedSwiGLUFunction : torch::autograd::Function<GroupedSwiGLUFunction> 
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& w13,
                                const torch::Tensor& w2, const torch::Tensor& offs, const torch::Tensor& row_scale,
                                bool scaled) {
-    const torch::Tensor h13 = at::_grouped_mm(x, w13.transpose(-2, -1), offs);                 // [M, 2I]
+    const torch::Tensor h13 = grouped_linear(x, w13, offs);                                    // [M, 2I]
     const torch::Tensor h = scaled ? swiglu_packed_scaled(h13, row_scale) : swiglu_packed(h13);  // [M, I]
     ctx->save_for_backward({x, w13, w2, offs, h13, h, row_scale});
     ctx->saved_data["scaled"] = scaled;
-    return at::_grouped_mm(h, w2.transpose(-2, -1), offs);  // [M, D]
+    return grouped_linear(h, w2, offs);  // [M, D]
   }
 
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
@@ -94,7 +95,7 @@ struct GroupedSwiGLUFunction : torch::autograd::Function<GroupedSwiGLUFunction> 
     const bool two_streams = weight_grad_overlap(/*for_experts=*/true);
     WeightGradOverlap side(x.device(), two_streams);
     const auto [dw2, dh] = side.beside([&] { return grouped_weight_grad(grad_y, h, offs, two_streams); },  // [E, D, I]
-                                       [&] { return at::_grouped_mm(grad_y, w2, offs); });                // [M, I]
+                                       [&] { return grouped_linear_input_grad(grad_y, w2, offs); });      // [M, I]
     torch::Tensor dh13, grad_scale;  // [M, 2I], [M]
     if (ctx->saved_data["scaled"].toBool()) {
       std::tie(dh13, grad_scale) = swiglu_packed_scaled_backward(h13, row_scale, dh);
@@ -102,7 +103,7 @@ struct GroupedSwiGLUFunction : torch::autograd::Function<GroupedSwiGLUFunction> 
       dh13 = swiglu_packed_backward(h13, dh);
     }
     auto [dw13, dx] = side.beside([&] { return grouped_weight_grad(dh13, x, offs, two_streams); },  // [E, 2I, D]
-                                  [&] { return at::_grouped_mm(dh13, w13, offs); });                // [M, D]
+                                  [&] { return grouped_linear_input_grad(dh13, w13, offs); });     // [M, D]
     side.join();
     return {dx, dw13, dw2, torch::Tensor(), grad_scale, torch::Tensor()};
   }

@@ -4,6 +4,7 @@
 
 #include <torch/torch.h>
 
+#include "models/kernels/grouped_gemm.h"
 #include "models/kernels/grouped_wgrad.h"
 #ifdef MOETRAIN_WITH_CUDA
 #include "models/kernels/grouped_wgrad_kernels.h"
@@ -104,6 +105,37 @@ TEST(KernelsCpu, GroupedWeightGradReferenceEqualsAutograd) {
   EXPECT_EQ(got[1].abs().sum().item<double>(), 0.0);
   EXPECT_FALSE(grouped_wgrad_kernel_applies(dy.to(torch::kBFloat16), x.to(torch::kBFloat16), offs));
   EXPECT_TRUE(torch::equal(grouped_weight_grad(dy, x, offs), got));
+}
+
+// grouped_linear's twin against autograd of the per-expert loop: the forward x·w[e]ᵀ and its input
+// gradient dy·w[e] (the GPU kernel is held to this twin in test_kernels_cuda); rows past the last
+// offset are zeros; on the CPU grouped_linear is the twin and never takes the kernel.
+TEST(KernelsCpu, GroupedLinearReferenceEqualsAutograd) {
+  torch::manual_seed(6);
+  const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
+  const std::vector<int64_t> counts = {3, 0, 7, 1, 0, 5};
+  const int64_t M = 18, N = 4, K = 6, E = static_cast<int64_t>(counts.size());
+  const torch::Tensor x = torch::randn({M, K}, f64).requires_grad_(true), dy = torch::randn({M, N}, f64);
+  const torch::Tensor w = torch::randn({E, N, K}, f64);
+  std::vector<torch::Tensor> ys;
+  int64_t start = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    ys.push_back(x.narrow(0, start, counts[e]).mm(w[e].t()));
+    start += counts[e];
+  }
+  const torch::Tensor y = torch::cat(ys);  // [16, N]: the last two rows belong to no expert
+  (y * dy.narrow(0, 0, start)).sum().backward();
+  const torch::Tensor offs = torch::tensor(counts).cumsum(0).to(torch::kInt);
+  const torch::Tensor got = grouped_linear_reference(x.detach(), w, offs);
+  EXPECT_EQ(got.sizes(), (std::vector<int64_t>{M, N}));
+  EXPECT_TRUE(torch::allclose(got.narrow(0, 0, start), y, 1e-12, 1e-12));
+  EXPECT_EQ(got.narrow(0, start, M - start).abs().sum().item<double>(), 0.0);
+  const torch::Tensor dx = grouped_linear_reference(dy, w, offs, /*input_grad=*/true);
+  EXPECT_EQ(dx.sizes(), x.sizes());
+  EXPECT_TRUE(torch::allclose(dx.narrow(0, 0, start), x.grad().narrow(0, 0, start), 1e-12, 1e-12));
+  EXPECT_FALSE(grouped_gemm_kernel_applies(x.detach().to(torch::kBFloat16), w.to(torch::kBFloat16), offs));
+  EXPECT_TRUE(torch::equal(grouped_linear(x.detach(), w, offs), got));
+  EXPECT_TRUE(torch::equal(grouped_linear_input_grad(dy, w, offs), dx));
 }
 
 #ifdef MOETRAIN_WITH_CUDA

@@ -13,6 +13,7 @@
 
 #include "models/kernels/cross_entropy.h"
 #include "models/kernels/fan_out.h"
+#include "models/kernels/grouped_gemm.h"
 #include "models/kernels/grouped_wgrad.h"
 #include "models/kernels/mla_rope.h"
 #include "models/kernels/moe_permute.h"
@@ -607,4 +608,57 @@ TEST(KernelsCuda, GroupedWeightGradKernelMatchesReference) {
   const torch::Tensor want = grouped_weight_grad_reference(dy.slice(0, 0, 130), x.slice(0, 0, 130),
                                                            offs.slice(0, 0, 1).clone()).to(torch::kFloat)[0];
   EXPECT_LT(((got[0].to(torch::kFloat) - want).norm() / want.norm()).item<double>(), 4e-3);
+}
+
+// The swapped-operand grouped GEMM (forward x·w[e]ᵀ and input gradient dy·w[e]) against the fp32
+// loop and ATen's grouped GEMM: empty experts, one row, row counts on and off the 16-row MMA steps
+// and the 256-row tiles, rows past the last offset (zeros), a fresh router's 64 experts.
+TEST(KernelsCuda, GroupedGemmKernelMatchesReference) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  torch::manual_seed(23);
+  const auto bf = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA);
+  const int64_t N = 256, K = 192;  // output features, reduction width (forward)
+  std::vector<int64_t> fresh(64);
+  for (auto& c : fresh) c = 180 + torch::randint(0, 80, {1}).item<int64_t>();
+  for (const std::vector<int64_t>& counts :
+       {std::vector<int64_t>{0, 1, 300, 17, 0, 513, 256, 15, 16, 255, 33}, fresh}) {
+    int64_t used = 0;
+    for (int64_t c : counts) used += c;
+    const int64_t M = used + 37;  // rows past the last offset
+    const int64_t E = static_cast<int64_t>(counts.size());
+    const torch::Tensor offs = torch::tensor(counts).cumsum(0).to(torch::kInt).to(torch::kCUDA);
+    for (bool input_grad : {false, true}) {
+      SCOPED_TRACE(fmt::format("E {} input_grad {}", E, input_grad));
+      // forward: x [M, K] · w[E, N, K]ᵀ; input gradient: dy [M, K] · w[E, K, N]
+      const torch::Tensor x = torch::randn({M, K}, bf);
+      const torch::Tensor w = (input_grad ? torch::randn({E, K, N}, bf) : torch::randn({E, N, K}, bf)) * 0.1;
+      ASSERT_TRUE(grouped_gemm_kernel_applies(x, w, offs, input_grad)) << "the kernel runs on sm_90 (H100/H200)";
+      auto run = [&] { return input_grad ? grouped_linear_input_grad(x, w, offs) : grouped_linear(x, w, offs); };
+      const torch::Tensor got = run(), again = run();
+      const torch::Tensor exact =
+          grouped_linear_reference(x.to(torch::kFloat), w.to(torch::kFloat), offs, input_grad);  // fp32 operands
+      const torch::Tensor aten = input_grad ? at::_grouped_mm(x, w, offs) : at::_grouped_mm(x, w.transpose(-2, -1), offs);
+      EXPECT_EQ(got.sizes(), (std::vector<int64_t>{M, N}));
+      EXPECT_EQ(got.scalar_type(), torch::kBFloat16);
+      EXPECT_TRUE(torch::equal(got, again)) << "two launches agree bit for bit";
+      EXPECT_TRUE(torch::isfinite(got).all().item<bool>());
+      const torch::Tensor in = got.slice(0, 0, used).to(torch::kFloat), ref = exact.slice(0, 0, used);
+      EXPECT_LT(((in - ref).norm() / ref.norm()).item<double>(), 4e-3);
+      EXPECT_LT(((in - aten.slice(0, 0, used).to(torch::kFloat)).norm() / ref.norm()).item<double>(), 4e-3);
+      EXPECT_LT(max_rel_err(in, ref, 0.05), 0.02) << "each output within bf16 rounding of the fp32 sum";
+      EXPECT_EQ(got.slice(0, used).abs().sum().item<float>(), 0.0f) << "rows past the last offset are zeros";
+    }
+  }
+  // A row's output depends on its own row only: an Inf in the first row of expert 1 (inside
+  // expert 0's last MMA step) stays there; offsets past M or decreasing are clamped, not trusted.
+  const torch::Tensor x = torch::randn({100, K}, bf), w = torch::randn({3, N, K}, bf) * 0.1;
+  torch::Tensor xi = x.clone();
+  xi[37].fill_(std::numeric_limits<float>::infinity());
+  const torch::Tensor offs = torch::tensor(std::vector<int>{37, 80, 100}).to(torch::kCUDA);
+  const torch::Tensor got = grouped_linear(xi, w, offs);
+  EXPECT_TRUE(torch::isfinite(got.slice(0, 0, 37)).all().item<bool>()) << "expert 0 saw expert 1's Inf row";
+  EXPECT_TRUE(torch::isfinite(got.slice(0, 38)).all().item<bool>());
+  const torch::Tensor bad = torch::tensor(std::vector<int>{50, 10, 1000000}).to(torch::kCUDA);
+  const torch::Tensor clamped = torch::tensor(std::vector<int>{50, 50, 100}).to(torch::kCUDA);
+  EXPECT_TRUE(torch::equal(grouped_linear(x, w, bad), grouped_linear(x, w, clamped)));
 }

@@ -12,8 +12,8 @@
 #include "models/kernels/grouped_wgrad_kernels.h"
 
 #include <algorithm>
-#include <atomic>
 
+#include "models/kernels/sm90_host.h"
 #include "models/kernels/sm90_wgmma.cuh"
 
 // The plain sm_90 pass compiles the kernel's body away (see grouped_wgrad_kernel), leaving its
@@ -29,7 +29,6 @@ using namespace sm90;
 constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 3, kConsumers = kBM / 64;
 constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kMaxGroups = 512;
-constexpr int kMaxDevices = 64;
 constexpr int kStageBytes = (kBM + kBN) * kBK * 2;
 constexpr int kBoxBytes = 64 * kBK * 2;        // one TMA box: 64 features × 64 rows of bf16 (8 KB)
 constexpr int kEpilogueBytes = 64 * kBN * 2;  // a consumer's 64 × 256 bf16 output, as 4 boxes
@@ -291,48 +290,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// Whether the code the device runs is the sm_90a build of this file (with wgmma), not the plain
-// sm_90 one that the global architecture flags add beside it.
-__global__ void has_wgmma_kernel(int* out) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  *out = 1;
-#else
-  *out = 0;
-#endif
-}
-
-// cuTensorMapEncodeTiled through the runtime's driver entry point: no link against libcuda.
-using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
-                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
-                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-
-EncodeTiled encode_tiled() {
-  static EncodeTiled fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult status{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &status) !=
-            cudaSuccess ||
-        status != cudaDriverEntryPointSuccess)
-      p = nullptr;
-    return reinterpret_cast<EncodeTiled>(p);
-  }();
-  return fn;
-}
-
-// A [rows, cols] bf16 row-major tensor as 64-column × 64-row boxes with the 128-byte swizzle
-// (the operands' loads and the output's stores).
-bool make_map(CUtensorMap* map, const void* base, int64_t rows, int64_t cols) {
-  const EncodeTiled encode = encode_tiled();
-  if (encode == nullptr) return false;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * 2};
-  const cuuint32_t box[2] = {64, kBK};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box, elem_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
 // Partial slots for split experts and the chunk length: the workspace holds ≤ 256 MB of fp32
 // partials; a chunk is ≥ twice the mean rows of an expert and long enough that the split experts'
 // chunks fit (each split expert has > chunk rows, so their chunks number < 2 · rows / chunk ≤
@@ -357,25 +314,7 @@ Plan plan_for(int64_t rows, int groups, int64_t dy_cols, int64_t x_cols) {
 
 }  // namespace
 
-bool grouped_wgrad_supported(int device) {
-  cudaDeviceProp prop{};
-  if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) return false;
-  if (prop.major != 9 || prop.minor != 0 || encode_tiled() == nullptr) return false;
-  int previous = 0, found = 0;
-  int* flag = nullptr;
-  if (cudaGetDevice(&previous) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) return false;
-  if (cudaMalloc(&flag, sizeof(int)) == cudaSuccess) {
-    if (cudaMemset(flag, 0, sizeof(int)) == cudaSuccess) {
-      has_wgmma_kernel<<<1, 1>>>(flag);
-      if (cudaGetLastError() != cudaSuccess ||
-          cudaMemcpy(&found, flag, sizeof(int), cudaMemcpyDeviceToHost) != cudaSuccess)
-        found = 0;
-    }
-    cudaFree(flag);
-  }
-  cudaSetDevice(previous);
-  return found == 1;
-}
+bool grouped_wgrad_supported(int device) { return sm90a_supported(device); }
 
 size_t grouped_wgrad_workspace_bytes(int64_t rows, int groups, int64_t dy_cols, int64_t x_cols) {
   const Plan plan = plan_for(rows, groups, dy_cols, x_cols);
@@ -388,8 +327,8 @@ int launch_grouped_wgrad(const void* dy, const void* x, const int* offs, void* d
       rows > (int64_t{1} << 31) - 1)
     return static_cast<int>(cudaErrorInvalidValue);
   CUtensorMap map_dy, map_x, map_dw;
-  if (!make_map(&map_dy, dy, rows, dy_cols) || !make_map(&map_x, x, rows, x_cols) ||
-      !make_map(&map_dw, dw, groups * dy_cols, x_cols))
+  if (!make_tma_map_bf16(&map_dy, dy, rows, dy_cols, kBK) || !make_tma_map_bf16(&map_x, x, rows, x_cols, kBK) ||
+      !make_tma_map_bf16(&map_dw, dw, groups * dy_cols, x_cols, kBK))
     return static_cast<int>(cudaErrorInvalidValue);
   const Plan plan = plan_for(rows, groups, dy_cols, x_cols);
   const Shape shape{static_cast<int>(rows),         groups,
@@ -402,20 +341,9 @@ int launch_grouped_wgrad(const void* dy, const void* x, const int* offs, void* d
   const cudaError_t zeroed =
       cudaMemsetAsync(header, 0, static_cast<size_t>(plan.header_ints) * 4, static_cast<cudaStream_t>(stream));
   if (zeroed != cudaSuccess) return static_cast<int>(zeroed);
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices)
-    return static_cast<int>(cudaErrorInvalidDevice);
-  // The shared-memory opt-in and the SM count, once per device (host calls, no stream work, so a
-  // graph capture may pass through here).
-  static std::atomic<int> sms_of[kMaxDevices] = {};
-  sms = sms_of[device].load();
-  if (sms == 0) {
-    if (cudaFuncSetAttribute(grouped_wgrad_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(kSmemBytes)) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0)
-      return static_cast<int>(cudaErrorInvalidConfiguration);
-    sms_of[device].store(sms);
-  }
+  int sms = 0;
+  const int ready = prepare_sm90_kernel(reinterpret_cast<const void*>(grouped_wgrad_kernel), kSmemBytes, &sms);
+  if (ready != 0) return ready;
   grouped_wgrad_kernel<<<sms, kThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(
       map_dy, map_x, map_dw, offs, shape, ws);
   return static_cast<int>(cudaGetLastError());
