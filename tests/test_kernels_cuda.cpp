@@ -654,11 +654,11 @@ TEST(KernelsCuda, GroupedGemmKernelMatchesReference) {
   const torch::Tensor x = torch::randn({100, K}, bf), w = torch::randn({3, N, K}, bf) * 0.1;
   torch::Tensor xi = x.clone();
   xi[37].fill_(std::numeric_limits<float>::infinity());
-  const torch::Tensor offs = torch::tensor(std::vector<int>{37, 80, 100}).to(torch::kCUDA);
+  auto int32_offs = [](std::vector<int64_t> ends) { return torch::tensor(ends).to(torch::kInt).to(torch::kCUDA); };
+  const torch::Tensor offs = int32_offs({37, 80, 100});
   const torch::Tensor got = grouped_linear(xi, w, offs);
   EXPECT_TRUE(torch::isfinite(got.slice(0, 0, 37)).all().item<bool>()) << "expert 0 saw expert 1's Inf row";
   EXPECT_TRUE(torch::isfinite(got.slice(0, 38)).all().item<bool>());
-  const torch::Tensor bad = torch::tensor(std::vector<int>{50, 10, 1000000}).to(torch::kCUDA);
-  const torch::Tensor clamped = torch::tensor(std::vector<int>{50, 50, 100}).to(torch::kCUDA);
+  const torch::Tensor bad = int32_offs({50, 10, 1000000}), clamped = int32_offs({50, 50, 100});
   EXPECT_TRUE(torch::equal(grouped_linear(x, w, bad), grouped_linear(x, w, clamped)));
 }
