@@ -61,17 +61,20 @@ def split_for(E):
     return s
 
 
-def timeit(fn, reps=40):
+def timeit(fn, reps=40, batch=10):
+    """Median ms of one call, timed over `batch` back-to-back calls: a single call between two
+    events also counts Python's dispatch gap before the kernel starts (≈ 40 µs, NOTES.md 61)."""
     for _ in range(5):
         fn()
     ts = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        for _ in range(batch):
+            fn()
         b.record()
         b.synchronize()
-        ts.append(a.elapsed_time(b))
+        ts.append(a.elapsed_time(b) / batch)
     return statistics.median(ts)
 
 

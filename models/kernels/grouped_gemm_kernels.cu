@@ -6,10 +6,11 @@
 // device (so a CUDA graph can capture it and no count goes to the host).
 //
 // Work item (tile): one expert's ≤ 256 rows × 128 output features; the K loop runs 64 at a time.
-// The MMA's N is the tile's rows rounded up to 16 (wgmma takes N = 16, 32, …, 256), so a short
-// last tile of an expert costs what its rows need. The fp32 tile leaves through shared memory:
-// stmatrix.trans writes it as [rows × features] bf16 (rows padded to 272 bytes, so its 8-row
-// stores and the copy's 8-piece loads hit distinct banks), then 16-byte stores of the tile's rows.
+// The MMA's N is the tile's rows rounded up to 16 (wgmma takes N = 16, 32, …, 256) and the rows
+// arrive in 64-row boxes, so a short last tile of an expert costs about what its rows need. The
+// fp32 tile leaves through shared memory: stmatrix.trans writes it as [rows × 64 features] bf16
+// per consumer in the TMA's swizzled box layout, and TMA stores of 16-row boxes take it out while
+// the consumer starts its next tile (the last rows % 16 by plain stores).
 // Probe and measurements: scripts/probe_wgmma_swapab.cu, bench/NOTES.md 61.
 #include "models/kernels/grouped_gemm_kernels.h"
 
@@ -32,10 +33,11 @@ using namespace sm90;
 constexpr int kBM = 128, kBN = 256, kBK = 64, kStages = 3, kConsumers = kBM / 64;
 constexpr int kThreads = 128 * (1 + kConsumers);
 constexpr int kMaxGroups = 512;
-constexpr int kOutStride = kBM + 8;  // bf16 a row of the output buffer (272 bytes)
+constexpr int kStoreRows = 16;  // rows of one TMA store box
 constexpr int kStageBytes = (kBM + kBN) * kBK * 2;
-constexpr size_t kSmemBytes =
-    static_cast<size_t>(kStages) * kStageBytes + size_t{kBN} * kOutStride * 2 + 2 * kStages * sizeof(uint64_t) + 1024;
+constexpr int kOutBytes = kBN * 64 * 2;  // a consumer's [256 rows × 64 features] bf16 output buffer
+constexpr size_t kSmemBytes = static_cast<size_t>(kStages) * kStageBytes + size_t{kConsumers} * kOutBytes +
+                              2 * kStages * sizeof(uint64_t) + 1024;
 
 struct Shape {
   int rows, groups, n_out, k, f_tiles;
@@ -72,8 +74,8 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 template <int NI, int kTransA>
 __device__ __forceinline__ void consume_tile(float (&acc)[128], const Tile& tile, const Shape& shape, int& it,
                                              const __nv_bfloat16* sA, const __nv_bfloat16* sB, uint64_t* full,
-                                             uint64_t* empty, __nv_bfloat16* sOut, __nv_bfloat16* out, int c,
-                                             int tid_in_wg) {
+                                             uint64_t* empty, __nv_bfloat16* sOut, const CUtensorMap& map_out,
+                                             __nv_bfloat16* out, int c, int tid_in_wg) {
   int prev = -1;
   const int k_iters = shape.k / kBK;
   for (int k = 0; k < k_iters; ++k, ++it) {
@@ -94,35 +96,48 @@ __device__ __forceinline__ void consume_tile(float (&acc)[128], const Tile& tile
 
   // acc[4j + 2h + e]: feature 64c + 16·warp + lane/4 + 8h, row 8j + 2·(lane%4) + e. One stmatrix
   // stores the 8 × 8 blocks (j, 0), (j, 1), (j + 1, 0), (j + 1, 1) transposed (lanes 8m…8m + 7
-  // give block m's 8 row addresses), so that buffer row t holds row t's features.
+  // give block m's 8 row addresses), so that buffer row t holds row t's 64 features as a TMA box
+  // lays them out: 128 bytes a row, 16-byte piece q at q ^ (t % 8) (the 128-byte swizzle; a
+  // block's 8 rows then hit distinct banks).
   const int warp = tid_in_wg / 32, lane = tid_in_wg % 32, m = lane / 8;
-  named_barrier(1 + c, 128);  // the previous tile's copy has read this warp group's columns
-  const uint32_t base = smem_u32(sOut) + ((lane % 8) * kOutStride + 64 * c + 16 * warp + 8 * (m % 2)) * 2;
+  if (tid_in_wg == 0) bulk_wait_read<0>();  // the previous tile's TMA stores have read the buffer
+  named_barrier(1 + c, 128);                 // and its tail rows' plain stores too
+  const uint32_t base = smem_u32(sOut) + (lane % 8) * 128 + (((2 * warp + m % 2) ^ (lane % 8)) * 16) + (m / 2) * 1024;
 #pragma unroll
   for (int j = 0; j < NI / 8; j += 2)
-    stmatrix_x4_trans(base + 8 * (j + m / 2) * kOutStride * 2, pack_bf16(acc[4 * j], acc[4 * j + 1]),
-                      pack_bf16(acc[4 * j + 2], acc[4 * j + 3]), pack_bf16(acc[4 * j + 4], acc[4 * j + 5]),
-                      pack_bf16(acc[4 * j + 6], acc[4 * j + 7]));
+    stmatrix_x4_trans(base + j * 1024, pack_bf16(acc[4 * j], acc[4 * j + 1]), pack_bf16(acc[4 * j + 2], acc[4 * j + 3]),
+                      pack_bf16(acc[4 * j + 4], acc[4 * j + 5]), pack_bf16(acc[4 * j + 6], acc[4 * j + 7]));
+  fence_proxy_async_smem();  // the buffer's writes visible to the TMA unit
   named_barrier(1 + c, 128);
-  for (int i = tid_in_wg; i < tile.rows * 8; i += 128) {  // this warp group's 64 features: 8 pieces a row
-    const int t = i / 8, q = i % 8;
+  // Whole 16-row boxes by TMA stores that run on while this warp group starts its next tile; the
+  // last rows % 16 (their neighbours belong to the next expert's tile) by plain 16-byte stores.
+  const int boxed = tile.rows / kStoreRows * kStoreRows;
+  if (tid_in_wg == 0) {
+    for (int r = 0; r < boxed; r += kStoreRows)
+      tma_store_2d(&map_out, sOut + r * 64, tile.f0 + 64 * c, tile.row0 + r);
+    bulk_commit();
+  }
+  const unsigned char* bytes = reinterpret_cast<const unsigned char*>(sOut);
+  for (int i = tid_in_wg; i < (tile.rows - boxed) * 8; i += 128) {
+    const int t = boxed + i / 8, q = i % 8;
     *reinterpret_cast<uint4*>(out + static_cast<int64_t>(tile.row0 + t) * shape.n_out + tile.f0 + 64 * c + 8 * q) =
-        *reinterpret_cast<const uint4*>(sOut + t * kOutStride + 64 * c + 8 * q);
+        *reinterpret_cast<const uint4*>(bytes + t * 128 + ((q ^ (t % 8)) * 16));
   }
 }
 
 template <int kTransA>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_kernel(const __grid_constant__ CUtensorMap map_w, const __grid_constant__ CUtensorMap map_x,
-                        const int* __restrict__ offs, Shape shape, __nv_bfloat16* __restrict__ out) {
+                        const __grid_constant__ CUtensorMap map_out, const int* __restrict__ offs, Shape shape,
+                        __nv_bfloat16* __restrict__ out) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // the build also passes plain sm_90, which has no wgmma
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   __shared__ int s_tile_start[kMaxGroups + 1], s_row_end[kMaxGroups];
   unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   __nv_bfloat16* sA = reinterpret_cast<__nv_bfloat16*>(smem);  // [stage][BM][BK] (K-major) or [stage][2][BK][64]
   __nv_bfloat16* sB = reinterpret_cast<__nv_bfloat16*>(smem + kStages * kBM * kBK * 2);  // [stage][BN][BK]
-  __nv_bfloat16* sOut = reinterpret_cast<__nv_bfloat16*>(smem + kStages * kStageBytes);  // [BN][kOutStride]
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes + kBN * kOutStride * 2);
+  unsigned char* out_buffers = smem + kStages * kStageBytes;  // [consumer][BN rows][64 features], swizzled
+  uint64_t* full = reinterpret_cast<uint64_t*>(out_buffers + kConsumers * kOutBytes);
   uint64_t* empty = full + kStages;
 
   const int wg = threadIdx.x / 128, tid_in_wg = threadIdx.x % 128, lane = threadIdx.x % 32;
@@ -170,10 +185,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       int it = 0;
       for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
         const Tile tile = tile_at(t, shape, s_tile_start, s_row_end);
+        const int x_boxes = (tile.rows + 63) / 64;  // ≥ the MMA's rows (a multiple of 16)
         for (int k = 0; k < k_iters; ++k, ++it) {
           const int s = it % kStages;
           mbar_wait(&empty[s], ((it / kStages) & 1) ^ 1);  // a fresh barrier passes parity 1 at once
-          mbar_expect_tx(&full[s], kStageBytes);            // rows past the tensor arrive as zeros, counted
+          // the tile's rows in 64-row boxes (rows past the tensor arrive as zeros, counted): a
+          // short last tile of an expert loads what its MMA reads, not 256 rows
+          mbar_expect_tx(&full[s], (kBM + x_boxes * 64) * kBK * 2);
           __nv_bfloat16* a = sA + s * kBM * kBK;
           if (kTransA) {  // w [groups·k, n_out]: two boxes of 64 features × 64 k rows
             tma_load_2d(a, &map_w, &full[s], tile.f0, tile.group * shape.k + k * kBK);
@@ -181,7 +199,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           } else {  // w [groups·n_out, k]: one box of 64 k × 128 feature rows
             tma_load_2d(a, &map_w, &full[s], k * kBK, tile.group * shape.n_out + tile.f0);
           }
-          tma_load_2d(sB + s * kBN * kBK, &map_x, &full[s], k * kBK, tile.row0);
+          for (int b = 0; b < x_boxes; ++b)
+            tma_load_2d(sB + s * kBN * kBK + b * 64 * kBK, &map_x, &full[s], k * kBK, tile.row0 + 64 * b);
         }
       }
     }
@@ -189,6 +208,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   const int c = wg - 1;
+  __nv_bfloat16* sOut = reinterpret_cast<__nv_bfloat16*>(out_buffers + c * kOutBytes);
   float acc[128];
   int it = 0;
   for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
@@ -196,7 +216,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     switch ((tile.rows + 15) / 16) {
 #define MOETRAIN_GROUPED_GEMM_CASE(n)                                                                            \
   case n:                                                                                                        \
-    consume_tile<16 * n, kTransA>(acc, tile, shape, it, sA, sB, full, empty, sOut, out, c, tid_in_wg);           \
+    consume_tile<16 * n, kTransA>(acc, tile, shape, it, sA, sB, full, empty, sOut, map_out, out, c, tid_in_wg);  \
     break;
       MOETRAIN_GROUPED_GEMM_CASE(1) MOETRAIN_GROUPED_GEMM_CASE(2) MOETRAIN_GROUPED_GEMM_CASE(3)
       MOETRAIN_GROUPED_GEMM_CASE(4) MOETRAIN_GROUPED_GEMM_CASE(5) MOETRAIN_GROUPED_GEMM_CASE(6)
@@ -207,6 +227,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #undef MOETRAIN_GROUPED_GEMM_CASE
     }
   }
+  if (tid_in_wg == 0) bulk_wait<0>();  // the last stores are done before the block's memory goes
   // Rows past the last group's end (none in the MoE layer, where the offsets end at rows): zeros.
   const int last_end = s_row_end[shape.groups - 1];
   const int64_t pieces = static_cast<int64_t>(shape.rows - last_end) * (shape.n_out / 8);
@@ -225,10 +246,11 @@ int launch_grouped_gemm(const void* x, const void* w, const int* offs, void* out
   if (groups < 1 || groups > kMaxGroups || n_out % kBM != 0 || n_out < kBM || k % kBK != 0 || k < kBK || rows < 1 ||
       rows > (int64_t{1} << 31) - 1 || groups * std::max(n_out, k) > (int64_t{1} << 31) - 1)
     return static_cast<int>(cudaErrorInvalidValue);
-  CUtensorMap map_w, map_x;
+  CUtensorMap map_w, map_x, map_out;
   const bool mapped = (w_transposed ? make_tma_map_bf16(&map_w, w, groups * k, n_out, 64)
                                     : make_tma_map_bf16(&map_w, w, groups * n_out, k, kBM)) &&
-                      make_tma_map_bf16(&map_x, x, rows, k, kBN);
+                      make_tma_map_bf16(&map_x, x, rows, k, 64) &&
+                      make_tma_map_bf16(&map_out, out, rows, n_out, kStoreRows);
   if (!mapped) return static_cast<int>(cudaErrorInvalidValue);
   const Shape shape{static_cast<int>(rows), groups, static_cast<int>(n_out), static_cast<int>(k),
                     static_cast<int>(n_out / kBM)};
@@ -239,7 +261,8 @@ int launch_grouped_gemm(const void* x, const void* w, const int* offs, void* out
   // At most (rows / 256 + groups) row tiles; a CTA an SM walks them.
   const int64_t bound = ((rows + kBN - 1) / kBN + groups) * shape.f_tiles;
   kernel<<<static_cast<unsigned>(std::min<int64_t>(sms, bound)), kThreads, kSmemBytes,
-           static_cast<cudaStream_t>(stream)>>>(map_w, map_x, offs, shape, static_cast<__nv_bfloat16*>(out));
+           static_cast<cudaStream_t>(stream)>>>(map_w, map_x, map_out, offs, shape,
+                                                       static_cast<__nv_bfloat16*>(out));
   return static_cast<int>(cudaGetLastError());
 }
 
