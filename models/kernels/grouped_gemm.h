@@ -3,9 +3,10 @@
 // w[e]ᵀ and its input gradient dx[rows of e] = dy[rows of e] · w[e].
 //
 // On an H100/H200 (sm_90) with bf16 operands of suitable widths they run our swapped-operand
-// kernel (grouped_gemm_kernels.cu: an expert's last tile as narrow as its rows need; 12–33 % less
-// time than ATen's grouped GEMM on bench-1b's shapes, bench/NOTES.md 61), else ATen's grouped
-// GEMM (the twin the GPU test holds it to), else a loop of one matmul per expert.
+// kernel (grouped_gemm_kernels.cu: an expert's last tile as narrow as its rows need; on
+// bench-1b's shapes 10–18 % less time than ATen's grouped GEMM alone, the same time in the MoE
+// layer at 64 experts and 2–6 % less at 256, bench/NOTES.md 61), else ATen's grouped GEMM (the
+// twin the GPU test holds it to), else a loop of one matmul per expert.
 // MOETRAIN_GROUPED_GEMM: "auto" (default) ours where it applies, "0" always ATen's.
 #pragma once
 
