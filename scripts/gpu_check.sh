@@ -19,8 +19,7 @@
 #            AB_CASES="MOETRAIN_GROUPED_WGRAD=1 MOETRAIN_GROUPED_WGRAD=0" (our weight-gradient kernel
 #            vs ATen's) or AB_CASES="set:train.logits_dtype=bf16 set:train.logits_dtype=fp32"
 #   probes   kernel probes without the build: scripts/probe_fine_tiles.py (ATen's grouped GEMM),
-#            scripts/probe_wgmma_wgrad.cu, probe_wgmma_grouped.cu and probe_wgmma_swapab.cu (nvcc,
-#            sm_90a) on its shapes
+#            scripts/probe_wgmma_wgrad.cu and probe_wgmma_swapab.cu (nvcc, sm_90a) on its shapes
 # TRACE=1: the profile phase also saves a gzipped Chrome trace (trace.json.gz). PROFILE_ROWS: how
 # many kernels its table lists (25).
 # SETS="--set train.param_dtype=bf16 ...": extra config overrides for every bench, profile,
@@ -134,9 +133,7 @@ if has probes; then
   {
     python3 "$ROOT/scripts/probe_fine_tiles.py" --counts-dir /tmp
     nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I"$ROOT" -o /tmp/probe_wgrad \
-      "$ROOT/scripts/probe_wgmma_wgrad.cu" && /tmp/probe_wgrad /tmp
-    nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I"$ROOT" -o /tmp/probe_wgmma "$ROOT/scripts/probe_wgmma_grouped.cu" -lcuda \
-      && /tmp/probe_wgmma
+      "$ROOT/scripts/probe_wgmma_wgrad.cu" "$ROOT/models/kernels/sm90_host.cu" && /tmp/probe_wgrad /tmp
     nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I"$ROOT" -o /tmp/probe_swapab "$ROOT/scripts/probe_wgmma_swapab.cu" \
       "$ROOT/models/kernels/grouped_gemm_kernels.cu" "$ROOT/models/kernels/sm90_host.cu" && /tmp/probe_swapab /tmp
   } >"$OUT/probes.log" 2>&1

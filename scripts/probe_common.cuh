@@ -1,6 +1,7 @@
-// defines: CHECK, fill_normal, compare_kernel, median_ms — the shared harness of the standalone
-// GEMM probes (scripts/probe_wgmma_*.cu): random bf16 inputs made on the device, an error
-// check against an fp32 reference over NaN-poisoned output, and a median of timed launches.
+// defines: CHECK, fill_normal, compare_kernel, median_ms, read_counts — the shared harness of the
+// standalone GEMM probes (scripts/probe_wgmma_*.cu): random bf16 inputs made on the device, an
+// error check against an fp32 reference over NaN-poisoned output, a median of timed launches, and
+// the per-expert row counts probe_fine_tiles.py writes.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,6 +11,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #define CHECK(x)                                                                                \
@@ -73,6 +75,22 @@ double median_ms(F&& launch, int reps = 20) {
   CHECK(cudaEventDestroy(b));
   std::sort(ms.begin(), ms.end());
   return ms[ms.size() / 2];
+}
+
+// Per-expert row counts, one a line (scripts/probe_fine_tiles.py writes them beside its ATen
+// times); without a file of `groups` lines, `rows` split evenly.
+inline std::vector<int> read_counts(const std::string& path, int groups, int rows) {
+  std::vector<int> counts;
+  if (FILE* f = std::fopen(path.c_str(), "r")) {
+    int v;
+    while (std::fscanf(f, "%d", &v) == 1) counts.push_back(v);
+    std::fclose(f);
+  }
+  if (static_cast<int>(counts.size()) != groups) {
+    counts.assign(groups, rows / groups);
+    counts[0] += rows - rows / groups * groups;
+  }
+  return counts;
 }
 
 }  // namespace probe

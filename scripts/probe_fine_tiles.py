@@ -62,8 +62,8 @@ def split_for(E):
 
 
 def timeit(fn, reps=40, batch=10):
-    """Median ms of one call, timed over `batch` back-to-back calls: a single call between two
-    events also counts Python's dispatch gap before the kernel starts (≈ 40 µs, NOTES.md 61)."""
+    """Median ms of one call, timed over `batch` back-to-back calls so that Python's dispatch
+    cannot idle the GPU between the events (NOTES.md 61: the times match one call's)."""
     for _ in range(5):
         fn()
     ts = []

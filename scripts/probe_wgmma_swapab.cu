@@ -47,20 +47,6 @@ __global__ void reference_kernel(const __nv_bfloat16* x, const __nv_bfloat16* w,
   out[i] = s;
 }
 
-std::vector<int> read_counts(const std::string& path, int groups) {
-  std::vector<int> counts;
-  if (FILE* f = std::fopen(path.c_str(), "r")) {
-    int v;
-    while (std::fscanf(f, "%d", &v) == 1) counts.push_back(v);
-    std::fclose(f);
-  }
-  if (static_cast<int>(counts.size()) != groups) {  // no file: equal counts
-    counts.assign(groups, kRows / groups);
-    counts[0] += kRows - kRows / groups * groups;
-  }
-  return counts;
-}
-
 // name, N (output features), K, w stored [E, K, N] (input gradient) or [E, N, K] (forward)
 void run_case(const char* name, int E, const char* kind, const std::vector<int>& counts, int N, int K, bool trans_w) {
   std::vector<int> offs(E);
@@ -117,7 +103,8 @@ int main(int argc, char** argv) {
   constexpr int D = 1024, I = 512;
   for (int E : {64, 256})
     for (const char* kind : {"bal", "skew"}) {
-      const std::vector<int> counts = read_counts(dir + "/counts-" + std::to_string(E) + "-" + kind + ".txt", E);
+      const std::vector<int> counts =
+          probe::read_counts(dir + "/counts-" + std::to_string(E) + "-" + kind + ".txt", E, kRows);
       run_case("fwd w13", E, kind, counts, 2 * I, D, false);   // x [M, D] · w13[E, 2I, D]ᵀ
       run_case("fwd w2", E, kind, counts, D, I, false);        // h [M, I] · w2[E, D, I]ᵀ
       run_case("dgrad w2", E, kind, counts, I, D, true);       // dy [M, D] · w2[E, D, I]

@@ -7,7 +7,7 @@
 // bit-equal, and prints the median of 20 timed runs.
 //
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I. -o /tmp/wgrad \
-//     scripts/probe_wgmma_wgrad.cu && /tmp/wgrad /tmp
+//     scripts/probe_wgmma_wgrad.cu models/kernels/sm90_host.cu && /tmp/wgrad /tmp
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -41,22 +41,9 @@ __global__ void wgrad_reference(const __nv_bfloat16* dy, const __nv_bfloat16* x,
   out[i] = s;
 }
 
-std::vector<int> read_counts(const std::string& path, int groups) {
-  std::vector<int> counts;
-  if (FILE* f = std::fopen(path.c_str(), "r")) {
-    int v;
-    while (std::fscanf(f, "%d", &v) == 1) counts.push_back(v);
-    std::fclose(f);
-  }
-  if (static_cast<int>(counts.size()) != groups) {  // no file: equal counts
-    counts.assign(groups, kRows / groups);
-    counts[0] += kRows - kRows / groups * groups;
-  }
-  return counts;
-}
-
 void run_case(int groups, const char* kind, const char* name, int n, int k, const std::string& dir) {
-  const std::vector<int> counts = read_counts(dir + "/counts-" + std::to_string(groups) + "-" + kind + ".txt", groups);
+  const std::vector<int> counts =
+      probe::read_counts(dir + "/counts-" + std::to_string(groups) + "-" + kind + ".txt", groups, kRows);
   std::vector<int> offs(groups);
   for (int g = 0, run = 0; g < groups; ++g) offs[g] = run += counts[g];
   const int max_count = *std::max_element(counts.begin(), counts.end());
