@@ -16,6 +16,7 @@
 
 #include <algorithm>
 
+#include "models/kernels/group_spans.cuh"
 #include "models/kernels/sm90_host.h"
 #include "models/kernels/sm90_wgmma.cuh"
 #include "models/kernels/sm90_wgmma_n.cuh"
@@ -141,22 +142,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* empty = full + kStages;
 
   const int wg = threadIdx.x / 128, tid_in_wg = threadIdx.x % 128, lane = threadIdx.x % 32;
-  // The tile list: group g owns ceil(rows_g / 256) · f_tiles consecutive tiles. One warp scans the
-  // groups 32 at a time; the end rows are clamped to [0, rows] and made non-decreasing (a running
-  // max), so offsets that break the contract cannot send a load or a store out of bounds.
+  // The tile list: group g owns ceil(rows_g / 256) · f_tiles consecutive tiles (one warp scans the
+  // offsets, clamped into [0, rows]: group_spans.cuh).
   if (threadIdx.x < 32) {
     int tiles_before = 0, end_before = 0;
     for (int base = 0; base < shape.groups; base += 32) {
       const int g = base + lane;
-      int end = g < shape.groups ? min(max(offs[g], 0), shape.rows) : 0;
-      for (int d = 1; d < 32; d *= 2) {
-        const int v = __shfl_up_sync(0xffffffffu, end, d);
-        if (lane >= d) end = max(end, v);
-      }
-      end = max(end, end_before);
-      int start = __shfl_up_sync(0xffffffffu, end, 1);
-      if (lane == 0) start = end_before;
-      end_before = __shfl_sync(0xffffffffu, end, 31);
+      const auto [start, end] = warp_group_span(offs, shape.groups, shape.rows, base, lane, end_before);
       const int tiles = g < shape.groups ? (end - start + kBN - 1) / kBN * shape.f_tiles : 0;
       int incl = tiles;
       for (int d = 1; d < 32; d *= 2) {

@@ -52,15 +52,6 @@ bool kernel_enabled(bool beside_main_stream) {
   return !beside_main_stream;
 }
 
-bool device_supported(int device) {
-  static std::mutex mu;
-  static std::map<int, bool> known;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = known.find(device);
-  if (it == known.end()) it = known.emplace(device, kernels::grouped_wgrad_supported(device)).first;
-  return it->second;
-}
-
 // One workspace per (device, stream): launches on one stream never overlap (each launch zeroes
 // the counters it uses first). Grown outside graph capture only (the trainer's warm-up passes run
 // first); a capture that finds it too small takes ATen's path for that call. A grown-out buffer
@@ -93,7 +84,7 @@ bool grouped_wgrad_kernel_applies(const torch::Tensor& dy, const torch::Tensor& 
          offs.scalar_type() == torch::kInt && dy.dim() == 2 && x.dim() == 2 && offs.dim() == 1 &&
          dy.size(0) == x.size(0) && dy.size(0) > 0 && dy.size(0) < (int64_t{1} << 31) && dy.is_contiguous() &&
          x.is_contiguous() && offs.is_contiguous() && aligned(dy) && aligned(x) && dy.size(1) % 128 == 0 &&
-         x.size(1) % 256 == 0 && offs.size(0) >= 1 && offs.size(0) <= 512 && device_supported(dy.device().index());
+         x.size(1) % 256 == 0 && offs.size(0) >= 1 && offs.size(0) <= 512 && kernels::grouped_wgrad_supported(dy.device().index());
 #else
   (void)dy;
   (void)x;

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 
+#include "models/kernels/group_spans.cuh"
 #include "models/kernels/sm90_host.h"
 #include "models/kernels/sm90_wgmma.cuh"
 
@@ -97,24 +98,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   // tiles from a shared counter, so the long ones start first and the short ones fill in), then
   // the rest, each group in index order. A group owns chunks(g) · per_chunk consecutive tiles; a
   // split group's chunks own consecutive workspace slots. One warp scans the groups twice, 32 at
-  // a time: first the split ones, then the others. The end rows are clamped to [0, rows] and made
-  // non-decreasing (a running max), so offsets that break the contract cannot send a load or a
-  // partial out of bounds or leave the stage ring out of step.
+  // a time: first the split ones, then the others (the offsets clamped into [0, rows]:
+  // group_spans.cuh).
   if (threadIdx.x < 32) {
     int tiles_before = 0, slots_before = 0, placed = 0;
     for (int pass = 0; pass < 2; ++pass) {
       int end_before = 0;
       for (int base = 0; base < shape.groups; base += 32) {
         const int g = base + lane;
-        int end = g < shape.groups ? min(max(offs[g], 0), shape.rows) : 0;
-        for (int d = 1; d < 32; d *= 2) {
-          const int v = __shfl_up_sync(0xffffffffu, end, d);
-          if (lane >= d) end = max(end, v);
-        }
-        end = max(end, end_before);
-        int start = __shfl_up_sync(0xffffffffu, end, 1);
-        if (lane == 0) start = end_before;
-        end_before = __shfl_sync(0xffffffffu, end, 31);
+        const auto [start, end] = warp_group_span(offs, shape.groups, shape.rows, base, lane, end_before);
         int chunks = 0;
         if (g < shape.groups) {
           const int rows = end - start;

@@ -17,7 +17,7 @@
 namespace moetrain::kernels {
 
 // Whether `device` can run the kernel: compute capability 9.0 and the sm_90a code is what it
-// loads (one synchronizing probe launch; call once per device and keep the answer).
+// loads (one synchronizing probe launch the first time a device is asked, then a cached answer).
 bool grouped_wgrad_supported(int device);
 
 // Bytes of the workspace for these shapes. It needs no initialization (the launch zeroes its
