@@ -20,9 +20,9 @@ struct GroupedExpertsImpl : torch::nn::Module {
   // sum M, row_scale: undefined or [M] fp32 -> [M, D]; with row_scale, row r's SwiGLU output is
   // scaled by row_scale[r] before w2 (the gate weight applied inside the expert; equal to scaling
   // its output, as w2 is linear). CUDA with bf16 operands — bf16 tensors, or fp32 master weights under
-  // bf16 autocast, cast to bf16 here as autocast casts a matmul's — runs torch's grouped
-  // GEMM (at::_grouped_mm, counts stay on the device); otherwise one matmul per expert on
-  // its slice (counts read on the host).
+  // bf16 autocast, cast to bf16 here as autocast casts a matmul's — runs grouped GEMMs (ours on
+  // sm_90, else at::_grouped_mm: models/kernels/grouped_gemm.h; counts stay on the device);
+  // otherwise one matmul per expert on its slice (counts read on the host).
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& counts, const torch::Tensor& row_scale = {});
 
   // One expert on its rows: x: [n, D] -> [n, D]

@@ -9,6 +9,9 @@
 #include <torch/torch.h>
 
 #include <ATen/autocast_mode.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/_grouped_mm.h>
 
 #include "models/kernels/cross_entropy.h"
@@ -661,4 +664,71 @@ TEST(KernelsCuda, GroupedGemmKernelMatchesReference) {
   EXPECT_TRUE(torch::isfinite(got.slice(0, 38)).all().item<bool>());
   const torch::Tensor bad = int32_offs({50, 10, 1000000}), clamped = int32_offs({50, 50, 100});
   EXPECT_TRUE(torch::equal(grouped_linear(x, w, bad), grouped_linear(x, w, clamped)));
+}
+
+// The grouped GEMM where each CTA runs many tiles (its output buffer reused, the stage ring's
+// parity carried across tiles, K loops of 1 and 5 stages against a ring of 3), the narrowest
+// shapes (128 features, K = 64, fewer than 16 rows), 512 experts, all experts empty, and a CUDA
+// graph replayed on new rows and new offsets.
+TEST(KernelsCuda, GroupedGemmKernelManyTilesEdgesAndGraphReplay) {
+  ASSERT_TRUE(torch::cuda::is_available()) << "cuda-labelled test needs a GPU";
+  torch::manual_seed(29);
+  const auto bf = torch::TensorOptions().dtype(torch::kBFloat16).device(torch::kCUDA);
+  auto int32_offs = [](const torch::Tensor& counts) { return counts.cumsum(0).to(torch::kInt).to(torch::kCUDA); };
+  auto check = [&](const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& offs, bool input_grad,
+                   const std::string& what) {
+    SCOPED_TRACE(what);
+    ASSERT_TRUE(grouped_gemm_kernel_applies(x, w, offs, input_grad));
+    const torch::Tensor got = input_grad ? grouped_linear_input_grad(x, w, offs) : grouped_linear(x, w, offs);
+    const torch::Tensor want = grouped_linear_reference(x.to(torch::kFloat), w.to(torch::kFloat), offs, input_grad);
+    EXPECT_TRUE(torch::isfinite(got).all().item<bool>());
+    const double scale = std::max(want.norm().item<double>(), 1e-6);
+    EXPECT_LT((got.to(torch::kFloat) - want).norm().item<double>() / scale, 4e-3);
+  };
+  // ≈ 20k rows over 64 experts, 512 features: ≈ 570 tiles, several a CTA; K = 320 (5 stages) and 64
+  for (int64_t K : {320, 64}) {
+    const torch::Tensor counts = torch::randint(200, 420, {64}, torch::kLong);
+    const int64_t M = counts.sum().item<int64_t>();
+    for (bool input_grad : {false, true}) {
+      const torch::Tensor x = torch::randn({M, K}, bf);
+      const torch::Tensor w = (input_grad ? torch::randn({64, K, 512}, bf) : torch::randn({64, 512, K}, bf)) * 0.1;
+      check(x, w, int32_offs(counts), input_grad, fmt::format("many tiles K {} input_grad {}", K, input_grad));
+    }
+  }
+  {  // 128 features, K = 64, five rows in one expert of three
+    const torch::Tensor x = torch::randn({5, 64}, bf), w = torch::randn({3, 128, 64}, bf) * 0.1;
+    check(x, w, int32_offs(torch::tensor(std::vector<int64_t>{0, 5, 0})), false, "five rows");
+  }
+  {  // 512 experts of 0–3 rows
+    const torch::Tensor counts = torch::randint(0, 4, {512}, torch::kLong);
+    const int64_t M = counts.sum().item<int64_t>();
+    const torch::Tensor x = torch::randn({M, 64}, bf), w = torch::randn({512, 128, 64}, bf) * 0.1;
+    check(x, w, int32_offs(counts), false, "512 experts");
+  }
+  {  // every expert empty: all rows are past the last offset, so all zeros
+    const torch::Tensor x = torch::randn({40, 64}, bf), w = torch::randn({3, 128, 64}, bf);
+    const torch::Tensor got = grouped_linear(x, w, int32_offs(torch::zeros({3}, torch::kLong)));
+    EXPECT_EQ(got.abs().sum().item<float>(), 0.0f);
+  }
+  // Captured once, replayed on new rows and new offsets (same shapes): the tile list is rebuilt on
+  // the device from the offsets at every replay.
+  const torch::Tensor x = torch::randn({1000, 128}, bf), w = torch::randn({8, 256, 128}, bf) * 0.1;
+  const torch::Tensor offs = int32_offs(torch::full({8}, 125, torch::kLong));
+  (void)grouped_linear(x, w, offs);  // outside the capture first (the device probe, the launch set-up)
+  torch::Tensor out;
+  at::cuda::CUDAGraph graph(/*keep_graph=*/true);
+  const c10::cuda::CUDAStream stream = c10::cuda::getStreamFromPool(false, 0);
+  {
+    c10::cuda::CUDAStreamGuard guard(stream);
+    graph.capture_begin();
+    out = grouped_linear(x, w, offs);
+    graph.capture_end();
+  }
+  const torch::Tensor counts = torch::tensor(std::vector<int64_t>{0, 300, 1, 255, 17, 0, 400, 27});
+  x.copy_(torch::randn({1000, 128}, bf));
+  offs.copy_(int32_offs(counts));
+  graph.replay();
+  torch::cuda::synchronize();
+  const torch::Tensor want = grouped_linear_reference(x.to(torch::kFloat), w.to(torch::kFloat), offs);
+  EXPECT_LT(((out.to(torch::kFloat) - want).norm() / want.norm()).item<double>(), 4e-3);
 }

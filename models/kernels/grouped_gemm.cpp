@@ -1,5 +1,6 @@
 #include "models/kernels/grouped_gemm.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -76,9 +77,13 @@ bool grouped_gemm_kernel_applies(const torch::Tensor& x, const torch::Tensor& w,
   if (x.scalar_type() != torch::kBFloat16 || w.scalar_type() != torch::kBFloat16 || offs.scalar_type() != torch::kInt)
     return false;
   if (!x.is_contiguous() || !w.is_contiguous() || !offs.is_contiguous() || !aligned16(x) || !aligned16(w)) return false;
-  const int64_t k = x.size(1), n_out = input_grad ? w.size(2) : w.size(1);
-  if (k != (input_grad ? w.size(1) : w.size(2)) || offs.size(0) != w.size(0)) return false;
-  if (n_out % 128 != 0 || k % 64 != 0 || w.size(0) < 1 || w.size(0) > 512 || x.size(0) < 1) return false;
+  const int64_t k = x.size(1), n_out = input_grad ? w.size(2) : w.size(1), groups = w.size(0);
+  if (k != (input_grad ? w.size(1) : w.size(2)) || offs.size(0) != groups) return false;
+  // the launcher's limits (grouped_gemm_kernels.h): 32-bit row and TMA coordinates
+  constexpr int64_t kInt32Max = (int64_t{1} << 31) - 1;
+  if (n_out < 128 || n_out % 128 != 0 || k < 64 || k % 64 != 0 || groups < 1 || groups > 512 || x.size(0) < 1 ||
+      x.size(0) > kInt32Max - 256 || groups * std::max(n_out, k) > kInt32Max)
+    return false;
   return kernel_enabled() && kernels::grouped_gemm_supported(x.device().index());
 #else
   (void)x;
@@ -89,10 +94,25 @@ bool grouped_gemm_kernel_applies(const torch::Tensor& x, const torch::Tensor& w,
 #endif
 }
 
+#ifdef MOETRAIN_WITH_CUDA
+namespace {
+
+// What at::_grouped_mm (torch 2.11) takes: CUDA operands of one 16-bit or fp32 dtype whose rows
+// are 16-byte aligned, int32 offsets on their device. Anything else goes to the reference loop.
+bool aten_takes(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& offs) {
+  const auto t = x.scalar_type();
+  return x.is_cuda() && w.device() == x.device() && offs.device() == x.device() && w.scalar_type() == t &&
+         (t == torch::kBFloat16 || t == torch::kHalf || t == torch::kFloat) && offs.scalar_type() == torch::kInt &&
+         x.size(1) % 8 == 0 && w.size(1) % 8 == 0 && w.size(2) % 8 == 0;
+}
+
+}  // namespace
+#endif
+
 torch::Tensor grouped_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& offs) {
 #ifdef MOETRAIN_WITH_CUDA
   if (grouped_gemm_kernel_applies(x, w, offs, /*input_grad=*/false)) return run_kernel(x, w, offs, false);
-  if (x.is_cuda()) return at::_grouped_mm(x, w.transpose(-2, -1), offs);
+  if (aten_takes(x, w, offs)) return at::_grouped_mm(x, w.transpose(-2, -1), offs);
 #endif
   return grouped_linear_reference(x, w, offs, /*input_grad=*/false);
 }
@@ -100,7 +120,7 @@ torch::Tensor grouped_linear(const torch::Tensor& x, const torch::Tensor& w, con
 torch::Tensor grouped_linear_input_grad(const torch::Tensor& dy, const torch::Tensor& w, const torch::Tensor& offs) {
 #ifdef MOETRAIN_WITH_CUDA
   if (grouped_gemm_kernel_applies(dy, w, offs, /*input_grad=*/true)) return run_kernel(dy, w, offs, true);
-  if (dy.is_cuda()) return at::_grouped_mm(dy, w, offs);
+  if (aten_takes(dy, w, offs)) return at::_grouped_mm(dy, w, offs);
 #endif
   return grouped_linear_reference(dy, w, offs, /*input_grad=*/true);
 }

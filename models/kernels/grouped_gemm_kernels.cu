@@ -219,13 +219,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 #undef MOETRAIN_GROUPED_GEMM_CASE
     }
   }
-  if (tid_in_wg == 0) bulk_wait<0>();  // the last stores are done before the block's memory goes
+  if (tid_in_wg == 0) bulk_wait_read<0>();  // the last stores have read the buffer before the block's memory goes
   // Rows past the last group's end (none in the MoE layer, where the offsets end at rows): zeros.
   const int last_end = s_row_end[shape.groups - 1];
   const int64_t pieces = static_cast<int64_t>(shape.rows - last_end) * (shape.n_out / 8);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(128 * kConsumers) + (threadIdx.x - 128); i < pieces;
        i += static_cast<int64_t>(gridDim.x) * 128 * kConsumers)
     reinterpret_cast<uint4*>(out + static_cast<int64_t>(last_end) * shape.n_out)[i] = make_uint4(0, 0, 0, 0);
+#else
+  __trap();  // the plain sm_90 build: grouped_gemm_supported() keeps launches away from it
 #endif
 }
 
@@ -236,7 +238,7 @@ bool grouped_gemm_supported(int device) { return sm90a_supported(device); }
 int launch_grouped_gemm(const void* x, const void* w, const int* offs, void* out, int64_t rows, int groups,
                         int64_t n_out, int64_t k, bool w_transposed, void* stream) {
   if (groups < 1 || groups > kMaxGroups || n_out % kBM != 0 || n_out < kBM || k % kBK != 0 || k < kBK || rows < 1 ||
-      rows > (int64_t{1} << 31) - 1 || groups * std::max(n_out, k) > (int64_t{1} << 31) - 1)
+      rows > (int64_t{1} << 31) - 1 - kBN || groups * std::max(n_out, k) > (int64_t{1} << 31) - 1)
     return static_cast<int>(cudaErrorInvalidValue);
   CUtensorMap map_w, map_x, map_out;
   const bool mapped = (w_transposed ? make_tma_map_bf16(&map_w, w, groups * k, n_out, 64)

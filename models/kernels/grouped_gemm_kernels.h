@@ -20,10 +20,10 @@ namespace moetrain::kernels {
 bool grouped_gemm_supported(int device);
 
 // x [rows, k] bf16, w as above (bf16, contiguous), out [rows, n_out] bf16; every pointer 16-byte
-// aligned; n_out % 128 == 0, k % 64 == 0, 1 ≤ groups ≤ 512. Rows past offs[groups − 1] are written
-// as zeros. Offsets outside [0, rows] or decreasing are clamped to a non-decreasing run inside it
-// (no fault, no hang). No workspace, no host synchronization. Returns a cudaError_t value (0:
-// launched).
+// aligned; n_out % 128 == 0, k % 64 == 0, 1 ≤ groups ≤ 512, rows < 2^31 − 256. Rows past
+// offs[groups − 1] are written as zeros. Offsets outside [0, rows] or decreasing are clamped to a
+// non-decreasing run inside it (no fault, no hang). No workspace, no host synchronization.
+// Returns a cudaError_t value (0: launched).
 int launch_grouped_gemm(const void* x, const void* w, const int* offs, void* out, int64_t rows, int groups,
                         int64_t n_out, int64_t k, bool w_transposed, void* stream);
 

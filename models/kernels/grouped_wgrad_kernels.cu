@@ -279,6 +279,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
   if (tid_in_wg == 0) bulk_wait<0>();  // the last stores are done before the block's memory goes
+#else
+  __trap();  // the plain sm_90 build: grouped_wgrad_supported() keeps launches away from it
 #endif
 }
 

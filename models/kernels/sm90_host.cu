@@ -38,24 +38,37 @@ EncodeTiled encode_tiled() {
   return fn;
 }
 
-bool probe_device(int device) {
+// 1: the device runs the sm_90a code, 0: it does not, −1: could not tell (a CUDA call failed, as
+// it may under a graph capture) — ask again later. The probe runs on a private non-blocking stream
+// in the relaxed capture mode, so a capture in progress on another stream is left undisturbed.
+int probe_device(int device) {
   cudaDeviceProp prop{};
-  if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) return false;
-  if (prop.major != 9 || prop.minor != 0 || encode_tiled() == nullptr) return false;
-  int previous = 0, found = 0;
-  int* flag = nullptr;
-  if (cudaGetDevice(&previous) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) return false;
-  if (cudaMalloc(&flag, sizeof(int)) == cudaSuccess) {
-    if (cudaMemset(flag, 0, sizeof(int)) == cudaSuccess) {
-      has_wgmma_kernel<<<1, 1>>>(flag);
-      if (cudaGetLastError() != cudaSuccess ||
-          cudaMemcpy(&found, flag, sizeof(int), cudaMemcpyDeviceToHost) != cudaSuccess)
-        found = 0;
+  if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) return -1;
+  if (prop.major != 9 || prop.minor != 0 || encode_tiled() == nullptr) return 0;
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  if (cudaThreadExchangeStreamCaptureMode(&mode) != cudaSuccess) return -1;
+  int result = -1, previous = 0, found = 0;
+  if (cudaGetDevice(&previous) == cudaSuccess && cudaSetDevice(device) == cudaSuccess) {
+    cudaStream_t stream = nullptr;
+    if (cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess) {
+      int* flag = nullptr;
+      if (cudaMalloc(&flag, sizeof(int)) == cudaSuccess) {
+        if (cudaMemsetAsync(flag, 0, sizeof(int), stream) == cudaSuccess) {
+          has_wgmma_kernel<<<1, 1, 0, stream>>>(flag);
+          if (cudaGetLastError() == cudaSuccess &&
+              cudaMemcpyAsync(&found, flag, sizeof(int), cudaMemcpyDeviceToHost, stream) == cudaSuccess &&
+              cudaStreamSynchronize(stream) == cudaSuccess)
+            result = found == 1 ? 1 : 0;
+        }
+        cudaFree(flag);
+      }
+      cudaStreamDestroy(stream);
     }
-    cudaFree(flag);
+    cudaSetDevice(previous);
   }
-  cudaSetDevice(previous);
-  return found == 1;
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  if (result < 0) cudaGetLastError();  // the failed probe's error must not surface in the caller's next check
+  return result;
 }
 
 }  // namespace
@@ -65,8 +78,10 @@ bool sm90a_supported(int device) {
   static std::map<int, bool> known;
   std::lock_guard<std::mutex> lock(mu);
   auto it = known.find(device);
-  if (it == known.end()) it = known.emplace(device, probe_device(device)).first;
-  return it->second;
+  if (it != known.end()) return it->second;
+  const int found = probe_device(device);
+  if (found >= 0) known.emplace(device, found == 1);  // an undecided probe is asked again next time
+  return found == 1;
 }
 
 bool make_tma_map_bf16(CUtensorMap* map, const void* base, int64_t rows, int64_t cols, int box_rows) {

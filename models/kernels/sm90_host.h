@@ -12,8 +12,9 @@
 namespace moetrain::kernels::sm90 {
 
 // Whether `device` is compute capability 9.0, the driver can encode tensor maps, and the code it
-// loads from this library is the sm_90a build (with wgmma), not a plain sm_90 one: one
-// synchronizing probe launch, its answer kept per device.
+// loads from this library is the sm_90a build (with wgmma), not a plain sm_90 one: one probe
+// launch on a private stream, synchronized, its answer kept per device (false without keeping it
+// where the probe could not run, e.g. under a graph capture that forbids it).
 bool sm90a_supported(int device);
 
 // A [rows, cols] row-major bf16 matrix as TMA boxes of 64 columns (128 bytes, the 128-byte
