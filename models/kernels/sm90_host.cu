@@ -76,11 +76,14 @@ int probe_device(int device) {
 bool sm90a_supported(int device) {
   static std::mutex mu;
   static std::map<int, bool> known;
+  static std::map<int, int> undecided;  // probes that could not tell, per device
   std::lock_guard<std::mutex> lock(mu);
   auto it = known.find(device);
   if (it != known.end()) return it->second;
   const int found = probe_device(device);
-  if (found >= 0) known.emplace(device, found == 1);  // an undecided probe is asked again next time
+  // An undecided probe (e.g. under a capture) is asked again next time, up to four times: a device
+  // whose probe keeps failing is taken as unsupported rather than probed at every call.
+  if (found >= 0 || ++undecided[device] >= 4) known.emplace(device, found == 1);
   return found == 1;
 }
 
