@@ -7,11 +7,14 @@
 //
 // Work item (tile): one expert's ≤ 256 rows × 128 output features; the K loop runs 64 at a time.
 // The MMA's N is the tile's rows rounded up to 16 (wgmma takes N = 16, 32, …, 256) and the rows
-// arrive in 64-row boxes, so a short last tile of an expert costs about what its rows need. The
-// fp32 tile leaves through shared memory: stmatrix.trans writes it as [rows × 64 features] bf16
-// per consumer in the TMA's swizzled box layout, and TMA stores of 16-row boxes take it out while
-// the consumer starts its next tile (the last rows % 16 by plain stores).
-// Probe and measurements: scripts/probe_wgmma_swapab.cu, bench/NOTES.md 61.
+// of a short last tile arrive in 64-row boxes (a whole tile in one 256-row box), so a short last
+// tile of an expert costs about what its rows need. The fp32 tile leaves through shared memory:
+// stmatrix.trans writes it as [rows × 64 features] bf16 per consumer in the TMA's swizzled box
+// layout, and TMA stores of 64- and 16-row boxes take it out while the consumer starts its next
+// tile (the last rows % 16 by plain stores). Each TMA operation has a cost of its own, so the
+// boxes are as large as the tile allows; the producer warp group gives its registers to the
+// consumers (setmaxnreg: 40 / 232).
+// Probe and measurements: scripts/probe_wgmma_swapab.cu, bench/NOTES.md 61–62.
 #include "models/kernels/grouped_gemm_kernels.h"
 
 #include <algorithm>
@@ -76,6 +79,7 @@ template <int NI, int kTransA>
 __device__ __forceinline__ void consume_tile(float (&acc)[128], const Tile& tile, const Shape& shape, int& it,
                                              const __nv_bfloat16* sA, const __nv_bfloat16* sB, uint64_t* full,
                                              uint64_t* empty, __nv_bfloat16* sOut, const CUtensorMap& map_out,
+                                             const CUtensorMap& map_out_wide,
                                              __nv_bfloat16* out, int c, int tid_in_wg) {
   int prev = -1;
   const int k_iters = shape.k / kBK;
@@ -110,12 +114,14 @@ __device__ __forceinline__ void consume_tile(float (&acc)[128], const Tile& tile
                       pack_bf16(acc[4 * j + 4], acc[4 * j + 5]), pack_bf16(acc[4 * j + 6], acc[4 * j + 7]));
   fence_proxy_async_smem();  // the buffer's writes visible to the TMA unit
   named_barrier(1 + c, 128);
-  // Whole 16-row boxes by TMA stores that run on while this warp group starts its next tile; the
-  // last rows % 16 (their neighbours belong to the next expert's tile) by plain 16-byte stores.
+  // Whole 64- then 16-row boxes by TMA stores that run on while this warp group starts its next
+  // tile; the last rows % 16 (their neighbours belong to the next expert's tile) by plain 16-byte stores.
   const int boxed = tile.rows / kStoreRows * kStoreRows;
   if (tid_in_wg == 0) {
-    for (int r = 0; r < boxed; r += kStoreRows)
-      tma_store_2d(&map_out, sOut + r * 64, tile.f0 + 64 * c, tile.row0 + r);
+    int r = 0;
+    for (; r + 64 <= boxed; r += 64)  // 64-row boxes first: each TMA operation costs (NOTES.md 62)
+      tma_store_2d(&map_out_wide, sOut + r * 64, tile.f0 + 64 * c, tile.row0 + r);
+    for (; r < boxed; r += kStoreRows) tma_store_2d(&map_out, sOut + r * 64, tile.f0 + 64 * c, tile.row0 + r);
     bulk_commit();
   }
   const unsigned char* bytes = reinterpret_cast<const unsigned char*>(sOut);
@@ -129,7 +135,8 @@ __device__ __forceinline__ void consume_tile(float (&acc)[128], const Tile& tile
 template <int kTransA>
 __global__ void __launch_bounds__(kThreads, 1)
     grouped_gemm_kernel(const __grid_constant__ CUtensorMap map_w, const __grid_constant__ CUtensorMap map_x,
-                        const __grid_constant__ CUtensorMap map_out, const int* __restrict__ offs, Shape shape,
+                        const __grid_constant__ CUtensorMap map_x_wide, const __grid_constant__ CUtensorMap map_out,
+                        const __grid_constant__ CUtensorMap map_out_wide, const int* __restrict__ offs, Shape shape,
                         __nv_bfloat16* __restrict__ out) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // the build also passes plain sm_90, which has no wgmma
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -173,32 +180,43 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int total_tiles = s_tile_start[shape.groups], k_iters = shape.k / kBK;
 
   if (wg == 0) {  // producer: one thread issues every load
+    // The producer needs few registers; the consumers get them (232 each: their 128 accumulators
+    // and the epilogue without spills; NOTES.md 62).
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (tid_in_wg == 0) {
+      // The stage (tile, k): the weights' 128 features × 64 k and the tile's rows in 64-row boxes
+      // (≥ the MMA's rows, a multiple of 16; rows past the tensor arrive as zeros, counted), so a
+      // short last tile of an expert loads what its MMA reads, not 256 rows.
+      auto boxes = [&](const Tile& tile, int k, auto&& issue) {
+        if (kTransA) {  // w [groups·k, n_out]: two boxes of 64 features × 64 k rows
+          issue(&map_w, 0, 0, tile.f0, tile.group * shape.k + k * kBK);
+          issue(&map_w, 0, 64 * kBK, tile.f0 + 64, tile.group * shape.k + k * kBK);
+        } else {  // w [groups·n_out, k]: one box of 64 k × 128 feature rows
+          issue(&map_w, 0, 0, k * kBK, tile.group * shape.n_out + tile.f0);
+        }
+        if (tile.rows == kBN) {  // a whole tile in one operation
+          issue(&map_x_wide, 1, 0, k * kBK, tile.row0);
+        } else {
+          for (int b = 0; b < (tile.rows + 63) / 64; ++b) issue(&map_x, 1, b * 64 * kBK, k * kBK, tile.row0 + 64 * b);
+        }
+      };
       int it = 0;
       for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
         const Tile tile = tile_at(t, shape, s_tile_start, s_row_end);
-        const int x_boxes = (tile.rows + 63) / 64;  // ≥ the MMA's rows (a multiple of 16)
         for (int k = 0; k < k_iters; ++k, ++it) {
           const int s = it % kStages;
           mbar_wait(&empty[s], ((it / kStages) & 1) ^ 1);  // a fresh barrier passes parity 1 at once
-          // the tile's rows in 64-row boxes (rows past the tensor arrive as zeros, counted): a
-          // short last tile of an expert loads what its MMA reads, not 256 rows
-          mbar_expect_tx(&full[s], (kBM + x_boxes * 64) * kBK * 2);
-          __nv_bfloat16* a = sA + s * kBM * kBK;
-          if (kTransA) {  // w [groups·k, n_out]: two boxes of 64 features × 64 k rows
-            tma_load_2d(a, &map_w, &full[s], tile.f0, tile.group * shape.k + k * kBK);
-            tma_load_2d(a + 64 * kBK, &map_w, &full[s], tile.f0 + 64, tile.group * shape.k + k * kBK);
-          } else {  // w [groups·n_out, k]: one box of 64 k × 128 feature rows
-            tma_load_2d(a, &map_w, &full[s], k * kBK, tile.group * shape.n_out + tile.f0);
-          }
-          for (int b = 0; b < x_boxes; ++b)
-            tma_load_2d(sB + s * kBN * kBK + b * 64 * kBK, &map_x, &full[s], k * kBK, tile.row0 + 64 * b);
+          mbar_expect_tx(&full[s], (kBM + (tile.rows + 63) / 64 * 64) * kBK * 2);
+          boxes(tile, k, [&](const CUtensorMap* map, int is_x, int offset, int inner, int row) {
+            tma_load_2d((is_x ? sB + s * kBN * kBK : sA + s * kBM * kBK) + offset, map, &full[s], inner, row);
+          });
         }
       }
     }
     return;
   }
 
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
   const int c = wg - 1;
   __nv_bfloat16* sOut = reinterpret_cast<__nv_bfloat16*>(out_buffers + c * kOutBytes);
   float acc[128];
@@ -208,7 +226,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     switch ((tile.rows + 15) / 16) {
 #define MOETRAIN_GROUPED_GEMM_CASE(n)                                                                            \
   case n:                                                                                                        \
-    consume_tile<16 * n, kTransA>(acc, tile, shape, it, sA, sB, full, empty, sOut, map_out, out, c, tid_in_wg);  \
+    consume_tile<16 * n, kTransA>(acc, tile, shape, it, sA, sB, full, empty, sOut, map_out, map_out_wide, out, c, tid_in_wg); \
     break;
       MOETRAIN_GROUPED_GEMM_CASE(1) MOETRAIN_GROUPED_GEMM_CASE(2) MOETRAIN_GROUPED_GEMM_CASE(3)
       MOETRAIN_GROUPED_GEMM_CASE(4) MOETRAIN_GROUPED_GEMM_CASE(5) MOETRAIN_GROUPED_GEMM_CASE(6)
@@ -240,11 +258,12 @@ int launch_grouped_gemm(const void* x, const void* w, const int* offs, void* out
   if (groups < 1 || groups > kMaxGroups || n_out % kBM != 0 || n_out < kBM || k % kBK != 0 || k < kBK || rows < 1 ||
       rows > (int64_t{1} << 31) - 1 - kBN || groups * std::max(n_out, k) > (int64_t{1} << 31) - 1)
     return static_cast<int>(cudaErrorInvalidValue);
-  CUtensorMap map_w, map_x, map_out;
+  CUtensorMap map_w, map_x, map_x_wide, map_out, map_out_wide;
   const bool mapped = (w_transposed ? make_tma_map_bf16(&map_w, w, groups * k, n_out, 64)
                                     : make_tma_map_bf16(&map_w, w, groups * n_out, k, kBM)) &&
-                      make_tma_map_bf16(&map_x, x, rows, k, 64) &&
-                      make_tma_map_bf16(&map_out, out, rows, n_out, kStoreRows);
+                      make_tma_map_bf16(&map_x, x, rows, k, 64) && make_tma_map_bf16(&map_x_wide, x, rows, k, kBN) &&
+                      make_tma_map_bf16(&map_out, out, rows, n_out, kStoreRows) &&
+                      make_tma_map_bf16(&map_out_wide, out, rows, n_out, 64);
   if (!mapped) return static_cast<int>(cudaErrorInvalidValue);
   const Shape shape{static_cast<int>(rows), groups, static_cast<int>(n_out), static_cast<int>(k),
                     static_cast<int>(n_out / kBM)};
@@ -255,7 +274,7 @@ int launch_grouped_gemm(const void* x, const void* w, const int* offs, void* out
   // At most (rows / 256 + groups) row tiles; a CTA an SM walks them.
   const int64_t bound = ((rows + kBN - 1) / kBN + groups) * shape.f_tiles;
   kernel<<<static_cast<unsigned>(std::min<int64_t>(sms, bound)), kThreads, kSmemBytes,
-           static_cast<cudaStream_t>(stream)>>>(map_w, map_x, map_out, offs, shape,
+           static_cast<cudaStream_t>(stream)>>>(map_w, map_x, map_x_wide, map_out, map_out_wide, offs, shape,
                                                        static_cast<__nv_bfloat16*>(out));
   return static_cast<int>(cudaGetLastError());
 }

@@ -152,10 +152,11 @@ __global__ void unpermute_backward_kernel(const T* __restrict__ y, const float* 
 // ---- The stable sort of the M = N·K (token, choice) pairs by expert, as a counting sort in
 // three passes (in place of ATen's radix argsort, an index division and the inverse's scatter).
 // Pass 1 counts each block's pairs per expert; pass 2 turns the counts [E][blocks] into where
-// expert e's pairs of block b start; pass 3 ranks each pair
-// among its block's earlier pairs of the same expert (a warp match, then the earlier warps'
-// counts) and writes order, token_idx and inv. Pairs of one expert keep their flat order.
-constexpr int kSortBlock = 256, kSortWarps = kSortBlock / 32, kScanThreads = 1024;
+// expert e's pairs of block b start among expert e's pairs, and each expert's total; pass 3 adds
+// the expert's offset (the scan of the totals), ranks each pair among its block's earlier pairs
+// of the same expert (a warp match, then the earlier warps' counts) and writes order, token_idx
+// and inv. Pairs of one expert keep their flat order.
+constexpr int kSortBlock = 256, kSortWarps = kSortBlock / 32, kScanWarps = 8;
 
 __global__ void expert_count_kernel(const int64_t* __restrict__ expert, int64_t m, int n_experts,
                                     int* __restrict__ block_counts, int n_blocks) {
@@ -177,48 +178,59 @@ __device__ __forceinline__ int warp_inclusive_scan(int v, int lane) {
   return v;
 }
 
-// One block of 1024 threads turns the counts [E][n_blocks] into starts in place:
-// starts[e][b] = (pairs of experts < e) + (pairs of expert e in blocks < b). A warp scans each
-// expert's row along the blocks (coalesced, E rows in parallel), the block scans the E totals,
-// and the warps add each expert's offset to its row. (A first version scanned the flat array
-// in 1024 contiguous stretches: 0.21 ms at 256 experts × 384 blocks, against ≈ 5 µs here.)
-__global__ void expert_block_starts_kernel(int* __restrict__ counts, int n_experts, int n_blocks) {
-  __shared__ int offsets[kMoeSortMaxExperts];
-  __shared__ int warp_sums[kScanThreads / 32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  constexpr int n_warps = kScanThreads / 32;
-  for (int e = warp; e < n_experts; e += n_warps) {
-    int* row = counts + static_cast<int64_t>(e) * n_blocks;
-    int carry = 0;
-    for (int b0 = 0; b0 < n_blocks; b0 += 32) {
-      const int b = b0 + lane, c = b < n_blocks ? row[b] : 0;
-      const int incl = warp_inclusive_scan(c, lane);
-      if (b < n_blocks) row[b] = carry + incl - c;
-      carry += __shfl_sync(0xffffffffu, incl, 31);
-    }
-    if (lane == 0) offsets[e] = carry;  // expert e's total for now
+// Pass 2: one warp an expert turns its row of the counts [E][n_blocks] into the exclusive scan
+// along the blocks (in place, coalesced) and writes the expert's total to totals[e]; the experts'
+// offsets (the scan of the totals) are summed by each block of pass 3. (A single block that did
+// both took 42 µs at 256 experts × 384 blocks, bench/NOTES.md 62; a first version that scanned the
+// flat array in 1024 contiguous stretches 0.21 ms.)
+__global__ void expert_row_scan_kernel(int* __restrict__ counts, int* __restrict__ totals, int n_experts,
+                                       int n_blocks) {
+  const int lane = threadIdx.x % 32, e = blockIdx.x * kScanWarps + threadIdx.x / 32;
+  if (e >= n_experts) return;
+  int* row = counts + static_cast<int64_t>(e) * n_blocks;
+  int carry = 0;
+  for (int b0 = 0; b0 < n_blocks; b0 += 32) {
+    const int b = b0 + lane, c = b < n_blocks ? row[b] : 0;
+    const int incl = warp_inclusive_scan(c, lane);
+    if (b < n_blocks) row[b] = carry + incl - c;
+    carry += __shfl_sync(0xffffffffu, incl, 31);
   }
-  __syncthreads();
-  const int t = threadIdx.x, total = t < n_experts ? offsets[t] : 0;
-  const int incl = warp_inclusive_scan(total, lane);
+  if (lane == 0) totals[e] = carry;
+}
+
+// offsets[e] = Σ totals[< e] for a block of kSortBlock threads (E ≤ kMoeSortMaxExperts: each
+// thread sums a run of ≤ 4 experts, the block scans the runs).
+__device__ void expert_offsets(const int* __restrict__ totals, int n_experts, int* offsets, int* warp_sums) {
+  const int t = threadIdx.x, lane = t % 32, warp = t / 32;
+  const int per = (n_experts + kSortBlock - 1) / kSortBlock, first = min(t * per, n_experts),
+            last = min(first + per, n_experts);
+  int run = 0;
+  for (int e = first; e < last; ++e) run += totals[e];
+  const int incl = warp_inclusive_scan(run, lane);
   if (lane == 31) warp_sums[warp] = incl;
   __syncthreads();
-  if (warp == 0) warp_sums[lane] = warp_inclusive_scan(warp_sums[lane], lane);
+  if (warp == 0) {
+    const int v = lane < kSortWarps ? warp_sums[lane] : 0, s = warp_inclusive_scan(v, lane);
+    if (lane < kSortWarps) warp_sums[lane] = s - v;  // exclusive over the warps
+  }
   __syncthreads();
-  if (t < n_experts) offsets[t] = incl - total + (warp > 0 ? warp_sums[warp - 1] : 0);  // exclusive over experts
-  __syncthreads();
-  for (int e = warp; e < n_experts; e += n_warps) {
-    int* row = counts + static_cast<int64_t>(e) * n_blocks;
-    for (int b = lane; b < n_blocks; b += 32) row[b] += offsets[e];
+  int before = warp_sums[warp] + incl - run;
+  for (int e = first; e < last; ++e) {
+    offsets[e] = before;
+    before += totals[e];
   }
 }
 
 __global__ void expert_scatter_kernel(const int64_t* __restrict__ expert, int64_t m, int n_experts, int64_t k,
-                                      const int* __restrict__ starts, int n_blocks, int64_t* __restrict__ order,
-                                      int64_t* __restrict__ token_idx, int64_t* __restrict__ inv) {
-  extern __shared__ int warp_counts[];  // [kSortWarps][E]
+                                      const int* __restrict__ starts, const int* __restrict__ totals, int n_blocks,
+                                      int64_t* __restrict__ order, int64_t* __restrict__ token_idx,
+                                      int64_t* __restrict__ inv) {
+  extern __shared__ int warp_counts[];  // [kSortWarps][E], then the experts' offsets [E]
+  __shared__ int warp_sums[kSortWarps];
+  int* offsets = warp_counts + kSortWarps * n_experts;
   for (int j = threadIdx.x; j < kSortWarps * n_experts; j += blockDim.x) warp_counts[j] = 0;
-  __syncthreads();
+  expert_offsets(totals, n_experts, offsets, warp_sums);
+  __syncthreads();  // the offsets and the zeroed counts are in place
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t i = blockIdx.x * static_cast<int64_t>(kSortBlock) + threadIdx.x;
   const int e = i < m ? static_cast<int>(expert[i]) : -1;  // -1: past the end (a class of its own)
@@ -229,7 +241,7 @@ __global__ void expert_scatter_kernel(const int64_t* __restrict__ expert, int64_
   if (e < 0) return;
   int rank = rank_in_warp;
   for (int w = 0; w < warp; ++w) rank += warp_counts[w * n_experts + e];
-  const int64_t pos = starts[static_cast<int64_t>(e) * n_blocks + blockIdx.x] + rank;
+  const int64_t pos = offsets[e] + starts[static_cast<int64_t>(e) * n_blocks + blockIdx.x] + rank;
   inv[i] = pos;
   order[pos] = i;
   token_idx[pos] = i / k;
@@ -302,7 +314,7 @@ int launch_moe_unpermute_backward(const void* y, const float* w, const int64_t* 
 }
 
 int64_t moe_expert_sort_scratch(int64_t m, int64_t n_experts) {
-  return n_experts * ((m + kSortBlock - 1) / kSortBlock);
+  return n_experts * ((m + kSortBlock - 1) / kSortBlock) + n_experts;  // the counts, then the totals
 }
 
 int launch_moe_expert_sort(const int64_t* expert, int64_t m, int64_t n_experts, int64_t k, int* scratch,
@@ -312,9 +324,10 @@ int launch_moe_expert_sort(const int64_t* expert, int64_t m, int64_t n_experts, 
   const int n_blocks = static_cast<int>((m + kSortBlock - 1) / kSortBlock);
   const int E = static_cast<int>(n_experts);
   expert_count_kernel<<<n_blocks, kSortBlock, E * sizeof(int), s>>>(expert, m, E, scratch, n_blocks);
-  expert_block_starts_kernel<<<1, kScanThreads, 0, s>>>(scratch, E, n_blocks);
-  expert_scatter_kernel<<<n_blocks, kSortBlock, kSortWarps * E * sizeof(int), s>>>(expert, m, E, k, scratch, n_blocks,
-                                                                                    order, token_idx, inv);
+  int* totals = scratch + static_cast<int64_t>(E) * n_blocks;
+  expert_row_scan_kernel<<<(E + kScanWarps - 1) / kScanWarps, kScanWarps * 32, 0, s>>>(scratch, totals, E, n_blocks);
+  expert_scatter_kernel<<<n_blocks, kSortBlock, (kSortWarps + 1) * E * sizeof(int), s>>>(
+      expert, m, E, k, scratch, totals, n_blocks, order, token_idx, inv);
   return static_cast<int>(cudaGetLastError());
 }
 
