@@ -18,6 +18,11 @@
 #            "MOETRAIN_WGRAD_STREAM=1 MOETRAIN_WGRAD_STREAM=experts MOETRAIN_WGRAD_STREAM=0"); e.g.
 #            AB_CASES="MOETRAIN_GROUPED_WGRAD=1 MOETRAIN_GROUPED_WGRAD=0" (our weight-gradient kernel
 #            vs ATen's) or AB_CASES="set:train.logits_dtype=bf16 set:train.logits_dtype=fp32"
+#   ncu      Nsight Compute (works on the Firecracker machines, clocks left alone) on one MoE layer
+#            pass at 64 and 256 experts: the grouped-GEMM kernels' speed-of-light, memory, warp-state,
+#            compute and scheduler sections (ncu-E.txt, our weight gradient on the experts' stream),
+#            and the full set with stall samples per SASS instruction for the w13 forward GEMM at 64
+#            experts (ncu-source.csv; NCU_SKIP picks another of the pass's four launches, 4 + i)
 #   probes   kernel probes without the build: scripts/probe_fine_tiles.py (ATen's grouped GEMM),
 #            scripts/probe_wgmma_wgrad.cu and probe_wgmma_swapab.cu (nvcc, sm_90a) on its shapes
 # TRACE=1: the profile phase also saves a gzipped Chrome trace (trace.json.gz). PROFILE_ROWS: how
@@ -129,6 +134,21 @@ if has ab; then
   done >"$OUT/ab.log"
   stamp ab
 fi
+if has ncu; then
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  layer_pass=("$MT" bench "$CONFIG" --moe-layer --steps 2 --warmup 1 "${SETS_ARR[@]}" --set model.n_routed_experts)
+  for e in 64 256; do  # one pass's six grouped launches after the first (warm-up) pass
+    MOETRAIN_WGRAD_STREAM=0 "$NCU" --clock-control none -k regex:"grouped_(gemm|wgrad)_kernel" --launch-skip 6 \
+      --launch-count 6 --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+      --section ComputeWorkloadAnalysis --section SchedulerStats "${layer_pass[@]}"="$e" >"$OUT/ncu-$e.txt" 2>&1 \
+      || tail -5 "$OUT/ncu-$e.txt"
+  done
+  "$NCU" --clock-control none -k regex:grouped_gemm_kernel --launch-skip "${NCU_SKIP:-4}" --launch-count 1 --set full \
+    --import-source yes -f -o /tmp/ncu-source "${layer_pass[@]}"=64 >"$OUT/ncu-source.log" 2>&1 \
+    && "$NCU" -i /tmp/ncu-source.ncu-rep --page source --print-source sass --csv >"$OUT/ncu-source.csv" 2>>"$OUT/ncu-source.log" \
+    || tail -5 "$OUT/ncu-source.log"
+  stamp ncu
+fi
 if has probes; then
   {
     python3 "$ROOT/scripts/probe_fine_tiles.py" --counts-dir /tmp
@@ -153,5 +173,9 @@ has curve && cat "$OUT/curve.md"
 has dist && grep -E "median step|rror" "$OUT/dist.log"
 has ab && cut -c1-120 "$OUT/ab.log"
 has probes && cat "$OUT/probes.log"
+has ncu && for e in 64 256; do
+  echo "-- ncu, $e experts"
+  grep -E "^  [a-z].*grouped_|Duration|L2 Cache Throughput|DRAM Throughput|Compute \(SM\) Throughput" "$OUT/ncu-$e.txt" | cut -c1-100
+done
 has bench && tail -6 "$OUT/bench.log"
 exit 0
