@@ -1,0 +1,331 @@
+// Probe (bench/NOTES.md 62, "Next"): the experts' swapped-operand grouped GEMM with ping-pong
+// consumers, against the production kernel (models/kernels/grouped_gemm_kernels.cu, included
+// here) on bench-1b's four forward / input-gradient shapes. Entry 62 measured the production
+// epilogue at a third of the kernel: both consumer warp groups convert and store their halves of
+// one tile while the tensor pipe idles.
+//
+// Here each consumer warp group owns whole tiles of 128 features × ≤ 128 rows (two 64-feature
+// MMA blocks, 128 accumulator registers) and the two take a CTA's tiles in turn; the producer
+// loads the tiles' stages in that order, so one warp group's K loop runs while the other converts
+// and stores its previous tile. The cost: the operands' L2 → shared traffic a FLOP is 4/3 of the
+// production kernel's (128-row token tiles instead of 256).
+//
+//   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I. -o /tmp/pingpong \
+//     scripts/probe_wgmma_pingpong.cu models/kernels/sm90_host.cu && /tmp/pingpong COUNTS_DIR
+// COUNTS_DIR: the counts scripts/probe_fine_tiles.py writes (counts-E-{bal,skew}.txt). Rows past
+// the last offset are not zeroed here (the probe's offsets end at the last row).
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "models/kernels/grouped_gemm_kernels.cu"
+#include "scripts/probe_common.cuh"
+
+namespace moetrain::kernels {
+namespace {
+namespace pingpong {
+
+using namespace sm90;
+
+#ifndef PINGPONG_STAGES
+#define PINGPONG_STAGES 4
+#endif
+constexpr int kM = 128, kN = 128, kK = 64, kStagesPP = PINGPONG_STAGES, kThreadsPP = 384;
+constexpr int kGroupsMax = 512;
+constexpr int kStageA = kM * kK * 2, kStageB = kN * kK * 2;  // 16 KB each
+constexpr int kOutBox = kN * 64 * 2;                          // [128 rows × 64 features] bf16
+constexpr size_t kSmem = size_t{kStagesPP} * (kStageA + kStageB) + 2 * 2 * size_t{kOutBox} +
+                         2 * kStagesPP * sizeof(uint64_t) + 1024;
+
+struct ShapePP {
+  int rows, groups, n_out, k, f_tiles;
+};
+struct TilePP {
+  int group, row0, rows, f0;
+};
+
+__device__ __forceinline__ TilePP tile_of(int t, const ShapePP& s, const int* tile_start, const int* row_end) {
+  int lo = 0, hi = s.groups - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (tile_start[mid] <= t) lo = mid; else hi = mid - 1;
+  }
+  const int local = t - tile_start[lo], start = lo == 0 ? 0 : row_end[lo - 1];
+  const int row0 = start + (local / s.f_tiles) * kN;
+  return TilePP{lo, row0, min(kN, row_end[lo] - row0), (local % s.f_tiles) * kM};
+}
+
+// One M block's fp32 tile (64 features × NI ≤ 128 rows) into its [rows × 64] swizzled box buffer.
+__device__ __forceinline__ void to_smem(const float (&acc)[128], __nv_bfloat16* buf, int tid_in_wg) {
+  const int warp = tid_in_wg / 32, lane = tid_in_wg % 32, m = lane / 8;
+  const uint32_t base = smem_u32(buf) + (lane % 8) * 128 + (((2 * warp + m % 2) ^ (lane % 8)) * 16) + (m / 2) * 1024;
+#pragma unroll
+  for (int j = 0; j < kN / 8; j += 2)
+    stmatrix_x4_trans(base + j * 1024, pack_bf16(acc[4 * j], acc[4 * j + 1]), pack_bf16(acc[4 * j + 2], acc[4 * j + 3]),
+                      pack_bf16(acc[4 * j + 4], acc[4 * j + 5]), pack_bf16(acc[4 * j + 6], acc[4 * j + 7]));
+}
+
+// One tile: its K loop (stage iterations it0 …), then its output.
+template <int NI, int kTransA>
+__device__ __forceinline__ void consume(float (&lo)[128], float (&hi)[128], const TilePP& tile, int it0,
+                                        const ShapePP& shape, const __nv_bfloat16* sA, const __nv_bfloat16* sB,
+                                        uint64_t* full, uint64_t* empty, __nv_bfloat16* sOut,
+                                        const CUtensorMap& map_out16, const CUtensorMap& map_out64,
+                                        __nv_bfloat16* out, int wg, int tid_in_wg) {
+  const int k_iters = shape.k / kK;
+  int prev = -1;
+  for (int k = 0; k < k_iters; ++k) {
+    const int it = it0 + k, s = it % kStagesPP;
+    mbar_wait(&full[s], (it / kStagesPP) & 1);
+    const __nv_bfloat16* a = sA + s * kM * kK;  // K-major: 128 feature rows; MN-major: 2 boxes of 64 features
+    const __nv_bfloat16* b = sB + s * kN * kK;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kK / 16; ++kk) {
+      const uint64_t db = smem_desc_sw128(b + kk * 16, 16, 1024);
+      const uint64_t da0 = kTransA ? smem_desc_sw128(a + kk * 16 * 64, 64 * kK * 2, 1024) : smem_desc_sw128(a + kk * 16, 16, 1024);
+      const uint64_t da1 = kTransA ? smem_desc_sw128(a + 64 * kK + kk * 16 * 64, 64 * kK * 2, 1024)
+                                   : smem_desc_sw128(a + 64 * kK + kk * 16, 16, 1024);
+      const int scale = (k > 0 || kk > 0) ? 1 : 0;
+      wgmma_m64k16<NI, kTransA, 0>(lo, da0, db, scale);
+      wgmma_m64k16<NI, kTransA, 0>(hi, da1, db, scale);
+    }
+    wgmma_commit_release_previous(empty, prev, s, tid_in_wg == 0);
+  }
+  wgmma_drain_release(empty, prev, tid_in_wg == 0);
+
+  __nv_bfloat16* buf0 = sOut;
+  __nv_bfloat16* buf1 = sOut + kN * 64;
+  if (tid_in_wg == 0) bulk_wait_read<0>();  // this warp group's previous stores have read the buffers
+  named_barrier(1 + wg, 128);
+  to_smem(lo, buf0, tid_in_wg);
+  to_smem(hi, buf1, tid_in_wg);
+  fence_proxy_async_smem();
+  named_barrier(1 + wg, 128);
+  const int boxed = tile.rows / 16 * 16;
+  if (tid_in_wg == 0) {
+    for (int half = 0; half < 2; ++half) {
+      const __nv_bfloat16* buf = half ? buf1 : buf0;
+      int r = 0;
+      for (; r + 64 <= boxed; r += 64) tma_store_2d(&map_out64, buf + r * 64, tile.f0 + 64 * half, tile.row0 + r);
+      for (; r < boxed; r += 16) tma_store_2d(&map_out16, buf + r * 64, tile.f0 + 64 * half, tile.row0 + r);
+    }
+    bulk_commit();
+  }
+  for (int i = tid_in_wg; i < (tile.rows - boxed) * 16; i += 128) {
+    const int t = boxed + i / 16, half = (i / 8) % 2, q = i % 8;
+    const unsigned char* bytes = reinterpret_cast<const unsigned char*>(half ? buf1 : buf0);
+    *reinterpret_cast<uint4*>(out + static_cast<int64_t>(tile.row0 + t) * shape.n_out + tile.f0 + 64 * half + 8 * q) =
+        *reinterpret_cast<const uint4*>(bytes + t * 128 + ((q ^ (t % 8)) * 16));
+  }
+}
+
+template <int kTransA>
+__global__ void __launch_bounds__(kThreadsPP, 1)
+    pingpong_kernel(const __grid_constant__ CUtensorMap map_w, const __grid_constant__ CUtensorMap map_x64,
+                    const __grid_constant__ CUtensorMap map_x128, const __grid_constant__ CUtensorMap map_out16,
+                    const __grid_constant__ CUtensorMap map_out64, const int* __restrict__ offs, ShapePP shape,
+                    __nv_bfloat16* __restrict__ out) {
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  __shared__ int s_tile_start[kGroupsMax + 1], s_row_end[kGroupsMax];
+  unsigned char* smem = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
+  __nv_bfloat16* sA = reinterpret_cast<__nv_bfloat16*>(smem);
+  __nv_bfloat16* sB = reinterpret_cast<__nv_bfloat16*>(smem + kStagesPP * kStageA);
+  unsigned char* out_buffers = smem + kStagesPP * (kStageA + kStageB);  // [warp group][2 halves][128 rows][64]
+  uint64_t* full = reinterpret_cast<uint64_t*>(out_buffers + 2 * 2 * kOutBox);
+  uint64_t* empty = full + kStagesPP;
+
+  const int wg = threadIdx.x / 128, tid_in_wg = threadIdx.x % 128, lane = threadIdx.x % 32;
+  if (threadIdx.x < 32) {
+    int tiles_before = 0, end_before = 0;
+    for (int base = 0; base < shape.groups; base += 32) {
+      const int g = base + lane;
+      const auto [start, end] = warp_group_span(offs, shape.groups, shape.rows, base, lane, end_before);
+      const int tiles = g < shape.groups ? (end - start + kN - 1) / kN * shape.f_tiles : 0;
+      int incl = tiles;
+      for (int d = 1; d < 32; d *= 2) {
+        const int v = __shfl_up_sync(0xffffffffu, incl, d);
+        if (lane >= d) incl += v;
+      }
+      if (g < shape.groups) {
+        s_tile_start[g] = tiles_before + incl - tiles;
+        s_row_end[g] = end;
+      }
+      tiles_before += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (lane == 0) s_tile_start[shape.groups] = tiles_before;
+  } else if (threadIdx.x == 32) {
+    for (int s = 0; s < kStagesPP; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 1);  // one consuming warp group a stage
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  const int total_tiles = s_tile_start[shape.groups], k_iters = shape.k / kK;
+
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (tid_in_wg == 0) {
+      int it = 0;
+      for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
+        const TilePP tile = tile_of(t, shape, s_tile_start, s_row_end);
+        for (int k = 0; k < k_iters; ++k, ++it) {
+          const int s = it % kStagesPP;
+          mbar_wait(&empty[s], ((it / kStagesPP) & 1) ^ 1);
+          mbar_expect_tx(&full[s], (kM + (tile.rows + 63) / 64 * 64) * kK * 2);
+          __nv_bfloat16* a = sA + s * kM * kK;
+          if (kTransA) {
+            tma_load_2d(a, &map_w, &full[s], tile.f0, tile.group * shape.k + k * kK);
+            tma_load_2d(a + 64 * kK, &map_w, &full[s], tile.f0 + 64, tile.group * shape.k + k * kK);
+          } else {
+            tma_load_2d(a, &map_w, &full[s], k * kK, tile.group * shape.n_out + tile.f0);
+          }
+          __nv_bfloat16* b = sB + s * kN * kK;
+          if (tile.rows == kN) {
+            tma_load_2d(b, &map_x128, &full[s], k * kK, tile.row0);
+          } else {
+            for (int r = 0; r < tile.rows; r += 64) tma_load_2d(b + r * kK, &map_x64, &full[s], k * kK, tile.row0 + r);
+          }
+        }
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int c = wg - 1;  // takes the CTA's tiles c, c + 2, …
+  __nv_bfloat16* sOut = reinterpret_cast<__nv_bfloat16*>(out_buffers + c * 2 * kOutBox);
+  float lo[128], hi[128];
+  int j = c;
+  for (int t = blockIdx.x + c * gridDim.x; t < total_tiles; t += 2 * gridDim.x, j += 2) {
+    const TilePP tile = tile_of(t, shape, s_tile_start, s_row_end);
+    switch ((tile.rows + 15) / 16) {
+#define PINGPONG_CASE(n)                                                                                          \
+  case n:                                                                                                         \
+    consume<16 * n, kTransA>(lo, hi, tile, j * k_iters, shape, sA, sB, full, empty, sOut, map_out16, map_out64,  \
+                             out, c, tid_in_wg);                                                                  \
+    break;
+      PINGPONG_CASE(1) PINGPONG_CASE(2) PINGPONG_CASE(3) PINGPONG_CASE(4)
+      PINGPONG_CASE(5) PINGPONG_CASE(6) PINGPONG_CASE(7) PINGPONG_CASE(8)
+#undef PINGPONG_CASE
+    }
+  }
+  if (tid_in_wg == 0) bulk_wait_read<0>();
+}
+
+int launch(const void* x, const void* w, const int* offs, void* out, int64_t rows, int groups, int64_t n_out,
+           int64_t k, bool w_transposed) {
+  if (groups > kGroupsMax || n_out % kM != 0 || k % kK != 0) return int(cudaErrorInvalidValue);
+  CUtensorMap map_w, map_x64, map_x128, map_out16, map_out64;
+  const bool mapped = (w_transposed ? make_tma_map_bf16(&map_w, w, groups * k, n_out, 64)
+                                    : make_tma_map_bf16(&map_w, w, groups * n_out, k, kM)) &&
+                      make_tma_map_bf16(&map_x64, x, rows, k, 64) && make_tma_map_bf16(&map_x128, x, rows, k, kN) &&
+                      make_tma_map_bf16(&map_out16, out, rows, n_out, 16) &&
+                      make_tma_map_bf16(&map_out64, out, rows, n_out, 64);
+  if (!mapped) return int(cudaErrorInvalidValue);
+  const ShapePP shape{int(rows), groups, int(n_out), int(k), int(n_out / kM)};
+  auto kernel = w_transposed ? pingpong_kernel<1> : pingpong_kernel<0>;
+  int sms = 0;
+  const int ready = prepare_sm90_kernel(reinterpret_cast<const void*>(kernel), kSmem, &sms);
+  if (ready != 0) return ready;
+  kernel<<<sms, kThreadsPP, kSmem>>>(map_w, map_x64, map_x128, map_out16, map_out64, offs, shape,
+                                     static_cast<__nv_bfloat16*>(out));
+  return int(cudaGetLastError());
+}
+
+}  // namespace pingpong
+}  // namespace
+}  // namespace moetrain::kernels
+
+namespace {
+
+constexpr int kRows = 16384 * 6;
+
+__global__ void reference_kernel(const __nv_bfloat16* x, const __nv_bfloat16* w, const int* offs, int groups, int M,
+                                 int N, int K, bool trans_w, float* out) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= static_cast<int64_t>(M) * N) return;
+  const int row = static_cast<int>(i / N), col = static_cast<int>(i % N);
+  int g = 0;
+  while (g < groups && offs[g] <= row) ++g;
+  float s = 0.f;
+  for (int k = 0; k < K; ++k) {
+    const int64_t wi = trans_w ? (static_cast<int64_t>(g) * K + k) * N + col : (static_cast<int64_t>(g) * N + col) * K + k;
+    s += __bfloat162float(x[static_cast<int64_t>(row) * K + k]) * __bfloat162float(w[wi]);
+  }
+  out[i] = s;
+}
+
+void run_case(const char* name, int E, const char* kind, const std::vector<int>& counts, int N, int K, bool trans_w) {
+  std::vector<int> offs(E);
+  for (int g = 0, run = 0; g < E; ++g) offs[g] = run += counts[g];
+  const int64_t nx = int64_t{kRows} * K, nw = int64_t{E} * N * K, no = int64_t{kRows} * N;
+  __nv_bfloat16 *x, *w, *out;
+  float* ref;
+  int* d_offs;
+  double* d_sums;
+  CHECK(cudaMalloc(&x, nx * 2));
+  CHECK(cudaMalloc(&w, nw * 2));
+  CHECK(cudaMalloc(&out, no * 2));
+  CHECK(cudaMalloc(&ref, no * 4));
+  CHECK(cudaMalloc(&d_offs, E * 4));
+  CHECK(cudaMalloc(&d_sums, 3 * sizeof(double)));
+  probe::fill_normal<<<4096, 256>>>(x, nx, 1000 + E + K, 1.f);
+  probe::fill_normal<<<4096, 256>>>(w, nw, 2000 + E + K, 0.05f);
+  CHECK(cudaMemcpy(d_offs, offs.data(), E * 4, cudaMemcpyHostToDevice));
+  reference_kernel<<<static_cast<unsigned>((no + 255) / 256), 256>>>(x, w, d_offs, E, kRows, N, K, trans_w, ref);
+  CHECK(cudaGetLastError());
+  double ms[2], err[2], bad[2];
+  for (int v = 0; v < 2; ++v) {
+    auto launch = [&] {
+      const int rc = v == 0 ? moetrain::kernels::launch_grouped_gemm(x, w, d_offs, out, kRows, E, N, K, trans_w, nullptr)
+                            : moetrain::kernels::pingpong::launch(x, w, d_offs, out, kRows, E, N, K, trans_w);
+      CHECK(static_cast<cudaError_t>(rc));
+    };
+    CHECK(cudaMemset(out, 0xFF, no * 2));  // NaN in bf16: every element must be written
+    CHECK(cudaMemset(d_sums, 0, 3 * sizeof(double)));
+    launch();
+    CHECK(cudaDeviceSynchronize());
+    probe::compare_kernel<<<1024, 256>>>(out, ref, no, d_sums);
+    double sums[3];
+    CHECK(cudaMemcpy(sums, d_sums, sizeof(sums), cudaMemcpyDeviceToHost));
+    err[v] = std::sqrt(sums[0] / sums[1]);
+    bad[v] = sums[2];
+    ms[v] = probe::median_ms(launch);
+  }
+  std::printf("%4d %5s %10s %9.3f %9.3f %7.3f %9.2e %9.2e %6.0f %6.0f\n", E, kind, name, ms[0], ms[1], ms[1] / ms[0],
+              err[0], err[1], bad[0], bad[1]);
+  for (void* p : {(void*)x, (void*)w, (void*)out, (void*)ref, (void*)d_offs, (void*)d_sums})
+    CHECK(cudaFree(p));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string dir = argc > 1 ? argv[1] : "/tmp";
+  if (!moetrain::kernels::grouped_gemm_supported(0)) {
+    std::fprintf(stderr, "needs an sm_90a GPU\n");
+    return 1;
+  }
+  std::printf("%4s %5s %10s %9s %9s %7s %9s %9s %6s %6s\n", "E", "rows", "gemm", "prod ms", "pingpong", "ratio",
+              "prod err", "pp err", "nonfin", "nonfin");
+  constexpr int D = 1024, I = 512;
+  for (int E : {64, 256})
+    for (const char* kind : {"bal", "skew"}) {
+      const std::vector<int> counts =
+          probe::read_counts(dir + "/counts-" + std::to_string(E) + "-" + kind + ".txt", E, kRows);
+      run_case("fwd w13", E, kind, counts, 2 * I, D, false);
+      run_case("fwd w2", E, kind, counts, D, I, false);
+      run_case("dgrad w2", E, kind, counts, I, D, true);
+      run_case("dgrad w13", E, kind, counts, D, 2 * I, true);
+    }
+  return 0;
+}
