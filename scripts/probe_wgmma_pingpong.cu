@@ -63,11 +63,12 @@ __device__ __forceinline__ TilePP tile_of(int t, const ShapePP& s, const int* ti
 }
 
 // One M block's fp32 tile (64 features × NI ≤ 128 rows) into its [rows × 64] swizzled box buffer.
+template <int NI>
 __device__ __forceinline__ void to_smem(const float (&acc)[128], __nv_bfloat16* buf, int tid_in_wg) {
   const int warp = tid_in_wg / 32, lane = tid_in_wg % 32, m = lane / 8;
   const uint32_t base = smem_u32(buf) + (lane % 8) * 128 + (((2 * warp + m % 2) ^ (lane % 8)) * 16) + (m / 2) * 1024;
 #pragma unroll
-  for (int j = 0; j < kN / 8; j += 2)
+  for (int j = 0; j < NI / 8; j += 2)
     stmatrix_x4_trans(base + j * 1024, pack_bf16(acc[4 * j], acc[4 * j + 1]), pack_bf16(acc[4 * j + 2], acc[4 * j + 3]),
                       pack_bf16(acc[4 * j + 4], acc[4 * j + 5]), pack_bf16(acc[4 * j + 6], acc[4 * j + 7]));
 }
@@ -105,8 +106,8 @@ __device__ __forceinline__ void consume(float (&lo)[128], float (&hi)[128], cons
   __nv_bfloat16* buf1 = sOut + kN * 64;
   if (tid_in_wg == 0) bulk_wait_read<0>();  // this warp group's previous stores have read the buffers
   named_barrier(1 + wg, 128);
-  to_smem(lo, buf0, tid_in_wg);
-  to_smem(hi, buf1, tid_in_wg);
+  to_smem<NI>(lo, buf0, tid_in_wg);
+  to_smem<NI>(hi, buf1, tid_in_wg);
   fence_proxy_async_smem();
   named_barrier(1 + wg, 128);
   const int boxed = tile.rows / 16 * 16;
