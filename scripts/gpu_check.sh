@@ -24,8 +24,8 @@
 #            and the full set with stall samples per SASS instruction for the w13 forward GEMM at 64
 #            experts (ncu-source.csv; NCU_SKIP picks another of the pass's four launches, 4 + i)
 #   probes   kernel probes without the build: scripts/probe_fine_tiles.py (ATen's grouped GEMM),
-#            scripts/probe_wgmma_wgrad.cu, probe_wgmma_swapab.cu and probe_wgmma_pingpong.cu
-#            (nvcc, sm_90a) on its shapes
+#            scripts/probe_wgmma_wgrad.cu, probe_wgmma_swapab.cu, probe_wgmma_pingpong.cu and
+#            probe_wgmma_wgrad_pingpong.cu (nvcc, sm_90a) on its shapes
 # TRACE=1: the profile phase also saves a gzipped Chrome trace (trace.json.gz). PROFILE_ROWS: how
 # many kernels its table lists (25).
 # SETS="--set train.param_dtype=bf16 ...": extra config overrides for every bench, profile,
@@ -159,6 +159,8 @@ if has probes; then
       "$ROOT/models/kernels/grouped_gemm_kernels.cu" "$ROOT/models/kernels/sm90_host.cu" && /tmp/probe_swapab /tmp
     nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I"$ROOT" -o /tmp/probe_pingpong \
       "$ROOT/scripts/probe_wgmma_pingpong.cu" "$ROOT/models/kernels/sm90_host.cu" && /tmp/probe_pingpong /tmp
+    nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I"$ROOT" -o /tmp/probe_wgrad_pp \
+      "$ROOT/scripts/probe_wgmma_wgrad_pingpong.cu" "$ROOT/models/kernels/sm90_host.cu" && /tmp/probe_wgrad_pp /tmp
   } >"$OUT/probes.log" 2>&1
   stamp probes
 fi
