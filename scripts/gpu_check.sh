@@ -158,9 +158,9 @@ if has probes; then
     nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I"$ROOT" -o /tmp/probe_swapab "$ROOT/scripts/probe_wgmma_swapab.cu" \
       "$ROOT/models/kernels/grouped_gemm_kernels.cu" "$ROOT/models/kernels/sm90_host.cu" && /tmp/probe_swapab /tmp
     nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I"$ROOT" -o /tmp/probe_pingpong \
-      "$ROOT/scripts/probe_wgmma_pingpong.cu" "$ROOT/models/kernels/sm90_host.cu" && /tmp/probe_pingpong /tmp
+      "$ROOT/scripts/probe_wgmma_pingpong.cu" "$ROOT/models/kernels/sm90_host.cu" && timeout 120 /tmp/probe_pingpong /tmp
     nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I"$ROOT" -o /tmp/probe_wgrad_pp \
-      "$ROOT/scripts/probe_wgmma_wgrad_pingpong.cu" "$ROOT/models/kernels/sm90_host.cu" && /tmp/probe_wgrad_pp /tmp
+      "$ROOT/scripts/probe_wgmma_wgrad_pingpong.cu" "$ROOT/models/kernels/sm90_host.cu" && timeout 120 /tmp/probe_wgrad_pp /tmp
   } >"$OUT/probes.log" 2>&1
   stamp probes
 fi

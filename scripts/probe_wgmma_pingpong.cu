@@ -8,7 +8,9 @@
 // MMA blocks, 128 accumulator registers) and the two take a CTA's tiles in turn; the producer
 // loads the tiles' stages in that order, so one warp group's K loop runs while the other converts
 // and stores its previous tile. The cost: the operands' L2 → shared traffic a FLOP is 4/3 of the
-// production kernel's (128-row token tiles instead of 256).
+// production kernel's (128-row token tiles instead of 256) — unless two CTAs of a cluster share
+// each token tile (kCluster = 2: CTA r of the pair takes feature tile 2p + r of the same rows and
+// multicasts half of the rows' boxes to both), which brings it back to the production kernel's.
 //
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I. -o /tmp/pingpong \
 //     scripts/probe_wgmma_pingpong.cu models/kernels/sm90_host.cu && /tmp/pingpong COUNTS_DIR
@@ -33,6 +35,31 @@ namespace {
 namespace pingpong {
 
 using namespace sm90;
+
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+// A TMA box multicast into the same shared-memory offset of every CTA in `mask`, each CTA's
+// barrier at `bar`'s offset counting the bytes.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, uint64_t* bar, int inner,
+                                                      int row, uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(inner), "r"(row), "h"(mask)
+      : "memory");
+}
+// Arrives on the barrier at `bar`'s offset in CTA `rank` of the cluster.
+__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_u32(bar)), "r"(rank));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+}
 
 #ifndef PINGPONG_STAGES
 #define PINGPONG_STAGES 4
@@ -74,7 +101,7 @@ __device__ __forceinline__ void to_smem(const float (&acc)[128], __nv_bfloat16* 
 }
 
 // One tile: its K loop (stage iterations it0 …), then its output.
-template <int NI, int kTransA>
+template <int NI, int kTransA, int kCluster>
 __device__ __forceinline__ void consume(float (&lo)[128], float (&hi)[128], const TilePP& tile, int it0,
                                         const ShapePP& shape, const __nv_bfloat16* sA, const __nv_bfloat16* sB,
                                         uint64_t* full, uint64_t* empty, __nv_bfloat16* sOut,
@@ -98,9 +125,17 @@ __device__ __forceinline__ void consume(float (&lo)[128], float (&hi)[128], cons
       wgmma_m64k16<NI, kTransA, 0>(lo, da0, db, scale);
       wgmma_m64k16<NI, kTransA, 0>(hi, da1, db, scale);
     }
-    wgmma_commit_release_previous(empty, prev, s, tid_in_wg == 0);
+    // The stage before this one is free in both CTAs' rings once its MMAs are done (the peer's
+    // producer multicasts into this CTA's stage too).
+    wgmma_commit();
+    wgmma_wait<1>();
+    if (prev >= 0 && tid_in_wg == 0)
+      for (int r = 0; r < kCluster; ++r) mbar_arrive_cluster(&empty[prev], kCluster == 1 ? cluster_rank() : r);
+    prev = s;
   }
-  wgmma_drain_release(empty, prev, tid_in_wg == 0);
+  wgmma_wait<0>();
+  if (prev >= 0 && tid_in_wg == 0)
+    for (int r = 0; r < kCluster; ++r) mbar_arrive_cluster(&empty[prev], kCluster == 1 ? cluster_rank() : r);
 
   __nv_bfloat16* buf0 = sOut;
   __nv_bfloat16* buf1 = sOut + kN * 64;
@@ -128,7 +163,7 @@ __device__ __forceinline__ void consume(float (&lo)[128], float (&hi)[128], cons
   }
 }
 
-template <int kTransA>
+template <int kTransA, int kCluster>
 __global__ void __launch_bounds__(kThreadsPP, 1)
     pingpong_kernel(const __grid_constant__ CUtensorMap map_w, const __grid_constant__ CUtensorMap map_x64,
                     const __grid_constant__ CUtensorMap map_x128, const __grid_constant__ CUtensorMap map_out16,
@@ -165,23 +200,30 @@ __global__ void __launch_bounds__(kThreadsPP, 1)
   } else if (threadIdx.x == 32) {
     for (int s = 0; s < kStagesPP; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 1);  // one consuming warp group a stage
+      mbar_init(&empty[s], kCluster);  // one consuming warp group a stage in each CTA of the cluster
     }
     mbar_init_fence();
   }
   __syncthreads();
+  if (kCluster > 1) cluster_sync();  // the peer's barriers are initialized before any multicast
   const int total_tiles = s_tile_start[shape.groups], k_iters = shape.k / kK;
+  // Work units: tiles, or with a cluster pairs of tiles 2u, 2u + 1 — the same rows, feature tiles
+  // 2p and 2p + 1 (f_tiles is even) — CTA r of the pair taking tile 2u + r.
+  const int rank = kCluster > 1 ? static_cast<int>(cluster_rank()) : 0;
+  const int unit0 = static_cast<int>(blockIdx.x) / kCluster, units_step = static_cast<int>(gridDim.x) / kCluster;
+  const int total_units = total_tiles / kCluster;
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (tid_in_wg == 0) {
       int it = 0;
-      for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
-        const TilePP tile = tile_of(t, shape, s_tile_start, s_row_end);
+      for (int u = unit0; u < total_units; u += units_step) {
+        const TilePP tile = tile_of(u * kCluster + rank, shape, s_tile_start, s_row_end);
+        const int x_boxes = (tile.rows + 63) / 64;
         for (int k = 0; k < k_iters; ++k, ++it) {
           const int s = it % kStagesPP;
-          mbar_wait(&empty[s], ((it / kStagesPP) & 1) ^ 1);
-          mbar_expect_tx(&full[s], (kM + (tile.rows + 63) / 64 * 64) * kK * 2);
+          mbar_wait(&empty[s], ((it / kStagesPP) & 1) ^ 1);  // free in every CTA of the cluster
+          mbar_expect_tx(&full[s], (kM + x_boxes * 64) * kK * 2);
           __nv_bfloat16* a = sA + s * kM * kK;
           if (kTransA) {
             tma_load_2d(a, &map_w, &full[s], tile.f0, tile.group * shape.k + k * kK);
@@ -190,29 +232,31 @@ __global__ void __launch_bounds__(kThreadsPP, 1)
             tma_load_2d(a, &map_w, &full[s], k * kK, tile.group * shape.n_out + tile.f0);
           }
           __nv_bfloat16* b = sB + s * kN * kK;
-          if (tile.rows == kN) {
+          if (kCluster > 1) {  // box i of the rows from CTA i % 2, into both
+            for (int i = rank; i < x_boxes; i += kCluster)
+              tma_load_2d_multicast(b + i * 64 * kK, &map_x64, &full[s], k * kK, tile.row0 + 64 * i,
+                                    static_cast<uint16_t>((1u << kCluster) - 1));
+          } else if (tile.rows == kN) {
             tma_load_2d(b, &map_x128, &full[s], k * kK, tile.row0);
           } else {
-            for (int r = 0; r < tile.rows; r += 64) tma_load_2d(b + r * kK, &map_x64, &full[s], k * kK, tile.row0 + r);
+            for (int i = 0; i < x_boxes; ++i) tma_load_2d(b + i * 64 * kK, &map_x64, &full[s], k * kK, tile.row0 + 64 * i);
           }
         }
       }
     }
-    return;
-  }
-
+  } else {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  const int c = wg - 1;  // takes the CTA's tiles c, c + 2, …
+  const int c = wg - 1;  // takes the CTA's units c, c + 2, …
   __nv_bfloat16* sOut = reinterpret_cast<__nv_bfloat16*>(out_buffers + c * 2 * kOutBox);
   float lo[128], hi[128];
   int j = c;
-  for (int t = blockIdx.x + c * gridDim.x; t < total_tiles; t += 2 * gridDim.x, j += 2) {
-    const TilePP tile = tile_of(t, shape, s_tile_start, s_row_end);
+  for (int u = unit0 + c * units_step; u < total_units; u += 2 * units_step, j += 2) {
+    const TilePP tile = tile_of(u * kCluster + rank, shape, s_tile_start, s_row_end);
     switch ((tile.rows + 15) / 16) {
-#define PINGPONG_CASE(n)                                                                                          \
-  case n:                                                                                                         \
-    consume<16 * n, kTransA>(lo, hi, tile, j * k_iters, shape, sA, sB, full, empty, sOut, map_out16, map_out64,  \
-                             out, c, tid_in_wg);                                                                  \
+#define PINGPONG_CASE(n)                                                                                        \
+  case n:                                                                                                       \
+    consume<16 * n, kTransA, kCluster>(lo, hi, tile, j * k_iters, shape, sA, sB, full, empty, sOut, map_out16, \
+                                       map_out64, out, c, tid_in_wg);                                           \
     break;
       PINGPONG_CASE(1) PINGPONG_CASE(2) PINGPONG_CASE(3) PINGPONG_CASE(4)
       PINGPONG_CASE(5) PINGPONG_CASE(6) PINGPONG_CASE(7) PINGPONG_CASE(8)
@@ -220,11 +264,15 @@ __global__ void __launch_bounds__(kThreadsPP, 1)
     }
   }
   if (tid_in_wg == 0) bulk_wait_read<0>();
+  }
+  // No CTA leaves while its peer may still multicast into it or arrive on its barriers.
+  if (kCluster > 1) cluster_sync();
 }
 
 int launch(const void* x, const void* w, const int* offs, void* out, int64_t rows, int groups, int64_t n_out,
-           int64_t k, bool w_transposed) {
-  if (groups > kGroupsMax || n_out % kM != 0 || k % kK != 0) return int(cudaErrorInvalidValue);
+           int64_t k, bool w_transposed, int cluster) {
+  if (groups > kGroupsMax || n_out % kM != 0 || k % kK != 0 || (n_out / kM) % cluster != 0)
+    return int(cudaErrorInvalidValue);
   CUtensorMap map_w, map_x64, map_x128, map_out16, map_out64;
   const bool mapped = (w_transposed ? make_tma_map_bf16(&map_w, w, groups * k, n_out, 64)
                                     : make_tma_map_bf16(&map_w, w, groups * n_out, k, kM)) &&
@@ -233,13 +281,32 @@ int launch(const void* x, const void* w, const int* offs, void* out, int64_t row
                       make_tma_map_bf16(&map_out64, out, rows, n_out, 64);
   if (!mapped) return int(cudaErrorInvalidValue);
   const ShapePP shape{int(rows), groups, int(n_out), int(k), int(n_out / kM)};
-  auto kernel = w_transposed ? pingpong_kernel<1> : pingpong_kernel<0>;
+  auto kernel = cluster == 2 ? (w_transposed ? pingpong_kernel<1, 2> : pingpong_kernel<0, 2>)
+                             : (w_transposed ? pingpong_kernel<1, 1> : pingpong_kernel<0, 1>);
   int sms = 0;
   const int ready = prepare_sm90_kernel(reinterpret_cast<const void*>(kernel), kSmem, &sms);
   if (ready != 0) return ready;
-  kernel<<<sms, kThreadsPP, kSmem>>>(map_w, map_x64, map_x128, map_out16, map_out64, offs, shape,
-                                     static_cast<__nv_bfloat16*>(out));
-  return int(cudaGetLastError());
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.blockDim = dim3(kThreadsPP);
+  config.dynamicSmemBytes = kSmem;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  int grid = sms;
+  if (cluster > 1) {  // as many clusters as fit at once (the SMs of a GPC pair up)
+    config.gridDim = dim3(sms / cluster * cluster);
+    int clusters = 0;
+    const cudaError_t q = cudaOccupancyMaxActiveClusters(&clusters, reinterpret_cast<const void*>(kernel), &config);
+    if (q != cudaSuccess || clusters < 1) return int(q != cudaSuccess ? q : cudaErrorInvalidConfiguration);
+    grid = clusters * cluster;
+  }
+  config.gridDim = dim3(grid);
+  return int(cudaLaunchKernelEx(&config, kernel, map_w, map_x64, map_x128, map_out16, map_out64, offs, shape,
+                                static_cast<__nv_bfloat16*>(out)));
 }
 
 }  // namespace pingpong
@@ -284,11 +351,11 @@ void run_case(const char* name, int E, const char* kind, const std::vector<int>&
   CHECK(cudaMemcpy(d_offs, offs.data(), E * 4, cudaMemcpyHostToDevice));
   reference_kernel<<<static_cast<unsigned>((no + 255) / 256), 256>>>(x, w, d_offs, E, kRows, N, K, trans_w, ref);
   CHECK(cudaGetLastError());
-  double ms[2], err[2], bad[2];
-  for (int v = 0; v < 2; ++v) {
+  double ms[3], err[3], bad[3];
+  for (int v = 0; v < 3; ++v) {
     auto launch = [&] {
       const int rc = v == 0 ? moetrain::kernels::launch_grouped_gemm(x, w, d_offs, out, kRows, E, N, K, trans_w, nullptr)
-                            : moetrain::kernels::pingpong::launch(x, w, d_offs, out, kRows, E, N, K, trans_w);
+                            : moetrain::kernels::pingpong::launch(x, w, d_offs, out, kRows, E, N, K, trans_w, v);
       CHECK(static_cast<cudaError_t>(rc));
     };
     CHECK(cudaMemset(out, 0xFF, no * 2));  // NaN in bf16: every element must be written
@@ -302,8 +369,8 @@ void run_case(const char* name, int E, const char* kind, const std::vector<int>&
     bad[v] = sums[2];
     ms[v] = probe::median_ms(launch);
   }
-  std::printf("%4d %5s %10s %9.3f %9.3f %7.3f %9.2e %9.2e %6.0f %6.0f\n", E, kind, name, ms[0], ms[1], ms[1] / ms[0],
-              err[0], err[1], bad[0], bad[1]);
+  std::printf("%4d %5s %10s %9.3f %9.3f %9.3f %9.2e %9.2e %9.2e %4.0f %4.0f %4.0f\n", E, kind, name, ms[0], ms[1],
+              ms[2], err[0], err[1], err[2], bad[0], bad[1], bad[2]);
   for (void* p : {(void*)x, (void*)w, (void*)out, (void*)ref, (void*)d_offs, (void*)d_sums})
     CHECK(cudaFree(p));
 }
@@ -316,8 +383,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "needs an sm_90a GPU\n");
     return 1;
   }
-  std::printf("%4s %5s %10s %9s %9s %7s %9s %9s %6s %6s\n", "E", "rows", "gemm", "prod ms", "pingpong", "ratio",
-              "prod err", "pp err", "nonfin", "nonfin");
+  std::printf("%4s %5s %10s %9s %9s %9s %9s %9s %9s %14s\n", "E", "rows", "gemm", "prod ms", "pingpong", "+cluster",
+              "prod err", "pp err", "cl err", "non-finite");
   constexpr int D = 1024, I = 512;
   for (int E : {64, 256})
     for (const char* kind : {"bal", "skew"}) {
