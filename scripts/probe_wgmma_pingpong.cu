@@ -69,7 +69,7 @@ constexpr int kGroupsMax = 512;
 constexpr int kStageA = kM * kK * 2, kStageB = kN * kK * 2;  // 16 KB each
 constexpr int kOutBox = kN * 64 * 2;                          // [128 rows × 64 features] bf16
 constexpr size_t kSmem = size_t{kStagesPP} * (kStageA + kStageB) + 2 * 2 * size_t{kOutBox} +
-                         2 * kStagesPP * sizeof(uint64_t) + 1024;
+                         (2 * kStagesPP + 2) * sizeof(uint64_t) + 1024;
 
 struct ShapePP {
   int rows, groups, n_out, k, f_tiles;
@@ -104,7 +104,7 @@ __device__ __forceinline__ void to_smem(const float (&acc)[128], __nv_bfloat16* 
 template <int NI, int kTransA, int kCluster>
 __device__ __forceinline__ void consume(float (&lo)[128], float (&hi)[128], const TilePP& tile, int it0,
                                         const ShapePP& shape, const __nv_bfloat16* sA, const __nv_bfloat16* sB,
-                                        uint64_t* full, uint64_t* empty, __nv_bfloat16* sOut,
+                                        uint64_t* full, uint64_t* empty, uint64_t* order, __nv_bfloat16* sOut,
                                         const CUtensorMap& map_out16, const CUtensorMap& map_out64,
                                         __nv_bfloat16* out, int wg, int tid_in_wg) {
   const int k_iters = shape.k / kK;
@@ -133,6 +133,9 @@ __device__ __forceinline__ void consume(float (&lo)[128], float (&hi)[128], cons
       for (int r = 0; r < kCluster; ++r) mbar_arrive_cluster(&empty[prev], kCluster == 1 ? cluster_rank() : r);
     prev = s;
   }
+  // Every full wait of this tile has passed: the other warp group's K loop may start (its waits
+  // cannot meet a stage phase from before this tile's).
+  if (tid_in_wg == 0) mbar_arrive(&order[1 - wg]);
   wgmma_wait<0>();
   if (prev >= 0 && tid_in_wg == 0)
     for (int r = 0; r < kCluster; ++r) mbar_arrive_cluster(&empty[prev], kCluster == 1 ? cluster_rank() : r);
@@ -177,6 +180,7 @@ __global__ void __launch_bounds__(kThreadsPP, 1)
   unsigned char* out_buffers = smem + kStagesPP * (kStageA + kStageB);  // [warp group][2 halves][128 rows][64]
   uint64_t* full = reinterpret_cast<uint64_t*>(out_buffers + 2 * 2 * kOutBox);
   uint64_t* empty = full + kStagesPP;
+  uint64_t* order = empty + kStagesPP;  // [warp group]: its turn to run a K loop
 
   const int wg = threadIdx.x / 128, tid_in_wg = threadIdx.x % 128, lane = threadIdx.x % 32;
   if (threadIdx.x < 32) {
@@ -202,6 +206,11 @@ __global__ void __launch_bounds__(kThreadsPP, 1)
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], kCluster);  // one consuming warp group a stage in each CTA of the cluster
     }
+    // The warp groups' K loops take turns (CUTLASS's ordered sequence barrier): a group that
+    // waited for a stage of its next tile before the other group's tile had been loaded could
+    // meet a phase of the same parity two phases old.
+    mbar_init(&order[0], 1);
+    mbar_init(&order[1], 1);
     mbar_init_fence();
   }
   __syncthreads();
@@ -250,13 +259,16 @@ __global__ void __launch_bounds__(kThreadsPP, 1)
   __nv_bfloat16* sOut = reinterpret_cast<__nv_bfloat16*>(out_buffers + c * 2 * kOutBox);
   float lo[128], hi[128];
   int j = c;
-  for (int u = unit0 + c * units_step; u < total_units; u += 2 * units_step, j += 2) {
+  for (int u = unit0 + c * units_step, turn = 0; u < total_units; u += 2 * units_step, j += 2, ++turn) {
     const TilePP tile = tile_of(u * kCluster + rank, shape, s_tile_start, s_row_end);
+    // Group 0's turn n waits for group 1's turn n − 1 (order[0]'s phase n − 1), group 1's turn n
+    // for group 0's turn n (order[1]'s phase n).
+    if (c == 1 || turn > 0) mbar_wait(&order[c], (c == 0 ? turn - 1 : turn) & 1);
     switch ((tile.rows + 15) / 16) {
 #define PINGPONG_CASE(n)                                                                                        \
   case n:                                                                                                       \
-    consume<16 * n, kTransA, kCluster>(lo, hi, tile, j * k_iters, shape, sA, sB, full, empty, sOut, map_out16, \
-                                       map_out64, out, c, tid_in_wg);                                           \
+    consume<16 * n, kTransA, kCluster>(lo, hi, tile, j * k_iters, shape, sA, sB, full, empty, order, sOut,     \
+                                       map_out16, map_out64, out, c, tid_in_wg);                                \
     break;
       PINGPONG_CASE(1) PINGPONG_CASE(2) PINGPONG_CASE(3) PINGPONG_CASE(4)
       PINGPONG_CASE(5) PINGPONG_CASE(6) PINGPONG_CASE(7) PINGPONG_CASE(8)
@@ -266,6 +278,7 @@ __global__ void __launch_bounds__(kThreadsPP, 1)
   if (tid_in_wg == 0) bulk_wait_read<0>();
   }
   // No CTA leaves while its peer may still multicast into it or arrive on its barriers.
+  __syncwarp();
   if (kCluster > 1) cluster_sync();
 }
 
@@ -297,12 +310,16 @@ int launch(const void* x, const void* w, const int* offs, void* out, int64_t row
   config.attrs = attr;
   config.numAttrs = 1;
   int grid = sms;
-  if (cluster > 1) {  // as many clusters as fit at once (the SMs of a GPC pair up)
-    config.gridDim = dim3(sms / cluster * cluster);
-    int clusters = 0;
-    const cudaError_t q = cudaOccupancyMaxActiveClusters(&clusters, reinterpret_cast<const void*>(kernel), &config);
-    if (q != cudaSuccess || clusters < 1) return int(q != cudaSuccess ? q : cudaErrorInvalidConfiguration);
-    grid = clusters * cluster;
+  if (cluster > 1) {  // as many clusters as fit at once (the SMs of a GPC pair up), asked once
+    static int clusters[2] = {0, 0};
+    int& fit = clusters[w_transposed ? 1 : 0];
+    if (fit == 0) {
+      config.gridDim = dim3(sms / cluster * cluster);
+      const cudaError_t q = cudaOccupancyMaxActiveClusters(&fit, reinterpret_cast<const void*>(kernel), &config);
+      if (q != cudaSuccess || fit < 1) return int(q != cudaSuccess ? q : cudaErrorInvalidConfiguration);
+      std::printf("(cluster of %d: %d clusters at once)\n", cluster, fit);
+    }
+    grid = fit * cluster;
   }
   config.gridDim = dim3(grid);
   return int(cudaLaunchKernelEx(&config, kernel, map_w, map_x64, map_x128, map_out16, map_out64, offs, shape,
@@ -335,6 +352,10 @@ __global__ void reference_kernel(const __nv_bfloat16* x, const __nv_bfloat16* w,
 void run_case(const char* name, int E, const char* kind, const std::vector<int>& counts, int N, int K, bool trans_w) {
   std::vector<int> offs(E);
   for (int g = 0, run = 0; g < E; ++g) offs[g] = run += counts[g];
+  if (offs[E - 1] != kRows) {  // the reference and the production kernel's zeroed tail assume it
+    std::fprintf(stderr, "counts of %d experts sum to %d, not %d\n", E, offs[E - 1], kRows);
+    std::exit(1);
+  }
   const int64_t nx = int64_t{kRows} * K, nw = int64_t{E} * N * K, no = int64_t{kRows} * N;
   __nv_bfloat16 *x, *w, *out;
   float* ref;

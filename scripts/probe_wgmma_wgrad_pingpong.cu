@@ -42,7 +42,7 @@ constexpr int kBox = 64 * kR * 2;               // one load box: 64 features × 
 constexpr int kStageW = 4 * kBox;               // dy: 2 boxes, x: 2 boxes
 constexpr int kStoreBox = 64 * 64 * 2;          // one store box: 64 × 64 bf16
 constexpr int kOutW = 4 * kStoreBox;            // a warp group's 128 × 128 tile as 4 store boxes
-constexpr size_t kSmemW = size_t{kStagesW} * kStageW + 2 * size_t{kOutW} + 2 * kStagesW * sizeof(uint64_t) + 1024;
+constexpr size_t kSmemW = size_t{kStagesW} * kStageW + 2 * size_t{kOutW} + (2 * kStagesW + 2) * sizeof(uint64_t) + 1024;
 
 struct ShapeW {
   int rows, groups, dy_cols, x_cols, tiles_m, tiles_n;
@@ -90,6 +90,7 @@ __global__ void __launch_bounds__(kThreadsW, 1)
   unsigned char* out_buffers = smem + kStagesW * kStageW;  // [warp group][M block][2 store boxes]
   uint64_t* full = reinterpret_cast<uint64_t*>(out_buffers + 2 * kOutW);
   uint64_t* empty = full + kStagesW;
+  uint64_t* order = empty + kStagesW;  // [warp group]: its turn to run a K loop
 
   const int wg = threadIdx.x / 128, tid_in_wg = threadIdx.x % 128, warp = tid_in_wg / 32, lane = threadIdx.x % 32;
   if (threadIdx.x < 32) {
@@ -103,6 +104,11 @@ __global__ void __launch_bounds__(kThreadsW, 1)
       mbar_init(&full[s], 1);
       mbar_init(&empty[s], 1);  // one consuming warp group a stage
     }
+    // The warp groups' K loops take turns (CUTLASS's ordered sequence barrier): a group that
+    // waited for a stage of its next tile before the other group's tile had been loaded could
+    // meet a phase of the same parity two phases old (or a fresh barrier's).
+    mbar_init(&order[0], 1);
+    mbar_init(&order[1], 1);
     mbar_init_fence();
   }
   __syncthreads();
@@ -138,6 +144,10 @@ __global__ void __launch_bounds__(kThreadsW, 1)
       it += tile.iters;
       continue;
     }
+    // Group 0's turn n = j / 2 waits for group 1's turn n − 1 (order[0]'s phase n − 1), group 1's
+    // turn n for group 0's turn n (order[1]'s phase n).
+    const int turn = j / 2;
+    if (c == 1 || turn > 0) mbar_wait(&order[c], (c == 0 ? turn - 1 : turn) & 1);
 #pragma unroll
     for (int i = 0; i < 64; ++i) lo[i] = hi[i] = 0.f;
     int prev = -1;
@@ -162,6 +172,7 @@ __global__ void __launch_bounds__(kThreadsW, 1)
                      reinterpret_cast<const __nv_bfloat16*>(st + 2 * kBox));
       wgmma_commit_release_previous(empty, prev, s, tid_in_wg == 0);
     }
+    if (tid_in_wg == 0) mbar_arrive(&order[1 - c]);  // every full wait of this tile has passed
     wgmma_drain_release(empty, prev, tid_in_wg == 0);
     if (tid_in_wg == 0) bulk_wait_read<0>();  // this warp group's previous stores have read the buffer
     named_barrier(1 + c, 128);
@@ -220,6 +231,10 @@ void run_case(int groups, const char* kind, const char* name, int n, int k, cons
       probe::read_counts(dir + "/counts-" + std::to_string(groups) + "-" + kind + ".txt", groups, kRows);
   std::vector<int> offs(groups);
   for (int g = 0, run = 0; g < groups; ++g) offs[g] = run += counts[g];
+  if (offs[groups - 1] != kRows) {
+    std::fprintf(stderr, "counts of %d experts sum to %d, not %d\n", groups, offs[groups - 1], kRows);
+    std::exit(1);
+  }
   __nv_bfloat16 *dy, *x, *dw;
   float* ref;
   int* d_offs;
