@@ -36,31 +36,6 @@ namespace pingpong {
 
 using namespace sm90;
 
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-// A TMA box multicast into the same shared-memory offset of every CTA in `mask`, each CTA's
-// barrier at `bar`'s offset counting the bytes.
-__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, uint64_t* bar, int inner,
-                                                      int row, uint16_t mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
-      " [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(smem_u32(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(inner), "r"(row), "h"(mask)
-      : "memory");
-}
-// Arrives on the barrier at `bar`'s offset in CTA `rank` of the cluster.
-__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_u32(bar)), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
-}
-
 #ifndef PINGPONG_STAGES
 #define PINGPONG_STAGES 4
 #endif
@@ -254,28 +229,28 @@ __global__ void __launch_bounds__(kThreadsPP, 1)
       }
     }
   } else {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  const int c = wg - 1;  // takes the CTA's units c, c + 2, …
-  __nv_bfloat16* sOut = reinterpret_cast<__nv_bfloat16*>(out_buffers + c * 2 * kOutBox);
-  float lo[128], hi[128];
-  int j = c;
-  for (int u = unit0 + c * units_step, turn = 0; u < total_units; u += 2 * units_step, j += 2, ++turn) {
-    const TilePP tile = tile_of(u * kCluster + rank, shape, s_tile_start, s_row_end);
-    // Group 0's turn n waits for group 1's turn n − 1 (order[0]'s phase n − 1), group 1's turn n
-    // for group 0's turn n (order[1]'s phase n).
-    if (c == 1 || turn > 0) mbar_wait(&order[c], (c == 0 ? turn - 1 : turn) & 1);
-    switch ((tile.rows + 15) / 16) {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    const int c = wg - 1;  // takes the CTA's units c, c + 2, …
+    __nv_bfloat16* sOut = reinterpret_cast<__nv_bfloat16*>(out_buffers + c * 2 * kOutBox);
+    float lo[128], hi[128];
+    int j = c;
+    for (int u = unit0 + c * units_step, turn = 0; u < total_units; u += 2 * units_step, j += 2, ++turn) {
+      const TilePP tile = tile_of(u * kCluster + rank, shape, s_tile_start, s_row_end);
+      // Group 0's turn n waits for group 1's turn n − 1 (order[0]'s phase n − 1), group 1's turn n
+      // for group 0's turn n (order[1]'s phase n).
+      if (c == 1 || turn > 0) mbar_wait(&order[c], (c == 0 ? turn - 1 : turn) & 1);
+      switch ((tile.rows + 15) / 16) {
 #define PINGPONG_CASE(n)                                                                                        \
-  case n:                                                                                                       \
-    consume<16 * n, kTransA, kCluster>(lo, hi, tile, j * k_iters, shape, sA, sB, full, empty, order, sOut,     \
-                                       map_out16, map_out64, out, c, tid_in_wg);                                \
-    break;
-      PINGPONG_CASE(1) PINGPONG_CASE(2) PINGPONG_CASE(3) PINGPONG_CASE(4)
-      PINGPONG_CASE(5) PINGPONG_CASE(6) PINGPONG_CASE(7) PINGPONG_CASE(8)
+    case n:                                                                                                       \
+      consume<16 * n, kTransA, kCluster>(lo, hi, tile, j * k_iters, shape, sA, sB, full, empty, order, sOut,     \
+                                         map_out16, map_out64, out, c, tid_in_wg);                                \
+      break;
+        PINGPONG_CASE(1) PINGPONG_CASE(2) PINGPONG_CASE(3) PINGPONG_CASE(4)
+        PINGPONG_CASE(5) PINGPONG_CASE(6) PINGPONG_CASE(7) PINGPONG_CASE(8)
 #undef PINGPONG_CASE
+      }
     }
-  }
-  if (tid_in_wg == 0) bulk_wait_read<0>();
+    if (tid_in_wg == 0) bulk_wait_read<0>();
   }
   // No CTA leaves while its peer may still multicast into it or arrive on its barriers.
   __syncwarp();

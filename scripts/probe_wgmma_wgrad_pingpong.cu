@@ -10,7 +10,9 @@
 // accumulator registers) and the two take a CTA's tiles in turn, so one converts and stores while
 // the other multiplies, and a partial step is zeroed by its own warp group alone. No expert is
 // split into chunks (the production kernel splits experts over ≥ 2× the mean rows; the skewed
-// counts show what that costs). Operand traffic a FLOP: 4/3 of the production kernel's.
+// counts show what that costs). Operand traffic a FLOP: 4/3 of the production kernel's — or, with
+// a 2-CTA cluster whose CTAs take adjacent x column tiles of the same dy rows and multicast the dy
+// boxes, the production kernel's.
 //
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -I. -o /tmp/wgrad_pp \
 //     scripts/probe_wgmma_wgrad_pingpong.cu models/kernels/sm90_host.cu && /tmp/wgrad_pp COUNTS_DIR
@@ -80,6 +82,7 @@ __device__ __forceinline__ void to_smem(const float (&acc)[128], unsigned char* 
     }
 }
 
+template <int kCluster>
 __global__ void __launch_bounds__(kThreadsW, 1)
     wgrad_pp_kernel(const __grid_constant__ CUtensorMap map_dy, const __grid_constant__ CUtensorMap map_x,
                     const __grid_constant__ CUtensorMap map_dw, const int* __restrict__ offs, ShapeW shape) {
@@ -102,7 +105,7 @@ __global__ void __launch_bounds__(kThreadsW, 1)
   } else if (threadIdx.x == 32) {
     for (int s = 0; s < kStagesW; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 1);  // one consuming warp group a stage
+      mbar_init(&empty[s], kCluster);  // one consuming warp group a stage in each CTA of the cluster
     }
     // The warp groups' K loops take turns (CUTLASS's ordered sequence barrier): a group that
     // waited for a stage of its next tile before the other group's tile had been loaded could
@@ -112,98 +115,144 @@ __global__ void __launch_bounds__(kThreadsW, 1)
     mbar_init_fence();
   }
   __syncthreads();
+  if (kCluster > 1) cluster_sync();  // the peer's barriers are initialized before any multicast
   const int total_tiles = shape.groups * shape.tiles_m * shape.tiles_n;
+  // Work units: tiles, or with a cluster pairs of tiles 2u, 2u + 1 — the same expert and dy
+  // columns, x column tiles 2p and 2p + 1 (tiles_n is even) — CTA r of the pair taking tile 2u + r
+  // and multicasting dy box r of each stage to both.
+  const int rank = kCluster > 1 ? static_cast<int>(cluster_rank()) : 0;
+  const int unit0 = static_cast<int>(blockIdx.x) / kCluster, units_step = static_cast<int>(gridDim.x) / kCluster;
+  const int total_units = total_tiles / kCluster;
+  // The stage before `s` is free in every CTA's ring once its MMAs are done (the peer's producer
+  // multicasts into this CTA's stage too).
+  auto release = [&](int stage) {
+    for (int r = 0; r < kCluster; ++r) mbar_arrive_cluster(&empty[stage], kCluster == 1 ? cluster_rank() : r);
+  };
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
     if (tid_in_wg == 0) {
       int it = 0;
-      for (int t = blockIdx.x; t < total_tiles; t += gridDim.x) {
-        const TileW tile = tile_at_w(t, shape, s_row_end);
+      for (int u = unit0; u < total_units; u += units_step) {
+        const TileW tile = tile_at_w(u * kCluster + rank, shape, s_row_end);
         for (int k = 0; k < tile.iters; ++k, ++it) {
           const int s = it % kStagesW, row = tile.row0 + k * kR;
-          mbar_wait(&empty[s], ((it / kStagesW) & 1) ^ 1);
+          mbar_wait(&empty[s], ((it / kStagesW) & 1) ^ 1);  // free in every CTA of the cluster
           mbar_expect_tx(&full[s], kStageW);
           unsigned char* st = stages + s * kStageW;
-          for (int b = 0; b < 2; ++b) tma_load_2d(st + b * kBox, &map_dy, &full[s], tile.tile_m * kT + b * 64, row);
+          if (kCluster > 1) {
+            tma_load_2d_multicast(st + rank * kBox, &map_dy, &full[s], tile.tile_m * kT + rank * 64, row,
+                                  static_cast<uint16_t>((1u << kCluster) - 1));
+          } else {
+            for (int b = 0; b < 2; ++b) tma_load_2d(st + b * kBox, &map_dy, &full[s], tile.tile_m * kT + b * 64, row);
+          }
           for (int b = 0; b < 2; ++b) tma_load_2d(st + (2 + b) * kBox, &map_x, &full[s], tile.tile_n * kT + b * 64, row);
         }
       }
     }
-    return;
-  }
-
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  const int c = wg - 1;  // takes the CTA's tiles c, c + 2, …
-  unsigned char* out = out_buffers + c * kOutW;
-  float lo[128], hi[128];
-  int it = 0;  // the CTA's stage iterations before this warp group's next tile
-  for (int j = 0, t = blockIdx.x; t < total_tiles; ++j, t += gridDim.x) {
-    const TileW tile = tile_at_w(t, shape, s_row_end);
-    if (j % 2 != c) {  // the other warp group's tile: its stages come first in the ring
-      it += tile.iters;
-      continue;
-    }
-    // Group 0's turn n = j / 2 waits for group 1's turn n − 1 (order[0]'s phase n − 1), group 1's
-    // turn n for group 0's turn n (order[1]'s phase n).
-    const int turn = j / 2;
-    if (c == 1 || turn > 0) mbar_wait(&order[c], (c == 0 ? turn - 1 : turn) & 1);
-#pragma unroll
-    for (int i = 0; i < 64; ++i) lo[i] = hi[i] = 0.f;
-    int prev = -1;
-    for (int k = 0; k < tile.iters; ++k, ++it) {
-      const int s = it % kStagesW;
-      mbar_wait(&full[s], (it / kStagesW) & 1);
-      unsigned char* st = stages + s * kStageW;
-      const int valid = tile.row_end - (tile.row0 + k * kR);
-      if (valid < kR) {
-        // Rows past the expert (the next expert's, or TMA's zero fill) are zeroed in all four
-        // boxes, so an Inf there cannot reach this expert as 0 · Inf; only this warp group reads
-        // the stage, so only it waits.
-        const int tail = (kR - valid) * 8;  // 16-byte pieces past the expert in one box
-        for (int i = tid_in_wg; i < 4 * tail; i += 128)
-          *reinterpret_cast<uint4*>(st + (i / tail) * kBox + (valid + (i % tail) / 8) * 128 + (i % 8) * 16) =
-              make_uint4(0, 0, 0, 0);
-        fence_proxy_async_smem();
-        named_barrier(1 + c, 128);
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    const int c = wg - 1;  // takes the CTA's tiles c, c + 2, …
+    unsigned char* out = out_buffers + c * kOutW;
+    float lo[128], hi[128];
+    int it = 0;  // the CTA's stage iterations before this warp group's next tile
+    for (int j = 0, u = unit0; u < total_units; ++j, u += units_step) {
+      const TileW tile = tile_at_w(u * kCluster + rank, shape, s_row_end);
+      if (j % 2 != c) {  // the other warp group's tile: its stages come first in the ring
+        it += tile.iters;
+        continue;
       }
-      wgmma_fence();
-      mma_step<1, 1>(lo, hi, reinterpret_cast<const __nv_bfloat16*>(st),
-                     reinterpret_cast<const __nv_bfloat16*>(st + 2 * kBox));
-      wgmma_commit_release_previous(empty, prev, s, tid_in_wg == 0);
+      // Group 0's turn n = j / 2 waits for group 1's turn n − 1 (order[0]'s phase n − 1), group 1's
+      // turn n for group 0's turn n (order[1]'s phase n).
+      const int turn = j / 2;
+      if (c == 1 || turn > 0) mbar_wait(&order[c], (c == 0 ? turn - 1 : turn) & 1);
+#pragma unroll
+      for (int i = 0; i < 64; ++i) lo[i] = hi[i] = 0.f;
+      int prev = -1;
+      for (int k = 0; k < tile.iters; ++k, ++it) {
+        const int s = it % kStagesW;
+        mbar_wait(&full[s], (it / kStagesW) & 1);
+        unsigned char* st = stages + s * kStageW;
+        const int valid = tile.row_end - (tile.row0 + k * kR);
+        if (valid < kR) {
+          // Rows past the expert (the next expert's, or TMA's zero fill) are zeroed in all four
+          // boxes, so an Inf there cannot reach this expert as 0 · Inf; only this warp group reads
+          // the stage, so only it waits.
+          const int tail = (kR - valid) * 8;  // 16-byte pieces past the expert in one box
+          for (int i = tid_in_wg; i < 4 * tail; i += 128)
+            *reinterpret_cast<uint4*>(st + (i / tail) * kBox + (valid + (i % tail) / 8) * 128 + (i % 8) * 16) =
+                make_uint4(0, 0, 0, 0);
+          fence_proxy_async_smem();
+          named_barrier(1 + c, 128);
+        }
+        wgmma_fence();
+        mma_step<1, 1>(lo, hi, reinterpret_cast<const __nv_bfloat16*>(st),
+                       reinterpret_cast<const __nv_bfloat16*>(st + 2 * kBox));
+        wgmma_commit();
+        wgmma_wait<1>();
+        if (prev >= 0 && tid_in_wg == 0) release(prev);
+        prev = s;
+      }
+      if (tid_in_wg == 0) mbar_arrive(&order[1 - c]);  // every full wait of this tile has passed
+      wgmma_wait<0>();
+      if (prev >= 0 && tid_in_wg == 0) release(prev);
+      if (tid_in_wg == 0) bulk_wait_read<0>();  // this warp group's previous stores have read the buffer
+      named_barrier(1 + c, 128);
+      to_smem(lo, out, warp, lane);
+      to_smem(hi, out + 2 * kStoreBox, warp, lane);
+      fence_proxy_async_smem();
+      named_barrier(1 + c, 128);
+      if (tid_in_wg == 0) {
+        for (int mb = 0; mb < 2; ++mb)
+          for (int b = 0; b < 2; ++b)
+            tma_store_2d(&map_dw, out + (2 * mb + b) * kStoreBox, tile.tile_n * kT + b * 64,
+                         tile.group * shape.dy_cols + tile.tile_m * kT + mb * 64);
+        bulk_commit();
+      }
     }
-    if (tid_in_wg == 0) mbar_arrive(&order[1 - c]);  // every full wait of this tile has passed
-    wgmma_drain_release(empty, prev, tid_in_wg == 0);
-    if (tid_in_wg == 0) bulk_wait_read<0>();  // this warp group's previous stores have read the buffer
-    named_barrier(1 + c, 128);
-    to_smem(lo, out, warp, lane);
-    to_smem(hi, out + 2 * kStoreBox, warp, lane);
-    fence_proxy_async_smem();
-    named_barrier(1 + c, 128);
-    if (tid_in_wg == 0) {
-      for (int mb = 0; mb < 2; ++mb)
-        for (int b = 0; b < 2; ++b)
-          tma_store_2d(&map_dw, out + (2 * mb + b) * kStoreBox, tile.tile_n * kT + b * 64,
-                       tile.group * shape.dy_cols + tile.tile_m * kT + mb * 64);
-      bulk_commit();
-    }
+    if (tid_in_wg == 0) bulk_wait<0>();
   }
-  if (tid_in_wg == 0) bulk_wait<0>();
+  // No CTA leaves while its peer may still multicast into it or arrive on its barriers.
+  __syncwarp();
+  if (kCluster > 1) cluster_sync();
 }
 
 int launch(const void* dy, const void* x, const int* offs, void* dw, int64_t rows, int groups, int64_t dy_cols,
-           int64_t x_cols) {
-  if (groups > kGroupsMax || dy_cols % kT != 0 || x_cols % kT != 0) return int(cudaErrorInvalidValue);
+           int64_t x_cols, int cluster) {
+  if (groups > kGroupsMax || dy_cols % kT != 0 || x_cols % kT != 0 || (x_cols / kT) % cluster != 0)
+    return int(cudaErrorInvalidValue);
   CUtensorMap map_dy, map_x, map_dw;
   if (!make_tma_map_bf16(&map_dy, dy, rows, dy_cols, kR) || !make_tma_map_bf16(&map_x, x, rows, x_cols, kR) ||
       !make_tma_map_bf16(&map_dw, dw, groups * dy_cols, x_cols, 64))
     return int(cudaErrorInvalidValue);
   const ShapeW shape{int(rows), groups, int(dy_cols), int(x_cols), int(dy_cols / kT), int(x_cols / kT)};
+  auto kernel = cluster == 2 ? wgrad_pp_kernel<2> : wgrad_pp_kernel<1>;
   int sms = 0;
-  const int ready = prepare_sm90_kernel(reinterpret_cast<const void*>(wgrad_pp_kernel), kSmemW, &sms);
+  const int ready = prepare_sm90_kernel(reinterpret_cast<const void*>(kernel), kSmemW, &sms);
   if (ready != 0) return ready;
-  wgrad_pp_kernel<<<sms, kThreadsW, kSmemW>>>(map_dy, map_x, map_dw, offs, shape);
-  return int(cudaGetLastError());
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.blockDim = dim3(kThreadsW);
+  config.dynamicSmemBytes = kSmemW;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  int grid = sms;
+  if (cluster > 1) {  // as many clusters as fit at once, asked once
+    static int fit = 0;
+    if (fit == 0) {
+      config.gridDim = dim3(sms / cluster * cluster);
+      const cudaError_t q = cudaOccupancyMaxActiveClusters(&fit, reinterpret_cast<const void*>(kernel), &config);
+      if (q != cudaSuccess || fit < 1) return int(q != cudaSuccess ? q : cudaErrorInvalidConfiguration);
+      std::printf("(cluster of %d: %d clusters at once)\n", cluster, fit);
+    }
+    grid = fit * cluster;
+  }
+  config.gridDim = dim3(grid);
+  return int(cudaLaunchKernelEx(&config, kernel, map_dy, map_x, map_dw, offs, shape));
 }
 
 }  // namespace wgrad_pp
@@ -253,11 +302,11 @@ void run_case(int groups, const char* kind, const char* name, int n, int k, cons
   probe::fill_normal<<<4096, 256>>>(dy, static_cast<int64_t>(kRows) * n, 11 + groups + n, 1.f);
   probe::fill_normal<<<4096, 256>>>(x, static_cast<int64_t>(kRows) * k, 23 + groups + k, 1.f);
   wgrad_reference<<<static_cast<unsigned>((n_out + 255) / 256), 256>>>(dy, x, d_offs, groups, n, k, ref);
-  double ms[2], err[2], bad[2];
-  for (int v = 0; v < 2; ++v) {
+  double ms[3], err[3], bad[3];
+  for (int v = 0; v < 3; ++v) {
     auto launch = [&] {
       const int rc = v == 0 ? moetrain::kernels::launch_grouped_wgrad(dy, x, d_offs, dw, kRows, groups, n, k, ws, nullptr)
-                            : moetrain::kernels::wgrad_pp::launch(dy, x, d_offs, dw, kRows, groups, n, k);
+                            : moetrain::kernels::wgrad_pp::launch(dy, x, d_offs, dw, kRows, groups, n, k, v);
       CHECK(static_cast<cudaError_t>(rc));
     };
     CHECK(cudaMemset(dw, 0xFF, n_out * 2));  // NaN in bf16: every element must be written
@@ -271,8 +320,8 @@ void run_case(int groups, const char* kind, const char* name, int n, int k, cons
     bad[v] = h[2];
     ms[v] = probe::median_ms(launch);
   }
-  std::printf("%4d %5s %10s %9.3f %9.3f %7.3f %9.2e %9.2e %6.0f %6.0f\n", groups, kind, name, ms[0], ms[1],
-              ms[1] / ms[0], err[0], err[1], bad[0], bad[1]);
+  std::printf("%4d %5s %10s %9.3f %9.3f %9.3f %9.2e %9.2e %9.2e %4.0f %4.0f %4.0f\n", groups, kind, name, ms[0],
+              ms[1], ms[2], err[0], err[1], err[2], bad[0], bad[1], bad[2]);
   for (void* p : {static_cast<void*>(dy), static_cast<void*>(x), static_cast<void*>(dw), static_cast<void*>(ref),
                   static_cast<void*>(d_offs), ws, static_cast<void*>(sums)})
     CHECK(cudaFree(p));
@@ -286,8 +335,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "grouped_wgrad: not supported on this device\n");
     return 1;
   }
-  std::printf("%4s %5s %10s %9s %9s %7s %9s %9s %6s %6s\n", "E", "rows", "gemm", "prod ms", "pingpong", "ratio",
-              "prod err", "pp err", "nonfin", "nonfin");
+  std::printf("%4s %5s %10s %9s %9s %9s %9s %9s %9s %14s\n", "E", "rows", "gemm", "prod ms", "pingpong", "+cluster",
+              "prod err", "pp err", "cl err", "non-finite");
   for (int groups : {64, 256})
     for (const char* kind : {"bal", "skew"}) {
       run_case(groups, kind, "wgrad w13", 1024, 1024, dir);
