@@ -1,4 +1,5 @@
-// defines: CHECK, fill_normal, compare_kernel, median_ms, read_counts — the shared harness of the
+// defines: CHECK, fill_normal, grouped_gemm_reference, grouped_wgrad_reference, compare_kernel,
+// median_ms, check_and_time, read_counts — the shared harness of the
 // standalone GEMM probes (scripts/probe_wgmma_*.cu): random bf16 inputs made on the device, an
 // error check against an fp32 reference over NaN-poisoned output, a median of timed launches, and
 // the per-expert row counts probe_fine_tiles.py writes.
@@ -38,6 +39,37 @@ __global__ void fill_normal(__nv_bfloat16* p, int64_t n, uint64_t seed, float sc
   }
 }
 
+// The fp32 twins (one thread an output element). Grouped GEMM: out[t, f] = Σ_k x[t, k] · w(g, f, k)
+// with w stored [E, N, K] (the forward) or [E, K, N] (trans_w: the input gradient), g the expert
+// of row t.
+__global__ void grouped_gemm_reference(const __nv_bfloat16* x, const __nv_bfloat16* w, const int* offs, int groups,
+                                       int M, int N, int K, bool trans_w, float* out) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= static_cast<int64_t>(M) * N) return;
+  const int row = static_cast<int>(i / N), col = static_cast<int>(i % N);
+  int g = 0;
+  while (g < groups && offs[g] <= row) ++g;
+  float s = 0.f;
+  for (int k = 0; k < K; ++k) {
+    const int64_t wi = trans_w ? (static_cast<int64_t>(g) * K + k) * N + col : (static_cast<int64_t>(g) * N + col) * K + k;
+    s += __bfloat162float(x[static_cast<int64_t>(row) * K + k]) * __bfloat162float(w[wi]);
+  }
+  out[i] = s;
+}
+
+// Weight gradient: dw[g][r][c] = Σ over expert g's rows of dy[row, r] · x[row, c].
+__global__ void grouped_wgrad_reference(const __nv_bfloat16* dy, const __nv_bfloat16* x, const int* offs, int groups,
+                                        int n, int k, float* out) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= static_cast<int64_t>(groups) * n * k) return;
+  const int g = static_cast<int>(i / (static_cast<int64_t>(n) * k)), r = static_cast<int>(i / k % n),
+            col = static_cast<int>(i % k);
+  float s = 0.f;
+  for (int row = g == 0 ? 0 : offs[g - 1]; row < offs[g]; ++row)
+    s += __bfloat162float(dy[static_cast<int64_t>(row) * n + r]) * __bfloat162float(x[static_cast<int64_t>(row) * k + col]);
+  out[i] = s;
+}
+
 // sums += {Σ (out − ref)² over finite outputs, Σ ref², count of non-finite outputs}
 __global__ void compare_kernel(const __nv_bfloat16* out, const float* ref, int64_t n, double* sums) {
   double num = 0, den = 0, bad = 0;
@@ -75,6 +107,24 @@ double median_ms(F&& launch, int reps = 20) {
   CHECK(cudaEventDestroy(b));
   std::sort(ms.begin(), ms.end());
   return ms[ms.size() / 2];
+}
+
+// One kernel variant against the fp32 twin: out poisoned (NaN in bf16: every element must be
+// written), one launch, the relative error and the count of non-finite outputs, then the median
+// time of `launch`.
+struct Checked {
+  double ms, rel_err, non_finite;
+};
+template <typename F>
+Checked check_and_time(F&& launch, __nv_bfloat16* out, const float* ref, int64_t n, double* d_sums) {
+  CHECK(cudaMemset(out, 0xFF, n * 2));
+  CHECK(cudaMemset(d_sums, 0, 3 * sizeof(double)));
+  launch();
+  CHECK(cudaDeviceSynchronize());
+  compare_kernel<<<1024, 256>>>(out, ref, n, d_sums);
+  double sums[3];
+  CHECK(cudaMemcpy(sums, d_sums, sizeof(sums), cudaMemcpyDeviceToHost));
+  return Checked{median_ms(launch), std::sqrt(sums[0] / sums[1]), sums[2]};
 }
 
 // Per-expert row counts, one a line (scripts/probe_fine_tiles.py writes them beside its ATen

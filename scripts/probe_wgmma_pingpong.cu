@@ -29,6 +29,7 @@
 
 #include "models/kernels/grouped_gemm_kernels.cu"
 #include "scripts/probe_common.cuh"
+#include "scripts/probe_pingpong.cuh"
 
 namespace moetrain::kernels {
 namespace {
@@ -100,20 +101,16 @@ __device__ __forceinline__ void consume(float (&lo)[128], float (&hi)[128], cons
       wgmma_m64k16<NI, kTransA, 0>(lo, da0, db, scale);
       wgmma_m64k16<NI, kTransA, 0>(hi, da1, db, scale);
     }
-    // The stage before this one is free in both CTAs' rings once its MMAs are done (the peer's
-    // producer multicasts into this CTA's stage too).
     wgmma_commit();
-    wgmma_wait<1>();
-    if (prev >= 0 && tid_in_wg == 0)
-      for (int r = 0; r < kCluster; ++r) mbar_arrive_cluster(&empty[prev], kCluster == 1 ? cluster_rank() : r);
+    wgmma_wait<1>();  // the stage before this one is done
+    if (prev >= 0 && tid_in_wg == 0) probe::pingpong::release_stage<kCluster>(empty, prev);
     prev = s;
   }
   // Every full wait of this tile has passed: the other warp group's K loop may start (its waits
   // cannot meet a stage phase from before this tile's).
   if (tid_in_wg == 0) mbar_arrive(&order[1 - wg]);
   wgmma_wait<0>();
-  if (prev >= 0 && tid_in_wg == 0)
-    for (int r = 0; r < kCluster; ++r) mbar_arrive_cluster(&empty[prev], kCluster == 1 ? cluster_rank() : r);
+  if (prev >= 0 && tid_in_wg == 0) probe::pingpong::release_stage<kCluster>(empty, prev);
 
   __nv_bfloat16* buf0 = sOut;
   __nv_bfloat16* buf1 = sOut + kN * 64;
@@ -177,16 +174,7 @@ __global__ void __launch_bounds__(kThreadsPP, 1)
     }
     if (lane == 0) s_tile_start[shape.groups] = tiles_before;
   } else if (threadIdx.x == 32) {
-    for (int s = 0; s < kStagesPP; ++s) {
-      mbar_init(&full[s], 1);
-      mbar_init(&empty[s], kCluster);  // one consuming warp group a stage in each CTA of the cluster
-    }
-    // The warp groups' K loops take turns (CUTLASS's ordered sequence barrier): a group that
-    // waited for a stage of its next tile before the other group's tile had been loaded could
-    // meet a phase of the same parity two phases old.
-    mbar_init(&order[0], 1);
-    mbar_init(&order[1], 1);
-    mbar_init_fence();
+    probe::pingpong::init_ring(full, empty, order, kStagesPP, kCluster);
   }
   __syncthreads();
   if (kCluster > 1) cluster_sync();  // the peer's barriers are initialized before any multicast
@@ -236,9 +224,7 @@ __global__ void __launch_bounds__(kThreadsPP, 1)
     int j = c;
     for (int u = unit0 + c * units_step, turn = 0; u < total_units; u += 2 * units_step, j += 2, ++turn) {
       const TilePP tile = tile_of(u * kCluster + rank, shape, s_tile_start, s_row_end);
-      // Group 0's turn n waits for group 1's turn n − 1 (order[0]'s phase n − 1), group 1's turn n
-      // for group 0's turn n (order[1]'s phase n).
-      if (c == 1 || turn > 0) mbar_wait(&order[c], (c == 0 ? turn - 1 : turn) & 1);
+      probe::pingpong::await_turn(order, c, turn);
       switch ((tile.rows + 15) / 16) {
 #define PINGPONG_CASE(n)                                                                                        \
     case n:                                                                                                       \
@@ -274,31 +260,8 @@ int launch(const void* x, const void* w, const int* offs, void* out, int64_t row
   int sms = 0;
   const int ready = prepare_sm90_kernel(reinterpret_cast<const void*>(kernel), kSmem, &sms);
   if (ready != 0) return ready;
-  cudaLaunchConfig_t config = {};
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.blockDim = dim3(kThreadsPP);
-  config.dynamicSmemBytes = kSmem;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  int grid = sms;
-  if (cluster > 1) {  // as many clusters as fit at once (the SMs of a GPC pair up), asked once
-    static int clusters[2] = {0, 0};
-    int& fit = clusters[w_transposed ? 1 : 0];
-    if (fit == 0) {
-      config.gridDim = dim3(sms / cluster * cluster);
-      const cudaError_t q = cudaOccupancyMaxActiveClusters(&fit, reinterpret_cast<const void*>(kernel), &config);
-      if (q != cudaSuccess || fit < 1) return int(q != cudaSuccess ? q : cudaErrorInvalidConfiguration);
-      std::printf("(cluster of %d: %d clusters at once)\n", cluster, fit);
-    }
-    grid = fit * cluster;
-  }
-  config.gridDim = dim3(grid);
-  return int(cudaLaunchKernelEx(&config, kernel, map_w, map_x64, map_x128, map_out16, map_out64, offs, shape,
-                                static_cast<__nv_bfloat16*>(out)));
+  return probe::pingpong::launch_clustered(kernel, cluster, sms, kThreadsPP, kSmem, map_w, map_x64, map_x128, map_out16,
+                                           map_out64, offs, shape, static_cast<__nv_bfloat16*>(out));
 }
 
 }  // namespace pingpong
@@ -308,21 +271,6 @@ int launch(const void* x, const void* w, const int* offs, void* out, int64_t row
 namespace {
 
 constexpr int kRows = 16384 * 6;
-
-__global__ void reference_kernel(const __nv_bfloat16* x, const __nv_bfloat16* w, const int* offs, int groups, int M,
-                                 int N, int K, bool trans_w, float* out) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= static_cast<int64_t>(M) * N) return;
-  const int row = static_cast<int>(i / N), col = static_cast<int>(i % N);
-  int g = 0;
-  while (g < groups && offs[g] <= row) ++g;
-  float s = 0.f;
-  for (int k = 0; k < K; ++k) {
-    const int64_t wi = trans_w ? (static_cast<int64_t>(g) * K + k) * N + col : (static_cast<int64_t>(g) * N + col) * K + k;
-    s += __bfloat162float(x[static_cast<int64_t>(row) * K + k]) * __bfloat162float(w[wi]);
-  }
-  out[i] = s;
-}
 
 void run_case(const char* name, int E, const char* kind, const std::vector<int>& counts, int N, int K, bool trans_w) {
   std::vector<int> offs(E);
@@ -345,28 +293,19 @@ void run_case(const char* name, int E, const char* kind, const std::vector<int>&
   probe::fill_normal<<<4096, 256>>>(x, nx, 1000 + E + K, 1.f);
   probe::fill_normal<<<4096, 256>>>(w, nw, 2000 + E + K, 0.05f);
   CHECK(cudaMemcpy(d_offs, offs.data(), E * 4, cudaMemcpyHostToDevice));
-  reference_kernel<<<static_cast<unsigned>((no + 255) / 256), 256>>>(x, w, d_offs, E, kRows, N, K, trans_w, ref);
+  probe::grouped_gemm_reference<<<static_cast<unsigned>((no + 255) / 256), 256>>>(x, w, d_offs, E, kRows, N, K, trans_w,
+                                                                                   ref);
   CHECK(cudaGetLastError());
-  double ms[3], err[3], bad[3];
-  for (int v = 0; v < 3; ++v) {
-    auto launch = [&] {
-      const int rc = v == 0 ? moetrain::kernels::launch_grouped_gemm(x, w, d_offs, out, kRows, E, N, K, trans_w, nullptr)
-                            : moetrain::kernels::pingpong::launch(x, w, d_offs, out, kRows, E, N, K, trans_w, v);
-      CHECK(static_cast<cudaError_t>(rc));
-    };
-    CHECK(cudaMemset(out, 0xFF, no * 2));  // NaN in bf16: every element must be written
-    CHECK(cudaMemset(d_sums, 0, 3 * sizeof(double)));
-    launch();
-    CHECK(cudaDeviceSynchronize());
-    probe::compare_kernel<<<1024, 256>>>(out, ref, no, d_sums);
-    double sums[3];
-    CHECK(cudaMemcpy(sums, d_sums, sizeof(sums), cudaMemcpyDeviceToHost));
-    err[v] = std::sqrt(sums[0] / sums[1]);
-    bad[v] = sums[2];
-    ms[v] = probe::median_ms(launch);
-  }
-  std::printf("%4d %5s %10s %9.3f %9.3f %9.3f %9.2e %9.2e %9.2e %4.0f %4.0f %4.0f\n", E, kind, name, ms[0], ms[1],
-              ms[2], err[0], err[1], err[2], bad[0], bad[1], bad[2]);
+  probe::Checked r[3];
+  for (int v = 0; v < 3; ++v)
+    r[v] = probe::check_and_time(
+        [&] {
+          CHECK(static_cast<cudaError_t>(
+              v == 0 ? moetrain::kernels::launch_grouped_gemm(x, w, d_offs, out, kRows, E, N, K, trans_w, nullptr)
+                     : moetrain::kernels::pingpong::launch(x, w, d_offs, out, kRows, E, N, K, trans_w, v)));
+        },
+        out, ref, no, d_sums);
+  probe::pingpong::print_row(E, kind, name, r);
   for (void* p : {(void*)x, (void*)w, (void*)out, (void*)ref, (void*)d_offs, (void*)d_sums})
     CHECK(cudaFree(p));
 }
@@ -379,8 +318,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "needs an sm_90a GPU\n");
     return 1;
   }
-  std::printf("%4s %5s %10s %9s %9s %9s %9s %9s %9s %14s\n", "E", "rows", "gemm", "prod ms", "pingpong", "+cluster",
-              "prod err", "pp err", "cl err", "non-finite");
+  probe::pingpong::print_header();
   constexpr int D = 1024, I = 512;
   for (int E : {64, 256})
     for (const char* kind : {"bal", "skew"}) {

@@ -31,22 +31,6 @@ using probe::fill_normal;
 
 constexpr int kRows = 16384 * 6;
 
-// The twin: out[t, f] = Σ_k x[t, k] · w(g, f, k), fp32.
-__global__ void reference_kernel(const __nv_bfloat16* x, const __nv_bfloat16* w, const int* offs, int groups, int M,
-                                 int N, int K, bool trans_w, float* out) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= static_cast<int64_t>(M) * N) return;
-  const int row = static_cast<int>(i / N), col = static_cast<int>(i % N);
-  int g = 0;
-  while (g < groups && offs[g] <= row) ++g;
-  float s = 0.f;
-  for (int k = 0; k < K; ++k) {
-    const int64_t wi = trans_w ? (static_cast<int64_t>(g) * K + k) * N + col : (static_cast<int64_t>(g) * N + col) * K + k;
-    s += __bfloat162float(x[static_cast<int64_t>(row) * K + k]) * __bfloat162float(w[wi]);
-  }
-  out[i] = s;
-}
-
 // name, N (output features), K, w stored [E, K, N] (input gradient) or [E, N, K] (forward)
 void run_case(const char* name, int E, const char* kind, const std::vector<int>& counts, int N, int K, bool trans_w) {
   std::vector<int> offs(E);
@@ -67,8 +51,8 @@ void run_case(const char* name, int E, const char* kind, const std::vector<int>&
   CHECK(cudaMemcpy(d_offs, offs.data(), E * 4, cudaMemcpyHostToDevice));
   CHECK(cudaMemset(d_sums, 0, 3 * sizeof(double)));
   CHECK(cudaMemset(out, 0xFF, size_t{kRows} * N * 2));  // poison: NaN in bf16
-  reference_kernel<<<static_cast<unsigned>((int64_t{kRows} * N + 255) / 256), 256>>>(x, w, d_offs, E, kRows, N, K,
-                                                                                      trans_w, ref);
+  probe::grouped_gemm_reference<<<static_cast<unsigned>((int64_t{kRows} * N + 255) / 256), 256>>>(
+      x, w, d_offs, E, kRows, N, K, trans_w, ref);
   CHECK(cudaGetLastError());
 
   auto launch = [&] {

@@ -28,19 +28,6 @@ using probe::fill_normal;
 
 constexpr int kRows = 16384 * 6;
 
-// The twin: one thread an output element, its expert's rows summed in fp32.
-__global__ void wgrad_reference(const __nv_bfloat16* dy, const __nv_bfloat16* x, const int* offs, int groups, int n,
-                                int k, float* out) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= static_cast<int64_t>(groups) * n * k) return;
-  const int g = static_cast<int>(i / (static_cast<int64_t>(n) * k)), r = static_cast<int>(i / k % n),
-            col = static_cast<int>(i % k);
-  float s = 0.f;
-  for (int row = g == 0 ? 0 : offs[g - 1]; row < offs[g]; ++row)
-    s += __bfloat162float(dy[static_cast<int64_t>(row) * n + r]) * __bfloat162float(x[static_cast<int64_t>(row) * k + col]);
-  out[i] = s;
-}
-
 void run_case(int groups, const char* kind, const char* name, int n, int k, const std::string& dir) {
   const std::vector<int> counts =
       probe::read_counts(dir + "/counts-" + std::to_string(groups) + "-" + kind + ".txt", groups, kRows);
@@ -67,7 +54,8 @@ void run_case(int groups, const char* kind, const char* name, int n, int k, cons
   CHECK(cudaMemcpy(d_offs, offs.data(), groups * 4, cudaMemcpyHostToDevice));
   fill_normal<<<4096, 256>>>(dy, static_cast<int64_t>(kRows) * n, 11 + groups + n, 1.f);
   fill_normal<<<4096, 256>>>(x, static_cast<int64_t>(kRows) * k, 23 + groups + k, 1.f);
-  wgrad_reference<<<static_cast<unsigned>((n_out + 255) / 256), 256>>>(dy, x, d_offs, groups, n, k, ref);
+  probe::grouped_wgrad_reference<<<static_cast<unsigned>((n_out + 255) / 256), 256>>>(dy, x, d_offs, groups, n, k,
+                                                                                       ref);
   CHECK(cudaMemset(dw, 0xFF, n_out * 2));  // NaN in bf16: every element must be written
 
   auto launch = [&] {

@@ -29,6 +29,7 @@
 #include "models/kernels/grouped_wgrad_kernels.cu"
 #include "models/kernels/sm90_wgmma_n.cuh"
 #include "scripts/probe_common.cuh"
+#include "scripts/probe_pingpong.cuh"
 
 namespace moetrain::kernels {
 namespace {
@@ -103,16 +104,7 @@ __global__ void __launch_bounds__(kThreadsW, 1)
       if (base + lane < shape.groups) s_row_end[base + lane] = span.end;
     }
   } else if (threadIdx.x == 32) {
-    for (int s = 0; s < kStagesW; ++s) {
-      mbar_init(&full[s], 1);
-      mbar_init(&empty[s], kCluster);  // one consuming warp group a stage in each CTA of the cluster
-    }
-    // The warp groups' K loops take turns (CUTLASS's ordered sequence barrier): a group that
-    // waited for a stage of its next tile before the other group's tile had been loaded could
-    // meet a phase of the same parity two phases old (or a fresh barrier's).
-    mbar_init(&order[0], 1);
-    mbar_init(&order[1], 1);
-    mbar_init_fence();
+    probe::pingpong::init_ring(full, empty, order, kStagesW, kCluster);
   }
   __syncthreads();
   if (kCluster > 1) cluster_sync();  // the peer's barriers are initialized before any multicast
@@ -123,11 +115,6 @@ __global__ void __launch_bounds__(kThreadsW, 1)
   const int rank = kCluster > 1 ? static_cast<int>(cluster_rank()) : 0;
   const int unit0 = static_cast<int>(blockIdx.x) / kCluster, units_step = static_cast<int>(gridDim.x) / kCluster;
   const int total_units = total_tiles / kCluster;
-  // The stage before `s` is free in every CTA's ring once its MMAs are done (the peer's producer
-  // multicasts into this CTA's stage too).
-  auto release = [&](int stage) {
-    for (int r = 0; r < kCluster; ++r) mbar_arrive_cluster(&empty[stage], kCluster == 1 ? cluster_rank() : r);
-  };
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
@@ -162,10 +149,7 @@ __global__ void __launch_bounds__(kThreadsW, 1)
         it += tile.iters;
         continue;
       }
-      // Group 0's turn n = j / 2 waits for group 1's turn n − 1 (order[0]'s phase n − 1), group 1's
-      // turn n for group 0's turn n (order[1]'s phase n).
-      const int turn = j / 2;
-      if (c == 1 || turn > 0) mbar_wait(&order[c], (c == 0 ? turn - 1 : turn) & 1);
+      probe::pingpong::await_turn(order, c, j / 2);
 #pragma unroll
       for (int i = 0; i < 64; ++i) lo[i] = hi[i] = 0.f;
       int prev = -1;
@@ -190,12 +174,12 @@ __global__ void __launch_bounds__(kThreadsW, 1)
                        reinterpret_cast<const __nv_bfloat16*>(st + 2 * kBox));
         wgmma_commit();
         wgmma_wait<1>();
-        if (prev >= 0 && tid_in_wg == 0) release(prev);
+        if (prev >= 0 && tid_in_wg == 0) probe::pingpong::release_stage<kCluster>(empty, prev);
         prev = s;
       }
       if (tid_in_wg == 0) mbar_arrive(&order[1 - c]);  // every full wait of this tile has passed
       wgmma_wait<0>();
-      if (prev >= 0 && tid_in_wg == 0) release(prev);
+      if (prev >= 0 && tid_in_wg == 0) probe::pingpong::release_stage<kCluster>(empty, prev);
       if (tid_in_wg == 0) bulk_wait_read<0>();  // this warp group's previous stores have read the buffer
       named_barrier(1 + c, 128);
       to_smem(lo, out, warp, lane);
@@ -230,29 +214,7 @@ int launch(const void* dy, const void* x, const int* offs, void* dw, int64_t row
   int sms = 0;
   const int ready = prepare_sm90_kernel(reinterpret_cast<const void*>(kernel), kSmemW, &sms);
   if (ready != 0) return ready;
-  cudaLaunchConfig_t config = {};
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.blockDim = dim3(kThreadsW);
-  config.dynamicSmemBytes = kSmemW;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  int grid = sms;
-  if (cluster > 1) {  // as many clusters as fit at once, asked once
-    static int fit = 0;
-    if (fit == 0) {
-      config.gridDim = dim3(sms / cluster * cluster);
-      const cudaError_t q = cudaOccupancyMaxActiveClusters(&fit, reinterpret_cast<const void*>(kernel), &config);
-      if (q != cudaSuccess || fit < 1) return int(q != cudaSuccess ? q : cudaErrorInvalidConfiguration);
-      std::printf("(cluster of %d: %d clusters at once)\n", cluster, fit);
-    }
-    grid = fit * cluster;
-  }
-  config.gridDim = dim3(grid);
-  return int(cudaLaunchKernelEx(&config, kernel, map_dy, map_x, map_dw, offs, shape));
+  return probe::pingpong::launch_clustered(kernel, cluster, sms, kThreadsW, kSmemW, map_dy, map_x, map_dw, offs, shape);
 }
 
 }  // namespace wgrad_pp
@@ -262,18 +224,6 @@ int launch(const void* dy, const void* x, const int* offs, void* dw, int64_t row
 namespace {
 
 constexpr int kRows = 16384 * 6;
-
-__global__ void wgrad_reference(const __nv_bfloat16* dy, const __nv_bfloat16* x, const int* offs, int groups, int n,
-                                int k, float* out) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= static_cast<int64_t>(groups) * n * k) return;
-  const int g = static_cast<int>(i / (static_cast<int64_t>(n) * k)), r = static_cast<int>(i / k % n),
-            col = static_cast<int>(i % k);
-  float s = 0.f;
-  for (int row = g == 0 ? 0 : offs[g - 1]; row < offs[g]; ++row)
-    s += __bfloat162float(dy[static_cast<int64_t>(row) * n + r]) * __bfloat162float(x[static_cast<int64_t>(row) * k + col]);
-  out[i] = s;
-}
 
 void run_case(int groups, const char* kind, const char* name, int n, int k, const std::string& dir) {
   const std::vector<int> counts =
@@ -301,27 +251,18 @@ void run_case(int groups, const char* kind, const char* name, int n, int k, cons
   CHECK(cudaMemcpy(d_offs, offs.data(), groups * 4, cudaMemcpyHostToDevice));
   probe::fill_normal<<<4096, 256>>>(dy, static_cast<int64_t>(kRows) * n, 11 + groups + n, 1.f);
   probe::fill_normal<<<4096, 256>>>(x, static_cast<int64_t>(kRows) * k, 23 + groups + k, 1.f);
-  wgrad_reference<<<static_cast<unsigned>((n_out + 255) / 256), 256>>>(dy, x, d_offs, groups, n, k, ref);
-  double ms[3], err[3], bad[3];
-  for (int v = 0; v < 3; ++v) {
-    auto launch = [&] {
-      const int rc = v == 0 ? moetrain::kernels::launch_grouped_wgrad(dy, x, d_offs, dw, kRows, groups, n, k, ws, nullptr)
-                            : moetrain::kernels::wgrad_pp::launch(dy, x, d_offs, dw, kRows, groups, n, k, v);
-      CHECK(static_cast<cudaError_t>(rc));
-    };
-    CHECK(cudaMemset(dw, 0xFF, n_out * 2));  // NaN in bf16: every element must be written
-    CHECK(cudaMemset(sums, 0, 3 * sizeof(double)));
-    launch();
-    CHECK(cudaDeviceSynchronize());
-    probe::compare_kernel<<<1024, 256>>>(dw, ref, n_out, sums);
-    double h[3];
-    CHECK(cudaMemcpy(h, sums, sizeof(h), cudaMemcpyDeviceToHost));
-    err[v] = std::sqrt(h[0] / h[1]);
-    bad[v] = h[2];
-    ms[v] = probe::median_ms(launch);
-  }
-  std::printf("%4d %5s %10s %9.3f %9.3f %9.3f %9.2e %9.2e %9.2e %4.0f %4.0f %4.0f\n", groups, kind, name, ms[0],
-              ms[1], ms[2], err[0], err[1], err[2], bad[0], bad[1], bad[2]);
+  probe::grouped_wgrad_reference<<<static_cast<unsigned>((n_out + 255) / 256), 256>>>(dy, x, d_offs, groups, n, k,
+                                                                                       ref);
+  probe::Checked r[3];
+  for (int v = 0; v < 3; ++v)
+    r[v] = probe::check_and_time(
+        [&] {
+          CHECK(static_cast<cudaError_t>(
+              v == 0 ? moetrain::kernels::launch_grouped_wgrad(dy, x, d_offs, dw, kRows, groups, n, k, ws, nullptr)
+                     : moetrain::kernels::wgrad_pp::launch(dy, x, d_offs, dw, kRows, groups, n, k, v)));
+        },
+        dw, ref, n_out, sums);
+  probe::pingpong::print_row(groups, kind, name, r);
   for (void* p : {static_cast<void*>(dy), static_cast<void*>(x), static_cast<void*>(dw), static_cast<void*>(ref),
                   static_cast<void*>(d_offs), ws, static_cast<void*>(sums)})
     CHECK(cudaFree(p));
@@ -335,8 +276,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "grouped_wgrad: not supported on this device\n");
     return 1;
   }
-  std::printf("%4s %5s %10s %9s %9s %9s %9s %9s %9s %14s\n", "E", "rows", "gemm", "prod ms", "pingpong", "+cluster",
-              "prod err", "pp err", "cl err", "non-finite");
+  probe::pingpong::print_header();
   for (int groups : {64, 256})
     for (const char* kind : {"bal", "skew"}) {
       run_case(groups, kind, "wgrad w13", 1024, 1024, dir);
