@@ -46,6 +46,8 @@ constexpr int kStageA = kM * kK * 2, kStageB = kN * kK * 2;  // 16 KB each
 constexpr int kOutBox = kN * 64 * 2;                          // [128 rows × 64 features] bf16
 constexpr size_t kSmem = size_t{kStagesPP} * (kStageA + kStageB) + 2 * 2 * size_t{kOutBox} +
                          (2 * kStagesPP + 2) * sizeof(uint64_t) + 1024;
+static_assert(kStagesPP >= 2, "a stage is released only after the next one's MMAs are issued");
+static_assert(kSmem + (2 * kGroupsMax + 1) * sizeof(int) <= 232448, "shared memory: dynamic + the tile list");
 
 struct ShapePP {
   int rows, groups, n_out, k, f_tiles;
@@ -245,7 +247,8 @@ __global__ void __launch_bounds__(kThreadsPP, 1)
 
 int launch(const void* x, const void* w, const int* offs, void* out, int64_t rows, int groups, int64_t n_out,
            int64_t k, bool w_transposed, int cluster) {
-  if (groups > kGroupsMax || n_out % kM != 0 || k % kK != 0 || (n_out / kM) % cluster != 0)
+  if (groups > kGroupsMax || n_out % kM != 0 || k % kK != 0 || (cluster != 1 && cluster != 2) ||
+      (n_out / kM) % cluster != 0)
     return int(cudaErrorInvalidValue);
   CUtensorMap map_w, map_x64, map_x128, map_out16, map_out64;
   const bool mapped = (w_transposed ? make_tma_map_bf16(&map_w, w, groups * k, n_out, 64)

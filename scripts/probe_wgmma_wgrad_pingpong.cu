@@ -46,6 +46,8 @@ constexpr int kStageW = 4 * kBox;               // dy: 2 boxes, x: 2 boxes
 constexpr int kStoreBox = 64 * 64 * 2;          // one store box: 64 × 64 bf16
 constexpr int kOutW = 4 * kStoreBox;            // a warp group's 128 × 128 tile as 4 store boxes
 constexpr size_t kSmemW = size_t{kStagesW} * kStageW + 2 * size_t{kOutW} + (2 * kStagesW + 2) * sizeof(uint64_t) + 1024;
+static_assert(kStagesW >= 2, "a stage is released only after the next one's MMAs are issued");
+static_assert(kSmemW + kGroupsMax * sizeof(int) <= 232448, "shared memory: dynamic + the experts' ends");
 
 struct ShapeW {
   int rows, groups, dy_cols, x_cols, tiles_m, tiles_n;
@@ -203,7 +205,8 @@ __global__ void __launch_bounds__(kThreadsW, 1)
 
 int launch(const void* dy, const void* x, const int* offs, void* dw, int64_t rows, int groups, int64_t dy_cols,
            int64_t x_cols, int cluster) {
-  if (groups > kGroupsMax || dy_cols % kT != 0 || x_cols % kT != 0 || (x_cols / kT) % cluster != 0)
+  if (groups > kGroupsMax || dy_cols % kT != 0 || x_cols % kT != 0 || (cluster != 1 && cluster != 2) ||
+      (x_cols / kT) % cluster != 0)
     return int(cudaErrorInvalidValue);
   CUtensorMap map_dy, map_x, map_dw;
   if (!make_tma_map_bf16(&map_dy, dy, rows, dy_cols, kR) || !make_tma_map_bf16(&map_x, x, rows, x_cols, kR) ||

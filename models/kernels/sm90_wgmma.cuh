@@ -55,7 +55,7 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
-// ---- Thread-block clusters (2 CTAs sharing an operand tile; scripts/probe_wgmma_pingpong.cu).
+// ---- Thread-block clusters (2 CTAs sharing an operand tile; scripts/probe_wgmma_*pingpong.cu).
 __device__ __forceinline__ uint32_t cluster_rank() {
   uint32_t r;
   asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
