@@ -158,23 +158,7 @@ __global__ void __launch_bounds__(kThreadsPP, 1)
 
   const int wg = threadIdx.x / 128, tid_in_wg = threadIdx.x % 128, lane = threadIdx.x % 32;
   if (threadIdx.x < 32) {
-    int tiles_before = 0, end_before = 0;
-    for (int base = 0; base < shape.groups; base += 32) {
-      const int g = base + lane;
-      const auto [start, end] = warp_group_span(offs, shape.groups, shape.rows, base, lane, end_before);
-      const int tiles = g < shape.groups ? (end - start + kN - 1) / kN * shape.f_tiles : 0;
-      int incl = tiles;
-      for (int d = 1; d < 32; d *= 2) {
-        const int v = __shfl_up_sync(0xffffffffu, incl, d);
-        if (lane >= d) incl += v;
-      }
-      if (g < shape.groups) {
-        s_tile_start[g] = tiles_before + incl - tiles;
-        s_row_end[g] = end;
-      }
-      tiles_before += __shfl_sync(0xffffffffu, incl, 31);
-    }
-    if (lane == 0) s_tile_start[shape.groups] = tiles_before;
+    warp_tile_list(offs, shape.groups, shape.rows, kN, shape.f_tiles, lane, s_tile_start, s_row_end);
   } else if (threadIdx.x == 32) {
     probe::pingpong::init_ring(full, empty, order, kStagesPP, kCluster);
   }
