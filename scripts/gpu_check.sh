@@ -22,7 +22,8 @@
 #            pass at 64 and 256 experts: the grouped-GEMM kernels' speed-of-light, memory, warp-state,
 #            compute and scheduler sections (ncu-E.txt, our weight gradient on the experts' stream),
 #            and the full set with stall samples per SASS instruction for the w13 forward GEMM at 64
-#            experts (ncu-source.csv; NCU_SKIP picks another of the pass's four launches, 4 + i)
+#            experts (ncu-source.csv, its top stalls by scripts/ncu_stalls.py; NCU_SKIP picks another of the
+#            pass's four launches, 4 + i)
 #   probes   kernel probes without the build: scripts/probe_fine_tiles.py (ATen's grouped GEMM),
 #            scripts/probe_wgmma_wgrad.cu, probe_wgmma_swapab.cu, probe_wgmma_pingpong.cu and
 #            probe_wgmma_wgrad_pingpong.cu (nvcc, sm_90a) on its shapes
@@ -33,11 +34,14 @@
 # capture the step as a CUDA graph (train.cuda_graph; GRAPH=0: eager). CURVE_SETS: extra
 # overrides of the CUDA curve run. SKIP_HF=1: the bench phase runs moetrain only. DIST_VARIANTS: the
 # distributed.* settings the dist phase launches (default: the four below).
-# Logs and JSON go to ${OUT:-.}/.
+# Logs and JSON go to ${OUT:-.}/. PACK=1: they go to a scratch folder instead and leave as one
+# $OUT/gpu_check.tgz beside bench.json and curve.md (for callers that take back only a few files).
 # Usage: [PHASES="tests bench"] bash scripts/gpu_check.sh [BENCH_CONFIG]   (default configs/bench-1b.yaml)
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUT=${OUT:-$ROOT}
+FINAL_OUT=$OUT
+[ "${PACK:-0}" = 1 ] && OUT=$(mktemp -d)
 BUILD=${MOETRAIN_BUILD_DIR:-$ROOT/build-gpu}
 CONFIG=${1:-$ROOT/configs/bench-1b.yaml}
 PHASES=${PHASES:-tests bench profile}
@@ -186,5 +190,10 @@ has ncu && for e in 64 256; do
   echo "-- ncu, $e experts"
   grep -E "^  [a-z].*grouped_|Duration|L2 Cache Throughput|DRAM Throughput|Compute \(SM\) Throughput" "$OUT/ncu-$e.txt" | cut -c1-100
 done
+has ncu && [ -s "$OUT/ncu-source.csv" ] && python3 "$ROOT/scripts/ncu_stalls.py" "$OUT/ncu-source.csv" --top 25
 has bench && tail -6 "$OUT/bench.log"
+if [ "$OUT" != "$FINAL_OUT" ]; then
+  for f in bench.json curve.md; do [ -f "$OUT/$f" ] && cp "$OUT/$f" "$FINAL_OUT/"; done
+  tar czf "$FINAL_OUT/gpu_check.tgz" -C "$OUT" .
+fi
 exit 0

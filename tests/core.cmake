@@ -45,3 +45,13 @@ if(MOETRAIN_GLOO_INCLUDE)
   # The dispatch's device-side regroup permutation and round trip (ctest -R "^EpRegroup|^EpDispatch").
   add_unit_test(test_ep_dispatch)
 endif()
+# scripts/ncu_stalls.py (the stall samples per SASS instruction of an ncu source page): a small
+# page sorted by samples, and a file that is not one rejected with the reason.
+add_test(NAME ncu_stalls_script COMMAND ${MOETRAIN_PYTHON} ${PROJECT_SOURCE_DIR}/scripts/ncu_stalls.py
+                                        ${PROJECT_SOURCE_DIR}/tests/python/ncu_source_sample.csv --top 2)
+set_tests_properties(ncu_stalls_script PROPERTIES LABELS unit
+  PASS_REGULAR_EXPRESSION "100 samples\n[^\n]*60.0 % +184832 @!P0  BRA[^\n]*long_sb 58[^\n]*\n[^\n]*30.0 %[^\n]*DEPBAR")
+add_test(NAME ncu_stalls_script_rejects COMMAND ${MOETRAIN_PYTHON} ${PROJECT_SOURCE_DIR}/scripts/ncu_stalls.py
+                                                ${PROJECT_SOURCE_DIR}/tests/python/hf_logits.py)
+set_tests_properties(ncu_stalls_script_rejects PROPERTIES LABELS unit
+  PASS_REGULAR_EXPRESSION "hf_logits.py: no 'Address'/'Source' header: not an ncu source page")
