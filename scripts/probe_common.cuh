@@ -1,5 +1,5 @@
 // defines: CHECK, fill_normal, grouped_gemm_reference, grouped_wgrad_reference, compare_kernel,
-// median_ms, check_and_time, read_counts — the shared harness of the
+// median_ms, check_and_time, read_counts, end_offsets, DeviceBuffers — the shared harness of the
 // standalone GEMM probes (scripts/probe_wgmma_*.cu): random bf16 inputs made on the device, an
 // error check against an fp32 reference over NaN-poisoned output, a median of timed launches, and
 // the per-expert row counts probe_fine_tiles.py writes.
@@ -160,5 +160,39 @@ inline std::vector<int> read_counts(const std::string& path, int groups, int row
   }
   return counts;
 }
+
+// The experts' end offsets; exits unless the counts cover `rows` exactly (the references and the
+// kernels' zeroed tails assume it).
+inline std::vector<int> end_offsets(const std::vector<int>& counts, int rows) {
+  std::vector<int> offs(counts.size());
+  for (size_t g = 0, run = 0; g < counts.size(); ++g) offs[g] = static_cast<int>(run += counts[g]);
+  if (offs.empty() || offs.back() != rows) {
+    std::fprintf(stderr, "counts of %zu experts sum to %d, not %d\n", counts.size(), offs.empty() ? 0 : offs.back(),
+                 rows);
+    std::exit(1);
+  }
+  return offs;
+}
+
+// One case's device buffers, freed together when the case ends.
+class DeviceBuffers {
+ public:
+  DeviceBuffers() = default;
+  DeviceBuffers(const DeviceBuffers&) = delete;
+  DeviceBuffers& operator=(const DeviceBuffers&) = delete;
+  ~DeviceBuffers() {
+    for (void* p : ptrs_) CHECK(cudaFree(p));
+  }
+  template <class T>
+  T* alloc(size_t count) {
+    void* p = nullptr;
+    CHECK(cudaMalloc(&p, count * sizeof(T)));
+    ptrs_.push_back(p);
+    return static_cast<T*>(p);
+  }
+
+ private:
+  std::vector<void*> ptrs_;
+};
 
 }  // namespace probe

@@ -260,23 +260,14 @@ namespace {
 constexpr int kRows = 16384 * 6;
 
 void run_case(const char* name, int E, const char* kind, const std::vector<int>& counts, int N, int K, bool trans_w) {
-  std::vector<int> offs(E);
-  for (int g = 0, run = 0; g < E; ++g) offs[g] = run += counts[g];
-  if (offs[E - 1] != kRows) {  // the reference and the production kernel's zeroed tail assume it
-    std::fprintf(stderr, "counts of %d experts sum to %d, not %d\n", E, offs[E - 1], kRows);
-    std::exit(1);
-  }
+  const std::vector<int> offs = probe::end_offsets(counts, kRows);
   const int64_t nx = int64_t{kRows} * K, nw = int64_t{E} * N * K, no = int64_t{kRows} * N;
-  __nv_bfloat16 *x, *w, *out;
-  float* ref;
-  int* d_offs;
-  double* d_sums;
-  CHECK(cudaMalloc(&x, nx * 2));
-  CHECK(cudaMalloc(&w, nw * 2));
-  CHECK(cudaMalloc(&out, no * 2));
-  CHECK(cudaMalloc(&ref, no * 4));
-  CHECK(cudaMalloc(&d_offs, E * 4));
-  CHECK(cudaMalloc(&d_sums, 3 * sizeof(double)));
+  probe::DeviceBuffers buffers;
+  __nv_bfloat16 *x = buffers.alloc<__nv_bfloat16>(nx), *w = buffers.alloc<__nv_bfloat16>(nw),
+                *out = buffers.alloc<__nv_bfloat16>(no);
+  float* ref = buffers.alloc<float>(no);
+  int* d_offs = buffers.alloc<int>(E);
+  double* d_sums = buffers.alloc<double>(3);
   probe::fill_normal<<<4096, 256>>>(x, nx, 1000 + E + K, 1.f);
   probe::fill_normal<<<4096, 256>>>(w, nw, 2000 + E + K, 0.05f);
   CHECK(cudaMemcpy(d_offs, offs.data(), E * 4, cudaMemcpyHostToDevice));
@@ -293,8 +284,6 @@ void run_case(const char* name, int E, const char* kind, const std::vector<int>&
         },
         out, ref, no, d_sums);
   probe::pingpong::print_row(E, kind, name, r);
-  for (void* p : {(void*)x, (void*)w, (void*)out, (void*)ref, (void*)d_offs, (void*)d_sums})
-    CHECK(cudaFree(p));
 }
 
 }  // namespace

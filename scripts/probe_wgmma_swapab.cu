@@ -33,19 +33,14 @@ constexpr int kRows = 16384 * 6;
 
 // name, N (output features), K, w stored [E, K, N] (input gradient) or [E, N, K] (forward)
 void run_case(const char* name, int E, const char* kind, const std::vector<int>& counts, int N, int K, bool trans_w) {
-  std::vector<int> offs(E);
-  for (int g = 0, run = 0; g < E; ++g) offs[g] = run += counts[g];
+  const std::vector<int> offs = probe::end_offsets(counts, kRows);
   const int64_t nx = int64_t{kRows} * K, nw = int64_t{E} * N * K;
-  __nv_bfloat16 *x, *w, *out;
-  float* ref;
-  int* d_offs;
-  double* d_sums;
-  CHECK(cudaMalloc(&x, nx * 2));
-  CHECK(cudaMalloc(&w, nw * 2));
-  CHECK(cudaMalloc(&out, size_t{kRows} * N * 2));
-  CHECK(cudaMalloc(&ref, size_t{kRows} * N * 4));
-  CHECK(cudaMalloc(&d_offs, E * 4));
-  CHECK(cudaMalloc(&d_sums, 3 * sizeof(double)));
+  probe::DeviceBuffers buffers;
+  __nv_bfloat16 *x = buffers.alloc<__nv_bfloat16>(nx), *w = buffers.alloc<__nv_bfloat16>(nw),
+                *out = buffers.alloc<__nv_bfloat16>(size_t{kRows} * N);
+  float* ref = buffers.alloc<float>(size_t{kRows} * N);
+  int* d_offs = buffers.alloc<int>(E);
+  double* d_sums = buffers.alloc<double>(3);
   fill_normal<<<4096, 256>>>(x, nx, 1000 + E + K, 1.f);
   fill_normal<<<4096, 256>>>(w, nw, 2000 + E + K, 0.05f);
   CHECK(cudaMemcpy(d_offs, offs.data(), E * 4, cudaMemcpyHostToDevice));
@@ -70,8 +65,6 @@ void run_case(const char* name, int E, const char* kind, const std::vector<int>&
   for (int c : counts) mma_rows += c / 256 * 256 + (c % 256 + 15) / 16 * 16;
   std::printf("%4d %5s %10s %9.3f %8.1f %7.3f %9.2e %8.0f\n", E, kind, name, med, tflops, double(mma_rows) / kRows,
               std::sqrt(sums[0] / sums[1]), sums[2]);
-  for (void* p : {(void*)x, (void*)w, (void*)out, (void*)ref, (void*)d_offs, (void*)d_sums})
-    CHECK(cudaFree(p));
 }
 
 }  // namespace

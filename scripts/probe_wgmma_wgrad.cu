@@ -31,24 +31,19 @@ constexpr int kRows = 16384 * 6;
 void run_case(int groups, const char* kind, const char* name, int n, int k, const std::string& dir) {
   const std::vector<int> counts =
       probe::read_counts(dir + "/counts-" + std::to_string(groups) + "-" + kind + ".txt", groups, kRows);
-  std::vector<int> offs(groups);
-  for (int g = 0, run = 0; g < groups; ++g) offs[g] = run += counts[g];
+  const std::vector<int> offs = probe::end_offsets(counts, kRows);
   const int max_count = *std::max_element(counts.begin(), counts.end());
 
-  __nv_bfloat16 *dy, *x, *dw;
-  float* ref;
-  int* d_offs;
-  void* ws;
-  double* sums;
   const int64_t n_out = static_cast<int64_t>(groups) * n * k;
   const size_t ws_bytes = moetrain::kernels::grouped_wgrad_workspace_bytes(kRows, groups, n, k);
-  CHECK(cudaMalloc(&dy, static_cast<size_t>(kRows) * n * 2));
-  CHECK(cudaMalloc(&x, static_cast<size_t>(kRows) * k * 2));
-  CHECK(cudaMalloc(&dw, n_out * 2));
-  CHECK(cudaMalloc(&ref, n_out * 4));
-  CHECK(cudaMalloc(&d_offs, groups * 4));
-  CHECK(cudaMalloc(&ws, ws_bytes));
-  CHECK(cudaMalloc(&sums, 3 * sizeof(double)));
+  probe::DeviceBuffers buffers;
+  __nv_bfloat16 *dy = buffers.alloc<__nv_bfloat16>(static_cast<size_t>(kRows) * n),
+                *x = buffers.alloc<__nv_bfloat16>(static_cast<size_t>(kRows) * k),
+                *dw = buffers.alloc<__nv_bfloat16>(n_out);
+  float* ref = buffers.alloc<float>(n_out);
+  int* d_offs = buffers.alloc<int>(groups);
+  void* ws = buffers.alloc<unsigned char>(ws_bytes);
+  double* sums = buffers.alloc<double>(3);
   CHECK(cudaMemset(ws, 0, ws_bytes));
   CHECK(cudaMemset(sums, 0, 3 * sizeof(double)));
   CHECK(cudaMemcpy(d_offs, offs.data(), groups * 4, cudaMemcpyHostToDevice));
@@ -79,9 +74,6 @@ void run_case(int groups, const char* kind, const char* name, int n, int k, cons
   const double tflops = 2.0 * kRows * n * k / (med * 1e-3) / 1e12;
   std::printf("%4d %5s %10s %6d %9.3f %8.1f %9.2e %8.0f %6s\n", groups, kind, name, max_count, med, tflops,
               std::sqrt(h_sums[0] / h_sums[1]), h_sums[2], same ? "yes" : "NO");
-  for (void* p : {static_cast<void*>(dy), static_cast<void*>(x), static_cast<void*>(dw), static_cast<void*>(ref),
-                  static_cast<void*>(d_offs), ws, static_cast<void*>(sums)})
-    CHECK(cudaFree(p));
 }
 
 }  // namespace

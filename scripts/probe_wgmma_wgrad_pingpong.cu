@@ -231,26 +231,17 @@ constexpr int kRows = 16384 * 6;
 void run_case(int groups, const char* kind, const char* name, int n, int k, const std::string& dir) {
   const std::vector<int> counts =
       probe::read_counts(dir + "/counts-" + std::to_string(groups) + "-" + kind + ".txt", groups, kRows);
-  std::vector<int> offs(groups);
-  for (int g = 0, run = 0; g < groups; ++g) offs[g] = run += counts[g];
-  if (offs[groups - 1] != kRows) {
-    std::fprintf(stderr, "counts of %d experts sum to %d, not %d\n", groups, offs[groups - 1], kRows);
-    std::exit(1);
-  }
-  __nv_bfloat16 *dy, *x, *dw;
-  float* ref;
-  int* d_offs;
-  void* ws;
-  double* sums;
+  const std::vector<int> offs = probe::end_offsets(counts, kRows);
   const int64_t n_out = static_cast<int64_t>(groups) * n * k;
   const size_t ws_bytes = moetrain::kernels::grouped_wgrad_workspace_bytes(kRows, groups, n, k);
-  CHECK(cudaMalloc(&dy, static_cast<size_t>(kRows) * n * 2));
-  CHECK(cudaMalloc(&x, static_cast<size_t>(kRows) * k * 2));
-  CHECK(cudaMalloc(&dw, n_out * 2));
-  CHECK(cudaMalloc(&ref, n_out * 4));
-  CHECK(cudaMalloc(&d_offs, groups * 4));
-  CHECK(cudaMalloc(&ws, ws_bytes));
-  CHECK(cudaMalloc(&sums, 3 * sizeof(double)));
+  probe::DeviceBuffers buffers;
+  __nv_bfloat16 *dy = buffers.alloc<__nv_bfloat16>(static_cast<size_t>(kRows) * n),
+                *x = buffers.alloc<__nv_bfloat16>(static_cast<size_t>(kRows) * k),
+                *dw = buffers.alloc<__nv_bfloat16>(n_out);
+  float* ref = buffers.alloc<float>(n_out);
+  int* d_offs = buffers.alloc<int>(groups);
+  void* ws = buffers.alloc<unsigned char>(ws_bytes);
+  double* sums = buffers.alloc<double>(3);
   CHECK(cudaMemcpy(d_offs, offs.data(), groups * 4, cudaMemcpyHostToDevice));
   probe::fill_normal<<<4096, 256>>>(dy, static_cast<int64_t>(kRows) * n, 11 + groups + n, 1.f);
   probe::fill_normal<<<4096, 256>>>(x, static_cast<int64_t>(kRows) * k, 23 + groups + k, 1.f);
@@ -266,9 +257,6 @@ void run_case(int groups, const char* kind, const char* name, int n, int k, cons
         },
         dw, ref, n_out, sums);
   probe::pingpong::print_row(groups, kind, name, r);
-  for (void* p : {static_cast<void*>(dy), static_cast<void*>(x), static_cast<void*>(dw), static_cast<void*>(ref),
-                  static_cast<void*>(d_offs), ws, static_cast<void*>(sums)})
-    CHECK(cudaFree(p));
 }
 
 }  // namespace
